@@ -1,0 +1,57 @@
+"""The `chatd` command: `chatd serve` and `chatd migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from chatd.config import Settings
+
+log = logging.getLogger("chatd")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="chatd", description="A WebSocket-first chat server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="migrate the database, then serve HTTP and /connect")
+    serve.add_argument("--host", help="interface to listen on (default $CHATD_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default $CHATD_PORT or 8000)")
+    commands.add_parser("migrate", help="apply pending database migrations and exit")
+    args = parser.parse_args(argv)
+
+    settings = Settings.from_env()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    database_url = resolve_database_url(settings, keep_running=args.command == "migrate")
+    from chatd.db import migrate
+
+    migrate(database_url)
+    if args.command == "serve":
+        run_server(settings, database_url, args.host or settings.host, args.port or settings.port)
+
+
+def resolve_database_url(settings: Settings, *, keep_running: bool = False) -> str:
+    if settings.database_url:
+        return settings.database_url
+    from chatd.embedded import start_embedded_postgres
+
+    return start_embedded_postgres(settings.data_dir, keep_running=keep_running)
+
+
+def run_server(settings: Settings, database_url: str, host: str, port: int) -> None:
+    import uvicorn
+
+    from chatd.app import create_app
+
+    log.info("chatd listening on http://%s:%d (WebSocket: /connect)", host, port)
+    uvicorn.run(
+        create_app(settings, database_url),
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_per_message_deflate=False,
+        log_level=settings.log_level,
+        lifespan="on",
+    )

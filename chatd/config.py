@@ -1,0 +1,76 @@
+"""Settings, read once from the environment (every variable is documented in README.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("chatd")
+
+DEFAULT_DATA_DIR = ".chatd"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    secret: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    access_token_ttl: int = 15 * 60
+    refresh_token_ttl: int = 7 * 24 * 3600
+    max_frame_bytes: int = 64 * 1024
+    send_queue_size: int = 1024
+    db_pool_size: int = 20
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        data_dir = Path(env.get("CHATD_DATA_DIR", DEFAULT_DATA_DIR))
+        return cls(
+            database_url=env.get("CHATD_DATABASE_URL") or None,
+            secret=env.get("CHATD_SECRET") or _stored_secret(data_dir),
+            host=env.get("CHATD_HOST", "127.0.0.1"),
+            port=_int(env, "CHATD_PORT", 8000),
+            data_dir=data_dir,
+            access_token_ttl=_int(env, "CHATD_ACCESS_TOKEN_TTL", 15 * 60),
+            refresh_token_ttl=_int(env, "CHATD_REFRESH_TOKEN_TTL", 7 * 24 * 3600),
+            send_queue_size=_int(env, "CHATD_SEND_QUEUE_SIZE", 1024),
+            db_pool_size=_int(env, "CHATD_DB_POOL_SIZE", 20),
+            log_level=env.get("CHATD_LOG_LEVEL", "info").lower(),
+        )
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise SystemExit(f"{name} must be positive, got {value}")
+    return value
+
+
+def _stored_secret(data_dir: Path) -> str:
+    """Return the signing secret kept in the data folder, creating it on first use.
+
+    Tokens then survive restarts without the user configuring anything; production
+    deployments should set CHATD_SECRET so every instance signs with the same key.
+    """
+    path = data_dir / "secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    log.warning("CHATD_SECRET is not set: generated one and stored it in %s", path)
+    return secret

@@ -1,0 +1,49 @@
+"""Connecting to PostgreSQL and bringing its schema up to date."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger("chatd")
+
+
+def migrations_dir() -> Path:
+    """The `migrations/` folder: $CHATD_MIGRATIONS_DIR, beside the package, or in the cwd."""
+    configured = os.environ.get("CHATD_MIGRATIONS_DIR")
+    candidates = [Path(configured)] if configured else []
+    candidates += [Path(__file__).resolve().parent.parent / "migrations", Path.cwd() / "migrations"]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise SystemExit("cannot find the migrations/ folder; set CHATD_MIGRATIONS_DIR")
+
+
+def migrate(database_url: str) -> int:
+    """Apply every pending yoyo migration; return how many were applied."""
+    from yoyo import get_backend, read_migrations
+
+    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    backend = get_backend(_yoyo_url(database_url))
+    migrations = read_migrations(str(migrations_dir()))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    if pending:
+        log.info("applied %d migration(s)", len(pending))
+    return len(pending)
+
+
+def _yoyo_url(database_url: str) -> str:
+    # yoyo picks its driver from the scheme; psycopg 3 is the one installed with it here.
+    scheme, _, rest = database_url.partition("://")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg://{rest}"
+    return database_url
+
+
+async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
+    return await asyncpg.create_pool(database_url, min_size=min(2, size), max_size=size)

@@ -1,0 +1,64 @@
+"""Who is online, and getting events to them.
+
+The hub keeps every open socket per user. Handlers never talk to sockets: they hand an
+already-encoded event and its recipients to the `Bus`, which today delivers in-process
+(`LocalBus`) and is the seam where cross-process delivery plugs in later.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from chatd.session import Session
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """One event, encoded once; the same text goes to every recipient."""
+
+    text: str
+    # Set for new_message events, so a socket still taking its unread snapshot can tell
+    # which held events the snapshot already contains.
+    message_id: int | None = None
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._sessions: dict[uuid.UUID, set[Session]] = {}
+
+    def add(self, session: Session) -> None:
+        self._sessions.setdefault(session.user_id, set()).add(session)
+
+    def remove(self, session: Session) -> None:
+        sessions = self._sessions.get(session.user_id)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._sessions[session.user_id]
+
+    def deliver(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:
+        """Queue `event` on every socket of every user; never waits on a socket."""
+        for user_id in user_ids:
+            for session in self._sessions.get(user_id, ()):
+                session.enqueue(event)
+
+    def socket_count(self) -> int:
+        return sum(len(s) for s in self._sessions.values())
+
+
+class Bus(Protocol):
+    async def publish(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None: ...
+
+
+class LocalBus:
+    """Delivers to the sockets of this process."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def publish(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:
+        self.hub.deliver(user_ids, event)

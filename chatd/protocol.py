@@ -1,0 +1,268 @@
+"""The wire contract: every frame and REST body chatd reads or writes, as msgspec Structs.
+
+Read this file to know the protocol; docs/protocol.md tells the same story in prose.
+
+Client frames are JSON objects tagged by "action". Decoding happens in two steps so a
+client always learns what was wrong: `decode_action` first tries the fast typed decode,
+and only when that fails looks closer to choose between `bad_request`, `unknown_action`
+and `invalid`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+# --- error codes --------------------------------------------------------------------------
+
+BAD_REQUEST = "bad_request"  # not JSON, not an object, wrong types, missing fields
+UNKNOWN_ACTION = "unknown_action"
+INVALID = "invalid"  # right types, values out of range
+NOT_FOUND = "not_found"  # also for chats that exist but the caller is not in
+FORBIDDEN = "forbidden"
+RATE_LIMITED = "rate_limited"
+UNAUTHORIZED = "unauthorized"
+INTERNAL = "internal"  # a server-side failure; the request may be retried
+
+
+class ChatError(Exception):
+    """A failure to report to the client as {"code", "message"}; nothing was changed."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.request_id: str | None = None  # echoed in the socket's error frame
+
+
+# --- shared objects -----------------------------------------------------------------------
+
+
+class Message(Struct):
+    id: int
+    chat_id: int
+    seq: int
+    sender_uuid: str
+    text: str
+    timestamp: datetime
+    read_status: Literal["unread", "read"]
+    client_msg_id: str | None
+
+
+class Member(Struct):
+    user_uuid: str
+    name: str
+
+
+class Chat(Struct):
+    id: int
+    type: Literal["private", "group"]
+    name: str | None
+    created_at: datetime
+    members: list[Member]
+
+
+class ErrorBody(Struct):
+    code: str
+    message: str
+
+
+# --- client → server frames ---------------------------------------------------------------
+
+RequestId = Annotated[str, Meta(max_length=64)]
+Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # PostgreSQL bigint; larger ids cannot exist
+MAX_TEXT_CHARS = 4096
+MAX_GROUP_NAME_CHARS = 100
+
+
+class Action(Struct, tag_field="action", kw_only=True, forbid_unknown_fields=False):
+    request_id: RequestId | None = None
+
+
+class CreateChat(Action, tag="create_chat"):
+    type: Literal["group", "private"]
+    user_ids: list[str]
+    name: str | None = None
+
+
+class SendMessage(Action, tag="send_message"):
+    chat_id: Id
+    text: str
+    client_msg_id: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+
+
+class MarkRead(Action, tag="mark_read"):
+    message_ids: Annotated[list[Id], Meta(min_length=1, max_length=1000)]
+
+
+ClientAction = CreateChat | SendMessage | MarkRead
+ACTION_NAMES = frozenset(cls.__struct_config__.tag for cls in ClientAction.__args__)
+
+_action_decoder = msgspec.json.Decoder(ClientAction)
+_any_decoder = msgspec.json.Decoder()
+
+
+def decode_action(raw: str | bytes) -> ClientAction:
+    """Decode one client frame or raise ChatError (with .request_id set when one was readable)."""
+    try:
+        return _action_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise _explain(raw, exc) from None
+
+
+def _explain(raw: str | bytes, exc: msgspec.DecodeError) -> ChatError:
+    try:
+        obj = _any_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return _tagged(ChatError(BAD_REQUEST, "frame is not valid JSON"), None)
+    if not isinstance(obj, dict):
+        return _tagged(ChatError(BAD_REQUEST, "frame must be a JSON object"), None)
+    request_id = obj.get("request_id")
+    if not (isinstance(request_id, str) and len(request_id) <= 64):
+        request_id = None
+    action = obj.get("action")
+    if not isinstance(action, str):
+        error = ChatError(BAD_REQUEST, 'frame needs an "action" string')
+    elif action not in ACTION_NAMES:
+        error = ChatError(UNKNOWN_ACTION, f"unknown action {action[:64]!r}")
+    else:
+        error = ChatError(_code_for(exc), str(exc))
+    return _tagged(error, request_id)
+
+
+def _code_for(exc: msgspec.DecodeError) -> str:
+    """A value that has the right type but breaks a constraint is `invalid`; the rest is shape."""
+    text = str(exc)
+    if text.startswith("Invalid enum value"):
+        return INVALID
+    if text.startswith("Expected `") and ", got `" not in text:
+        return INVALID  # e.g. "Expected `str` of length <= 64"
+    return BAD_REQUEST  # "Expected `int`, got `str`", "Object missing required field ..."
+
+
+def _tagged(error: ChatError, request_id: str | None) -> ChatError:
+    error.request_id = request_id
+    return error
+
+
+# --- server → client frames ---------------------------------------------------------------
+
+
+class Event(Struct, tag_field="action"):
+    pass
+
+
+class UnreadMessages(Event, tag="unread_messages"):
+    data: list[Message]
+    has_more: bool
+
+
+class Ack(Event, tag="ack"):
+    request_id: str | None
+    data: Any
+
+
+class Error(Event, tag="error"):
+    request_id: str | None
+    error: ErrorBody
+
+
+class NewMessage(Event, tag="new_message"):
+    data: Message
+
+
+class ChatCreated(Event, tag="chat_created"):
+    data: Chat
+
+
+class ReadReceipt(Struct):
+    message_id: int
+    chat_id: int
+
+
+class MessageRead(Event, tag="message_read"):
+    data: ReadReceipt
+
+
+class ReadUpto(Struct):
+    read_upto: dict[int, int]
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)
+
+
+def encode_text(value: Any) -> str:
+    """Encode a frame once as the str a WebSocket text frame carries."""
+    return _encoder.encode(value).decode()
+
+
+# --- REST bodies --------------------------------------------------------------------------
+
+
+class RegisterRequest(Struct):
+    name: str
+    email: str
+    password: str
+
+
+class RegisterResponse(Struct):
+    user_uuid: str
+    name: str
+    email: str
+
+
+class LoginRequest(Struct):
+    email: str
+    password: str
+
+
+class RefreshRequest(Struct):
+    refresh_token: str
+
+
+class TokenPair(Struct):
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    token_type: str = "bearer"
+
+
+class Me(Struct):
+    user_uuid: str
+    name: str
+    email: str
+    created_at: datetime
+
+
+class UserList(Struct):
+    users: list[Member]
+
+
+class History(Struct):
+    messages: list[Message]
+    has_more: bool
+
+
+class ErrorResponse(Struct):
+    error: ErrorBody
+
+
+# --- text checks shared by every handler --------------------------------------------------
+
+
+def clean_text(value: str, field: str, *, min_len: int, max_len: int) -> str:
+    """Strip `value` and check it fits; PostgreSQL text cannot hold NUL, so refuse it here."""
+    value = value.strip()
+    if not min_len <= len(value) <= max_len:
+        raise ChatError(INVALID, f"{field} must be {min_len}..{max_len} characters", 422)
+    if "\x00" in value:
+        raise ChatError(INVALID, f"{field} must not contain NUL characters", 422)
+    return value

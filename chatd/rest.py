@@ -1,0 +1,306 @@
+"""The REST routes: accounts, tokens, users, history and health, each with its SQL."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from chatd import auth
+from chatd.handlers import MESSAGE_COLUMNS, message_from_row
+from chatd.protocol import (
+    BAD_REQUEST,
+    INVALID,
+    NOT_FOUND,
+    UNAUTHORIZED,
+    ChatError,
+    ErrorBody,
+    ErrorResponse,
+    History,
+    LoginRequest,
+    Me,
+    Member,
+    RefreshRequest,
+    RegisterRequest,
+    RegisterResponse,
+    TokenPair,
+    UserList,
+    clean_text,
+    encode,
+)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_PAGE_SIZE = 200
+MAX_BIGINT = 2**63 - 1
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
+
+T = TypeVar("T")
+
+
+# --- plumbing ----------------------------------------------------------------------------
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(encode(value), status, headers, media_type="application/json")
+
+
+def error_response(code: str, message: str, status: int) -> Response:
+    return json_response(ErrorResponse(ErrorBody(code, message)), status)
+
+
+async def chat_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ChatError)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    response = error_response(exc.code, exc.message, exc.status)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: NOT_FOUND, 405: "method_not_allowed"}
+    return error_response(codes.get(exc.status_code, BAD_REQUEST), exc.detail, exc.status_code)
+
+
+async def read_body(request: Request, kind: type[T]) -> T:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ChatError(INVALID, "request body exceeds 64 KiB", 413)
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ChatError(INVALID, str(exc), 422) from None
+    except msgspec.DecodeError:
+        raise ChatError(BAD_REQUEST, "request body is not valid JSON", 400) from None
+
+
+def current_user(request: Request) -> uuid.UUID:
+    token = auth.bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise ChatError(UNAUTHORIZED, "missing bearer access token", 401)
+    try:
+        return auth.read_token(request.app.state.settings.secret, token, auth.ACCESS)
+    except auth.InvalidToken:
+        raise ChatError(UNAUTHORIZED, "invalid or expired access token", 401) from None
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ChatError(INVALID, f"{name} must be an integer", 422) from None
+    if not low <= value <= high:
+        raise ChatError(INVALID, f"{name} must be {low}..{high}", 422)
+    return value
+
+
+def pool(request: Request) -> asyncpg.Pool:
+    return request.app.state.pool
+
+
+# --- accounts and tokens -----------------------------------------------------------------
+
+
+async def register(request: Request) -> Response:
+    body = await read_body(request, RegisterRequest)
+    name = clean_text(body.name, "name", min_len=1, max_len=64)
+    email = body.email.strip().lower()
+    if len(email) > 254 or not _EMAIL.fullmatch(email):
+        raise ChatError(INVALID, "email is not a plausible address", 422)
+    if not 8 <= len(body.password) <= 128:
+        raise ChatError(INVALID, "password must be 8..128 characters", 422)
+    password_hash = await auth.hash_password(body.password)
+    user_id = await pool(request).fetchval(
+        "INSERT INTO users (name, email, password_hash) VALUES ($1, $2, $3)"
+        " ON CONFLICT (email) DO NOTHING RETURNING id",
+        name,
+        email,
+        password_hash,
+    )
+    if user_id is None:
+        raise ChatError("email_taken", "a user with this email exists", 409)
+    return json_response(RegisterResponse(user_uuid=str(user_id), name=name, email=email), 201)
+
+
+async def login(request: Request) -> Response:
+    body = await read_body(request, LoginRequest)
+    row = await pool(request).fetchrow(
+        "SELECT id, password_hash FROM users WHERE email = $1", body.email.strip().lower()
+    )
+    # verify_password runs even for unknown emails, so timing does not tell them apart.
+    if not await auth.verify_password(row and row["password_hash"], body.password) or not row:
+        raise ChatError("invalid_credentials", "wrong email or password", 401)
+    return json_response(await _issue_pair(request, row["id"], family_id=uuid.uuid4()))
+
+
+async def refresh(request: Request) -> Response:
+    body = await read_body(request, RefreshRequest)
+    settings = request.app.state.settings
+    try:
+        auth.read_token(settings.secret, body.refresh_token, auth.REFRESH)
+    except auth.InvalidToken:
+        raise ChatError(UNAUTHORIZED, "invalid or expired refresh token", 401) from None
+    digest = auth.token_digest(body.refresh_token)
+    async with pool(request).acquire() as conn:
+        spent = await conn.fetchrow(
+            "UPDATE refresh_tokens SET used_at = now()"
+            " WHERE token_hash = $1 AND used_at IS NULL AND expires_at > now()"
+            " RETURNING user_id, family_id",
+            digest,
+        )
+        if spent is None:
+            # A second use means the token leaked: revoke every token refreshed from its login.
+            await conn.execute(
+                "UPDATE refresh_tokens SET used_at = now() WHERE used_at IS NULL AND family_id ="
+                " (SELECT family_id FROM refresh_tokens WHERE token_hash = $1)",
+                digest,
+            )
+            raise ChatError(UNAUTHORIZED, "refresh token already used or revoked", 401)
+    return json_response(await _issue_pair(request, spent["user_id"], spent["family_id"]))
+
+
+async def _issue_pair(request: Request, user_id: uuid.UUID, family_id: uuid.UUID) -> TokenPair:
+    settings = request.app.state.settings
+    refresh_token = auth.issue_token(
+        settings.secret, user_id, auth.REFRESH, settings.refresh_token_ttl
+    )
+    await pool(request).execute(
+        "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at)"
+        " VALUES ($1, $2, $3, $4)",
+        auth.token_digest(refresh_token),
+        user_id,
+        family_id,
+        datetime.now(UTC) + timedelta(seconds=settings.refresh_token_ttl),
+    )
+    return TokenPair(
+        access_token=auth.issue_token(
+            settings.secret, user_id, auth.ACCESS, settings.access_token_ttl
+        ),
+        refresh_token=refresh_token,
+        expires_in=settings.access_token_ttl,
+    )
+
+
+# --- users -------------------------------------------------------------------------------
+
+
+async def me(request: Request) -> Response:
+    user_id = current_user(request)
+    row = await pool(request).fetchrow(
+        "SELECT id, name, email, created_at FROM users WHERE id = $1", user_id
+    )
+    if row is None:
+        raise ChatError(UNAUTHORIZED, "the token's user no longer exists", 401)
+    return json_response(
+        Me(
+            user_uuid=str(row["id"]),
+            name=row["name"],
+            email=row["email"],
+            created_at=row["created_at"],
+        )
+    )
+
+
+_USERS_PAGE = """
+SELECT id, name FROM users
+WHERE ($1::text IS NULL OR lower(name) LIKE $1 || '%' OR email LIKE $1 || '%')
+  AND ($2::uuid IS NULL OR (name, id) > (SELECT name, id FROM users WHERE id = $2))
+ORDER BY name, id
+LIMIT $3
+"""
+
+
+async def users_list(request: Request) -> Response:
+    current_user(request)
+    limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
+    q = request.query_params.get("q") or None
+    if q is not None:
+        if len(q) > 254 or "\x00" in q:
+            raise ChatError(INVALID, "q must be at most 254 characters", 422)
+        q = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    after = request.query_params.get("after") or None
+    try:
+        after_id = uuid.UUID(after) if after else None
+    except ValueError:
+        raise ChatError(INVALID, "after must be a user_uuid", 422) from None
+    rows = await pool(request).fetch(_USERS_PAGE, q, after_id, limit)
+    return json_response(UserList([Member(user_uuid=str(r["id"]), name=r["name"]) for r in rows]))
+
+
+# --- history -----------------------------------------------------------------------------
+
+_NEWEST_FIRST = f"""
+SELECT {MESSAGE_COLUMNS}
+FROM messages m JOIN chats c ON c.id = m.chat_id
+WHERE m.chat_id = $1 AND m.seq < $2
+ORDER BY m.seq DESC
+LIMIT $3 OFFSET $4
+"""
+
+
+async def history(request: Request) -> Response:
+    user_id = current_user(request)
+    chat_id = request.path_params["chat_id"]
+    params = request.query_params
+    if "before" in params:
+        size = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
+        before = query_int(request, "before", 0, 1, MAX_BIGINT)
+        offset = 0
+    else:
+        size = query_int(request, "page_size", 50, 1, MAX_PAGE_SIZE)
+        page = query_int(request, "page", 1, 1, 1_000_000)
+        offset = (page - 1) * size
+        before = None
+
+    async with pool(request).acquire() as conn:
+        last_seq = None
+        if chat_id <= MAX_BIGINT:
+            last_seq = await conn.fetchval(
+                "SELECT c.last_seq FROM chats c"
+                " JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = $2 WHERE c.id = $1",
+                chat_id,
+                user_id,
+            )
+        if last_seq is None:
+            raise ChatError(NOT_FOUND, "no such chat", 404)
+        below_seq = last_seq + 1
+        if before is not None:
+            below_seq = await conn.fetchval(
+                "SELECT seq FROM messages WHERE id = $1 AND chat_id = $2", before, chat_id
+            )
+            if below_seq is None:
+                raise ChatError(INVALID, "before must be the id of a message in this chat", 422)
+        rows = await conn.fetch(_NEWEST_FIRST, chat_id, below_seq, size + 1, offset)
+
+    page_rows = rows[:size]
+    page_rows.reverse()
+    return json_response(
+        History(messages=[message_from_row(r) for r in page_rows], has_more=len(rows) > size)
+    )
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+routes = [
+    Route("/register", register, methods=["POST"]),
+    Route("/login", login, methods=["POST"]),
+    Route("/token/refresh", refresh, methods=["POST"]),
+    Route("/me", me, methods=["GET"]),
+    Route("/users_list", users_list, methods=["GET"]),
+    Route("/history/{chat_id:int}", history, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+]
