@@ -63,7 +63,8 @@ class Api:
         return tokens
 
     async def refresh(self) -> dict[str, Any]:
-        tokens = await self.call("POST", "/token/refresh", json={"refresh_token": self.refresh_token})
+        body = {"refresh_token": self.refresh_token}
+        tokens = await self.call("POST", "/token/refresh", json=body)
         self._keep(tokens)
         return tokens
 
