@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 from chatd.config import Settings
 
@@ -45,7 +46,7 @@ def run_server(settings: Settings, database_url: str, host: str, port: int) -> N
     from chatd.app import create_app
 
     log.info("chatd listening on http://%s:%d (WebSocket: /connect)", host, port)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, database_url),
         host=host,
         port=port,
@@ -55,3 +56,17 @@ def run_server(settings: Settings, database_url: str, host: str, port: int) -> N
         log_level=settings.log_level,
         lifespan="on",
     )
+    # uvicorn logs request lines with their query string: keep ?token= out of the logs.
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(RedactTokens())
+    uvicorn.Server(config).run()
+
+
+class RedactTokens(logging.Filter):
+    _token = re.compile(r"(token=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = self._token.sub(r"\1[redacted]", message), None
+        return True

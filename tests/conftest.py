@@ -98,7 +98,7 @@ def start_server(database_url: str, workdir: Path, **env: str) -> Server:
         "CHATD_DATABASE_URL": database_url,
         "CHATD_SECRET": TEST_SECRET,
         "CHATD_DATA_DIR": str(workdir / "data"),
-        "CHATD_LOG_LEVEL": "warning",
+        "CHATD_LOG_LEVEL": "info",
         **env,
     }
     with log_path.open("wb") as log:

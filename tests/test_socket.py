@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -167,3 +168,12 @@ async def test_unknown_user_in_a_valid_token_cannot_do_anything(server: Server) 
         with pytest.raises(ChatdError) as error:
             await sock.request("send_message", chat_id=1, text="hi")
         assert error.value.code == "not_found"
+
+
+async def test_query_tokens_are_redacted_from_the_server_log(server: Server, alice: Api) -> None:
+    async with websockets.connect(f"{server.ws_url}?token={alice.access_token}") as ws:
+        await ws.recv()
+    await asyncio.sleep(0.2)
+    log = server.log()
+    assert "token=[redacted]" in log
+    assert alice.access_token not in log
