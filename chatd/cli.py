@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    database_url = resolve_database_url(settings, keep_running=args.command == "migrate")
+    database_url = resolve_database_url(settings)
     from chatd.db import migrate
 
     migrate(database_url)
@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> None:
         run_server(settings, database_url, args.host or settings.host, args.port or settings.port)
 
 
-def resolve_database_url(settings: Settings, *, keep_running: bool = False) -> str:
+def resolve_database_url(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url
     from chatd.embedded import start_embedded_postgres
 
-    return start_embedded_postgres(settings.data_dir, keep_running=keep_running)
+    return start_embedded_postgres(settings.data_dir)
 
 
 def run_server(settings: Settings, database_url: str, host: str, port: int) -> None:

@@ -14,12 +14,8 @@ from pathlib import Path
 log = logging.getLogger("chatd")
 
 
-def start_embedded_postgres(data_dir: Path, *, keep_running: bool = False) -> str:
-    """Start (or attach to) the embedded cluster and return its connection URL.
-
-    With keep_running the server outlives this process (used by `chatd migrate`
-    followed by `chatd serve`, which reattaches); otherwise it stops at exit.
-    """
+def start_embedded_postgres(data_dir: Path) -> str:
+    """Start (or attach to) the embedded cluster and return its URL; it stops when we exit."""
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
         warnings.simplefilter("ignore")
@@ -30,5 +26,5 @@ def start_embedded_postgres(data_dir: Path, *, keep_running: bool = False) -> st
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = (data_dir / "pgdata").resolve()
     log.info("starting embedded PostgreSQL in %s", pgdata)
-    server = get_server(pgdata, cleanup_mode=None if keep_running else "stop")
+    server = get_server(pgdata, cleanup_mode="stop")
     return server.get_uri()
