@@ -27,6 +27,7 @@ from chatd.protocol import (
     ErrorBody,
     UnreadMessages,
     decode_action,
+    encode,
     encode_text,
 )
 
@@ -37,6 +38,8 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
 
 UNREAD_SNAPSHOT_LIMIT = 500
+# Keep the first frame readable by clients with a 1 MiB frame limit (the websockets default).
+UNREAD_SNAPSHOT_MAX_BYTES = 768 * 1024
 
 _UNREAD_SNAPSHOT = f"""
 SELECT {MESSAGE_COLUMNS}
@@ -121,7 +124,14 @@ class Session:
     async def send_unread_snapshot(self, pool: asyncpg.Pool) -> None:
         """Send unread_messages first, then the held events the snapshot does not contain."""
         rows = await pool.fetch(_UNREAD_SNAPSHOT, self.user_id, UNREAD_SNAPSHOT_LIMIT + 1)
-        messages = [message_from_row(r) for r in rows[:UNREAD_SNAPSHOT_LIMIT]]
+        messages = []
+        budget = UNREAD_SNAPSHOT_MAX_BYTES
+        for row in rows[:UNREAD_SNAPSHOT_LIMIT]:
+            message = message_from_row(row)
+            budget -= len(encode(message)) + 1
+            if budget < 0:
+                break
+            messages.append(message)
         held, self._held = self._held or [], None
         self._push(encode_text(UnreadMessages(data=messages, has_more=len(rows) > len(messages))))
         in_snapshot = {m.id for m in messages}

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+
+import websockets
 
 from chatd.client import Api
+from tests.conftest import Server
 
 
 async def test_unread_messages_on_reconnect(alice: Api, bob: Api, carol: Api) -> None:
@@ -70,3 +74,22 @@ async def test_nothing_falls_between_snapshot_and_live_stream(alice: Api, bob: A
             assert extra == []  # nothing twice
             assert sorted(seqs) == list(range(1, total + 1))  # nothing lost
             assert len(seqs) == total
+
+
+async def test_unread_snapshot_fits_a_default_websockets_client(
+    server: Server, alice: Api, bob: Api
+) -> None:
+    async with await alice.connect() as a:
+        chat = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        for n in range(200):  # ~850 KB of text
+            await a.send(
+                {"action": "send_message", "chat_id": chat["id"], "text": f"{n:04}" * 1024}
+            )
+        for _ in range(200):
+            await a.next_event("new_message")
+    headers = {"Authorization": f"Bearer {bob.access_token}"}
+    async with websockets.connect(server.ws_url, additional_headers=headers) as ws:  # max 1 MiB
+        snapshot = json.loads(await ws.recv())
+    assert snapshot["has_more"] is True
+    assert 150 < len(snapshot["data"]) < 200
+    assert [m["seq"] for m in snapshot["data"]] == list(range(1, len(snapshot["data"]) + 1))
