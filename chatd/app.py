@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import WebSocketRoute
 
-from chatd import rest
+from chatd import openapi, rest
 from chatd.config import Settings
 from chatd.db import create_pool
 from chatd.hub import Hub, LocalBus
@@ -30,7 +30,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             await app.state.pool.close()
 
     return Starlette(
-        routes=[*rest.routes, WebSocketRoute("/connect", connect_endpoint)],
+        routes=[*openapi.routes(rest.OPERATIONS), WebSocketRoute("/connect", connect_endpoint)],
         exception_handlers={
             ChatError: rest.chat_error_handler,
             HTTPException: rest.http_error_handler,

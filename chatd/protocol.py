@@ -251,6 +251,10 @@ class History(Struct):
     has_more: bool
 
 
+class Health(Struct):
+    status: str
+
+
 class ErrorResponse(Struct):
     error: ErrorBody
 

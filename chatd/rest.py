@@ -12,10 +12,10 @@ import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from chatd import auth
 from chatd.handlers import MESSAGE_COLUMNS, message_from_row
+from chatd.openapi import Operation, Param
 from chatd.protocol import (
     BAD_REQUEST,
     INVALID,
@@ -24,6 +24,7 @@ from chatd.protocol import (
     ChatError,
     ErrorBody,
     ErrorResponse,
+    Health,
     History,
     LoginRequest,
     Me,
@@ -292,15 +293,68 @@ async def history(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    return json_response(Health("ok"))
 
 
-routes = [
-    Route("/register", register, methods=["POST"]),
-    Route("/login", login, methods=["POST"]),
-    Route("/token/refresh", refresh, methods=["POST"]),
-    Route("/me", me, methods=["GET"]),
-    Route("/users_list", users_list, methods=["GET"]),
-    Route("/history/{chat_id:int}", history, methods=["GET"]),
-    Route("/healthz", healthz, methods=["GET"]),
+OPERATIONS = [
+    Operation(
+        "POST",
+        "/register",
+        register,
+        "Create an account",
+        RegisterResponse,
+        201,
+        body=RegisterRequest,
+        auth=False,
+        errors=(400, 409, 413, 422),
+    ),
+    Operation(
+        "POST",
+        "/login",
+        login,
+        "Log in: get an access and a refresh token",
+        TokenPair,
+        body=LoginRequest,
+        auth=False,
+        errors=(400, 401, 413, 422),
+    ),
+    Operation(
+        "POST",
+        "/token/refresh",
+        refresh,
+        "Trade a refresh token for a new pair (once)",
+        TokenPair,
+        body=RefreshRequest,
+        auth=False,
+        errors=(400, 401, 413, 422),
+    ),
+    Operation("GET", "/me", me, "The caller's account", Me),
+    Operation(
+        "GET",
+        "/users_list",
+        users_list,
+        "List users by name, keyset-paginated",
+        UserList,
+        query=(
+            Param("q", str, "keep users whose name or email starts with this"),
+            Param("limit", int, "page size, 1..200 (default 50)"),
+            Param("after", uuid.UUID, "the last user_uuid of the previous page"),
+        ),
+        errors=(422,),
+    ),
+    Operation(
+        "GET",
+        "/history/{chat_id:int}",
+        history,
+        "A page of a chat's messages",
+        History,
+        query=(
+            Param("page", int, "1 = newest page (default 1)"),
+            Param("page_size", int, "1..200 (default 50)"),
+            Param("before", int, "keyset: messages older than this message id"),
+            Param("limit", int, "keyset page size, 1..200 (default 50)"),
+        ),
+        errors=(404, 422),
+    ),
+    Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False),
 ]
