@@ -12,6 +12,7 @@ from starlette.routing import WebSocketRoute
 from chatd import openapi, rest
 from chatd.config import Settings
 from chatd.db import create_pool
+from chatd.handlers.presence import TypingGate
 from chatd.hub import Hub, LocalBus
 from chatd.protocol import ChatError
 from chatd.session import connect_endpoint
@@ -24,6 +25,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         app.state.pool = await create_pool(database_url, settings.db_pool_size)
         app.state.hub = Hub()
         app.state.bus = LocalBus(app.state.hub)
+        app.state.typing_gate = TypingGate()
         try:
             yield
         finally:

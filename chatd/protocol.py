@@ -58,12 +58,32 @@ class Member(Struct):
     name: str
 
 
+Role = Literal["owner", "admin", "member"]
+
+
+class ChatMember(Struct):
+    user_uuid: str
+    name: str
+    role: Role  # private chats: both are "member"
+
+
 class Chat(Struct):
     id: int
     type: Literal["private", "group"]
     name: str | None
     created_at: datetime
-    members: list[Member]
+    members: list[ChatMember]  # in join order
+
+
+class ChatOverview(Chat):
+    """A chat as the caller's chat list shows it."""
+
+    last_message: Message | None
+    last_seq: int  # seq of the newest message; 0 when there is none
+    read_upto: int | None  # message id of the caller's read pointer; null before any read
+    read_seq: int  # seq of the caller's read pointer
+    unread_count: int  # messages from others above the read pointer (= last_seq - read_seq)
+    role: Role  # the caller's role
 
 
 class ErrorBody(Struct):
@@ -77,6 +97,10 @@ RequestId = Annotated[str, Meta(max_length=64)]
 Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # PostgreSQL bigint; larger ids cannot exist
 MAX_TEXT_CHARS = 4096
 MAX_GROUP_NAME_CHARS = 100
+MAX_USERS_PER_CALL = 1000
+UserIds = Annotated[list[str], Meta(max_length=MAX_USERS_PER_CALL)]
+ClientMsgId = Annotated[str, Meta(min_length=1, max_length=64)]
+Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 
 class Action(Struct, tag_field="action", kw_only=True, forbid_unknown_fields=False):
@@ -85,21 +109,87 @@ class Action(Struct, tag_field="action", kw_only=True, forbid_unknown_fields=Fal
 
 class CreateChat(Action, tag="create_chat"):
     type: Literal["group", "private"]
-    user_ids: list[str]
+    user_ids: UserIds
     name: str | None = None
+
+
+class ListChats(Action, tag="list_chats"):
+    limit: Annotated[int, Meta(ge=1, le=200)] = 50
+    before: Id | None = None  # next_before of the previous page
+
+
+class GetChat(Action, tag="get_chat"):
+    chat_id: Id
 
 
 class SendMessage(Action, tag="send_message"):
     chat_id: Id
     text: str
-    client_msg_id: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    client_msg_id: ClientMsgId | None = None
+
+
+class GetMessage(Action, tag="get_message"):
+    message_id: Id
 
 
 class MarkRead(Action, tag="mark_read"):
     message_ids: Annotated[list[Id], Meta(min_length=1, max_length=1000)]
 
 
-ClientAction = CreateChat | SendMessage | MarkRead
+class Sync(Action, tag="sync"):
+    chats: Annotated[dict[Id, Seq], Meta(min_length=1, max_length=1000)]  # chat id → last seq seen
+    limit: Annotated[int, Meta(ge=1, le=500)] = 100  # per chat
+
+
+class Typing(Action, tag="typing"):
+    chat_id: Id
+
+
+class AddMembers(Action, tag="add_members"):
+    chat_id: Id
+    user_ids: Annotated[list[str], Meta(min_length=1, max_length=MAX_USERS_PER_CALL)]
+
+
+class RemoveMember(Action, tag="remove_member"):
+    chat_id: Id
+    user_uuid: str
+
+
+class LeaveChat(Action, tag="leave_chat"):
+    chat_id: Id
+
+
+class RenameChat(Action, tag="rename_chat"):
+    chat_id: Id
+    name: str
+
+
+class SetRole(Action, tag="set_role"):
+    chat_id: Id
+    user_uuid: str
+    role: Role  # "owner" hands your ownership over; you become an admin
+
+
+class DeleteChat(Action, tag="delete_chat"):
+    chat_id: Id
+
+
+ClientAction = (
+    CreateChat
+    | ListChats
+    | GetChat
+    | SendMessage
+    | GetMessage
+    | MarkRead
+    | Sync
+    | Typing
+    | AddMembers
+    | RemoveMember
+    | LeaveChat
+    | RenameChat
+    | SetRole
+    | DeleteChat
+)
 ACTION_NAMES = frozenset(cls.__struct_config__.tag for cls in ClientAction.__args__)
 
 _action_decoder = msgspec.json.Decoder(ClientAction)
@@ -192,6 +282,64 @@ class ReadUpto(Struct):
     read_upto: dict[int, int]
 
 
+class MembersAdded(Struct):
+    chat: Chat  # after the change: new members learn the chat from this
+    user_uuids: list[str]  # who was added
+    by: str
+
+
+class MemberAdded(Event, tag="member_added"):
+    data: MembersAdded
+
+
+class MemberLeft(Struct):
+    chat_id: int
+    user_uuid: str
+    by: str  # equal to user_uuid when the member left by themselves
+
+
+class MemberRemoved(Event, tag="member_removed"):
+    data: MemberLeft
+
+
+class ChatUpdated(Event, tag="chat_updated"):
+    data: Chat
+
+
+class ChatGone(Struct):
+    chat_id: int
+    by: str
+
+
+class ChatDeleted(Event, tag="chat_deleted"):
+    data: ChatGone
+
+
+class TypingNotice(Struct):
+    chat_id: int
+    user_uuid: str
+
+
+class TypingEvent(Event, tag="typing"):
+    data: TypingNotice
+
+
+class ChatPage(Struct):
+    chats: list[ChatOverview]  # most recent activity first
+    has_more: bool
+    next_before: int | None  # pass as `before` for the next page
+
+
+class SyncedChat(Struct):
+    messages: list[Message]  # seq above the one you gave, ascending
+    has_more: bool  # more remain: sync again from the last seq you got
+    error: str | None = None  # "not_found": you are not (or no longer) in this chat
+
+
+class SyncResult(Struct):
+    chats: dict[int, SyncedChat]
+
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -253,6 +401,33 @@ class History(Struct):
 
 class Health(Struct):
     status: str
+
+
+class CreateChatRequest(Struct):
+    type: Literal["group", "private"]
+    user_ids: UserIds
+    name: str | None = None
+
+
+class AddMembersRequest(Struct):
+    user_ids: Annotated[list[str], Meta(min_length=1, max_length=MAX_USERS_PER_CALL)]
+
+
+class RenameChatRequest(Struct):
+    name: str
+
+
+class SetRoleRequest(Struct):
+    role: Role
+
+
+class SendMessageRequest(Struct):
+    text: str
+    client_msg_id: ClientMsgId | None = None
+
+
+class ReadRequest(Struct):
+    up_to: Id  # a message id in this chat
 
 
 class ErrorResponse(Struct):

@@ -1,4 +1,5 @@
-"""The REST routes: accounts, tokens, users, history and health, each with its SQL."""
+"""The REST routes: accounts, tokens, users, history and health, each with its SQL, and
+the chat and message routes, which run the same handlers as the socket's actions."""
 
 from __future__ import annotations
 
@@ -14,24 +15,47 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from chatd import auth
-from chatd.handlers import MESSAGE_COLUMNS, message_from_row
+from chatd.handlers import chats, groups, messages, reads
+from chatd.handlers.base import MESSAGE_COLUMNS, Context, message_from_row
 from chatd.openapi import Operation, Param
 from chatd.protocol import (
     BAD_REQUEST,
     INVALID,
     NOT_FOUND,
     UNAUTHORIZED,
+    AddMembers,
+    AddMembersRequest,
+    Chat,
     ChatError,
+    ChatOverview,
+    ChatPage,
+    CreateChat,
+    CreateChatRequest,
+    DeleteChat,
     ErrorBody,
     ErrorResponse,
+    GetChat,
+    GetMessage,
     Health,
     History,
+    ListChats,
     LoginRequest,
+    MarkRead,
     Me,
     Member,
+    Message,
+    ReadRequest,
+    ReadUpto,
     RefreshRequest,
     RegisterRequest,
     RegisterResponse,
+    RemoveMember,
+    RenameChat,
+    RenameChatRequest,
+    SendMessage,
+    SendMessageRequest,
+    SetRole,
+    SetRoleRequest,
     TokenPair,
     UserList,
     clean_text,
@@ -292,6 +316,123 @@ async def history(request: Request) -> Response:
     )
 
 
+# --- chats and messages: the socket's handlers, over HTTP --------------------------------
+
+
+def context(request: Request) -> Context:
+    state = request.app.state
+    return Context(state.pool, state.bus, current_user(request), state.typing_gate)
+
+
+def path_id(request: Request, name: str) -> int:
+    """An integer path parameter; ids beyond bigint cannot exist."""
+    value = request.path_params[name]
+    if value > MAX_BIGINT:
+        raise ChatError(NOT_FOUND, f"no such {name.removesuffix('_id')}", 404)
+    return value
+
+
+def no_content() -> Response:
+    return Response(status_code=204)
+
+
+async def list_chats(request: Request) -> Response:
+    ctx = context(request)
+    action = ListChats(
+        limit=query_int(request, "limit", 50, 1, MAX_PAGE_SIZE),
+        before=query_int(request, "before", 0, 1, MAX_BIGINT) or None,
+    )
+    return json_response(await chats.list_chats(ctx, action))
+
+
+async def create_chat(request: Request) -> Response:
+    ctx = context(request)
+    body = await read_body(request, CreateChatRequest)
+    action = CreateChat(type=body.type, user_ids=body.user_ids, name=body.name)
+    chat, created = await chats.create_or_find_chat(ctx, action)
+    return json_response(chat, 201 if created else 200)
+
+
+async def get_chat(request: Request) -> Response:
+    ctx = context(request)
+    return json_response(await chats.get_chat(ctx, GetChat(chat_id=path_id(request, "chat_id"))))
+
+
+async def rename_chat(request: Request) -> Response:
+    ctx = context(request)
+    body = await read_body(request, RenameChatRequest)
+    action = RenameChat(chat_id=path_id(request, "chat_id"), name=body.name)
+    return json_response(await groups.rename_chat(ctx, action))
+
+
+async def delete_chat(request: Request) -> Response:
+    ctx = context(request)
+    await groups.delete_chat(ctx, DeleteChat(chat_id=path_id(request, "chat_id")))
+    return no_content()
+
+
+async def add_members(request: Request) -> Response:
+    ctx = context(request)
+    body = await read_body(request, AddMembersRequest)
+    action = AddMembers(chat_id=path_id(request, "chat_id"), user_ids=body.user_ids)
+    return json_response(await groups.add_members(ctx, action))
+
+
+async def remove_member(request: Request) -> Response:
+    ctx = context(request)
+    action = RemoveMember(
+        chat_id=path_id(request, "chat_id"), user_uuid=request.path_params["user_uuid"]
+    )
+    await groups.remove_member(ctx, action)
+    return no_content()
+
+
+async def set_role(request: Request) -> Response:
+    ctx = context(request)
+    body = await read_body(request, SetRoleRequest)
+    action = SetRole(
+        chat_id=path_id(request, "chat_id"),
+        user_uuid=request.path_params["user_uuid"],
+        role=body.role,
+    )
+    return json_response(await groups.set_role(ctx, action))
+
+
+async def send_message(request: Request) -> Response:
+    ctx = context(request)
+    body = await read_body(request, SendMessageRequest)
+    client_msg_id = body.client_msg_id
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        if not 1 <= len(key) <= 64:
+            raise ChatError(INVALID, "Idempotency-Key must be 1..64 characters", 422)
+        if client_msg_id is not None and client_msg_id != key:
+            raise ChatError(INVALID, "Idempotency-Key and client_msg_id differ", 422)
+        client_msg_id = key
+    action = SendMessage(
+        chat_id=path_id(request, "chat_id"), text=body.text, client_msg_id=client_msg_id
+    )
+    message, created = await messages.store_message(ctx, action)
+    return json_response(message, 201 if created else 200)
+
+
+async def get_message(request: Request) -> Response:
+    ctx = context(request)
+    action = GetMessage(message_id=path_id(request, "message_id"))
+    return json_response(await messages.get_message(ctx, action))
+
+
+async def mark_read(request: Request) -> Response:
+    ctx = context(request)
+    body = await read_body(request, ReadRequest)
+    chat_id = path_id(request, "chat_id")
+    # A message never changes chats, so checking this outside mark_read's transaction is safe.
+    in_chat = await ctx.pool.fetchval("SELECT chat_id FROM messages WHERE id = $1", body.up_to)
+    if in_chat != chat_id:
+        raise ChatError(NOT_FOUND, "no such message in this chat", 404)
+    return json_response(await reads.mark_read(ctx, MarkRead(message_ids=[body.up_to])))
+
+
 async def healthz(request: Request) -> Response:
     return json_response(Health("ok"))
 
@@ -355,6 +496,109 @@ OPERATIONS = [
             Param("limit", int, "keyset page size, 1..200 (default 50)"),
         ),
         errors=(404, 422),
+    ),
+    Operation(
+        "GET",
+        "/chats",
+        list_chats,
+        "The caller's chats, most recent activity first, with unread counts",
+        ChatPage,
+        query=(
+            Param("limit", int, "page size, 1..200 (default 50)"),
+            Param("before", int, "next_before of the previous page"),
+        ),
+        errors=(422,),
+    ),
+    Operation(
+        "POST",
+        "/chats",
+        create_chat,
+        "Create a chat (201), or get the existing private chat of a pair (200)",
+        Chat,
+        201,
+        body=CreateChatRequest,
+        errors=(400, 404, 413, 422),
+    ),
+    Operation(
+        "GET",
+        "/chats/{chat_id:int}",
+        get_chat,
+        "One chat, with its members and their roles",
+        ChatOverview,
+        errors=(404,),
+    ),
+    Operation(
+        "PATCH",
+        "/chats/{chat_id:int}",
+        rename_chat,
+        "Rename a group (admins and the owner)",
+        Chat,
+        body=RenameChatRequest,
+        errors=(400, 403, 404, 413, 422),
+    ),
+    Operation(
+        "DELETE",
+        "/chats/{chat_id:int}",
+        delete_chat,
+        "Delete a group and all its messages (owner)",
+        None,
+        204,
+        errors=(403, 404),
+    ),
+    Operation(
+        "POST",
+        "/chats/{chat_id:int}/members",
+        add_members,
+        "Add members to a group (admins and the owner)",
+        Chat,
+        body=AddMembersRequest,
+        errors=(400, 403, 404, 413, 422),
+    ),
+    Operation(
+        "DELETE",
+        "/chats/{chat_id:int}/members/{user_uuid}",
+        remove_member,
+        "Remove a member (admins and the owner); your own uuid leaves the group",
+        None,
+        204,
+        errors=(403, 404, 422),
+    ),
+    Operation(
+        "PATCH",
+        "/chats/{chat_id:int}/members/{user_uuid}",
+        set_role,
+        "Change a member's role (owner); role owner hands ownership over",
+        Chat,
+        body=SetRoleRequest,
+        errors=(400, 403, 404, 413, 422),
+    ),
+    Operation(
+        "POST",
+        "/chats/{chat_id:int}/messages",
+        send_message,
+        "Send a message (201); a retry with the same client_msg_id returns the original (200)",
+        Message,
+        201,
+        body=SendMessageRequest,
+        headers=(Param("Idempotency-Key", str, "same meaning as client_msg_id (1..64 chars)"),),
+        errors=(400, 404, 413, 422),
+    ),
+    Operation(
+        "GET",
+        "/messages/{message_id:int}",
+        get_message,
+        "One message of a chat you are in",
+        Message,
+        errors=(404,),
+    ),
+    Operation(
+        "POST",
+        "/chats/{chat_id:int}/read",
+        mark_read,
+        "Move your read pointer up to a message of this chat",
+        ReadUpto,
+        body=ReadRequest,
+        errors=(400, 404, 413, 422),
     ),
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False),
 ]

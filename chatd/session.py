@@ -17,7 +17,14 @@ import asyncpg
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chatd.auth import ACCESS, InvalidToken, bearer_token, read_token
-from chatd.handlers import MESSAGE_COLUMNS, Context, dispatch, message_from_row
+from chatd.handlers import dispatch
+from chatd.handlers.base import (
+    FRAME_BUDGET_BYTES,
+    MESSAGE_COLUMNS,
+    Context,
+    fit_in_frame,
+    message_from_row,
+)
 from chatd.hub import Outbound
 from chatd.protocol import (
     INTERNAL,
@@ -27,7 +34,6 @@ from chatd.protocol import (
     ErrorBody,
     UnreadMessages,
     decode_action,
-    encode,
     encode_text,
 )
 
@@ -38,8 +44,6 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
 
 UNREAD_SNAPSHOT_LIMIT = 500
-# Keep the first frame readable by clients with a 1 MiB frame limit (the websockets default).
-UNREAD_SNAPSHOT_MAX_BYTES = 768 * 1024
 
 _UNREAD_SNAPSHOT = f"""
 SELECT {MESSAGE_COLUMNS}
@@ -65,7 +69,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         return
 
     session = Session(websocket, user_id, state.settings.send_queue_size)
-    ctx = Context(pool=state.pool, bus=state.bus, user_id=user_id)
+    ctx = Context(state.pool, state.bus, user_id, state.typing_gate)
     state.hub.add(session)  # from here on, events for this user are held until the snapshot
     try:
         await session.send_unread_snapshot(state.pool)
@@ -124,14 +128,9 @@ class Session:
     async def send_unread_snapshot(self, pool: asyncpg.Pool) -> None:
         """Send unread_messages first, then the held events the snapshot does not contain."""
         rows = await pool.fetch(_UNREAD_SNAPSHOT, self.user_id, UNREAD_SNAPSHOT_LIMIT + 1)
-        messages = []
-        budget = UNREAD_SNAPSHOT_MAX_BYTES
-        for row in rows[:UNREAD_SNAPSHOT_LIMIT]:
-            message = message_from_row(row)
-            budget -= len(encode(message)) + 1
-            if budget < 0:
-                break
-            messages.append(message)
+        messages, _ = fit_in_frame(
+            (message_from_row(row) for row in rows[:UNREAD_SNAPSHOT_LIMIT]), FRAME_BUDGET_BYTES
+        )
         held, self._held = self._held or [], None
         self._push(encode_text(UnreadMessages(data=messages, has_more=len(rows) > len(messages))))
         in_snapshot = {m.id for m in messages}

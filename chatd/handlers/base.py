@@ -1,0 +1,174 @@
+"""What every handler uses: the Context, the chat lock, and rows turned into wire objects."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from chatd.hub import Bus
+from chatd.protocol import (
+    FORBIDDEN,
+    INVALID,
+    NOT_FOUND,
+    Chat,
+    ChatError,
+    ChatMember,
+    Message,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from chatd.handlers.presence import TypingGate
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler may use: the database, the bus, and who is asking."""
+
+    pool: asyncpg.Pool
+    bus: Bus
+    user_id: uuid.UUID
+    typing_gate: TypingGate
+
+
+def no_such_chat() -> ChatError:
+    # The same answer whether the chat does not exist or the caller is not in it.
+    return ChatError(NOT_FOUND, "no such chat", 404)
+
+
+# --- the chat lock ------------------------------------------------------------------------
+
+# Every write to a chat (messages, read watermark, membership) first locks its chats row,
+# so they happen one at a time per chat, and seq order is commit order.
+_LOCK_CHAT = """
+SELECT c.type, c.last_seq, c.read_seq AS chat_read_seq, cm.read_seq AS my_read_seq, cm.role
+FROM chats c JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = $2
+WHERE c.id = $1
+FOR UPDATE OF c
+"""
+
+ROLE_RANK = {"member": 0, "admin": 1, "owner": 2}
+
+
+async def lock_chat(conn: asyncpg.Connection, chat_id: int, user_id: uuid.UUID) -> asyncpg.Record:
+    """Lock the chat for this transaction and return the caller's view of it.
+
+    Raises not_found when the chat does not exist or the caller is not a member.
+    """
+    row = await conn.fetchrow(_LOCK_CHAT, chat_id, user_id)
+    if row is None:
+        raise no_such_chat()
+    return row
+
+
+async def lock_group(
+    conn: asyncpg.Connection, chat_id: int, user_id: uuid.UUID, at_least: str
+) -> asyncpg.Record:
+    """lock_chat, then require a group chat and a caller with role `at_least` or higher."""
+    row = await lock_chat(conn, chat_id, user_id)
+    if row["type"] != "group":
+        raise ChatError(FORBIDDEN, "private chats cannot be administered", 403)
+    if ROLE_RANK[row["role"]] < ROLE_RANK[at_least]:
+        raise ChatError(FORBIDDEN, f"this needs the {at_least} role or higher", 403)
+    return row
+
+
+# --- messages as the wire shows them ------------------------------------------------------
+
+# A message is "read" once its seq is at or below the chat's all-read watermark.
+MESSAGE_COLUMNS = """
+    m.id, m.chat_id, m.seq, m.sender_id, m.text, m.created_at, m.client_msg_id,
+    m.seq <= c.read_seq AS is_read
+"""
+
+
+def message_from_row(row: asyncpg.Record) -> Message:
+    return Message(
+        id=row["id"],
+        chat_id=row["chat_id"],
+        seq=row["seq"],
+        sender_uuid=str(row["sender_id"]),
+        text=row["text"],
+        timestamp=row["created_at"],
+        read_status="read" if row["is_read"] else "unread",
+        client_msg_id=row["client_msg_id"],
+    )
+
+
+# Keep replies readable by clients with a 1 MiB frame limit (the websockets default).
+FRAME_BUDGET_BYTES = 768 * 1024
+
+
+def fit_in_frame(messages: Iterable[Message], budget: int) -> tuple[list[Message], int]:
+    """Take messages in order while their encoded size fits `budget`; return them and the rest.
+
+    Stops at the first message that does not fit, so what is taken has no holes.
+    """
+    taken = []
+    for message in messages:
+        size = len(encode(message)) + 1
+        if size > budget:
+            break
+        budget -= size
+        taken.append(message)
+    return taken, budget
+
+
+# --- chats as the wire shows them ---------------------------------------------------------
+
+_MEMBERS = """
+SELECT cm.chat_id, u.id, u.name, cm.role
+FROM chat_members cm JOIN users u ON u.id = cm.user_id
+WHERE cm.chat_id = ANY($1::bigint[])
+ORDER BY cm.chat_id, cm.join_order
+"""
+
+
+async def fetch_members(
+    conn: asyncpg.Connection, chat_ids: list[int]
+) -> dict[int, list[ChatMember]]:
+    members: dict[int, list[ChatMember]] = {chat_id: [] for chat_id in chat_ids}
+    for row in await conn.fetch(_MEMBERS, chat_ids):
+        members[row["chat_id"]].append(
+            ChatMember(user_uuid=str(row["id"]), name=row["name"], role=row["role"])
+        )
+    return members
+
+
+async def fetch_chat(conn: asyncpg.Connection, chat_id: int) -> Chat:
+    chat = await conn.fetchrow(
+        "SELECT id, type, name, created_at FROM chats WHERE id = $1", chat_id
+    )
+    members = await fetch_members(conn, [chat_id])
+    return Chat(
+        id=chat["id"],
+        type=chat["type"],
+        name=chat["name"],
+        created_at=chat["created_at"],
+        members=members[chat_id],
+    )
+
+
+def member_ids(chat: Chat) -> list[uuid.UUID]:
+    return [uuid.UUID(m.user_uuid) for m in chat.members]
+
+
+def parse_user_ids(raw: Iterable[str], *, exclude: uuid.UUID | None = None) -> list[uuid.UUID]:
+    """UUIDs in order, without duplicates and without `exclude`; `invalid` for a non-UUID."""
+    ids: dict[uuid.UUID, None] = {}
+    for value in raw:
+        user_id = parse_user_id(value, "user_ids")
+        if user_id != exclude:
+            ids[user_id] = None
+    return list(ids)
+
+
+def parse_user_id(value: str, field: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ChatError(INVALID, f"{field}: {value[:64]!r} is not a UUID", 422) from None

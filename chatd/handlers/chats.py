@@ -1,0 +1,195 @@
+"""Chats: create_chat, and the chat list (list_chats, get_chat) with unread counts."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from chatd.handlers.base import (
+    MESSAGE_COLUMNS,
+    Context,
+    fetch_chat,
+    fetch_members,
+    member_ids,
+    message_from_row,
+    no_such_chat,
+    parse_user_ids,
+)
+from chatd.hub import Outbound
+from chatd.protocol import (
+    INVALID,
+    MAX_GROUP_NAME_CHARS,
+    NOT_FOUND,
+    Chat,
+    ChatCreated,
+    ChatError,
+    ChatOverview,
+    ChatPage,
+    CreateChat,
+    GetChat,
+    ListChats,
+    clean_text,
+    encode_text,
+)
+
+# --- create_chat --------------------------------------------------------------------------
+
+
+async def create_chat(ctx: Context, action: CreateChat) -> Chat:
+    chat, _ = await create_or_find_chat(ctx, action)
+    return chat
+
+
+async def create_or_find_chat(ctx: Context, action: CreateChat) -> tuple[Chat, bool]:
+    """Return the chat and whether it is new (a private pair's chat may exist already)."""
+    others = parse_user_ids(action.user_ids, exclude=ctx.user_id)
+    if action.type == "private":
+        if len(others) != 1:
+            raise ChatError(INVALID, "a private chat needs exactly one other user", 422)
+        name = None
+    else:
+        if action.name is None:
+            raise ChatError(INVALID, "a group chat needs a name", 422)
+        name = clean_text(action.name, "name", min_len=1, max_len=MAX_GROUP_NAME_CHARS)
+
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await require_users(conn, others)
+        if action.type == "private":
+            chat_id, created = await _private_chat(conn, ctx.user_id, others[0])
+        else:
+            chat_id = await conn.fetchval(
+                "INSERT INTO chats (type, name) VALUES ('group', $1) RETURNING id", name
+            )
+            await insert_members(conn, chat_id, [ctx.user_id], role="owner")
+            await insert_members(conn, chat_id, others)
+            created = True
+        chat = await fetch_chat(conn, chat_id)
+
+    if created:
+        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatCreated(chat))))
+    return chat, created
+
+
+async def require_users(conn: asyncpg.Connection, user_ids: list[uuid.UUID]) -> None:
+    found = await conn.fetchval("SELECT count(*) FROM users WHERE id = ANY($1::uuid[])", user_ids)
+    if found != len(user_ids):
+        raise ChatError(NOT_FOUND, "one of user_ids is not a user", 404)
+
+
+async def _private_chat(
+    conn: asyncpg.Connection, me: uuid.UUID, other: uuid.UUID
+) -> tuple[int, bool]:
+    """Return (chat id, created?) for the one private chat of this pair."""
+    key = ":".join(sorted((str(me), str(other))))
+    # A concurrent create of the same pair waits on the unique index, then finds ours.
+    chat_id = await conn.fetchval(
+        "INSERT INTO chats (type, private_key) VALUES ('private', $1)"
+        " ON CONFLICT (private_key) DO NOTHING RETURNING id",
+        key,
+    )
+    if chat_id is None:
+        return await conn.fetchval("SELECT id FROM chats WHERE private_key = $1", key), False
+    await insert_members(conn, chat_id, [me, other])
+    return chat_id, True
+
+
+# A new member has read nothing yet but starts at the latest message: unread starts at 0.
+_INSERT_MEMBERS = """
+INSERT INTO chat_members (chat_id, user_id, role, read_seq)
+SELECT $1, u.id, $3, c.last_seq
+FROM unnest($2::uuid[]) WITH ORDINALITY AS u(id, n), chats c
+WHERE c.id = $1
+ORDER BY u.n
+ON CONFLICT (chat_id, user_id) DO NOTHING
+RETURNING user_id
+"""
+
+
+async def insert_members(
+    conn: asyncpg.Connection, chat_id: int, user_ids: list[uuid.UUID], role: str = "member"
+) -> list[uuid.UUID]:
+    """Add users (in the given order) who are not members yet; return those added."""
+    rows = await conn.fetch(_INSERT_MEMBERS, chat_id, user_ids, role)
+    return [row["user_id"] for row in rows]
+
+
+# --- the chat list ------------------------------------------------------------------------
+
+# unread_count is last_seq - read_seq: sending moves the sender's pointer to their own
+# message, so every message above a pointer is someone else's. No COUNT, however big.
+_OVERVIEW = """
+SELECT c.id, c.type, c.name, c.created_at, c.last_seq, c.activity,
+       cm.read_seq, cm.role, rm.id AS read_upto
+FROM chat_members cm
+JOIN chats c ON c.id = cm.chat_id
+LEFT JOIN messages rm ON rm.chat_id = cm.chat_id AND rm.seq = cm.read_seq
+WHERE cm.user_id = $1
+"""
+
+_PAGE = _OVERVIEW + " AND c.activity < $2 ORDER BY c.activity DESC LIMIT $3"
+_ONE = _OVERVIEW + " AND c.id = $2"
+
+_LAST_MESSAGES = f"""
+SELECT {MESSAGE_COLUMNS}
+FROM unnest($1::bigint[], $2::bigint[]) AS last(chat_id, seq)
+JOIN messages m ON m.chat_id = last.chat_id AND m.seq = last.seq
+JOIN chats c ON c.id = m.chat_id
+"""
+
+_NO_CURSOR = 2**63 - 1
+
+
+async def list_chats(ctx: Context, action: ListChats) -> ChatPage:
+    before = action.before or _NO_CURSOR
+    async with ctx.pool.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            rows = await conn.fetch(_PAGE, ctx.user_id, before, action.limit + 1)
+            chats = await _overviews(conn, rows[: action.limit])
+    has_more = len(rows) > action.limit
+    return ChatPage(
+        chats=chats,
+        has_more=has_more,
+        next_before=rows[action.limit - 1]["activity"] if has_more else None,
+    )
+
+
+async def get_chat(ctx: Context, action: GetChat) -> ChatOverview:
+    async with ctx.pool.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            row = await conn.fetchrow(_ONE, ctx.user_id, action.chat_id)
+            if row is None:
+                raise no_such_chat()
+            (chat,) = await _overviews(conn, [row])
+    return chat
+
+
+async def _overviews(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> list[ChatOverview]:
+    """Three queries for a whole page: the chats, their members, their last messages."""
+    chat_ids = [row["id"] for row in rows]
+    members = await fetch_members(conn, chat_ids)
+    with_messages = [row for row in rows if row["last_seq"] > 0]
+    last_messages = {
+        m["chat_id"]: message_from_row(m)
+        for m in await conn.fetch(
+            _LAST_MESSAGES,
+            [row["id"] for row in with_messages],
+            [row["last_seq"] for row in with_messages],
+        )
+    }
+    return [
+        ChatOverview(
+            id=row["id"],
+            type=row["type"],
+            name=row["name"],
+            created_at=row["created_at"],
+            members=members[row["id"]],
+            last_message=last_messages.get(row["id"]),
+            last_seq=row["last_seq"],
+            read_upto=row["read_upto"],
+            read_seq=row["read_seq"],
+            unread_count=row["last_seq"] - row["read_seq"],
+            role=row["role"],
+        )
+        for row in rows
+    ]

@@ -1,0 +1,190 @@
+"""Group administration: add, remove, leave, rename, roles, delete.
+
+Roles rank owner > admin > member. Admins add and remove members and rename the group;
+only the owner changes roles, removes admins, and deletes the group. Private chats refuse
+all of it with `forbidden`. Each change locks the chat row (like a send does), so a
+message is fanned out to exactly the members the chat had when it was stored.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from chatd.handlers.base import (
+    Context,
+    fetch_chat,
+    lock_group,
+    member_ids,
+    parse_user_id,
+    parse_user_ids,
+)
+from chatd.handlers.chats import insert_members, require_users
+from chatd.handlers.reads import advance_read_watermark, publish_read_receipts
+from chatd.hub import Outbound
+from chatd.protocol import (
+    FORBIDDEN,
+    INVALID,
+    MAX_GROUP_NAME_CHARS,
+    NOT_FOUND,
+    AddMembers,
+    Chat,
+    ChatDeleted,
+    ChatError,
+    ChatGone,
+    ChatUpdated,
+    DeleteChat,
+    LeaveChat,
+    MemberAdded,
+    MemberLeft,
+    MemberRemoved,
+    MembersAdded,
+    RemoveMember,
+    RenameChat,
+    SetRole,
+    clean_text,
+    encode_text,
+)
+
+_BUMP_ACTIVITY = "UPDATE chats SET activity = nextval('chat_activity_seq') WHERE id = $1"
+_ROLE_OF = "SELECT role FROM chat_members WHERE chat_id = $1 AND user_id = $2"
+_DELETE_MEMBER = "DELETE FROM chat_members WHERE chat_id = $1 AND user_id = $2"
+
+
+async def add_members(ctx: Context, action: AddMembers) -> Chat:
+    users = parse_user_ids(action.user_ids)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
+        await require_users(conn, users)
+        added = await insert_members(conn, action.chat_id, users)
+        if added:
+            await conn.execute(_BUMP_ACTIVITY, action.chat_id)
+        chat = await fetch_chat(conn, action.chat_id)
+
+    if added:
+        event = MemberAdded(MembersAdded(chat, [str(u) for u in added], by=str(ctx.user_id)))
+        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(event)))
+    return chat
+
+
+async def remove_member(ctx: Context, action: RemoveMember) -> Chat | None:
+    """Remove someone (admins+); removing yourself is leaving. Returns the chat after."""
+    target = parse_user_id(action.user_uuid, "user_uuid")
+    if target == ctx.user_id:
+        return await leave_chat(ctx, LeaveChat(chat_id=action.chat_id))
+
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        me = await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
+        role = await conn.fetchval(_ROLE_OF, action.chat_id, target)
+        if role is None:
+            raise ChatError(NOT_FOUND, "no such member in this chat", 404)
+        if role == "owner":
+            raise ChatError(FORBIDDEN, "the owner cannot be removed", 403)
+        if role == "admin" and me["role"] != "owner":
+            raise ChatError(FORBIDDEN, "only the owner can remove an admin", 403)
+        await conn.execute(_DELETE_MEMBER, action.chat_id, target)
+        # The removed member may have been the last one holding messages unread.
+        newly_read, _ = await advance_read_watermark(conn, action.chat_id)
+        chat = await fetch_chat(conn, action.chat_id)
+
+    event = MemberRemoved(MemberLeft(action.chat_id, str(target), by=str(ctx.user_id)))
+    await ctx.bus.publish([*member_ids(chat), target], Outbound(encode_text(event)))
+    await publish_read_receipts(ctx.bus, action.chat_id, newly_read)
+    return chat
+
+
+# The heir when an owner leaves: the oldest admin, else the oldest member.
+_PROMOTE_HEIR = """
+UPDATE chat_members SET role = 'owner'
+WHERE chat_id = $1 AND user_id = (
+    SELECT user_id FROM chat_members WHERE chat_id = $1
+    ORDER BY role = 'admin' DESC, join_order
+    LIMIT 1
+)
+"""
+
+
+async def leave_chat(ctx: Context, action: LeaveChat) -> None:
+    """Leave a group; the last member leaving deletes it."""
+    chat_id = action.chat_id
+    chat: Chat | None = None
+    newly_read: list[asyncpg.Record] = []
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        me = await lock_group(conn, chat_id, ctx.user_id, at_least="member")
+        await conn.execute(_DELETE_MEMBER, chat_id, ctx.user_id)
+        if await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1)", chat_id
+        ):
+            if me["role"] == "owner":
+                await conn.execute(_PROMOTE_HEIR, chat_id)
+            newly_read, _ = await advance_read_watermark(conn, chat_id)
+            chat = await fetch_chat(conn, chat_id)
+        else:
+            await conn.execute("DELETE FROM chats WHERE id = $1", chat_id)
+
+    me_id = str(ctx.user_id)
+    if chat is None:
+        gone = ChatDeleted(ChatGone(chat_id, by=me_id))
+        await ctx.bus.publish([ctx.user_id], Outbound(encode_text(gone)))
+        return None
+    left = MemberRemoved(MemberLeft(chat_id, me_id, by=me_id))
+    await ctx.bus.publish([*member_ids(chat), ctx.user_id], Outbound(encode_text(left)))
+    if me["role"] == "owner":
+        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatUpdated(chat))))
+    await publish_read_receipts(ctx.bus, chat_id, newly_read)
+    return None
+
+
+async def rename_chat(ctx: Context, action: RenameChat) -> Chat:
+    name = clean_text(action.name, "name", min_len=1, max_len=MAX_GROUP_NAME_CHARS)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
+        renamed = await conn.execute(
+            "UPDATE chats SET name = $2, activity = nextval('chat_activity_seq')"
+            " WHERE id = $1 AND name IS DISTINCT FROM $2",
+            action.chat_id,
+            name,
+        )
+        chat = await fetch_chat(conn, action.chat_id)
+    if renamed != "UPDATE 0":
+        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatUpdated(chat))))
+    return chat
+
+
+_SET_ROLE = "UPDATE chat_members SET role = $3 WHERE chat_id = $1 AND user_id = $2"
+
+
+async def set_role(ctx: Context, action: SetRole) -> Chat:
+    """Owner only. Making someone "owner" hands the ownership over: you become an admin."""
+    target = parse_user_id(action.user_uuid, "user_uuid")
+    if target == ctx.user_id:
+        raise ChatError(
+            INVALID, "you cannot change your own role; make another member owner instead", 422
+        )
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await lock_group(conn, action.chat_id, ctx.user_id, at_least="owner")
+        role = await conn.fetchval(_ROLE_OF, action.chat_id, target)
+        if role is None:
+            raise ChatError(NOT_FOUND, "no such member in this chat", 404)
+        if role != action.role:
+            if action.role == "owner":  # demote first: a chat has one owner (unique index)
+                await conn.execute(_SET_ROLE, action.chat_id, ctx.user_id, "admin")
+            await conn.execute(_SET_ROLE, action.chat_id, target, action.role)
+        chat = await fetch_chat(conn, action.chat_id)
+    if role != action.role:
+        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatUpdated(chat))))
+    return chat
+
+
+async def delete_chat(ctx: Context, action: DeleteChat) -> None:
+    """Owner only; the messages go with the chat (ON DELETE CASCADE)."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await lock_group(conn, action.chat_id, ctx.user_id, at_least="owner")
+        members: list[uuid.UUID] = await conn.fetchval(
+            "SELECT array_agg(user_id) FROM chat_members WHERE chat_id = $1", action.chat_id
+        )
+        await conn.execute("DELETE FROM chats WHERE id = $1", action.chat_id)
+    event = ChatDeleted(ChatGone(action.chat_id, by=str(ctx.user_id)))
+    await ctx.bus.publish(members, Outbound(encode_text(event)))
+    return None

@@ -1,0 +1,58 @@
+"""The typing indicator: forwarded to the other members, never stored, throttled per user."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from chatd.handlers.base import Context, no_such_chat
+from chatd.hub import Outbound
+from chatd.protocol import Typing, TypingEvent, TypingNotice, encode_text
+
+TYPING_INTERVAL_SECONDS = 2.0
+
+
+class TypingGate:
+    """Lets through at most one typing event per (user, chat) per interval, in this process."""
+
+    def __init__(self, interval: float = TYPING_INTERVAL_SECONDS) -> None:
+        self.interval = interval
+        self._last: dict[tuple[uuid.UUID, int], float] = {}
+
+    def claim(self, user_id: uuid.UUID, chat_id: int) -> bool:
+        """True when this event may go out; it then counts as the interval's one event."""
+        now = time.monotonic()
+        key = (user_id, chat_id)
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        if len(self._last) >= 10_000:
+            self._forget_before(now - self.interval)
+        self._last[key] = now
+        return True
+
+    def release(self, user_id: uuid.UUID, chat_id: int) -> None:
+        """Undo a claim for an event that did not go out."""
+        self._last.pop((user_id, chat_id), None)
+
+    def _forget_before(self, cutoff: float) -> None:
+        self._last = {key: at for key, at in self._last.items() if at >= cutoff}
+
+
+_OTHER_MEMBERS = """
+SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1 AND user_id = $2) AS is_member,
+       ARRAY(SELECT user_id FROM chat_members WHERE chat_id = $1 AND user_id <> $2) AS others
+"""
+
+
+async def typing(ctx: Context, action: Typing) -> None:
+    # Claim before the query, so two sockets of one user cannot both get through.
+    if not ctx.typing_gate.claim(ctx.user_id, action.chat_id):
+        return None  # dropped silently
+    row = await ctx.pool.fetchrow(_OTHER_MEMBERS, action.chat_id, ctx.user_id)
+    if not row["is_member"]:
+        ctx.typing_gate.release(ctx.user_id, action.chat_id)
+        raise no_such_chat()
+    notice = TypingEvent(TypingNotice(chat_id=action.chat_id, user_uuid=str(ctx.user_id)))
+    await ctx.bus.publish(row["others"], Outbound(encode_text(notice)))
+    return None
