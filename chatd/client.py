@@ -46,6 +46,8 @@ class Api:
             headers["Authorization"] = f"Bearer {self.access_token}"
         async with httpx.AsyncClient(base_url=self.base_url, timeout=30) as http:
             response = await http.request(method, path, headers=headers, **kwargs)
+        if response.status_code == 204:
+            return None
         body = response.json()
         if response.is_error:
             error = body.get("error", {}) if isinstance(body, dict) else {}
@@ -80,6 +82,12 @@ class Api:
 
     async def history(self, chat_id: int, **params: Any) -> dict[str, Any]:
         return await self.call("GET", f"/history/{chat_id}", params=params)
+
+    async def chats(self, **params: Any) -> dict[str, Any]:
+        return await self.call("GET", "/chats", params=params)
+
+    async def chat(self, chat_id: int) -> dict[str, Any]:
+        return await self.call("GET", f"/chats/{chat_id}")
 
     async def connect(self) -> Socket:
         ws_url = "ws" + self.base_url.removeprefix("http") + "/connect"
