@@ -58,13 +58,17 @@ async def test_chats_you_are_not_in_come_back_as_not_found_entries(
     async with await alice.connect() as a, await carol.connect() as c:
         theirs = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
         mine = await a.request("create_chat", type="private", user_ids=[carol.user_uuid])
+        left = await a.request("create_chat", type="group", name="l", user_ids=[carol.user_uuid])
         await a.request("send_message", chat_id=mine["id"], text="for carol")
-        result = await c.request(
-            "sync", chats={str(theirs["id"]): 0, str(mine["id"]): 0, "999999999": 0}
-        )
+        await a.request("send_message", chat_id=left["id"], text="before she left")
+        await c.request("leave_chat", chat_id=left["id"])
+        await a.request("send_message", chat_id=left["id"], text="after she left")
+        asked = [theirs["id"], mine["id"], left["id"], 999999999]
+        result = await c.request("sync", chats={str(chat_id): 0 for chat_id in asked})
     chats = result["chats"]
-    for chat_id in (str(theirs["id"]), "999999999"):
-        assert chats[chat_id] == {"messages": [], "has_more": False, "error": "not_found"}
+    assert list(chats) == [str(chat_id) for chat_id in asked]
+    for chat_id in (theirs["id"], left["id"], 999999999):
+        assert chats[str(chat_id)] == {"messages": [], "has_more": False, "error": "not_found"}
     assert [m["text"] for m in chats[str(mine["id"])]["messages"]] == ["for carol"]
 
 
