@@ -32,7 +32,11 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             await app.state.pool.close()
 
     return Starlette(
-        routes=[*openapi.routes(rest.OPERATIONS), WebSocketRoute("/connect", connect_endpoint)],
+        routes=[
+            *openapi.routes(rest.OPERATIONS),
+            *openapi.docs_routes(rest.OPERATIONS),
+            WebSocketRoute("/connect", connect_endpoint),
+        ],
         exception_handlers={
             ChatError: rest.chat_error_handler,
             HTTPException: rest.http_error_handler,
