@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 
 from chatd.config import Settings
 
@@ -59,7 +60,15 @@ def run_server(settings: Settings, database_url: str, host: str, port: int) -> N
     # uvicorn logs request lines with their query string: keep ?token= out of the logs.
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(RedactTokens())
+    # uvicorn shuts down on SIGTERM, then re-raises it with the handler it found. With the
+    # default handler the process would die there, skipping the exit hooks that stop the
+    # embedded PostgreSQL; this handler turns the re-raise into a normal exit instead.
+    signal.signal(signal.SIGTERM, _exit_normally)
     uvicorn.Server(config).run()
+
+
+def _exit_normally(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 class RedactTokens(logging.Filter):
