@@ -51,6 +51,7 @@ class Operation:
     summary: str
     response: Any = None  # type of the success body; None when there is none
     status: int = 200
+    also_ok: tuple[int, ...] = ()  # other success statuses with the same body (e.g. a replay)
     body: Any = None  # type of the JSON request body, if any
     query: tuple[Param, ...] = ()
     headers: tuple[Param, ...] = ()
@@ -175,10 +176,12 @@ def _unique_id(op: Operation, path: str, taken: set[str]) -> str:
 
 
 def _responses(op: Operation, success: Any, error: Any) -> dict[str, Any]:
-    ok: dict[str, Any] = {"description": HTTPStatus(op.status).phrase}
-    if success is not None:
-        ok["content"] = {JSON: {"schema": success}}
-    responses = {str(op.status): ok}
+    responses = {}
+    for status in (op.status, *op.also_ok):
+        ok: dict[str, Any] = {"description": HTTPStatus(status).phrase}
+        if success is not None:
+            ok["content"] = {JSON: {"schema": success}}
+        responses[str(status)] = ok
     for status in sorted({*op.errors, *((401,) if op.auth else ())}):
         responses[str(status)] = {
             "description": HTTPStatus(status).phrase,

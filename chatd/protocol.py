@@ -39,6 +39,9 @@ class ChatError(Exception):
         self.request_id: str | None = None  # echoed in the socket's error frame
 
 
+# Always timezone-aware (UTC); also makes the OpenAPI schema say "format": "date-time".
+Timestamp = Annotated[datetime, Meta(tz=True)]
+
 # --- shared objects -----------------------------------------------------------------------
 
 
@@ -48,7 +51,7 @@ class Message(Struct):
     seq: int
     sender_uuid: str
     text: str
-    timestamp: datetime
+    timestamp: Timestamp
     read_status: Literal["unread", "read"]
     client_msg_id: str | None
 
@@ -71,7 +74,7 @@ class Chat(Struct):
     id: int
     type: Literal["private", "group"]
     name: str | None
-    created_at: datetime
+    created_at: Timestamp
     members: list[ChatMember]  # in join order
 
 
@@ -387,7 +390,7 @@ class Me(Struct):
     user_uuid: str
     name: str
     email: str
-    created_at: datetime
+    created_at: Timestamp
 
 
 class UserList(Struct):
