@@ -693,6 +693,7 @@ async def test_set_role_refusals_change_nothing(alice: Api, bob: Api, carol: Api
         assert await set_role(b, carol, "admin") == "forbidden"  # admins may not
         assert await set_role(b, alice, "member") == "forbidden"
         assert await set_role(c, bob, "member") == "forbidden"  # nor members
+        assert await set_role(c, carol, "admin") == "forbidden"  # not even their own
         assert await set_role(a, str(uuid.uuid4()), "admin") == "not_found"
         assert await set_role(a, carol, "superuser") == "invalid"
 
@@ -790,6 +791,7 @@ async def test_private_chats_refuse_all_administration(
             ("rename_chat", {"name": "ours"}),
             ("set_role", {"user_uuid": bob.user_uuid, "role": "admin"}),
             ("set_role", {"user_uuid": bob.user_uuid, "role": "owner"}),
+            ("set_role", {"user_uuid": alice.user_uuid, "role": "admin"}),
             ("delete_chat", {}),
         ]
         for action, fields in refused:

@@ -158,12 +158,12 @@ _SET_ROLE = "UPDATE chat_members SET role = $3 WHERE chat_id = $1 AND user_id = 
 async def set_role(ctx: Context, action: SetRole) -> Chat:
     """Owner only. Making someone "owner" hands the ownership over: you become an admin."""
     target = parse_user_id(action.user_uuid, "user_uuid")
-    if target == ctx.user_id:
-        raise ChatError(
-            INVALID, "you cannot change your own role; make another member owner instead", 422
-        )
     async with ctx.pool.acquire() as conn, conn.transaction():
         await lock_group(conn, action.chat_id, ctx.user_id, at_least="owner")
+        if target == ctx.user_id:
+            raise ChatError(
+                INVALID, "you cannot change your own role; make another member owner instead", 422
+            )
         role = await conn.fetchval(_ROLE_OF, action.chat_id, target)
         if role is None:
             raise ChatError(NOT_FOUND, "no such member in this chat", 404)
