@@ -22,13 +22,15 @@ def migrations_dir() -> Path:
     raise SystemExit("cannot find the migrations/ folder; set CHATD_MIGRATIONS_DIR")
 
 
-def migrate(database_url: str) -> int:
-    """Apply every pending yoyo migration; return how many were applied."""
+def migrate(database_url: str, up_to: str | None = None) -> int:
+    """Apply every pending yoyo migration (or those up to id `up_to`); return how many."""
     from yoyo import get_backend, read_migrations
 
     logging.getLogger("yoyo").setLevel(logging.WARNING)
     backend = get_backend(_yoyo_url(database_url))
     migrations = read_migrations(str(migrations_dir()))
+    if up_to is not None:
+        migrations = migrations.filter(lambda m: m.id <= up_to)
     with backend.lock():
         pending = backend.to_apply(migrations)
         backend.apply_migrations(pending)

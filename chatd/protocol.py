@@ -101,6 +101,8 @@ Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # PostgreSQL bigint; larger ids c
 MAX_TEXT_CHARS = 4096
 MAX_GROUP_NAME_CHARS = 100
 MAX_USERS_PER_CALL = 1000
+# Keeps a Chat (members included) small enough for one frame in every event that carries it.
+MAX_GROUP_MEMBERS = 1000
 UserIds = Annotated[list[str], Meta(max_length=MAX_USERS_PER_CALL)]
 ClientMsgId = Annotated[str, Meta(min_length=1, max_length=64)]
 Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
@@ -279,6 +281,17 @@ class ReadReceipt(Struct):
 
 class MessageRead(Event, tag="message_read"):
     data: ReadReceipt
+
+
+class ReadRange(Struct):
+    chat_id: int
+    up_to_message_id: int  # every message you sent in the chat with an id up to this one
+
+
+class MessagesRead(Event, tag="messages_read"):
+    """Instead of many message_read events when over 100 of yours become read at once."""
+
+    data: ReadRange
 
 
 class ReadUpto(Struct):

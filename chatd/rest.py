@@ -40,7 +40,6 @@ from chatd.protocol import (
     History,
     ListChats,
     LoginRequest,
-    MarkRead,
     Me,
     Member,
     Message,
@@ -426,11 +425,7 @@ async def mark_read(request: Request) -> Response:
     ctx = context(request)
     body = await read_body(request, ReadRequest)
     chat_id = path_id(request, "chat_id")
-    # A message never changes chats, so checking this outside mark_read's transaction is safe.
-    in_chat = await ctx.pool.fetchval("SELECT chat_id FROM messages WHERE id = $1", body.up_to)
-    if in_chat != chat_id:
-        raise ChatError(NOT_FOUND, "no such message in this chat", 404)
-    return json_response(await reads.mark_read(ctx, MarkRead(message_ids=[body.up_to])))
+    return json_response(await reads.read_up_to(ctx, [body.up_to], chat_id=chat_id))
 
 
 async def healthz(request: Request) -> Response:

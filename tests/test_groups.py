@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -878,3 +879,59 @@ async def test_everyone_leaving_at_once_deletes_the_chat_exactly_once(make_user)
         assert event == {"chat_id": chat["id"], "by": last.user_uuid}
         for user in users:
             assert await rest_error(user.chat(chat["id"])) == (404, "not_found")
+
+
+async def test_many_messages_read_at_once_come_as_one_range_receipt(
+    alice: Api, bob: Api, carol: Api
+) -> None:
+    """Over 100 of one sender's messages becoming read at once: one messages_read, no flood."""
+    async with sockets(alice, bob, carol) as (a, b, c):
+        chat = await make_group(a, bob, carol)
+        sent = await asyncio.gather(
+            *(a.request("send_message", chat_id=chat["id"], text=f"{n}") for n in range(250))
+        )
+        last = max(m["id"] for m in sent)
+        await b.request("mark_read", message_ids=[last])
+        await c.request("mark_read", message_ids=[sorted(m["id"] for m in sent)[99]])
+        receipts = [e for e in await quiet_all(a) if e["action"] == "message_read"]
+        assert len(receipts) == 100  # Carol's read made the first 100 read by all, one by one
+
+        await a.request("remove_member", chat_id=chat["id"], user_uuid=carol.user_uuid)
+        events = [e for e in await quiet_all(a) if e["action"] in ("message_read", "messages_read")]
+        assert events == [
+            {"action": "messages_read", "data": {"chat_id": chat["id"], "up_to_message_id": last}}
+        ]
+        history = (await alice.history(chat["id"], page_size=200))["messages"]
+        assert {m["read_status"] for m in history} == {"read"}
+
+
+async def quiet_all(sock: Socket, wait: float = 0.5) -> list[dict]:
+    await asyncio.sleep(wait)
+    return sock.pending_events()
+
+
+async def test_a_group_has_at_most_1000_members(alice: Api, bob: Api, database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        extra = await conn.fetch(
+            "INSERT INTO users (name, email, password_hash)"
+            " SELECT 'filler', 'filler-' || gen_random_uuid() || '@example.com', 'x'"
+            " FROM generate_series(1, 999) RETURNING id"
+        )
+    finally:
+        await conn.close()
+    ids = [str(row["id"]) for row in extra]
+    async with sockets(alice) as (a,):
+        too_many = await socket_error(
+            a, "create_chat", type="group", name="big", user_ids=[bob.user_uuid, *ids]
+        )
+        assert too_many == "invalid"  # 1001 with Alice
+
+        chat = await make_group(a, bob)
+        assert await socket_error(a, "add_members", chat_id=chat["id"], user_ids=ids) == "invalid"
+        assert len((await alice.chat(chat["id"]))["members"]) == 2  # nobody was added
+
+        full = await a.request("add_members", chat_id=chat["id"], user_ids=ids[:998])
+        assert len(full["members"]) == 1000
+        page = await alice.chats()
+        assert [c["id"] for c in page["chats"]] == [chat["id"]]

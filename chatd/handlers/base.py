@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
@@ -23,6 +23,8 @@ from chatd.protocol import (
 
 if TYPE_CHECKING:
     from chatd.handlers.presence import TypingGate
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -43,21 +45,26 @@ def no_such_chat() -> ChatError:
 # --- the chat lock ------------------------------------------------------------------------
 
 # Every write to a chat (messages, read watermark, membership) first locks its chats row,
-# so they happen one at a time per chat, and seq order is commit order.
+# so they happen one at a time per chat, and seq order is commit order. The join keeps
+# non-members from queueing on the lock, but its membership row was read *before* any wait
+# for the lock: what a handler decides on must be read again by a later statement.
 _LOCK_CHAT = """
-SELECT c.type, c.last_seq, c.read_seq AS chat_read_seq, cm.read_seq AS my_read_seq, cm.role
-FROM chats c JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = $2
-WHERE c.id = $1
+SELECT c.type, c.last_seq, c.read_seq
+FROM chats c
+WHERE c.id = $1 AND EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1 AND user_id = $2)
 FOR UPDATE OF c
 """
+
+_ROLE_OF = "SELECT role FROM chat_members WHERE chat_id = $1 AND user_id = $2"
 
 ROLE_RANK = {"member": 0, "admin": 1, "owner": 2}
 
 
 async def lock_chat(conn: asyncpg.Connection, chat_id: int, user_id: uuid.UUID) -> asyncpg.Record:
-    """Lock the chat for this transaction and return the caller's view of it.
+    """Lock the chat for this transaction; return its type, last_seq and read_seq.
 
-    Raises not_found when the chat does not exist or the caller is not a member.
+    Raises not_found when the chat does not exist or the caller is not a member. The
+    membership may change while we wait for the lock: re-check it before relying on it.
     """
     row = await conn.fetchrow(_LOCK_CHAT, chat_id, user_id)
     if row is None:
@@ -65,16 +72,23 @@ async def lock_chat(conn: asyncpg.Connection, chat_id: int, user_id: uuid.UUID) 
     return row
 
 
+async def role_of(conn: asyncpg.Connection, chat_id: int, user_id: uuid.UUID) -> str | None:
+    return await conn.fetchval(_ROLE_OF, chat_id, user_id)
+
+
 async def lock_group(
     conn: asyncpg.Connection, chat_id: int, user_id: uuid.UUID, at_least: str
-) -> asyncpg.Record:
-    """lock_chat, then require a group chat and a caller with role `at_least` or higher."""
-    row = await lock_chat(conn, chat_id, user_id)
-    if row["type"] != "group":
+) -> str:
+    """Lock a group chat the caller has role `at_least` (or higher) in; return that role."""
+    chat = await lock_chat(conn, chat_id, user_id)
+    if chat["type"] != "group":
         raise ChatError(FORBIDDEN, "private chats cannot be administered", 403)
-    if ROLE_RANK[row["role"]] < ROLE_RANK[at_least]:
+    role = await role_of(conn, chat_id, user_id)  # read now that the lock is held
+    if role is None:
+        raise no_such_chat()
+    if ROLE_RANK[role] < ROLE_RANK[at_least]:
         raise ChatError(FORBIDDEN, f"this needs the {at_least} role or higher", 403)
-    return row
+    return role
 
 
 # --- messages as the wire shows them ------------------------------------------------------
@@ -103,18 +117,18 @@ def message_from_row(row: asyncpg.Record) -> Message:
 FRAME_BUDGET_BYTES = 768 * 1024
 
 
-def fit_in_frame(messages: Iterable[Message], budget: int) -> tuple[list[Message], int]:
-    """Take messages in order while their encoded size fits `budget`; return them and the rest.
+def fit_in_frame(items: Iterable[T], budget: int) -> tuple[list[T], int]:
+    """Take items in order while their encoded size fits `budget`; return them and the rest.
 
-    Stops at the first message that does not fit, so what is taken has no holes.
+    Stops at the first item that does not fit, so what is taken has no holes.
     """
     taken = []
-    for message in messages:
-        size = len(encode(message)) + 1
+    for item in items:
+        size = len(encode(item)) + 1
         if size > budget:
             break
         budget -= size
-        taken.append(message)
+        taken.append(item)
     return taken, budget
 
 

@@ -7,10 +7,12 @@ import uuid
 import asyncpg
 
 from chatd.handlers.base import (
+    FRAME_BUDGET_BYTES,
     MESSAGE_COLUMNS,
     Context,
     fetch_chat,
     fetch_members,
+    fit_in_frame,
     member_ids,
     message_from_row,
     no_such_chat,
@@ -19,6 +21,7 @@ from chatd.handlers.base import (
 from chatd.hub import Outbound
 from chatd.protocol import (
     INVALID,
+    MAX_GROUP_MEMBERS,
     MAX_GROUP_NAME_CHARS,
     NOT_FOUND,
     Chat,
@@ -52,6 +55,8 @@ async def create_or_find_chat(ctx: Context, action: CreateChat) -> tuple[Chat, b
         if action.name is None:
             raise ChatError(INVALID, "a group chat needs a name", 422)
         name = clean_text(action.name, "name", min_len=1, max_len=MAX_GROUP_NAME_CHARS)
+        if len(others) + 1 > MAX_GROUP_MEMBERS:
+            raise ChatError(INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members", 422)
 
     async with ctx.pool.acquire() as conn, conn.transaction():
         await require_users(conn, others)
@@ -146,11 +151,14 @@ async def list_chats(ctx: Context, action: ListChats) -> ChatPage:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(_PAGE, ctx.user_id, before, action.limit + 1)
             chats = await _overviews(conn, rows[: action.limit])
-    has_more = len(rows) > action.limit
+    # Big groups make big entries: a page ends early rather than outgrow a client's frame.
+    fitting, _ = fit_in_frame(chats, FRAME_BUDGET_BYTES)
+    chats = fitting or chats[:1]
+    has_more = len(rows) > len(chats)
     return ChatPage(
         chats=chats,
         has_more=has_more,
-        next_before=rows[action.limit - 1]["activity"] if has_more else None,
+        next_before=rows[len(chats) - 1]["activity"] if has_more else None,
     )
 
 

@@ -19,6 +19,7 @@ from chatd.handlers.base import (
     member_ids,
     parse_user_id,
     parse_user_ids,
+    role_of,
 )
 from chatd.handlers.chats import insert_members, require_users
 from chatd.handlers.reads import advance_read_watermark, publish_read_receipts
@@ -26,6 +27,7 @@ from chatd.hub import Outbound
 from chatd.protocol import (
     FORBIDDEN,
     INVALID,
+    MAX_GROUP_MEMBERS,
     MAX_GROUP_NAME_CHARS,
     NOT_FOUND,
     AddMembers,
@@ -48,7 +50,6 @@ from chatd.protocol import (
 )
 
 _BUMP_ACTIVITY = "UPDATE chats SET activity = nextval('chat_activity_seq') WHERE id = $1"
-_ROLE_OF = "SELECT role FROM chat_members WHERE chat_id = $1 AND user_id = $2"
 _DELETE_MEMBER = "DELETE FROM chat_members WHERE chat_id = $1 AND user_id = $2"
 
 
@@ -59,6 +60,11 @@ async def add_members(ctx: Context, action: AddMembers) -> Chat:
         await require_users(conn, users)
         added = await insert_members(conn, action.chat_id, users)
         if added:
+            size = await conn.fetchval(
+                "SELECT count(*) FROM chat_members WHERE chat_id = $1", action.chat_id
+            )
+            if size > MAX_GROUP_MEMBERS:  # raising rolls the insert back
+                raise ChatError(INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members", 422)
             await conn.execute(_BUMP_ACTIVITY, action.chat_id)
         chat = await fetch_chat(conn, action.chat_id)
 
@@ -75,17 +81,17 @@ async def remove_member(ctx: Context, action: RemoveMember) -> Chat | None:
         return await leave_chat(ctx, LeaveChat(chat_id=action.chat_id))
 
     async with ctx.pool.acquire() as conn, conn.transaction():
-        me = await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
-        role = await conn.fetchval(_ROLE_OF, action.chat_id, target)
+        my_role = await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
+        role = await role_of(conn, action.chat_id, target)
         if role is None:
             raise ChatError(NOT_FOUND, "no such member in this chat", 404)
         if role == "owner":
             raise ChatError(FORBIDDEN, "the owner cannot be removed", 403)
-        if role == "admin" and me["role"] != "owner":
+        if role == "admin" and my_role != "owner":
             raise ChatError(FORBIDDEN, "only the owner can remove an admin", 403)
         await conn.execute(_DELETE_MEMBER, action.chat_id, target)
         # The removed member may have been the last one holding messages unread.
-        newly_read, _ = await advance_read_watermark(conn, action.chat_id)
+        newly_read = await advance_read_watermark(conn, action.chat_id)
         chat = await fetch_chat(conn, action.chat_id)
 
     event = MemberRemoved(MemberLeft(action.chat_id, str(target), by=str(ctx.user_id)))
@@ -111,14 +117,14 @@ async def leave_chat(ctx: Context, action: LeaveChat) -> None:
     chat: Chat | None = None
     newly_read: list[asyncpg.Record] = []
     async with ctx.pool.acquire() as conn, conn.transaction():
-        me = await lock_group(conn, chat_id, ctx.user_id, at_least="member")
+        my_role = await lock_group(conn, chat_id, ctx.user_id, at_least="member")
         await conn.execute(_DELETE_MEMBER, chat_id, ctx.user_id)
         if await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1)", chat_id
         ):
-            if me["role"] == "owner":
+            if my_role == "owner":
                 await conn.execute(_PROMOTE_HEIR, chat_id)
-            newly_read, _ = await advance_read_watermark(conn, chat_id)
+            newly_read = await advance_read_watermark(conn, chat_id)
             chat = await fetch_chat(conn, chat_id)
         else:
             await conn.execute("DELETE FROM chats WHERE id = $1", chat_id)
@@ -130,7 +136,7 @@ async def leave_chat(ctx: Context, action: LeaveChat) -> None:
         return None
     left = MemberRemoved(MemberLeft(chat_id, me_id, by=me_id))
     await ctx.bus.publish([*member_ids(chat), ctx.user_id], Outbound(encode_text(left)))
-    if me["role"] == "owner":
+    if my_role == "owner":
         await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatUpdated(chat))))
     await publish_read_receipts(ctx.bus, chat_id, newly_read)
     return None
@@ -164,7 +170,7 @@ async def set_role(ctx: Context, action: SetRole) -> Chat:
             raise ChatError(
                 INVALID, "you cannot change your own role; make another member owner instead", 422
             )
-        role = await conn.fetchval(_ROLE_OF, action.chat_id, target)
+        role = await role_of(conn, action.chat_id, target)
         if role is None:
             raise ChatError(NOT_FOUND, "no such member in this chat", 404)
         if role != action.role:

@@ -13,6 +13,7 @@ from chatd.handlers.base import (
     fit_in_frame,
     lock_chat,
     message_from_row,
+    no_such_chat,
 )
 from chatd.handlers.reads import advance_read_watermark, publish_read_receipts
 from chatd.hub import Outbound
@@ -34,10 +35,15 @@ from chatd.protocol import (
 
 # --- send_message -------------------------------------------------------------------------
 
+# Runs with the chat locked, so it reads the membership as it is now: a member removed
+# while we waited for the lock gets no row, and stores nothing.
 _INSERT_MESSAGE = """
-WITH chat AS (
+WITH sender AS (
+    SELECT read_seq FROM chat_members WHERE chat_id = $1 AND user_id = $2
+), chat AS (
     UPDATE chats SET last_seq = last_seq + 1, activity = nextval('chat_activity_seq')
-    WHERE id = $1 RETURNING id, last_seq
+    WHERE id = $1 AND EXISTS (SELECT 1 FROM sender)
+    RETURNING id, last_seq
 ), msg AS (
     INSERT INTO messages (chat_id, seq, sender_id, text, client_msg_id)
     SELECT id, last_seq, $2, $3, $4 FROM chat
@@ -47,6 +53,7 @@ WITH chat AS (
     WHERE chat_id = $1 AND user_id = $2
 )
 SELECT msg.id, msg.seq, msg.created_at,
+       (SELECT read_seq FROM sender) AS sender_read_seq,
        ARRAY(SELECT user_id FROM chat_members WHERE chat_id = $1) AS member_ids
 FROM msg
 """
@@ -77,15 +84,19 @@ async def store_message(ctx: Context, action: SendMessage) -> tuple[Message, boo
                 return original, False
         try:
             async with conn.transaction():
-                lock = await lock_chat(conn, action.chat_id, ctx.user_id)
+                chat = await lock_chat(conn, action.chat_id, ctx.user_id)
                 row = await conn.fetchrow(
                     _INSERT_MESSAGE, action.chat_id, ctx.user_id, text, client_msg_id
                 )
+                if row is None:
+                    raise no_such_chat()
                 newly_read: list[asyncpg.Record] = []
-                watermark = lock["chat_read_seq"]
+                watermark = chat["read_seq"]
                 # Only a sender who was holding the watermark back can move it by sending.
-                if lock["my_read_seq"] <= watermark:
-                    newly_read, watermark = await advance_read_watermark(conn, action.chat_id)
+                if row["sender_read_seq"] <= watermark:
+                    newly_read = await advance_read_watermark(conn, action.chat_id)
+                    if newly_read:
+                        watermark = newly_read[0]["watermark"]
         except asyncpg.UniqueViolationError:
             # A concurrent retry with the same client_msg_id committed first.
             original = await _original(conn, ctx.user_id, client_msg_id, action.chat_id)
@@ -139,21 +150,31 @@ async def get_message(ctx: Context, action: GetMessage) -> Message:
 
 # --- sync ---------------------------------------------------------------------------------
 
-# One row per (chat, message) for the caller's chats among those asked, plus one row with
-# NULL message columns for a chat that has nothing new; chats they are not in give no row.
-_SINCE = f"""
-SELECT want.chat_id AS wanted_chat_id, {MESSAGE_COLUMNS}
-FROM unnest($2::bigint[], $3::bigint[]) AS want(chat_id, after_seq)
-JOIN chat_members cm ON cm.chat_id = want.chat_id AND cm.user_id = $1
+# The caller's chats among those asked, with how far each goes.
+_SYNC_CHATS = """
+SELECT c.id, c.last_seq
+FROM chats c JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = $1
+WHERE c.id = ANY($2::bigint[])
+"""
+
+# The messages after each given seq, chat by chat in the order asked, at most $3 per chat
+# and $4 in all: no more than a reply can carry is ever read.
+_SYNC_MESSAGES = f"""
+SELECT {MESSAGE_COLUMNS}
+FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS want(chat_id, after_seq, n)
 JOIN chats c ON c.id = want.chat_id
-LEFT JOIN LATERAL (
+CROSS JOIN LATERAL (
     SELECT * FROM messages
     WHERE chat_id = want.chat_id AND seq > want.after_seq
     ORDER BY seq
-    LIMIT $4
-) m ON true
-ORDER BY want.chat_id, m.seq
+    LIMIT $3
+) m
+ORDER BY want.n, m.seq
+LIMIT $4
 """
+
+# A message is at least ~200 bytes of JSON, so a full reply never holds more than this.
+SYNC_MAX_MESSAGES = FRAME_BUDGET_BYTES // 200
 
 
 async def sync(ctx: Context, action: Sync) -> SyncResult:
@@ -161,25 +182,35 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
 
     Missed messages come per chat in seq order, at most `limit` per chat; `has_more` says
     to sync that chat again from the last seq received. The reply stays under a frame
-    budget: chats that did not fit come back empty with has_more.
+    budget: chats that did not fit come back short or empty, with has_more.
     """
-    chat_ids = list(action.chats)
-    rows = await ctx.pool.fetch(
-        _SINCE, ctx.user_id, chat_ids, list(action.chats.values()), action.limit + 1
-    )
+    async with ctx.pool.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            last_seqs = {
+                row["id"]: row["last_seq"]
+                for row in await conn.fetch(_SYNC_CHATS, ctx.user_id, list(action.chats))
+            }
+            wanted = [
+                (c, after) for c, after in action.chats.items() if last_seqs.get(c, 0) > after
+            ]
+            rows = await conn.fetch(
+                _SYNC_MESSAGES,
+                [chat_id for chat_id, _ in wanted],
+                [after for _, after in wanted],
+                action.limit,
+                SYNC_MAX_MESSAGES,
+            )
+
     found: dict[int, list[Message]] = {}
     for row in rows:
-        messages = found.setdefault(row["wanted_chat_id"], [])
-        if row["id"] is not None:
-            messages.append(message_from_row(row))
-
+        found.setdefault(row["chat_id"], []).append(message_from_row(row))
     result: dict[int, SyncedChat] = {}
     budget = FRAME_BUDGET_BYTES
-    for chat_id in chat_ids:
-        messages = found.get(chat_id)
-        if messages is None:
+    for chat_id, after in action.chats.items():
+        if chat_id not in last_seqs:
             result[chat_id] = SyncedChat(messages=[], has_more=False, error=NOT_FOUND)
             continue
-        taken, budget = fit_in_frame(messages[: action.limit], budget)
-        result[chat_id] = SyncedChat(messages=taken, has_more=len(messages) > len(taken))
+        taken, budget = fit_in_frame(found.get(chat_id, ()), budget)
+        reached = taken[-1].seq if taken else after
+        result[chat_id] = SyncedChat(messages=taken, has_more=reached < last_seqs[chat_id])
     return SyncResult(chats=result)

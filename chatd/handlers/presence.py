@@ -18,6 +18,7 @@ class TypingGate:
     def __init__(self, interval: float = TYPING_INTERVAL_SECONDS) -> None:
         self.interval = interval
         self._last: dict[tuple[uuid.UUID, int], float] = {}
+        self._prune_at = 10_000
 
     def claim(self, user_id: uuid.UUID, chat_id: int) -> bool:
         """True when this event may go out; it then counts as the interval's one event."""
@@ -26,8 +27,9 @@ class TypingGate:
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
             return False
-        if len(self._last) >= 10_000:
+        if len(self._last) >= self._prune_at:
             self._forget_before(now - self.interval)
+            self._prune_at = max(10_000, 2 * len(self._last))  # amortised: prune rarely
         self._last[key] = now
         return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 
 import asyncpg
@@ -13,6 +14,8 @@ from chatd.protocol import (
     ChatError,
     MarkRead,
     MessageRead,
+    MessagesRead,
+    ReadRange,
     ReadReceipt,
     ReadUpto,
     encode_text,
@@ -20,9 +23,14 @@ from chatd.protocol import (
 
 # --- read receipts ------------------------------------------------------------------------
 
+# Up to this many messages of one sender becoming read at once get one message_read each;
+# more get a single messages_read range, so a bulk change cannot flood the sender's socket.
+RECEIPTS_ONE_BY_ONE = 100
+
 # Every member's own pointer is at or above their own messages (sending moves it), so
 # "read by everyone but the sender" is simply seq <= min(read_seq) over all members:
-# one index probe on chat_members_read_idx, whatever the group size.
+# one index probe on chat_members_read_idx, whatever the group size. One row per sender
+# of the messages that just became read by all.
 _ADVANCE_WATERMARK = """
 WITH target AS (
     SELECT min(read_seq) AS seq FROM chat_members WHERE chat_id = $1
@@ -33,37 +41,42 @@ WITH target AS (
     WHERE chats.id = $1 AND target.seq > chats.read_seq
     RETURNING chats.read_seq
 )
-SELECT m.id, m.sender_id, (SELECT read_seq FROM moved) AS watermark,
+SELECT m.sender_id,
+       count(*) AS n,
+       max(m.id) AS last_id,
+       (array_agg(m.id ORDER BY m.seq))[1:$2] AS ids,
+       min(moved.read_seq) AS watermark,
        EXISTS (
            SELECT 1 FROM chat_members s WHERE s.chat_id = $1 AND s.user_id = m.sender_id
        ) AS sender_is_member
 FROM messages m, old, moved
 WHERE m.chat_id = $1 AND m.seq > old.seq AND m.seq <= moved.read_seq
-ORDER BY m.seq
+GROUP BY m.sender_id
 """
 
 
-async def advance_read_watermark(
-    conn: asyncpg.Connection, chat_id: int
-) -> tuple[list[asyncpg.Record], int]:
+async def advance_read_watermark(conn: asyncpg.Connection, chat_id: int) -> list[asyncpg.Record]:
     """Move the chat's all-read watermark up to its members' lowest pointer.
 
-    Returns the messages that just became read by all (id, sender_id, sender_is_member)
-    and the watermark.
-    The caller must hold the chat row lock, so each message is reported exactly once.
+    Returns one row per sender of the messages that just became read by all (empty when
+    the watermark did not move); each row also carries the new `watermark`. The caller
+    must hold the chat lock, so each message is reported exactly once.
     """
-    rows = await conn.fetch(_ADVANCE_WATERMARK, chat_id)
-    if rows:
-        return rows, rows[0]["watermark"]
-    return [], await conn.fetchval("SELECT read_seq FROM chats WHERE id = $1", chat_id)
+    return await conn.fetch(_ADVANCE_WATERMARK, chat_id, RECEIPTS_ONE_BY_ONE)
 
 
 async def publish_read_receipts(bus: Bus, chat_id: int, rows: Iterable[asyncpg.Record]) -> None:
     for row in rows:
         if not row["sender_is_member"]:
             continue  # senders who left hear nothing more from the chat
-        receipt = MessageRead(ReadReceipt(message_id=row["id"], chat_id=chat_id))
-        await bus.publish((row["sender_id"],), Outbound(encode_text(receipt)))
+        sender: tuple[uuid.UUID] = (row["sender_id"],)
+        if row["n"] > RECEIPTS_ONE_BY_ONE:
+            event = MessagesRead(ReadRange(chat_id=chat_id, up_to_message_id=row["last_id"]))
+            await bus.publish(sender, Outbound(encode_text(event)))
+            continue
+        for message_id in row["ids"]:
+            receipt = MessageRead(ReadReceipt(message_id=message_id, chat_id=chat_id))
+            await bus.publish(sender, Outbound(encode_text(receipt)))
 
 
 # --- mark_read ----------------------------------------------------------------------------
@@ -71,7 +84,7 @@ async def publish_read_receipts(bus: Bus, chat_id: int, rows: Iterable[asyncpg.R
 _MESSAGES_VISIBLE_TO = """
 SELECT m.chat_id, max(m.seq) AS seq, count(*) AS n
 FROM messages m JOIN chat_members cm ON cm.chat_id = m.chat_id AND cm.user_id = $2
-WHERE m.id = ANY($1::bigint[])
+WHERE m.id = ANY($1::bigint[]) AND ($3::bigint IS NULL OR m.chat_id = $3)
 GROUP BY m.chat_id
 """
 
@@ -88,24 +101,33 @@ WHERE cm.user_id = $1 AND cm.chat_id = ANY($2::bigint[])
 
 
 async def mark_read(ctx: Context, action: MarkRead) -> ReadUpto:
-    ids = sorted(set(action.message_ids))
+    return await read_up_to(ctx, action.message_ids)
+
+
+async def read_up_to(ctx: Context, message_ids: list[int], chat_id: int | None = None) -> ReadUpto:
+    """Move the caller's pointer in each chat to the newest of `message_ids` in it.
+
+    With `chat_id`, every id must be a message of that chat. All or nothing: any id the
+    caller cannot see fails the whole call with not_found.
+    """
+    ids = sorted(set(message_ids))
     receipts: dict[int, list[asyncpg.Record]] = {}
     async with ctx.pool.acquire() as conn, conn.transaction():
-        targets = await conn.fetch(_MESSAGES_VISIBLE_TO, ids, ctx.user_id)
+        targets = await conn.fetch(_MESSAGES_VISIBLE_TO, ids, ctx.user_id, chat_id)
         if sum(t["n"] for t in targets) != len(ids):
-            raise ChatError(NOT_FOUND, "one of message_ids is not a message you can see", 404)
+            raise ChatError(NOT_FOUND, "no such message in a chat of yours", 404)
         chat_ids = sorted(t["chat_id"] for t in targets)
         # Lock the chats (in id order, like every other locker) so watermarks move serially.
         await conn.execute(
             "SELECT 1 FROM chats WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", chat_ids
         )
         for target in sorted(targets, key=lambda t: t["chat_id"]):
+            # Matches no row if the caller was removed meanwhile: nothing to move then.
             moved = await conn.execute(_MOVE_POINTER, target["chat_id"], ctx.user_id, target["seq"])
             if moved != "UPDATE 0":
-                newly_read, _ = await advance_read_watermark(conn, target["chat_id"])
-                receipts[target["chat_id"]] = newly_read
+                receipts[target["chat_id"]] = await advance_read_watermark(conn, target["chat_id"])
         pointers = await conn.fetch(_POINTERS_AS_IDS, ctx.user_id, chat_ids)
 
-    for chat_id, rows in receipts.items():
-        await publish_read_receipts(ctx.bus, chat_id, rows)
+    for read_chat_id, rows in receipts.items():
+        await publish_read_receipts(ctx.bus, read_chat_id, rows)
     return ReadUpto(read_upto={p["chat_id"]: p["id"] for p in pointers})

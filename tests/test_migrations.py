@@ -1,0 +1,115 @@
+"""Migrations on a database that already holds data from the previous schema."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+
+from chatd.db import migrate
+from tests.conftest import _with_database
+
+# Users whose uuid order is not their creation order, so "smallest uuid" cannot pass.
+ANN = uuid.UUID("00000000-0000-4000-8000-000000000003")
+BEN = uuid.UUID("00000000-0000-4000-8000-000000000001")
+CAT = uuid.UUID("00000000-0000-4000-8000-000000000002")
+
+
+async def test_0002_gives_v1_groups_their_creator_as_owner_and_keeps_join_order(
+    database_url: str,
+) -> None:
+    name = f"chatd_migration_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(database_url, name)
+    try:
+        await asyncio.to_thread(migrate, url, "0001_initial")
+        conn = await asyncpg.connect(url)
+        try:
+            await _v1_data(conn)
+            await asyncio.to_thread(migrate, url)
+            rows = await conn.fetch(
+                "SELECT chat_id, user_id, role FROM chat_members ORDER BY chat_id, join_order"
+            )
+            by_chat: dict[int, list[tuple[uuid.UUID, str]]] = {}
+            for row in rows:
+                by_chat.setdefault(row["chat_id"], []).append((row["user_id"], row["role"]))
+            # Ann created group 1 with Ben and Cat (one transaction), and spoke first.
+            assert by_chat[1] == [(ANN, "owner"), (BEN, "member"), (CAT, "member")]
+            # Nobody spoke in group 2 (created by Cat): ties fall back to uuid order.
+            assert by_chat[2] == [(BEN, "owner"), (CAT, "member")]
+            assert sorted(role for _, role in by_chat[3]) == ["member", "member"]  # private
+
+            # The chat list order: the chat with the latest message first.
+            order = await conn.fetch("SELECT id FROM chats ORDER BY activity DESC")
+            assert [r["id"] for r in order] == [1, 3, 2]
+
+            # New rows continue both sequences.
+            await conn.execute("INSERT INTO chats (type, name) VALUES ('group', 'new')")
+            await conn.execute("INSERT INTO chat_members (chat_id, user_id) VALUES (1, $1)", DAN)
+            newest = await conn.fetchrow(
+                "SELECT max(join_order) AS j, (SELECT max(activity) FROM chats) AS a"
+                " FROM chat_members"
+            )
+            assert newest["j"] > len(rows) and newest["a"] > 3
+            assert (
+                await conn.fetchval("SELECT join_order FROM chat_members WHERE user_id = $1", DAN)
+                == newest["j"]
+            )
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+DAN = uuid.UUID("00000000-0000-4000-8000-000000000004")
+
+
+async def _v1_data(conn: asyncpg.Connection) -> None:
+    """What chatd v1 would have written: members inserted together, pointers moved later."""
+    for user_id, user in ((ANN, "ann"), (BEN, "ben"), (CAT, "cat"), (DAN, "dan")):
+        await conn.execute(
+            "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, 'x')",
+            user_id,
+            user,
+            f"{user}@example.com",
+        )
+    async with conn.transaction():  # group 1, by Ann
+        await conn.execute("INSERT INTO chats (type, name) VALUES ('group', 'one')")
+        await conn.execute(
+            "INSERT INTO chat_members (chat_id, user_id) SELECT 1, unnest($1::uuid[])",
+            [ANN, BEN, CAT],
+        )
+    async with conn.transaction():  # group 2, by Cat
+        await conn.execute("INSERT INTO chats (type, name) VALUES ('group', 'two')")
+        await conn.execute(
+            "INSERT INTO chat_members (chat_id, user_id) SELECT 2, unnest($1::uuid[])",
+            [CAT, BEN],
+        )
+    async with conn.transaction():  # private, Ben and Cat
+        await conn.execute(
+            "INSERT INTO chats (type, private_key) VALUES ('private', $1)", f"{BEN}:{CAT}"
+        )
+        await conn.execute(
+            "INSERT INTO chat_members (chat_id, user_id) SELECT 3, unnest($1::uuid[])",
+            [BEN, CAT],
+        )
+    for chat_id, sender in ((1, ANN), (1, BEN), (3, CAT), (1, CAT)):
+        seq = await conn.fetchval(
+            "UPDATE chats SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq", chat_id
+        )
+        await conn.execute(
+            "INSERT INTO messages (chat_id, seq, sender_id, text) VALUES ($1, $2, $3, 'hi')",
+            chat_id,
+            seq,
+            sender,
+        )
+        # Moving a pointer rewrites the row: heap order no longer says who joined first.
+        await conn.execute(
+            "UPDATE chat_members SET read_seq = $2 WHERE chat_id = $1 AND user_id = $3",
+            chat_id,
+            seq,
+            sender,
+        )
