@@ -1,4 +1,4 @@
-"""The `chatd` command: `chatd serve` and `chatd migrate`."""
+"""The `chatd` command: `chatd serve`, `chatd migrate` and `chatd bench`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,16 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", help="interface to listen on (default $CHATD_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default $CHATD_PORT or 8000)")
     commands.add_parser("migrate", help="apply pending database migrations and exit")
-    args = parser.parse_args(argv)
+    commands.add_parser(
+        "bench", help="load-test a running chatd (chatd bench --help)", add_help=False
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":  # a client of chatd: no database, no settings
+        from chatd.bench import main as bench_main
+
+        raise SystemExit(bench_main(rest))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     settings = Settings.from_env()
     logging.basicConfig(
