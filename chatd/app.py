@@ -14,7 +14,9 @@ from chatd.config import Settings
 from chatd.db import create_pool
 from chatd.handlers.presence import TypingGate
 from chatd.hub import Hub, LocalBus
+from chatd.logs import setup_logging
 from chatd.protocol import ChatError
+from chatd.redis_bus import RedisBus
 from chatd.session import connect_endpoint
 
 
@@ -23,12 +25,16 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.pool = await create_pool(database_url, settings.db_pool_size)
-        app.state.hub = Hub()
-        app.state.bus = LocalBus(app.state.hub)
+        app.state.hub = hub = Hub()
+        app.state.bus = bus = (
+            RedisBus(hub, settings.redis_url) if settings.redis_url else LocalBus(hub)
+        )
         app.state.typing_gate = TypingGate()
+        await bus.start()
         try:
             yield
         finally:
+            await bus.close()
             await app.state.pool.close()
 
     return Starlette(
@@ -43,3 +49,15 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         },
         lifespan=lifespan,
     )
+
+
+def create_app_from_env() -> Starlette:
+    """The app of a `chatd serve --workers N` worker process, configured by the parent.
+
+    The parent has migrated the database and put its URL in CHATD_DATABASE_URL (the
+    embedded one included), so every worker serves the same database.
+    """
+    settings = Settings.from_env()
+    setup_logging(settings.log_level)
+    assert settings.database_url, "the parent process sets CHATD_DATABASE_URL"
+    return create_app(settings, settings.database_url)

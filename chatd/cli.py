@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
+import os
 import signal
 
 from chatd.config import Settings
+from chatd.logs import setup_logging
 
 log = logging.getLogger("chatd")
 
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="migrate the database, then serve HTTP and /connect")
     serve.add_argument("--host", help="interface to listen on (default $CHATD_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default $CHATD_PORT or 8000)")
+    serve.add_argument(
+        "--workers", type=int, help="processes to serve with (default $CHATD_WORKERS or 1)"
+    )
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     commands.add_parser(
         "bench", help="load-test a running chatd (chatd bench --help)", add_help=False
@@ -31,15 +35,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    workers = (args.workers if args.command == "serve" else None) or settings.workers
+    if workers > 1 and not settings.redis_url:
+        parser.error("--workers above 1 needs CHATD_REDIS_URL: events cross processes via Redis")
+    setup_logging(settings.log_level)
     database_url = resolve_database_url(settings)
     from chatd.db import migrate
 
     migrate(database_url)
     if args.command == "serve":
-        run_server(settings, database_url, args.host or settings.host, args.port or settings.port)
+        host, port = args.host or settings.host, args.port or settings.port
+        run_server(settings, database_url, host, port, workers)
 
 
 def resolve_database_url(settings: Settings) -> str:
@@ -50,14 +56,21 @@ def resolve_database_url(settings: Settings) -> str:
     return start_embedded_postgres(settings.data_dir)
 
 
-def run_server(settings: Settings, database_url: str, host: str, port: int) -> None:
+def run_server(
+    settings: Settings, database_url: str, host: str, port: int, workers: int = 1
+) -> None:
     import uvicorn
 
     from chatd.app import create_app
 
-    log.info("chatd listening on http://%s:%d (WebSocket: /connect)", host, port)
-    config = uvicorn.Config(
-        create_app(settings, database_url),
+    log.info(
+        "chatd listening on http://%s:%d (WebSocket: /connect), %d process(es)%s",
+        host,
+        port,
+        workers,
+        ", events through Redis" if settings.redis_url else "",
+    )
+    options = dict(
         host=host,
         port=port,
         ws="websockets-sansio",
@@ -66,25 +79,18 @@ def run_server(settings: Settings, database_url: str, host: str, port: int) -> N
         log_level=settings.log_level,
         lifespan="on",
     )
-    # uvicorn logs request lines with their query string: keep ?token= out of the logs.
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).addFilter(RedactTokens())
     # uvicorn shuts down on SIGTERM, then re-raises it with the handler it found. With the
     # default handler the process would die there, skipping the exit hooks that stop the
     # embedded PostgreSQL; this handler turns the re-raise into a normal exit instead.
     signal.signal(signal.SIGTERM, _exit_normally)
-    uvicorn.Server(config).run()
+    if workers == 1:
+        uvicorn.Server(uvicorn.Config(create_app(settings, database_url), **options)).run()
+        return
+    # Worker processes build their own app from the environment: hand them the database.
+    os.environ["CHATD_DATABASE_URL"] = database_url
+    os.environ["CHATD_SECRET"] = settings.secret
+    uvicorn.run("chatd.app:create_app_from_env", factory=True, workers=workers, **options)
 
 
 def _exit_normally(signum: int, frame: object) -> None:
     raise SystemExit(0)
-
-
-class RedactTokens(logging.Filter):
-    _token = re.compile(r"(token=)[^&\s\"']+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = self._token.sub(r"\1[redacted]", message), None
-        return True

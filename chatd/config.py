@@ -17,6 +17,8 @@ DEFAULT_DATA_DIR = ".chatd"
 class Settings:
     database_url: str | None
     secret: str
+    redis_url: str | None = None
+    workers: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path(DEFAULT_DATA_DIR)
@@ -34,6 +36,8 @@ class Settings:
         return cls(
             database_url=env.get("CHATD_DATABASE_URL") or None,
             secret=env.get("CHATD_SECRET") or _stored_secret(data_dir),
+            redis_url=env.get("CHATD_REDIS_URL") or None,
+            workers=_int(env, "CHATD_WORKERS", 1),
             host=env.get("CHATD_HOST", "127.0.0.1"),
             port=_int(env, "CHATD_PORT", 8000),
             data_dir=data_dir,

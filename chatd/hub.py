@@ -1,8 +1,9 @@
 """Who is online, and getting events to them.
 
-The hub keeps every open socket per user. Handlers never talk to sockets: they hand an
-already-encoded event and its recipients to the `Bus`, which today delivers in-process
-(`LocalBus`) and is the seam where cross-process delivery plugs in later.
+The hub keeps every open socket of this process per user. Handlers never talk to
+sockets: they hand an already-encoded event and its recipients to the `Bus`. `LocalBus`
+delivers in-process (one chatd process); `RedisBus` (chatd/redis_bus.py) also reaches
+the users connected to other processes and nodes.
 """
 
 from __future__ import annotations
@@ -49,16 +50,45 @@ class Hub:
     def socket_count(self) -> int:
         return sum(len(s) for s in self._sessions.values())
 
+    def close_all(self, code: int, reason: str) -> None:
+        """Ask every socket to close (they reconnect and resume with sync)."""
+        for sessions in list(self._sessions.values()):
+            for session in list(sessions):
+                session.close_soon(code, reason)
+
 
 class Bus(Protocol):
-    async def publish(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None: ...
+    async def publish(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:
+        """Deliver `event` to every socket of these users, wherever they are connected."""
+
+    async def watch(self, user_id: uuid.UUID) -> None:
+        """A socket of this user opened here: from return on, its events reach this process."""
+
+    async def unwatch(self, user_id: uuid.UUID) -> None:
+        """A socket of this user closed here."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class LocalBus:
-    """Delivers to the sockets of this process."""
+    """Delivers to the sockets of this process: everything is local, nothing to watch."""
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
     async def publish(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:
         self.hub.deliver(user_ids, event)
+
+    async def watch(self, user_id: uuid.UUID) -> None:
+        pass
+
+    async def unwatch(self, user_id: uuid.UUID) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass

@@ -72,10 +72,17 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     ctx = Context(state.pool, state.bus, user_id, state.typing_gate)
     state.hub.add(session)  # from here on, events for this user are held until the snapshot
     try:
+        try:
+            await state.bus.watch(user_id)  # events from other processes, too
+        except Exception:
+            log.exception("cannot subscribe to events for user %s", user_id)
+            await websocket.close(CLOSE_TRY_AGAIN_LATER, "event stream unavailable; retry")
+            return
         await session.send_unread_snapshot(state.pool)
         await session.run(ctx, state.settings.max_frame_bytes)
     finally:
         state.hub.remove(session)
+        await state.bus.unwatch(user_id)  # balances watch, even one that failed
 
 
 class Session:

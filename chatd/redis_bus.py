@@ -1,0 +1,213 @@
+"""Delivery across processes and nodes through Redis pub/sub, routed by user.
+
+Each user has a channel, `chatd:user:<uuid>`. A process subscribes to the channels of the
+users that have a socket on it, so an event costs one PUBLISH per recipient user and
+reaches only the processes that hold their sockets: traffic does not grow with the
+number of nodes.
+
+An event is delivered to this process's own sockets at once, and published for the
+others; a process ignores its own publications when they come back. Publishing is
+batched: every event queued while a pipeline is in flight goes out in the next one.
+
+Pub/sub is fire-and-forget: what a process misses while its subscription is down is
+gone. So when the subscription breaks, the process closes its sockets with 1012
+(service restart): clients reconnect and `sync`, and nothing is silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import Iterable
+
+import msgspec
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from chatd.hub import Hub, Outbound
+
+log = logging.getLogger("chatd")
+
+CHANNEL_PREFIX = b"chatd:user:"
+CLOSE_SERVICE_RESTART = 1012
+MAX_QUEUED_PUBLICATIONS = 100_000
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    """What travels on a user's channel: the event as its recipients' sockets get it."""
+
+    origin: str  # the publishing process, which has delivered it locally already
+    text: str
+    message_id: int | None
+
+
+def channel(user_id: uuid.UUID) -> bytes:
+    return CHANNEL_PREFIX + str(user_id).encode()
+
+
+class RedisBus:
+    def __init__(self, hub: Hub, url: str) -> None:
+        self.hub = hub
+        self.url = url
+        self.origin = uuid.uuid4().hex
+        # RESP2: pub/sub messages come back as replies to read (RESP3 pushes go elsewhere).
+        self._pool = redis.ConnectionPool.from_url(url, protocol=2)
+        self._publisher = redis.Redis(connection_pool=self._pool)
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(Envelope).decode
+        # publishing
+        self._outbox: deque[tuple[list[bytes], bytes]] = deque()
+        self._outbox_ready = asyncio.Event()
+        # subscribing
+        self._watchers: dict[uuid.UUID, int] = {}  # user → sockets here
+        self._ready: dict[bytes, asyncio.Future[None]] = {}  # channel → subscription confirmed
+        self._unconfirmed: dict[bytes, int] = {}  # channel → (un)subscribe replies to come
+        self._conn: redis.Connection | None = None
+        self._connected = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 10) -> None:
+        self._tasks = [
+            asyncio.create_task(self._subscribe_loop()),
+            asyncio.create_task(self._publish_loop()),
+        ]
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            await self.close()
+            raise RuntimeError(f"cannot reach Redis at {redact(self.url)}") from None
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._conn is not None:
+            await self._conn.disconnect()
+        await self._publisher.aclose()
+        await self._pool.disconnect()
+
+    # --- publishing --------------------------------------------------------------------------
+
+    async def publish(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:
+        user_ids = list(user_ids)
+        self.hub.deliver(user_ids, event)
+        if len(self._outbox) >= MAX_QUEUED_PUBLICATIONS:
+            log.error("Redis publish queue full: dropping an event for other nodes")
+            return
+        payload = self._encode(Envelope(self.origin, event.text, event.message_id))
+        self._outbox.append(([channel(u) for u in user_ids], payload))
+        self._outbox_ready.set()
+
+    async def _publish_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), 1000))]
+                pipe = self._publisher.pipeline(transaction=False)
+                for channels, payload in batch:
+                    for name in channels:
+                        pipe.publish(name, payload)
+                try:
+                    await pipe.execute()
+                    backoff = 0.1
+                except RedisError as exc:
+                    # Retry the batch: a duplicate is better than a loss, and clients
+                    # drop duplicates by message id.
+                    log.warning("Redis publish failed (%s); retrying", exc)
+                    self._outbox.extendleft(reversed(batch))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5)
+
+    # --- subscribing -------------------------------------------------------------------------
+
+    async def watch(self, user_id: uuid.UUID, timeout: float = 10) -> None:
+        self._watchers[user_id] = self._watchers.get(user_id, 0) + 1
+        name = channel(user_id)
+        ready = self._ready.get(name)
+        if ready is None:
+            ready = self._ready[name] = asyncio.get_running_loop().create_future()
+            if self._connected.is_set():
+                await self._send("SUBSCRIBE", name)
+            # else: the reconnect subscribes every watched channel
+        await asyncio.wait_for(asyncio.shield(ready), timeout)
+
+    async def unwatch(self, user_id: uuid.UUID) -> None:
+        left = self._watchers.get(user_id, 0) - 1
+        if left > 0:
+            self._watchers[user_id] = left
+            return
+        self._watchers.pop(user_id, None)
+        name = channel(user_id)
+        self._ready.pop(name, None)
+        if self._connected.is_set():
+            with contextlib.suppress(RedisError, OSError):
+                await self._send("UNSUBSCRIBE", name)
+
+    async def _send(self, command: str, *names: bytes) -> None:
+        assert self._conn is not None
+        for name in names:
+            self._unconfirmed[name] = self._unconfirmed.get(name, 0) + 1
+        await self._conn.send_command(command, *names)
+
+    async def _subscribe_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                self._conn = self._pool.make_connection()
+                await self._conn.connect()
+                self._unconfirmed.clear()
+                if self._ready:
+                    await self._send("SUBSCRIBE", *self._ready)
+                self._connected.set()
+                backoff = 0.1
+                while True:
+                    self._on_reply(await self._conn.read_response(timeout=math.inf))
+            except (RedisError, OSError) as exc:
+                was_connected = self._connected.is_set()
+                self._connected.clear()
+                with contextlib.suppress(Exception):
+                    await self._conn.disconnect()
+                if was_connected:
+                    log.warning(
+                        "Redis subscription lost (%s): closing this process's sockets so "
+                        "their clients reconnect and sync",
+                        exc,
+                    )
+                    # Every watched channel must be confirmed again before it counts.
+                    for name in self._ready:
+                        self._ready[name] = asyncio.get_running_loop().create_future()
+                    self.hub.close_all(CLOSE_SERVICE_RESTART, "event stream interrupted")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5)
+
+    def _on_reply(self, reply: list) -> None:
+        kind, name = reply[0], reply[1]
+        if kind == b"message":
+            envelope = self._decode(reply[2])
+            if envelope.origin != self.origin:
+                user_id = uuid.UUID(name[len(CHANNEL_PREFIX) :].decode())
+                self.hub.deliver((user_id,), Outbound(envelope.text, envelope.message_id))
+            return
+        if kind in (b"subscribe", b"unsubscribe"):
+            left = self._unconfirmed.get(name, 1) - 1
+            self._unconfirmed[name] = left
+            ready = self._ready.get(name)
+            # Only the reply to the latest command tells the channel's current state.
+            if kind == b"subscribe" and left == 0 and ready is not None and not ready.done():
+                ready.set_result(None)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
