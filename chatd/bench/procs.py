@@ -1,0 +1,158 @@
+"""Server, PostgreSQL and load-generator processes: finding them, their CPU and memory.
+
+CPU is measured as cpu_times deltas over a step (user + system seconds per wall second,
+so 100% is one core); memory as RSS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def listening_pid(port: int) -> int | None:
+    """The pid of the process listening on TCP `port` (any local address), if visible."""
+    with contextlib.suppress(psutil.AccessDenied):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                if conn.pid:
+                    return conn.pid
+    return None
+
+
+def _is_postgres(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return proc.name() in ("postgres", "postmaster") or proc.name().startswith("postgres")
+    return False
+
+
+class ProcGroup:
+    """A set of processes measured together (CPU and RSS summed)."""
+
+    def __init__(self, label: str, finder: Any) -> None:
+        self.label = label
+        self._finder = finder  # () -> list[psutil.Process]
+        self._start: dict[int, float] = {}
+
+    def processes(self) -> list[psutil.Process]:
+        return self._finder()
+
+    def _cpu(self) -> dict[int, float]:
+        times = {}
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                cpu = proc.cpu_times()
+                times[proc.pid] = cpu.user + cpu.system
+        return times
+
+    def start(self) -> None:
+        self._start = self._cpu()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used since start(); processes that appeared since count in full."""
+        now = self._cpu()
+        return sum(max(0.0, t - self._start.get(pid, 0.0)) for pid, t in now.items())
+
+    def rss(self) -> int:
+        total = 0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
+
+
+def server_group(pid: int) -> ProcGroup:
+    """The server process and its children (uvicorn workers), without an embedded PostgreSQL."""
+    root = psutil.Process(pid)
+
+    def find() -> list[psutil.Process]:
+        procs = [root]
+        with contextlib.suppress(psutil.Error):
+            procs += [p for p in root.children(recursive=True) if not _is_postgres(p)]
+        return procs
+
+    return ProcGroup("server", find)
+
+
+def postgres_group() -> ProcGroup:
+    """Every PostgreSQL process on the machine (backends come and go, so looked up each time)."""
+
+    def find() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["name"]) if _is_postgres(p)]
+
+    return ProcGroup("postgres", find)
+
+
+def pids_group(label: str, pids: list[int]) -> ProcGroup:
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    return ProcGroup(label, lambda: procs)
+
+
+def process_info(pid: int) -> dict[str, Any]:
+    info: dict[str, Any] = {"pid": pid}
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        info["cmdline"] = " ".join(proc.cmdline())
+        info["rss_bytes"] = proc.memory_info().rss
+        with contextlib.suppress(AttributeError, psutil.Error):
+            info["rlimit_nofile"] = list(proc.rlimit(psutil.RLIMIT_NOFILE))
+    return info
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = platform.processor() or "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": cpu_model,
+        "cores": psutil.cpu_count(logical=True),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "ram_bytes": psutil.virtual_memory().total,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "hostname": platform.node(),
+        "postgresql": postgres_version(),
+    }
+
+
+def postgres_version() -> str | None:
+    """The version of a running PostgreSQL server binary, if one is visible."""
+    for proc in postgres_group().processes():
+        with contextlib.suppress(psutil.Error, OSError, subprocess.SubprocessError):
+            exe = proc.exe()
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=5)
+            return out.stdout.strip() or None
+    exe = shutil.which("postgres")
+    if exe:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            return subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+    return None
+
+
+def chatd_commit() -> str | None:
+    """The git commit of the chatd source the bench runs from (with -dirty), if it is a repo."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or None
+    return None

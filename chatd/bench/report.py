@@ -1,0 +1,331 @@
+"""The report: targets with pass/fail, a table on stdout, a JSON file and a PNG chart.
+
+The performance targets live here, in the benchmark's report, and nowhere in the unit
+tests: a test run on a busy laptop must not fail because the laptop was busy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FANOUT_P99_MS = 100.0  # a fanout step counts for the targets only within this p99, lossless
+
+TARGETS = [
+    # id, what, target, unit, direction
+    (
+        "fanout_messages_per_s",
+        "fanout 10x10: messages persisted/s (one worker)",
+        3000,
+        "msg/s",
+        ">=",
+    ),
+    (
+        "fanout_deliveries_per_s",
+        "fanout 10x10: deliveries/s (one worker)",
+        30000,
+        "deliveries/s",
+        ">=",
+    ),
+    (
+        "baseline_ratio",
+        "fanout deliveries/s as a share of the bare baseline's",
+        0.25,
+        "ratio",
+        ">=",
+    ),
+    ("idle_rss_per_socket", "server RSS per idle authenticated socket at 10,000", 30, "KiB", "<="),
+    ("connects_per_s", "authenticated connects/s", 1000, "connects/s", ">="),
+    ("history_p99", "keyset history page of 50 on a 1M-message chat, p99", 20, "ms", "<="),
+]
+
+
+def evaluate_targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per target: the measured value, pass/fail (None: not measured) and caveats."""
+    fanout, baseline = workloads.get("fanout"), workloads.get("baseline")
+    idle, history = workloads.get("idle"), workloads.get("history")
+    measured: dict[str, tuple[float | None, str]] = {}
+    if fanout is not None:
+        best = fanout.get("best")
+        note = (
+            "" if fanout["setup"] == {"groups": 10, "members": 10} else f"run as {fanout['setup']}"
+        )
+        if best is None:
+            note = (
+                note + "; " if note else ""
+            ) + f"no step was lossless with p99 <= {FANOUT_P99_MS:g} ms"
+        measured["fanout_messages_per_s"] = (best and best["messages_per_s"], note)
+        measured["fanout_deliveries_per_s"] = (best and best["deliveries_per_s"], note)
+        if baseline is not None:
+            base_best = baseline.get("best")
+            ratio = None
+            ratio_note = ""
+            if best and base_best:
+                ratio = round(best["deliveries_per_s"] / base_best["deliveries_per_s"], 3)
+                ratio_note = (
+                    f"{best['deliveries_per_s']:g} / {base_best['deliveries_per_s']:g} deliveries/s"
+                )
+                steps = baseline["steps"]
+                if steps and steps[-1]["ok"]:
+                    ratio_note += "; the baseline never failed a step: its rate is a lower bound"
+            measured["baseline_ratio"] = (ratio, ratio_note)
+    if idle is not None:
+        note = "" if idle["sockets"] == 10000 else f"measured at {idle['sockets']} sockets"
+        measured["idle_rss_per_socket"] = (idle.get("rss_per_socket_kib"), note)
+        measured["connects_per_s"] = (idle.get("connects_per_s"), "")
+    if history is not None:
+        seq = history.get("sequential") or {}
+        note = (
+            "" if history["messages"] >= 1_000_000 else f"chat of {history['messages']:,} messages"
+        )
+        measured["history_p99"] = ((seq.get("latency_ms") or {}).get("p99"), note)
+    rows = []
+    for key, what, target, unit, direction in TARGETS:
+        value, note = measured.get(key, (None, "not run"))
+        passed = None
+        if value is not None:
+            passed = value >= target if direction == ">=" else value <= target
+        rows.append(
+            {
+                "id": key,
+                "what": what,
+                "target": f"{direction} {target:g}",
+                "unit": unit,
+                "measured": value,
+                "pass": passed,
+                "note": note,
+            }
+        )
+    return rows
+
+
+# --- stdout ----------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if value >= 100 or value == int(value) else f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render(report: dict[str, Any]) -> str:
+    out = []
+    machine = report["machine"]
+    out.append(
+        f"chatd bench {report['workload']} — {report['started_at']} — "
+        f"chatd {report.get('commit')}\n"
+        f"machine: {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['ram_bytes'] / 2**30:.1f} GiB, Python {machine['python']}, "
+        f"{machine.get('postgresql') or 'PostgreSQL ?'}\n"
+        f"target: {report['url']} (server pid {report.get('server', {}).get('pid')})"
+    )
+    for name, result in report["workloads"].items():
+        if name == "idle":
+            out.append(render_idle(result))
+        elif name == "history":
+            out.append(render_history(result))
+        else:
+            out.append(render_steps(name, result))
+    rows = [
+        [
+            t["what"],
+            t["target"] + " " + t["unit"],
+            t["measured"],
+            {True: "PASS", False: "FAIL", None: "-"}[t["pass"]],
+            t["note"],
+        ]
+        for t in report["targets"]
+    ]
+    out.append("targets\n" + _table(["target", "goal", "measured", "", "note"], rows))
+    return "\n\n".join(out) + "\n"
+
+
+def render_steps(name: str, result: dict[str, Any]) -> str:
+    rows = []
+    for s in result["steps"]:
+        lat = s["latency_ms"]
+        rows.append(
+            [
+                s["offered_rate"],
+                s["messages_per_s"],
+                s["deliveries_per_s"],
+                lat["p50"],
+                lat["p95"],
+                lat["p99"],
+                lat["max"],
+                s["lost"],
+                s["duplicates"],
+                s.get("server_cpu_pct"),
+                s.get("server_rss_mib"),
+                s.get("postgres_cpu_pct"),
+                s.get("client_cpu_pct"),
+                s.get("machine_busy_pct"),
+                "ok" if s["ok"] else "; ".join(s["fail_reasons"]),
+            ]
+        )
+    headers = [
+        "offered",
+        "msg/s",
+        "deliv/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "lost",
+        "dup",
+        "srv cpu%",
+        "srv MiB",
+        "pg cpu%",
+        "gen cpu%",
+        "busy%",
+        "",
+    ]
+    best = result.get("best")
+    summary = (
+        f"best lossless step with p99 <= {FANOUT_P99_MS:g} ms: "
+        f"{best['messages_per_s']:g} msg/s, {best['deliveries_per_s']:g} deliveries/s"
+        if best
+        else f"no lossless step with p99 <= {FANOUT_P99_MS:g} ms"
+    )
+    return (
+        f"{name} {result['setup']} ({result['sockets']} sockets)\n"
+        + _table(headers, rows)
+        + (f"\n{summary}   (cpu% = % of one core; busy% = whole machine)")
+    )
+
+
+def render_idle(r: dict[str, Any]) -> str:
+    lat = r["connect_latency_ms"]
+    lines = [
+        f"idle: {r['connected']:,}/{r['sockets']:,} authenticated sockets ({r['users']} users, "
+        f"sources {', '.join(r['source_addresses'])}), {r['still_open_after_hold']:,} still open "
+        f"after the hold",
+        f"  connects/s {_fmt(r['connects_per_s'])} (p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
+        f"max {lat['max']} ms); server cpu {_fmt(r.get('server_cpu_pct'))}%, "
+        f"postgres cpu {_fmt(r.get('postgres_cpu_pct'))}% while connecting",
+        f"  server RSS {_fmt(r['server_rss_before_mib'])} MiB -> {_fmt(r['server_rss_after_mib'])}"
+        f" MiB ({_fmt(r['rss_per_socket_kib'])} KiB per socket); "
+        f"{_fmt(r['server_rss_after_close_mib'])} MiB after closing them",
+    ]
+    if r["failures"]:
+        lines.append(f"  failures: {r['failures']}")
+    lines += [f"  warning: {w}" for w in r.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def render_history(r: dict[str, Any]) -> str:
+    rows = []
+    for key in ("sequential", "concurrent"):
+        m = r.get(key)
+        if m:
+            lat = m["latency_ms"]
+            rows.append(
+                [
+                    m["concurrency"],
+                    m["pages"],
+                    m["pages_per_s"],
+                    lat["p50"],
+                    lat["p95"],
+                    lat["p99"],
+                    lat["max"],
+                    m.get("server_cpu_pct"),
+                    m.get("postgres_cpu_pct"),
+                    m["failures"] or "",
+                ]
+            )
+    headers = [
+        "conc",
+        "pages",
+        "pages/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "srv cpu%",
+        "pg cpu%",
+        "failures",
+    ]
+    return (
+        f"history: keyset pages of {r['page_size']} on a chat of {r['messages']:,} messages "
+        f"(seeded {r['seeded_via']})\n" + _table(headers, rows)
+    )
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def write_chart(report: dict[str, Any], path: Path) -> bool:
+    """Latency percentiles against delivered rate, chatd beside the baseline. False: no steps."""
+    series = {k: v for k, v in report["workloads"].items() if k in ("fanout", "direct", "baseline")}
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
+    styles = {"fanout": "-", "baseline": "--", "direct": ":"}
+    colors = {"p50": "tab:green", "p95": "tab:orange", "p99": "tab:red"}
+    for name, result in series.items():
+        steps = [s for s in result["steps"] if s["latency_ms"]["p50"] is not None]
+        xs = [s["deliveries_per_s"] for s in steps]
+        label = "chatd " + name if name != "baseline" else "bare baseline"
+        for pct, color in colors.items():
+            ys = [max(s["latency_ms"][pct], 0.01) for s in steps]
+            ax.plot(
+                xs, ys, styles[name], color=color, marker="o", markersize=3, label=f"{label} {pct}"
+            )
+        for s in steps:
+            if not s["ok"]:
+                ax.plot(
+                    s["deliveries_per_s"],
+                    max(s["latency_ms"]["p99"], 0.01),
+                    "x",
+                    color="black",
+                    markersize=8,
+                )
+    ax.axhline(FANOUT_P99_MS, color="grey", linewidth=0.8)
+    ax.text(
+        ax.get_xlim()[0],
+        FANOUT_P99_MS * 1.05,
+        f" p99 target {FANOUT_P99_MS:g} ms",
+        color="grey",
+        fontsize=8,
+    )
+    ax.set_yscale("log")
+    ax.set_xscale("log")
+    ax.set_xlabel("deliveries/s (a message to M members is M deliveries)")
+    ax.set_ylabel("send → receive latency, ms")
+    machine = report["machine"]
+    ax.set_title(
+        f"chatd bench {report['workload']} — {machine['cores']} cores "
+        f"{machine['cpu_model'][:40]} — chatd {report.get('commit')}\n"
+        f"x = step that failed (loss, or p99 over the stop limit)",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
