@@ -75,7 +75,7 @@ def run_server(
         port=port,
         ws="websockets-sansio",
         ws_max_size=settings.max_frame_bytes,
-        ws_per_message_deflate=False,
+        ws_per_message_deflate=settings.ws_deflate,
         log_level=settings.log_level,
         lifespan="on",
     )

@@ -25,6 +25,8 @@ class Settings:
     access_token_ttl: int = 15 * 60
     refresh_token_ttl: int = 7 * 24 * 3600
     max_frame_bytes: int = 64 * 1024
+    # Off by default: per-socket compression state costs ~35 KiB and CPU on every frame.
+    ws_deflate: bool = False
     send_queue_size: int = 1024
     db_pool_size: int = 20
     log_level: str = "info"
@@ -44,6 +46,7 @@ class Settings:
             access_token_ttl=_int(env, "CHATD_ACCESS_TOKEN_TTL", 15 * 60),
             refresh_token_ttl=_int(env, "CHATD_REFRESH_TOKEN_TTL", 7 * 24 * 3600),
             send_queue_size=_int(env, "CHATD_SEND_QUEUE_SIZE", 1024),
+            ws_deflate=_bool(env, "CHATD_WS_DEFLATE"),
             db_pool_size=_int(env, "CHATD_DB_POOL_SIZE", 20),
             log_level=env.get("CHATD_LOG_LEVEL", "info").lower(),
         )
@@ -60,6 +63,15 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise SystemExit(f"{name} must be positive, got {value}")
     return value
+
+
+def _bool(env: dict[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"{name} must be true or false, got {raw!r}")
 
 
 def _stored_secret(data_dir: Path) -> str:
