@@ -177,3 +177,21 @@ async def test_query_tokens_are_redacted_from_the_server_log(server: Server, ali
     log = server.log()
     assert "token=[redacted]" in log
     assert alice.access_token not in log
+
+
+async def test_compression_is_off_unless_configured(
+    server: Server, alice: Api, database_url: str, tmp_path
+) -> None:
+    from tests.conftest import start_server, stop_server
+
+    headers = {"Authorization": f"Bearer {alice.access_token}"}
+    # The websockets client offers permessage-deflate; chatd declines it by default.
+    async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+    deflating = start_server(database_url, tmp_path, CHATD_WS_DEFLATE="true")
+    try:
+        async with websockets.connect(deflating.ws_url, additional_headers=headers) as ws:
+            assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
+            assert json.loads(await ws.recv())["action"] == "unread_messages"
+    finally:
+        stop_server(deflating)
