@@ -7,6 +7,7 @@ so 100% is one core); memory as RSS.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import shutil
 import subprocess
@@ -143,10 +144,14 @@ def postgres_version() -> str | None:
 
 
 def chatd_commit() -> str | None:
-    """The git commit of the chatd source the bench runs from (with -dirty), if it is a repo."""
+    """The git commit of the chatd source the bench runs from (with -dirty if it is changed).
+
+    A source tree that is no git checkout (a `git archive` export, say) can name its commit
+    in $CHATD_COMMIT.
+    """
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
-        return None
+        return os.environ.get("CHATD_COMMIT")
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(
             ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],

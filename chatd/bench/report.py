@@ -295,6 +295,7 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
     styles = {"fanout": "-", "baseline": "--", "direct": ":"}
@@ -319,14 +320,16 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
                 )
     ax.axhline(FANOUT_P99_MS, color="grey", linewidth=0.8)
     ax.text(
-        ax.get_xlim()[0],
-        FANOUT_P99_MS * 1.05,
-        f" p99 target {FANOUT_P99_MS:g} ms",
+        0.01,
+        FANOUT_P99_MS * 1.08,
+        f"p99 target {FANOUT_P99_MS:g} ms",
+        transform=ax.get_yaxis_transform(),
         color="grey",
         fontsize=8,
     )
     ax.set_yscale("log")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel("deliveries/s (a message to M members is M deliveries)")
     ax.set_ylabel("send → receive latency, ms")
     machine = report["machine"]
