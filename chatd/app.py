@@ -12,6 +12,7 @@ from starlette.routing import WebSocketRoute
 from chatd import openapi, rest
 from chatd.config import Settings
 from chatd.db import create_pool
+from chatd.handlers.messages import MessageWriter
 from chatd.handlers.presence import TypingGate
 from chatd.hub import Hub, LocalBus
 from chatd.logs import setup_logging
@@ -30,6 +31,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             RedisBus(hub, settings.redis_url) if settings.redis_url else LocalBus(hub)
         )
         app.state.typing_gate = TypingGate()
+        app.state.writer = MessageWriter(app.state.pool, bus)
         await bus.start()
         try:
             yield

@@ -320,7 +320,7 @@ async def history(request: Request) -> Response:
 
 def context(request: Request) -> Context:
     state = request.app.state
-    return Context(state.pool, state.bus, current_user(request), state.typing_gate)
+    return Context(state.pool, state.bus, current_user(request), state.typing_gate, state.writer)
 
 
 def path_id(request: Request, name: str) -> int:

@@ -69,7 +69,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         return
 
     session = Session(websocket, user_id, state.settings.send_queue_size)
-    ctx = Context(state.pool, state.bus, user_id, state.typing_gate)
+    ctx = Context(state.pool, state.bus, user_id, state.typing_gate, state.writer)
     state.hub.add(session)  # from here on, events for this user are held until the snapshot
     try:
         try:

@@ -207,3 +207,63 @@ async def test_client_msg_id_limits(alice: Api) -> None:
             "send_message", chat_id=chat["id"], text="t", client_msg_id=str(uuid.uuid4())
         )
         assert ok["seq"] == 1
+
+
+async def test_sends_stored_together_keep_their_own_outcomes(
+    alice: Api, bob: Api, carol: Api
+) -> None:
+    """Concurrent sends are committed in batches; each still gets its own answer."""
+    async with await alice.connect() as a, await bob.connect() as b, await carol.connect() as c:
+        ours = await group(a, bob, name="ours")
+        other = await group(a, carol, name="other")
+        await b.next_event("chat_created")
+        results = await asyncio.gather(
+            a.request("send_message", chat_id=ours["id"], text="1", client_msg_id="x"),
+            c.request("send_message", chat_id=ours["id"], text="intruder"),  # not a member
+            b.request("send_message", chat_id=ours["id"], text="2"),
+            a.request("send_message", chat_id=other["id"], text="3", client_msg_id="x"),  # reused
+            a.request("send_message", chat_id=ours["id"], text="1", client_msg_id="x"),  # retry
+            c.request("send_message", chat_id=other["id"], text="4"),
+            return_exceptions=True,
+        )
+        first, intruder, second, reused, retry, fourth = results
+        assert isinstance(intruder, ChatdError) and intruder.code == "not_found"
+        assert isinstance(reused, ChatdError) and reused.code == "invalid"
+        assert (retry["id"], retry["seq"], retry["text"]) == (first["id"], first["seq"], "1")
+        assert sorted([first["seq"], second["seq"]]) == [1, 2]
+        assert fourth["seq"] == 1 and fourth["chat_id"] == other["id"]
+        ours_history = (await alice.history(ours["id"]))["messages"]
+        assert sorted(m["text"] for m in ours_history) == ["1", "2"]
+        assert [m["text"] for m in (await alice.history(other["id"]))["messages"]] == ["4"]
+        # Bob got each of the two messages of his chat once.
+        await asyncio.sleep(0.2)
+        got = [e["data"]["text"] for e in b.pending_events() if e["action"] == "new_message"]
+        assert sorted(got) == ["1", "2"]
+
+
+async def test_many_chats_at_once_stay_gapless(make_user) -> None:
+    users = [await make_user(f"M{i}") for i in range(4)]
+    sockets = [await u.connect() for u in users]
+    try:
+        chats = [await group(sockets[0], *users[1:], name=f"c{i}") for i in range(5)]
+        sends = [
+            sock.request("send_message", chat_id=chat["id"], text=f"{n}")
+            for chat in chats
+            for sock in sockets
+            for n in range(10)
+        ]
+        acks = await asyncio.gather(*sends)
+        for chat in chats:
+            seqs = sorted(m["seq"] for m in acks if m["chat_id"] == chat["id"])
+            assert seqs == list(range(1, 41))
+            history = (await users[1].history(chat["id"], page_size=200))["messages"]
+            assert [m["seq"] for m in history] == list(range(1, 41))
+            view = await users[1].chat(chat["id"])
+            mine = users[1].user_uuid
+            assert view["read_seq"] == max(m["seq"] for m in history if m["sender_uuid"] == mine)
+            assert view["unread_count"] == sum(
+                1 for m in history if m["seq"] > view["read_seq"] and m["sender_uuid"] != mine
+            )
+    finally:
+        for s in sockets:
+            await s.close()

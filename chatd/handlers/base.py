@@ -22,6 +22,7 @@ from chatd.protocol import (
 )
 
 if TYPE_CHECKING:
+    from chatd.handlers.messages import MessageWriter
     from chatd.handlers.presence import TypingGate
 
 T = TypeVar("T")
@@ -35,6 +36,7 @@ class Context:
     bus: Bus
     user_id: uuid.UUID
     typing_gate: TypingGate
+    writer: MessageWriter
 
 
 def no_such_chat() -> ChatError:

@@ -96,7 +96,7 @@ async def remove_member(ctx: Context, action: RemoveMember) -> Chat | None:
 
     event = MemberRemoved(MemberLeft(action.chat_id, str(target), by=str(ctx.user_id)))
     await ctx.bus.publish([*member_ids(chat), target], Outbound(encode_text(event)))
-    await publish_read_receipts(ctx.bus, action.chat_id, newly_read)
+    await publish_read_receipts(ctx.bus, newly_read)
     return chat
 
 
@@ -138,7 +138,7 @@ async def leave_chat(ctx: Context, action: LeaveChat) -> None:
     await ctx.bus.publish([*member_ids(chat), ctx.user_id], Outbound(encode_text(left)))
     if my_role == "owner":
         await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatUpdated(chat))))
-    await publish_read_receipts(ctx.bus, chat_id, newly_read)
+    await publish_read_receipts(ctx.bus, newly_read)
     return None
 
 

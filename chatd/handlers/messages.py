@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -11,12 +13,11 @@ from chatd.handlers.base import (
     MESSAGE_COLUMNS,
     Context,
     fit_in_frame,
-    lock_chat,
     message_from_row,
     no_such_chat,
 )
-from chatd.handlers.reads import advance_read_watermark, publish_read_receipts
-from chatd.hub import Outbound
+from chatd.handlers.reads import advance_read_watermarks, publish_read_receipts
+from chatd.hub import Bus, Outbound
 from chatd.protocol import (
     INVALID,
     MAX_TEXT_CHARS,
@@ -33,36 +34,220 @@ from chatd.protocol import (
     encode_text,
 )
 
-# --- send_message -------------------------------------------------------------------------
+# --- send_message: group commit ---------------------------------------------------------
+#
+# Sends are not stored one transaction each. A process's MessageWriter collects the sends
+# that arrive while it is busy and stores them together: one transaction, a constant
+# number of statements and one commit (one WAL flush) for the whole batch. Each sender
+# still gets their ack, and every member their new_message, only after that commit.
+# Chats are locked in id order, so per-chat seq stays gapless and in commit order, and
+# concurrent batches (other processes) cannot deadlock.
 
-# Runs with the chat locked, so it reads the membership as it is now: a member removed
-# while we waited for the lock gets no row, and stores nothing.
-_INSERT_MESSAGE = """
-WITH sender AS (
-    SELECT read_seq FROM chat_members WHERE chat_id = $1 AND user_id = $2
-), chat AS (
-    UPDATE chats SET last_seq = last_seq + 1, activity = nextval('chat_activity_seq')
-    WHERE id = $1 AND EXISTS (SELECT 1 FROM sender)
-    RETURNING id, last_seq
-), msg AS (
-    INSERT INTO messages (chat_id, seq, sender_id, text, client_msg_id)
-    SELECT id, last_seq, $2, $3, $4 FROM chat
-    RETURNING id, seq, created_at
-), sender_has_read AS (
-    UPDATE chat_members SET read_seq = (SELECT seq FROM msg)
-    WHERE chat_id = $1 AND user_id = $2
-)
-SELECT msg.id, msg.seq, msg.created_at,
-       (SELECT read_seq FROM sender) AS sender_read_seq,
-       ARRAY(SELECT user_id FROM chat_members WHERE chat_id = $1) AS member_ids
-FROM msg
-"""
+_LOCK_CHATS = "SELECT id, read_seq FROM chats WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
 
-_FIND_BY_CLIENT_ID = f"""
+_FIND_BY_CLIENT_IDS = f"""
 SELECT {MESSAGE_COLUMNS}
-FROM messages m JOIN chats c ON c.id = m.chat_id
-WHERE m.sender_id = $1 AND m.client_msg_id = $2
+FROM unnest($1::uuid[], $2::text[]) AS k(sender_id, client_msg_id)
+JOIN messages m ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id
+JOIN chats c ON c.id = m.chat_id
 """
+
+# Runs with the chats locked, so it sees membership as it is now: a sender removed while
+# waiting for the lock matches no member row and stores nothing. Messages of one chat get
+# the next seqs in the order they came; each sender's pointer moves to their newest.
+_INSERT_MESSAGES = """
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY
+        AS t(chat_id, sender_id, text, client_msg_id, n)
+), accepted AS (
+    SELECT input.*, cm.read_seq AS sender_read_seq,
+           c.last_seq + row_number() OVER (PARTITION BY input.chat_id ORDER BY input.n) AS seq
+    FROM input
+    JOIN chat_members cm ON cm.chat_id = input.chat_id AND cm.user_id = input.sender_id
+    JOIN chats c ON c.id = input.chat_id
+), bumped AS (
+    UPDATE chats c SET last_seq = top.seq, activity = nextval('chat_activity_seq')
+    FROM (SELECT chat_id, max(seq) AS seq FROM accepted GROUP BY chat_id) top
+    WHERE c.id = top.chat_id
+), stored AS (
+    INSERT INTO messages (chat_id, seq, sender_id, text, client_msg_id)
+    SELECT chat_id, seq, sender_id, text, client_msg_id FROM accepted ORDER BY chat_id, seq
+    RETURNING id, chat_id, seq, created_at
+), read_own AS (
+    UPDATE chat_members cm SET read_seq = mine.seq
+    FROM (SELECT chat_id, sender_id, max(seq) AS seq FROM accepted GROUP BY 1, 2) mine
+    WHERE cm.chat_id = mine.chat_id AND cm.user_id = mine.sender_id
+), members AS (
+    SELECT chat_id, array_agg(user_id) AS ids FROM chat_members
+    WHERE chat_id IN (SELECT chat_id FROM accepted)
+    GROUP BY chat_id
+)
+SELECT accepted.n, accepted.sender_read_seq, stored.id, stored.seq, stored.created_at,
+       members.ids AS member_ids
+FROM accepted
+JOIN stored ON stored.chat_id = accepted.chat_id AND stored.seq = accepted.seq
+JOIN members ON members.chat_id = accepted.chat_id
+"""
+
+MAX_BATCH = 256
+MAX_BATCHES_IN_FLIGHT = 2
+
+
+@dataclass(slots=True)
+class PendingSend:
+    user_id: uuid.UUID
+    chat_id: int
+    text: str
+    client_msg_id: str | None
+    done: asyncio.Future[tuple[Message, bool]]
+
+
+class MessageWriter:
+    """Stores messages in batches (group commit) and fans each one out after its commit."""
+
+    def __init__(self, pool: asyncpg.Pool, bus: Bus) -> None:
+        self.pool = pool
+        self.bus = bus
+        self._queue: list[PendingSend] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def store(
+        self, user_id: uuid.UUID, chat_id: int, text: str, client_msg_id: str | None
+    ) -> tuple[Message, bool]:
+        """Store a message; return it and whether it is new (False: a retry's original)."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append(PendingSend(user_id, chat_id, text, client_msg_id, done))
+        if len(self._running) < MAX_BATCHES_IN_FLIGHT:
+            task = asyncio.create_task(self._drain())
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        return await done
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            try:
+                await self._store_batch(batch)
+            except asyncpg.UniqueViolationError:
+                # A client_msg_id committed meanwhile by another process: redo one by one,
+                # so only that send learns it is a retry.
+                for send in batch:
+                    await self._store_alone(send)
+            except Exception as exc:
+                for send in batch:
+                    _settle(send, exception=exc)
+
+    async def _store_alone(self, send: PendingSend) -> None:
+        try:
+            await self._store_batch([send])
+        except asyncpg.UniqueViolationError as exc:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(_FIND_BY_CLIENT_IDS, [send.user_id], [send.client_msg_id])
+            _settle_original(send, rows[0]) if rows else _settle(send, exception=exc)
+        except Exception as exc:
+            _settle(send, exception=exc)
+
+    async def _store_batch(self, batch: list[PendingSend]) -> None:
+        # One send per (sender, client_msg_id): a retry queued next to its original shares
+        # its outcome.
+        first: dict[tuple[uuid.UUID, str], PendingSend] = {}
+        copies: list[tuple[PendingSend, PendingSend]] = []
+        unique: list[PendingSend] = []
+        for send in batch:
+            if send.client_msg_id is None:
+                unique.append(send)
+                continue
+            key = (send.user_id, send.client_msg_id)
+            if key in first:
+                copies.append((send, first[key]))
+            else:
+                first[key] = send
+                unique.append(send)
+
+        chat_ids = sorted({send.chat_id for send in unique})
+        async with self.pool.acquire() as conn, conn.transaction():
+            watermarks = {r["id"]: r["read_seq"] for r in await conn.fetch(_LOCK_CHATS, chat_ids)}
+            originals = {}
+            if first:
+                found = await conn.fetch(
+                    _FIND_BY_CLIENT_IDS, [k[0] for k in first], [k[1] for k in first]
+                )
+                originals = {(row["sender_id"], row["client_msg_id"]): row for row in found}
+            new = [s for s in unique if (s.user_id, s.client_msg_id) not in originals]
+            stored = await conn.fetch(
+                _INSERT_MESSAGES,
+                [s.chat_id for s in new],
+                [s.user_id for s in new],
+                [s.text for s in new],
+                [s.client_msg_id for s in new],
+            )
+            # Only senders who were holding a chat's watermark back can move it.
+            holders = set()
+            for row in stored:
+                chat_id = new[row["n"] - 1].chat_id
+                if row["sender_read_seq"] <= watermarks[chat_id]:
+                    holders.add(chat_id)
+            newly_read = await advance_read_watermarks(conn, sorted(holders)) if holders else []
+
+        # Committed: now tell everyone, in the order the messages were stored.
+        for row in newly_read:
+            watermarks[row["chat_id"]] = row["watermark"]
+        results: dict[int, tuple[Message, bool]] = {}
+        for row in sorted(stored, key=lambda r: r["id"]):
+            send = new[row["n"] - 1]
+            message = Message(
+                id=row["id"],
+                chat_id=send.chat_id,
+                seq=row["seq"],
+                sender_uuid=str(send.user_id),
+                text=send.text,
+                timestamp=row["created_at"],
+                read_status="read" if row["seq"] <= watermarks[send.chat_id] else "unread",
+                client_msg_id=send.client_msg_id,
+            )
+            event = Outbound(encode_text(NewMessage(message)), message.id)
+            await self.bus.publish(row["member_ids"], event)
+            results[id(send)] = (message, True)
+        await publish_read_receipts(self.bus, newly_read)
+
+        for send in unique:
+            original = originals.get((send.user_id, send.client_msg_id))
+            if original is not None:
+                _settle_original(send, original)
+            elif id(send) in results:
+                _settle(send, result=results[id(send)])
+            else:
+                _settle(send, exception=no_such_chat())
+        for copy, of in copies:
+            if copy.chat_id != of.chat_id:
+                error = ChatError(INVALID, "client_msg_id was already used in another chat", 422)
+                _settle(copy, exception=error)
+            elif of.done.cancelled() or of.done.exception() is not None:
+                _settle(copy, exception=of.done.exception() or no_such_chat())
+            else:
+                message, _ = of.done.result()
+                _settle(copy, result=(message, False))
+
+
+def _settle(
+    send: PendingSend,
+    result: tuple[Message, bool] | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    if send.done.done():  # the sender went away (its socket closed)
+        return
+    if exception is not None:
+        send.done.set_exception(exception)
+    else:
+        send.done.set_result(result)
+
+
+def _settle_original(send: PendingSend, row: asyncpg.Record) -> None:
+    if row["chat_id"] != send.chat_id:
+        error = ChatError(INVALID, "client_msg_id was already used in another chat", 422)
+        _settle(send, exception=error)
+    else:
+        _settle(send, result=(message_from_row(row), False))
 
 
 async def send_message(ctx: Context, action: SendMessage) -> Message:
@@ -76,58 +261,7 @@ async def store_message(ctx: Context, action: SendMessage) -> tuple[Message, boo
     client_msg_id = action.client_msg_id
     if client_msg_id is not None and "\x00" in client_msg_id:
         raise ChatError(INVALID, "client_msg_id must not contain NUL characters", 422)
-
-    async with ctx.pool.acquire() as conn:
-        if client_msg_id is not None:
-            original = await _original(conn, ctx.user_id, client_msg_id, action.chat_id)
-            if original is not None:
-                return original, False
-        try:
-            async with conn.transaction():
-                chat = await lock_chat(conn, action.chat_id, ctx.user_id)
-                row = await conn.fetchrow(
-                    _INSERT_MESSAGE, action.chat_id, ctx.user_id, text, client_msg_id
-                )
-                if row is None:
-                    raise no_such_chat()
-                newly_read: list[asyncpg.Record] = []
-                watermark = chat["read_seq"]
-                # Only a sender who was holding the watermark back can move it by sending.
-                if row["sender_read_seq"] <= watermark:
-                    newly_read = await advance_read_watermark(conn, action.chat_id)
-                    if newly_read:
-                        watermark = newly_read[0]["watermark"]
-        except asyncpg.UniqueViolationError:
-            # A concurrent retry with the same client_msg_id committed first.
-            original = await _original(conn, ctx.user_id, client_msg_id, action.chat_id)
-            if original is None:
-                raise
-            return original, False
-
-    message = Message(
-        id=row["id"],
-        chat_id=action.chat_id,
-        seq=row["seq"],
-        sender_uuid=str(ctx.user_id),
-        text=text,
-        timestamp=row["created_at"],
-        read_status="read" if row["seq"] <= watermark else "unread",
-        client_msg_id=client_msg_id,
-    )
-    await ctx.bus.publish(row["member_ids"], Outbound(encode_text(NewMessage(message)), message.id))
-    await publish_read_receipts(ctx.bus, action.chat_id, newly_read)
-    return message, True
-
-
-async def _original(
-    conn: asyncpg.Connection, sender: uuid.UUID, client_msg_id: str | None, chat_id: int
-) -> Message | None:
-    row = await conn.fetchrow(_FIND_BY_CLIENT_ID, sender, client_msg_id)
-    if row is None:
-        return None
-    if row["chat_id"] != chat_id:
-        raise ChatError(INVALID, "client_msg_id was already used in another chat", 422)
-    return message_from_row(row)
+    return await ctx.writer.store(ctx.user_id, action.chat_id, text, client_msg_id)
 
 
 # --- get_message --------------------------------------------------------------------------

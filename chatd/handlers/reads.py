@@ -29,47 +29,57 @@ RECEIPTS_ONE_BY_ONE = 100
 
 # Every member's own pointer is at or above their own messages (sending moves it), so
 # "read by everyone but the sender" is simply seq <= min(read_seq) over all members:
-# one index probe on chat_members_read_idx, whatever the group size. One row per sender
-# of the messages that just became read by all.
-_ADVANCE_WATERMARK = """
+# one index probe per chat on chat_members_read_idx, whatever the group size. One row
+# per (chat, sender) of the messages that just became read by all.
+_ADVANCE_WATERMARKS = """
 WITH target AS (
-    SELECT min(read_seq) AS seq FROM chat_members WHERE chat_id = $1
-), old AS (
-    SELECT read_seq AS seq FROM chats WHERE id = $1
+    SELECT chat_id, min(read_seq) AS seq FROM chat_members
+    WHERE chat_id = ANY($1::bigint[])
+    GROUP BY chat_id
 ), moved AS (
-    UPDATE chats SET read_seq = target.seq FROM target
-    WHERE chats.id = $1 AND target.seq > chats.read_seq
-    RETURNING chats.read_seq
+    UPDATE chats c SET read_seq = target.seq
+    FROM target JOIN chats old ON old.id = target.chat_id
+    WHERE c.id = target.chat_id AND target.seq > old.read_seq
+    RETURNING c.id AS chat_id, old.read_seq AS old_seq, c.read_seq AS new_seq
 )
-SELECT m.sender_id,
+SELECT moved.chat_id,
+       m.sender_id,
        count(*) AS n,
        max(m.id) AS last_id,
        (array_agg(m.id ORDER BY m.seq))[1:$2] AS ids,
-       min(moved.read_seq) AS watermark,
+       moved.new_seq AS watermark,
        EXISTS (
-           SELECT 1 FROM chat_members s WHERE s.chat_id = $1 AND s.user_id = m.sender_id
+           SELECT 1 FROM chat_members s
+           WHERE s.chat_id = moved.chat_id AND s.user_id = m.sender_id
        ) AS sender_is_member
-FROM messages m, old, moved
-WHERE m.chat_id = $1 AND m.seq > old.seq AND m.seq <= moved.read_seq
-GROUP BY m.sender_id
+FROM moved
+JOIN messages m ON m.chat_id = moved.chat_id AND m.seq > moved.old_seq AND m.seq <= moved.new_seq
+GROUP BY moved.chat_id, moved.new_seq, m.sender_id
 """
 
 
-async def advance_read_watermark(conn: asyncpg.Connection, chat_id: int) -> list[asyncpg.Record]:
-    """Move the chat's all-read watermark up to its members' lowest pointer.
+async def advance_read_watermarks(
+    conn: asyncpg.Connection, chat_ids: list[int]
+) -> list[asyncpg.Record]:
+    """Move each chat's all-read watermark up to its members' lowest pointer.
 
-    Returns one row per sender of the messages that just became read by all (empty when
-    the watermark did not move); each row also carries the new `watermark`. The caller
-    must hold the chat lock, so each message is reported exactly once.
+    Returns one row per (chat, sender) of the messages that just became read by all
+    (empty where a watermark did not move); each row also carries the chat's new
+    `watermark`. The caller must hold the chats' locks, so each message is reported once.
     """
-    return await conn.fetch(_ADVANCE_WATERMARK, chat_id, RECEIPTS_ONE_BY_ONE)
+    return await conn.fetch(_ADVANCE_WATERMARKS, chat_ids, RECEIPTS_ONE_BY_ONE)
 
 
-async def publish_read_receipts(bus: Bus, chat_id: int, rows: Iterable[asyncpg.Record]) -> None:
+async def advance_read_watermark(conn: asyncpg.Connection, chat_id: int) -> list[asyncpg.Record]:
+    return await advance_read_watermarks(conn, [chat_id])
+
+
+async def publish_read_receipts(bus: Bus, rows: Iterable[asyncpg.Record]) -> None:
     for row in rows:
         if not row["sender_is_member"]:
             continue  # senders who left hear nothing more from the chat
         sender: tuple[uuid.UUID] = (row["sender_id"],)
+        chat_id = row["chat_id"]
         if row["n"] > RECEIPTS_ONE_BY_ONE:
             event = MessagesRead(ReadRange(chat_id=chat_id, up_to_message_id=row["last_id"]))
             await bus.publish(sender, Outbound(encode_text(event)))
@@ -128,6 +138,6 @@ async def read_up_to(ctx: Context, message_ids: list[int], chat_id: int | None =
                 receipts[target["chat_id"]] = await advance_read_watermark(conn, target["chat_id"])
         pointers = await conn.fetch(_POINTERS_AS_IDS, ctx.user_id, chat_ids)
 
-    for read_chat_id, rows in receipts.items():
-        await publish_read_receipts(ctx.bus, read_chat_id, rows)
+    for rows in receipts.values():
+        await publish_read_receipts(ctx.bus, rows)
     return ReadUpto(read_upto={p["chat_id"]: p["id"] for p in pointers})
