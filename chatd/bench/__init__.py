@@ -280,6 +280,7 @@ def run_history(ctx: Any) -> dict[str, Any]:
         "page_size": history.PAGE,
     }
     server = ctx.server_group()
+    workloads.wait_quiet(server, ctx.progress, "history")
     for key, concurrency in (("sequential", 1), ("concurrent", args.history_concurrency)):
         ctx.progress(f"history: {key} pages for {args.history_seconds:g}s", force=True)
         meter = workloads.CpuMeter({"server": server, "postgres": procs.postgres_group()})

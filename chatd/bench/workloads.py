@@ -220,6 +220,26 @@ class CpuMeter:
         return out
 
 
+def wait_quiet(
+    group: procs.ProcGroup | None, progress: Progress, label: str, limit: float = 60
+) -> None:
+    """Wait (up to `limit` s) until the server and PostgreSQL idle below 10% of a core.
+
+    A step that overloaded the server leaves it working through a backlog for a while;
+    the next measurement starts once that is done.
+    """
+    groups = [g for g in (group, procs.postgres_group()) if g is not None]
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        for g in groups:
+            g.start()
+        time.sleep(0.5)
+        busy = max(g.cpu_seconds() / 0.5 for g in groups) if groups else 0.0
+        if busy < 0.10:
+            return
+        progress(f"{label}: waiting for the server to go quiet ({100 * busy:.0f}% cpu)")
+
+
 def run_stepped(ctx: Context, kind: str) -> dict[str, Any]:
     """fanout, direct or baseline: set up rooms, then step the offered rate up."""
     args = ctx.args
@@ -280,6 +300,7 @@ def run_stepped(ctx: Context, kind: str) -> dict[str, Any]:
                     f"{kind}: only {opened}/{len(sockets)} sockets connected: {failures}"
                 )
             server = procs.server_group(server_pid) if server_pid else None
+            wait_quiet(server, ctx.progress, kind)
             steps = []
             for index, rate in enumerate(rate_schedule(args.rates, args.max_rate)):
                 step = run_step(ctx, fleet, kind, index, rate, size, server)
@@ -522,8 +543,7 @@ def run_idle(ctx: Context) -> dict[str, Any]:
             f"the server's open-file limit ({limit[0]}) is below {n + 100}: "
             "raise it (ulimit -n) before starting chatd"
         )
-    ctx.progress("idle: settling", force=True)
-    time.sleep(1)
+    wait_quiet(server, ctx.progress, "idle")
     rss_before = server.rss() if server else None
     meter = CpuMeter({"server": server, "postgres": procs.postgres_group()})
     meter.start()
