@@ -185,14 +185,20 @@ def main(argv: list[str]) -> int:
         progress.done("note: chatd's process was not found: no server CPU/RSS (give --server-pid)")
 
     results: dict[str, Any] = {}
+    failed = False
     for name in names:
         progress(f"{name}: starting", force=True)
-        if name == "idle":
-            results[name] = workloads.run_idle(ctx)
-        elif name == "history":
-            results[name] = run_history(ctx)
-        else:
-            results[name] = workloads.run_stepped(ctx, name)
+        try:
+            if name == "idle":
+                results[name] = workloads.run_idle(ctx)
+            elif name == "history":
+                results[name] = run_history(ctx)
+            else:
+                results[name] = workloads.run_stepped(ctx, name)
+        except Exception as exc:  # one workload failing must not lose the others' report
+            failed = True
+            results[name] = {"workload": name, "error": f"{type(exc).__name__}: {exc}"}
+            progress.done(f"{name}: FAILED: {exc}")
     progress.done()
 
     full = {
@@ -221,7 +227,7 @@ def main(argv: list[str]) -> int:
             print(f"chart:  {stem.with_suffix('.png')}")
     except ImportError:
         print("chart:  skipped (matplotlib is not installed)")
-    return 0
+    return 1 if failed else 0
 
 
 def _healthy(base_url: str) -> bool:

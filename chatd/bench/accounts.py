@@ -91,6 +91,12 @@ async def make_users(
     """Return `count` logged-in users: reused from the state file if asked, else registered."""
     known = state.users(pool) if reuse else []
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        if known:
+            try:
+                await login(http, known[:count], progress, f"logging in {pool} users")
+            except SetupError:  # not on this server (any more): make new ones
+                progress(f"the kept {pool} users cannot log in: registering new ones", force=True)
+                known = []
         if len(known) < count:
             run = secrets.token_hex(4)
             fresh = await _gather(

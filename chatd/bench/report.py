@@ -48,8 +48,9 @@ def evaluate_targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
     than the target's (a smaller fanout, fewer sockets, a smaller history chat): the value
     is still shown, with a note saying how it was measured.
     """
-    fanout, baseline = workloads.get("fanout"), workloads.get("baseline")
-    idle, history = workloads.get("idle"), workloads.get("history")
+    ran = {k: v for k, v in workloads.items() if "error" not in v}
+    fanout, baseline = ran.get("fanout"), ran.get("baseline")
+    idle, history = ran.get("idle"), ran.get("history")
     # id -> (value, note, measured under the target's conditions)
     measured: dict[str, tuple[float | None, str, bool]] = {}
     if fanout is not None:
@@ -90,7 +91,7 @@ def evaluate_targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
         measured["history_p99"] = ((seq.get("latency_ms") or {}).get("p99"), note, same)
     rows = []
     for key, what, target, unit, direction in TARGETS:
-        value, note, same = measured.get(key, (None, "not run", False))
+        value, note, same = measured.get(key, (None, "not measured", False))
         passed = None
         if value is not None and same:
             passed = value >= target if direction == ">=" else value <= target
@@ -147,7 +148,9 @@ def render(report: dict[str, Any]) -> str:
         f"target: {report['url']} (server pid {(report.get('server') or {}).get('pid')})"
     )
     for name, result in report["workloads"].items():
-        if name == "idle":
+        if "error" in result:
+            out.append(f"{name}: FAILED: {result['error']}")
+        elif name == "idle":
             out.append(render_idle(result))
         elif name == "history":
             out.append(render_history(result))
@@ -288,7 +291,11 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 def write_chart(report: dict[str, Any], path: Path) -> bool:
     """Latency percentiles against delivered rate, chatd beside the baseline. False: no steps."""
-    series = {k: v for k, v in report["workloads"].items() if k in ("fanout", "direct", "baseline")}
+    series = {
+        k: v
+        for k, v in report["workloads"].items()
+        if k in ("fanout", "direct", "baseline") and "error" not in v
+    }
     if not series:
         return False
     import matplotlib
