@@ -22,7 +22,7 @@ PASSWORD_BYTES = 12
 CONCURRENCY = 8  # the server hashes 4 at a time; a few more in flight keep it busy
 TOKEN_MAX_AGE = 10 * 60  # access tokens live 15 minutes by default: refresh well before
 
-Progress = Callable[[str], None]
+Progress = Callable[..., None]  # (message, force=False)
 
 
 class SetupError(Exception):
