@@ -190,7 +190,7 @@ def render_steps(name: str, result: dict[str, Any]) -> str:
                 s.get("postgres_cpu_pct"),
                 s.get("client_cpu_pct"),
                 s.get("machine_busy_pct"),
-                "ok" if s["ok"] else "; ".join(s["fail_reasons"]),
+                "; ".join((["ok"] if s["ok"] else s["fail_reasons"]) + s.get("warnings", [])),
             ]
         )
     headers = [

@@ -38,6 +38,9 @@ from chatd.bench.loadgen import (
 from chatd.bench.report import FANOUT_P99_MS
 from chatd.bench.stats import Progress, percentiles
 
+# A step whose sends left this late (p99) was not offered at its rate: it is flagged.
+GENERATOR_LAG_MS = 10.0
+
 
 @dataclass
 class Context:
@@ -411,6 +414,10 @@ def step_result(
     if latency["p99"] is None or latency["p99"] > stop_p99_ms:
         reasons.append(f"p99 {latency['p99']} ms > {stop_p99_ms:g} ms")
     lag = percentiles(stats.send_lag_ns)
+    warnings = []
+    if lag["p99"] is not None and lag["p99"] > GENERATOR_LAG_MS:
+        # Not the server's fault, so no reason to stop; but the offered rate was not met.
+        warnings.append(f"load generator fell behind (send lag p99 {lag['p99']:g} ms)")
     return {
         "offered_rate": rate,
         "duration_s": duration,
@@ -435,6 +442,7 @@ def step_result(
         "server_rss_mib": round(rss_peak / 2**20, 1) if rss_peak else None,
         "ok": not reasons,
         "fail_reasons": reasons,
+        "warnings": warnings,
     }
 
 
