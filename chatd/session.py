@@ -45,12 +45,19 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 UNREAD_SNAPSHOT_LIMIT = 500
 
+# Driven from the user's memberships: per chat with something unread, an index range on
+# messages (chat_id, seq) — never a walk over the whole messages table in id order.
 _UNREAD_SNAPSHOT = f"""
 SELECT {MESSAGE_COLUMNS}
 FROM chat_members cm
-JOIN chats c ON c.id = cm.chat_id
-JOIN messages m ON m.chat_id = cm.chat_id AND m.seq > cm.read_seq
-WHERE cm.user_id = $1 AND m.sender_id <> $1
+JOIN chats c ON c.id = cm.chat_id AND c.last_seq > cm.read_seq
+CROSS JOIN LATERAL (
+    SELECT * FROM messages
+    WHERE chat_id = cm.chat_id AND seq > cm.read_seq AND sender_id <> $1
+    ORDER BY seq
+    LIMIT $2
+) m
+WHERE cm.user_id = $1
 ORDER BY m.id
 LIMIT $2
 """

@@ -24,8 +24,11 @@ FROM ranked WHERE cm.chat_id = ranked.chat_id AND cm.user_id = ranked.user_id;
 ALTER TABLE chat_members
     ALTER COLUMN join_order SET NOT NULL,
     ALTER COLUMN join_order ADD GENERATED ALWAYS AS IDENTITY;
+-- (setval through CREATE TABLE AS: a bare SELECT would print its result at every migrate.)
+CREATE TEMPORARY TABLE chatd_0002_setval AS
 SELECT setval(pg_get_serial_sequence('chat_members', 'join_order'),
               (SELECT coalesce(max(join_order), 0) + 1 FROM chat_members), false);
+DROP TABLE chatd_0002_setval;
 
 -- Groups made before roles existed: their oldest member owns them.
 UPDATE chat_members cm SET role = 'owner'
@@ -48,7 +51,9 @@ WITH ranked AS (
     GROUP BY c.id
 )
 UPDATE chats SET activity = ranked.n FROM ranked WHERE chats.id = ranked.id;
+CREATE TEMPORARY TABLE chatd_0002_setval AS
 SELECT setval('chat_activity_seq', (SELECT count(*) + 1 FROM chats), false);
+DROP TABLE chatd_0002_setval;
 ALTER TABLE chats
     ALTER COLUMN activity SET DEFAULT nextval('chat_activity_seq'),
     ALTER COLUMN activity SET NOT NULL;
