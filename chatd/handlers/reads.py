@@ -33,28 +33,33 @@ RECEIPTS_ONE_BY_ONE = 100
 # per (chat, sender) of the messages that just became read by all.
 _ADVANCE_WATERMARKS = """
 WITH target AS (
-    SELECT chat_id, min(read_seq) AS seq FROM chat_members
-    WHERE chat_id = ANY($1::bigint[])
-    GROUP BY chat_id
+    SELECT c.id AS chat_id, c.read_seq AS old_seq,
+           (SELECT min(read_seq) FROM chat_members WHERE chat_id = c.id) AS new_seq
+    FROM chats c
+    WHERE c.id = ANY($1::bigint[])
 ), moved AS (
-    UPDATE chats c SET read_seq = target.seq
-    FROM target JOIN chats old ON old.id = target.chat_id
-    WHERE c.id = target.chat_id AND target.seq > old.read_seq
-    RETURNING c.id AS chat_id, old.read_seq AS old_seq, c.read_seq AS new_seq
+    UPDATE chats c SET read_seq = target.new_seq
+    FROM target
+    WHERE c.id = target.chat_id AND target.new_seq > target.old_seq
+    RETURNING target.*
+), newly_read AS (
+    SELECT moved.chat_id, moved.new_seq, m.sender_id,
+           count(*) AS n, max(m.id) AS last_id, (array_agg(m.id ORDER BY m.seq))[1:$2] AS ids
+    FROM moved
+    -- OFFSET 0 keeps this a per-chat range scan of messages (chat_id, seq); flattened
+    -- into a join, the planner may scan every message instead.
+    CROSS JOIN LATERAL (
+        SELECT id, seq, sender_id FROM messages
+        WHERE chat_id = moved.chat_id AND seq > moved.old_seq AND seq <= moved.new_seq
+        OFFSET 0
+    ) m
+    GROUP BY moved.chat_id, moved.new_seq, m.sender_id
 )
-SELECT moved.chat_id,
-       m.sender_id,
-       count(*) AS n,
-       max(m.id) AS last_id,
-       (array_agg(m.id ORDER BY m.seq))[1:$2] AS ids,
-       moved.new_seq AS watermark,
+SELECT r.chat_id, r.sender_id, r.n, r.last_id, r.ids, r.new_seq AS watermark,
        EXISTS (
-           SELECT 1 FROM chat_members s
-           WHERE s.chat_id = moved.chat_id AND s.user_id = m.sender_id
+           SELECT 1 FROM chat_members s WHERE s.chat_id = r.chat_id AND s.user_id = r.sender_id
        ) AS sender_is_member
-FROM moved
-JOIN messages m ON m.chat_id = moved.chat_id AND m.seq > moved.old_seq AND m.seq <= moved.new_seq
-GROUP BY moved.chat_id, moved.new_seq, m.sender_id
+FROM newly_read r
 """
 
 
