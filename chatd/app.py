@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import WebSocketRoute
 
-from chatd import openapi, rest
+from chatd import openapi, rest, webapp
 from chatd.config import Settings
 from chatd.db import create_pool
 from chatd.handlers.messages import MessageWriter
@@ -43,6 +43,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         routes=[
             *openapi.routes(rest.OPERATIONS),
             *openapi.docs_routes(rest.OPERATIONS),
+            *webapp.web_routes(),
             WebSocketRoute("/connect", connect_endpoint),
         ],
         exception_handlers={

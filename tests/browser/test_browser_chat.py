@@ -1,0 +1,172 @@
+"""Two users in two real browsers (the system Chromium, headless) chatting through /chat."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import PASSWORD, ROOT, Server
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+
+CHROMIUM = os.environ.get("CHATD_CHROMIUM", "/usr/bin/chromium")
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+]
+XSS = "<img src=x onerror=alert(1)> & <b>bold</b>"
+ARTIFACTS = ROOT / "test-artifacts"
+# Keeps the page's sockets in window.__sockets, and while window.__blockSockets is set
+# points new ones at a closed port, as a network drop would.
+SOCKET_SPY = """
+window.__sockets = [];
+const RealWebSocket = window.WebSocket;
+window.WebSocket = class extends RealWebSocket {
+  constructor(url, protocols) {
+    super(window.__blockSockets ? "ws://127.0.0.1:9/" : url, protocols);
+    window.__sockets.push(this);
+  }
+};
+"""
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    # launch() starts Chromium with a fresh temporary profile (user-data dir) every time.
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def register(server: Server, name: str) -> str:
+    email = f"{name.lower()}-{uuid.uuid4().hex[:10]}@example.com"
+    res = httpx.post(
+        server.base_url + "/register", json={"name": name, "email": email, "password": PASSWORD}
+    )
+    assert res.status_code == 201, res.text
+    return email
+
+
+def log_in(page, server: Server, email: str) -> None:
+    page.goto(server.base_url + "/chat")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.locator("#auth-submit").click()
+    expect(page.locator("#app-view")).to_be_visible()
+
+
+def test_two_users_chat_live(browser, server: Server, tmp_path: Path) -> None:
+    alice_email = register(server, "Alice")
+    bob_name = f"Bob{uuid.uuid4().hex[:6]}"
+    bob_email = register(server, bob_name)
+
+    errors: list[str] = []
+    pages = []
+    for _ in range(2):
+        context = browser.new_context(viewport={"width": 900, "height": 700})
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("dialog", lambda d: (errors.append("dialog: " + d.message), d.dismiss()))
+        pages.append(page)
+    alice, bob = pages
+    log_in(alice, server, alice_email)
+    log_in(bob, server, bob_email)
+
+    # Alice starts a private chat with Bob by picking him.
+    alice.get_by_role("button", name="New chat").click()
+    alice.get_by_label("Find people").fill(bob_name)
+    alice.get_by_label(bob_name).check()
+    alice.locator("#new-chat-create").click()
+    expect(alice.locator("#chat-title")).to_have_text(bob_name)
+
+    # She sends while Bob has not opened the chat: one tick.
+    alice.get_by_label("Message", exact=True).fill("Hi Bob!")
+    alice.get_by_label("Message", exact=True).press("Enter")
+    mine = alice.locator("#messages .message.mine").last
+    expect(mine.locator(".text")).to_have_text("Hi Bob!")
+    expect(mine.locator(".status")).to_have_text("✓")
+
+    # Bob sees the chat appear live with an unread badge and the last message.
+    item = bob.locator(".chat-item", has_text="Alice")
+    expect(item.locator(".badge")).to_have_text("1")
+    expect(item.locator(".chat-preview")).to_have_text("Hi Bob!")
+    item.click()
+    expect(bob.locator("#messages .message .text")).to_have_text(["Hi Bob!"])
+    expect(item.locator(".badge")).to_have_count(0)
+
+    # Bob has read it: Alice's tick flips to two.
+    expect(mine.locator(".status")).to_have_text("✓✓")
+
+    # Typing indicator, then the XSS string comes out as text.
+    bob.get_by_label("Message", exact=True).press_sequentially("hel")
+    expect(alice.locator("#typing")).to_have_text(f"{bob_name} is typing…")
+    bob.get_by_label("Message", exact=True).fill(XSS)
+    bob.get_by_label("Message", exact=True).press("Enter")
+    theirs = alice.locator("#messages .message:not(.mine)").last
+    expect(theirs.locator(".text")).to_have_text(XSS)
+    assert theirs.locator(".text").text_content() == XSS
+    assert alice.locator("#messages img").count() == 0
+    assert alice.locator("#messages b").count() == 0
+    assert bob.locator("#messages img").count() == 0
+
+    # Shift+Enter makes a new line, Enter sends both lines as one message.
+    alice.get_by_label("Message", exact=True).fill("line one")
+    alice.get_by_label("Message", exact=True).press("Shift+Enter")
+    alice.get_by_label("Message", exact=True).press_sequentially("line two")
+    alice.get_by_label("Message", exact=True).press("Enter")
+    expect(bob.locator("#messages .message .text").last).to_have_text("line one\nline two")
+    expect(alice.locator("#messages .message.mine .status").last).to_have_text("✓✓")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    alice.screenshot(path=str(ARTIFACTS / "chat.png"))
+    assert not errors, errors
+
+
+def test_reconnect_resumes_without_duplicates(browser, server: Server) -> None:
+    alice_email = register(server, "Alice")
+    bob_email = register(server, "Bob")
+    bob_api = httpx.Client(base_url=server.base_url)
+    tokens = bob_api.post("/login", json={"email": bob_email, "password": PASSWORD}).json()
+    bob_api.headers["authorization"] = f"Bearer {tokens['access_token']}"
+
+    context = browser.new_context(viewport={"width": 360, "height": 640})
+    context.add_init_script(SOCKET_SPY)
+    page = context.new_page()
+    log_in(page, server, alice_email)
+    alice_uuid = page.evaluate(
+        "async () => (await (await fetch('me', {headers: {authorization: 'Bearer ' +"
+        " JSON.parse(sessionStorage.getItem('chatd.auth')).access_token}})).json()).user_uuid"
+    )
+    chat = bob_api.post("/chats", json={"type": "private", "user_ids": [alice_uuid]}).json()
+    bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "first"})
+    page.locator(".chat-item", has_text="Bob").click()
+    texts = page.locator("#messages .message .text")
+    expect(texts).to_have_text(["first"])
+
+    # Drop the socket and keep new ones from connecting for a while.
+    page.evaluate("() => { window.__blockSockets = true; __sockets.forEach((s) => s.close()); }")
+    expect(page.locator("#conn-status")).to_have_text("reconnecting…")
+    for text in ("second", "third"):
+        bob_api.post(f"/chats/{chat['id']}/messages", json={"text": text})
+    page.evaluate("() => { window.__blockSockets = false; }")
+    expect(page.locator("#conn-status")).to_be_hidden(timeout=20000)
+    expect(texts).to_have_text(["first", "second", "third"])
+    # Live again after the resume, and still one copy of each.
+    bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "fourth"})
+    expect(texts).to_have_text(["first", "second", "third", "fourth"])
+    page.wait_for_timeout(500)
+    expect(texts).to_have_text(["first", "second", "third", "fourth"])
