@@ -32,10 +32,16 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         )
         app.state.typing_gate = TypingGate()
         app.state.writer = MessageWriter(app.state.pool, bus)
-        await bus.start()
+        try:
+            await bus.start()
+        except BaseException:
+            await app.state.pool.close()
+            raise
         try:
             yield
         finally:
+            # Batches in flight commit and fan out before the bus goes (their acks too).
+            await app.state.writer.wait_idle(timeout=5)
             await bus.close()
             await app.state.pool.close()
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
 from collections import deque
 from collections.abc import Iterable
 
 import msgspec
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from chatd.hub import Hub, Outbound
 
@@ -35,6 +34,9 @@ log = logging.getLogger("chatd")
 CHANNEL_PREFIX = b"chatd:user:"
 CLOSE_SERVICE_RESTART = 1012
 MAX_QUEUED_PUBLICATIONS = 100_000
+# A pub/sub connection only ever reads: PING it so a silently dropped one is noticed.
+PING_EVERY_SECONDS = 10
+READ_TIMEOUT_SECONDS = 3 * PING_EVERY_SECONDS
 
 
 class Envelope(msgspec.Struct, array_like=True):
@@ -55,13 +57,18 @@ class RedisBus:
         self.url = url
         self.origin = uuid.uuid4().hex
         # RESP2: pub/sub messages come back as replies to read (RESP3 pushes go elsewhere).
-        self._pool = redis.ConnectionPool.from_url(url, protocol=2)
+        self._pool = redis.ConnectionPool.from_url(
+            url, protocol=2, socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
+        )
         self._publisher = redis.Redis(connection_pool=self._pool)
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Envelope).decode
         # publishing
         self._outbox: deque[tuple[list[bytes], bytes]] = deque()
         self._outbox_ready = asyncio.Event()
+        self._outbox_empty = asyncio.Event()
+        self._outbox_empty.set()
+        self._dropping = False  # log a full outbox once, not per event
         # subscribing
         self._watchers: dict[uuid.UUID, int] = {}  # user → sockets here
         self._ready: dict[bytes, asyncio.Future[None]] = {}  # channel → subscription confirmed
@@ -83,7 +90,10 @@ class RedisBus:
             await self.close()
             raise RuntimeError(f"cannot reach Redis at {redact(self.url)}") from None
 
-    async def close(self) -> None:
+    async def close(self, flush_timeout: float = 5) -> None:
+        """Publish what is queued (for a while), then disconnect."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outbox_empty.wait(), flush_timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -98,10 +108,14 @@ class RedisBus:
         user_ids = list(user_ids)
         self.hub.deliver(user_ids, event)
         if len(self._outbox) >= MAX_QUEUED_PUBLICATIONS:
-            log.error("Redis publish queue full: dropping an event for other nodes")
+            if not self._dropping:
+                log.error("Redis publish queue full: dropping events for other processes")
+                self._dropping = True
             return
+        self._dropping = False
         payload = self._encode(Envelope(self.origin, event.text, event.message_id))
         self._outbox.append(([channel(u) for u in user_ids], payload))
+        self._outbox_empty.clear()
         self._outbox_ready.set()
 
     async def _publish_loop(self) -> None:
@@ -118,6 +132,9 @@ class RedisBus:
                 try:
                     await pipe.execute()
                     backoff = 0.1
+                except ResponseError as exc:
+                    # Redis ran every command and refused some: resending would duplicate.
+                    log.error("Redis refused a publish (%s); events dropped", exc)
                 except RedisError as exc:
                     # Retry the batch: a duplicate is better than a loss, and clients
                     # drop duplicates by message id.
@@ -125,6 +142,7 @@ class RedisBus:
                     self._outbox.extendleft(reversed(batch))
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5)
+            self._outbox_empty.set()
 
     # --- subscribing -------------------------------------------------------------------------
 
@@ -160,49 +178,73 @@ class RedisBus:
     async def _subscribe_loop(self) -> None:
         backoff = 0.1
         while True:
+            pinger = None
             try:
                 self._conn = self._pool.make_connection()
                 await self._conn.connect()
                 self._unconfirmed.clear()
+                self._connected.set()  # from here on, watch() subscribes by itself
                 if self._ready:
                     await self._send("SUBSCRIBE", *self._ready)
-                self._connected.set()
+                pinger = asyncio.create_task(self._ping_loop(self._conn))
                 backoff = 0.1
                 while True:
-                    self._on_reply(await self._conn.read_response(timeout=math.inf))
-            except (RedisError, OSError) as exc:
+                    reply = await self._conn.read_response(timeout=READ_TIMEOUT_SECONDS)
+                    self._on_reply(reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure means events may have been missed
                 was_connected = self._connected.is_set()
                 self._connected.clear()
                 with contextlib.suppress(Exception):
                     await self._conn.disconnect()
                 if was_connected:
                     log.warning(
-                        "Redis subscription lost (%s): closing this process's sockets so "
+                        "Redis subscription lost (%r): closing this process's sockets so "
                         "their clients reconnect and sync",
                         exc,
                     )
                     # Every watched channel must be confirmed again before it counts.
-                    for name in self._ready:
-                        self._ready[name] = asyncio.get_running_loop().create_future()
+                    loop = asyncio.get_running_loop()
+                    for name, ready in self._ready.items():
+                        if ready.done():
+                            self._ready[name] = loop.create_future()
                     self.hub.close_all(CLOSE_SERVICE_RESTART, "event stream interrupted")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5)
+            finally:
+                if pinger is not None:
+                    pinger.cancel()
+
+    async def _ping_loop(self, conn: redis.Connection) -> None:
+        while True:
+            await asyncio.sleep(PING_EVERY_SECONDS)
+            await conn.send_command("PING")
 
     def _on_reply(self, reply: list) -> None:
-        kind, name = reply[0], reply[1]
+        kind = reply[0]
         if kind == b"message":
-            envelope = self._decode(reply[2])
+            try:
+                envelope = self._decode(reply[2])
+                user_id = uuid.UUID(reply[1][len(CHANNEL_PREFIX) :].decode())
+            except (msgspec.DecodeError, ValueError):
+                log.warning("ignoring a malformed message on Redis channel %r", reply[1])
+                return
             if envelope.origin != self.origin:
-                user_id = uuid.UUID(name[len(CHANNEL_PREFIX) :].decode())
                 self.hub.deliver((user_id,), Outbound(envelope.text, envelope.message_id))
             return
         if kind in (b"subscribe", b"unsubscribe"):
+            name = reply[1]
             left = self._unconfirmed.get(name, 1) - 1
-            self._unconfirmed[name] = left
             ready = self._ready.get(name)
+            if left > 0:
+                self._unconfirmed[name] = left
+                return
+            self._unconfirmed.pop(name, None)
             # Only the reply to the latest command tells the channel's current state.
-            if kind == b"subscribe" and left == 0 and ready is not None and not ready.done():
+            if kind == b"subscribe" and ready is not None and not ready.done():
                 ready.set_result(None)
+        # b"pong": the connection is alive; nothing else to do
 
 
 def redact(url: str) -> str:

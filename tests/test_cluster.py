@@ -210,3 +210,21 @@ async def test_a_lost_redis_subscription_closes_sockets_so_clients_resync(
         finally:
             await b.close()
             await a.close()
+
+
+async def test_a_malformed_redis_message_is_ignored(
+    nodes: tuple[Server, Server], redis_url: str, alice: Api, bob: Api
+) -> None:
+    node_a, node_b = nodes
+    alice_a, bob_b = await on(node_a, alice), await on(node_b, bob)
+    async with await alice_a.connect() as a, await bob_b.connect() as b:
+        chat = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        await b.next_event("chat_created")
+        client = redis.Redis.from_url(redis_url)
+        try:  # garbage on Bob's channel: someone else's publisher, or an older chatd
+            await client.publish(f"chatd:user:{bob.user_uuid}", b"\xff not an envelope")
+        finally:
+            await client.aclose()
+        message = await a.request("send_message", chat_id=chat["id"], text="still here")
+        assert (await b.next_event("new_message"))["data"] == message
+        assert b.ws.close_code is None

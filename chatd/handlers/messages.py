@@ -91,6 +91,8 @@ JOIN members ON members.chat_id = accepted.chat_id
 
 MAX_BATCH = 256
 MAX_BATCHES_IN_FLIGHT = 2
+# Failures that concern one send of a batch, not all of them: the batch is redone one by one.
+_RETRY_ONE_BY_ONE = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError)
 
 
 @dataclass(slots=True)
@@ -120,27 +122,41 @@ class MessageWriter:
         if len(self._running) < MAX_BATCHES_IN_FLIGHT:
             task = asyncio.create_task(self._drain())
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
         return await done
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            try:
-                await self._store_batch(batch)
-            except asyncpg.UniqueViolationError:
-                # A client_msg_id committed meanwhile by another process: redo one by one,
-                # so only that send learns it is a retry.
-                for send in batch:
-                    await self._store_alone(send)
-            except Exception as exc:
-                for send in batch:
-                    _settle(send, exception=exc)
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    await self._store_batch(batch)
+                except _RETRY_ONE_BY_ONE:
+                    # A client_msg_id committed meanwhile by another process (or a deadlock
+                    # with one): redo one by one, so only the send concerned is affected.
+                    for send in batch:
+                        await self._store_alone(send)
+                except Exception as exc:
+                    for send in batch:
+                        _settle(send, exception=exc)
+                finally:
+                    requeued = {id(send) for send in self._queue}
+                    for send in batch:  # never leave a sender waiting
+                        if id(send) not in requeued:
+                            _settle(send, exception=RuntimeError("send was not settled"))
+        finally:
+            # No await between the empty-queue check and this: a store() that comes after
+            # sees the right count and starts a new drain.
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Let the batches in flight finish (shutdown): their acks and events go out."""
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=timeout)
 
     async def _store_alone(self, send: PendingSend) -> None:
         try:
             await self._store_batch([send])
-        except asyncpg.UniqueViolationError as exc:
+        except _RETRY_ONE_BY_ONE as exc:
             async with self.pool.acquire() as conn:
                 rows = await conn.fetch(_FIND_BY_CLIENT_IDS, [send.user_id], [send.client_msg_id])
             _settle_original(send, rows[0]) if rows else _settle(send, exception=exc)
@@ -148,10 +164,10 @@ class MessageWriter:
             _settle(send, exception=exc)
 
     async def _store_batch(self, batch: list[PendingSend]) -> None:
-        # One send per (sender, client_msg_id): a retry queued next to its original shares
-        # its outcome.
+        # One send per (sender, client_msg_id) is stored; a retry queued next to its
+        # original is answered from what the batch stored for that key.
         first: dict[tuple[uuid.UUID, str], PendingSend] = {}
-        copies: list[tuple[PendingSend, PendingSend]] = []
+        copies: list[PendingSend] = []
         unique: list[PendingSend] = []
         for send in batch:
             if send.client_msg_id is None:
@@ -159,7 +175,7 @@ class MessageWriter:
                 continue
             key = (send.user_id, send.client_msg_id)
             if key in first:
-                copies.append((send, first[key]))
+                copies.append(send)
             else:
                 first[key] = send
                 unique.append(send)
@@ -218,15 +234,27 @@ class MessageWriter:
                 _settle(send, result=results[id(send)])
             else:
                 _settle(send, exception=no_such_chat())
-        for copy, of in copies:
-            if copy.chat_id != of.chat_id:
-                error = ChatError(INVALID, "client_msg_id was already used in another chat", 422)
-                _settle(copy, exception=error)
-            elif of.done.cancelled() or of.done.exception() is not None:
-                _settle(copy, exception=of.done.exception() or no_such_chat())
-            else:
-                message, _ = of.done.result()
-                _settle(copy, result=(message, False))
+        stored_by_key = {
+            (send.user_id, send.client_msg_id): results[id(send)]
+            for send in unique
+            if send.client_msg_id is not None and id(send) in results
+        }
+        for copy in copies:
+            key = (copy.user_id, copy.client_msg_id)
+            if key in originals:
+                _settle_original(copy, originals[key])
+            elif key in stored_by_key:
+                message, _ = stored_by_key[key]
+                if message.chat_id == copy.chat_id:
+                    _settle(copy, result=(message, False))
+                else:
+                    _settle(copy, exception=_reused_elsewhere())
+            else:  # its twin stored nothing (not a member there): judge it on its own
+                self._queue.append(copy)
+
+
+def _reused_elsewhere() -> ChatError:
+    return ChatError(INVALID, "client_msg_id was already used in another chat", 422)
 
 
 def _settle(
@@ -244,8 +272,7 @@ def _settle(
 
 def _settle_original(send: PendingSend, row: asyncpg.Record) -> None:
     if row["chat_id"] != send.chat_id:
-        error = ChatError(INVALID, "client_msg_id was already used in another chat", 422)
-        _settle(send, exception=error)
+        _settle(send, exception=_reused_elsewhere())
     else:
         _settle(send, result=(message_from_row(row), False))
 
