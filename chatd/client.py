@@ -7,14 +7,26 @@
         await sock.request("send_message", chat_id=chat["id"], text="hello")
         event = await sock.next_event("new_message")
 
-The tests use it; it is also the seed of the bot SDK.
+The tests use it. `Client` builds on both for bots and scripts: it logs in, keeps its
+tokens fresh, reconnects with backoff and resumes with `sync`, so the caller sees every
+message exactly once:
+
+    async with Client("http://127.0.0.1:8000", email="bot@example.com", password="...") as c:
+        async for event in c.events():
+            if event["action"] == "new_message" and event["data"]["sender_uuid"] != c.user_uuid:
+                await c.send(event["data"]["chat_id"], "echo: " + event["data"]["text"])
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpx
@@ -174,3 +186,463 @@ class Socket:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+log = logging.getLogger("chatd.client")
+
+CLOSE_POLICY_VIOLATION = 1008  # the server's answer to a missing, invalid or expired token
+CLOSE_ABNORMAL = 1006  # what a connection that died without a close frame reports
+
+
+class ConnectionLost(ChatdError):
+    """The socket dropped before the reply came; the request may or may not have been applied."""
+
+    def __init__(self) -> None:
+        super().__init__("connection_lost", "the socket dropped before the reply")
+
+
+class _TokenRejected(Exception):
+    """/connect closed at once with 1008: the access token was refused."""
+
+    def __init__(self, token: str | None) -> None:
+        super().__init__("access token refused")
+        self.token = token
+
+
+class Client:
+    """A long-lived chatd session for bots and scripts.
+
+    It logs in, keeps the token pair fresh (refresh tokens are single-use, so renewals are
+    serialised), holds one /connect socket and replaces it after a drop, with jittered and
+    capped exponential backoff. After every (re)connect it resumes: the unread snapshot,
+    then `list_chats` for chats it has not seen, then `sync` of every chat from the highest
+    seq held without a gap. Messages are released to `events()` in seq order per chat and
+    exactly once, whichever of snapshot, sync or the live stream brought them.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        email: str | None = None,
+        password: str | None = None,
+        *,
+        backoff_base: float = 0.25,
+        backoff_cap: float = 15.0,
+        request_timeout: float = 10.0,
+        sync_limit: int = 100,
+    ) -> None:
+        self.api = Api(base_url)
+        self.email = email
+        self.password = password
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.request_timeout = request_timeout
+        self.sync_limit = sync_limit
+        self.reconnects = 0  # sockets opened after the first one
+        self.renewals = 0  # token pairs obtained after the first login
+        # Per chat: the highest seq delivered with nothing missing below it.
+        self.held: dict[int, int] = {}
+        self._ahead: dict[int, dict[int, dict[str, Any]]] = {}  # received past a gap
+        self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._socket: Socket | None = None
+        self._socket_changed = asyncio.Condition()
+        self._gap = asyncio.Event()
+        self._token_lock = asyncio.Lock()
+        self._token_ttl = 900.0
+        self._token_time = 0.0
+        self._stopped = False
+        self._failure: BaseException | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def user_uuid(self) -> str | None:
+        return self.api.user_uuid
+
+    @property
+    def socket(self) -> Socket | None:
+        """The current /connect socket, None while reconnecting."""
+        return self._socket
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Log in and wait for the first socket (retrying, with backoff, until it opens)."""
+        await self._login()
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._keep_fresh())]
+        first = asyncio.create_task(self._wait_socket())
+        done, _ = await asyncio.wait({first, self._tasks[0]}, return_when=asyncio.FIRST_COMPLETED)
+        if first not in done or first.exception() is not None:
+            first.cancel()
+            await self.close()
+            raise self._failure or ChatdError("closed", "the client stopped")
+
+    async def close(self) -> None:
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self._events.put_nowait(None)
+        async with self._socket_changed:
+            self._socket_changed.notify_all()
+
+    # -- what callers use ---------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Every server event as its frame ({"action", "data"}), until the client closes.
+
+        Messages from the unread snapshot and from `sync` come as `new_message` too.
+        """
+        while True:
+            event = await self._events.get()
+            if event is None:
+                self._events.put_nowait(None)  # let other readers end as well
+                if self._failure is not None:
+                    raise self._failure
+                return
+            yield event
+
+    async def send(self, chat_id: int, text: str, client_msg_id: str | None = None) -> Any:
+        """Send a message and return it. A drop before the ack is retried on the next socket
+        with the same client_msg_id, so the message is stored once whatever happened."""
+        fields = {"chat_id": chat_id, "text": text, "client_msg_id": client_msg_id}
+        fields["client_msg_id"] = client_msg_id or str(uuid.uuid4())
+        return await self.request("send_message", retry=True, **fields)
+
+    async def create_chat(
+        self, user_ids: Iterable[str], *, name: str | None = None, type: str | None = None
+    ) -> Any:
+        """Create a group (when named) or the private chat with one user; return the Chat."""
+        kind = type or ("group" if name is not None else "private")
+        fields: dict[str, Any] = {"type": kind, "user_ids": list(user_ids)}
+        if name is not None:
+            fields["name"] = name
+        return await self.request("create_chat", **fields)
+
+    async def mark_read(self, message_ids: int | Iterable[int]) -> Any:
+        """Move the read pointers up to these messages (idempotent, so retried after drops)."""
+        ids = [message_ids] if isinstance(message_ids, int) else list(message_ids)
+        return await self.request("mark_read", retry=True, message_ids=ids)
+
+    async def typing(self, chat_id: int) -> Any:
+        return await self.request("typing", chat_id=chat_id)
+
+    async def history(self, chat_id: int, **params: Any) -> dict[str, Any]:
+        """GET /history/{chat_id} (`page`/`page_size` or `before`/`limit`)."""
+        return await self.rest("GET", f"/history/{chat_id}", params=params)
+
+    async def chats(self, **params: Any) -> dict[str, Any]:
+        return await self.rest("GET", "/chats", params=params)
+
+    async def rest(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A REST call; a 401 renews the tokens and tries once more."""
+        token = self.api.access_token
+        try:
+            return await self.api.call(method, path, **kwargs)
+        except ChatdError as exc:
+            if exc.status != 401:
+                raise
+        await self._renew(token)
+        return await self.api.call(method, path, **kwargs)
+
+    async def request(self, action: str, *, retry: bool = False, **fields: Any) -> Any:
+        """Any /connect action; return its ack data. Without `retry` a drop before the reply
+        raises ConnectionLost; with it the same frame is sent again on the next socket."""
+        sock = await self._wait_socket()
+        while True:
+            try:
+                return await self._ask(sock, action, **fields)
+            except ConnectionLost:
+                if not retry:
+                    raise
+            sock = await self._wait_socket(old=sock)
+
+    # -- tokens -------------------------------------------------------------------------
+
+    async def _login(self) -> None:
+        if self.email is None or self.password is None:
+            raise ChatdError("invalid", "Client needs an email and a password")
+        self._took(await self.api.login(self.email, self.password))
+
+    def _took(self, tokens: dict[str, Any]) -> None:
+        self._token_ttl = float(tokens.get("expires_in") or 900)
+        self._token_time = asyncio.get_running_loop().time()
+
+    async def _renew(self, stale: str | None) -> None:
+        """Replace the token pair, unless someone did already since `stale` was in use."""
+        async with self._token_lock:
+            if self.api.access_token != stale:
+                return
+            try:
+                if self.api.refresh_token is None:
+                    raise ChatdError("unauthorized", "no refresh token", 401)
+                tokens = await self.api.refresh()
+            except ChatdError as exc:
+                if exc.status != 401:
+                    raise
+                # Spent, expired or revoked: only a fresh login helps.
+                log.info("refresh token refused, logging in again")
+                tokens = await self.api.login(self.email or "", self.password or "")
+            self._took(tokens)
+            self.renewals += 1
+
+    async def _keep_fresh(self) -> None:
+        """Renew the access token a minute before it expires (half-way for short ones)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = self._token_time + max(self._token_ttl - 60, self._token_ttl / 2)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if loop.time() < self._token_time + max(self._token_ttl - 60, self._token_ttl / 2):
+                continue  # renewed meanwhile (after a 1008 or a 401)
+            try:
+                await self._renew(self.api.access_token)
+            except (httpx.HTTPError, ChatdError) as exc:
+                log.warning("token renewal failed (%s), retrying", exc)
+                await asyncio.sleep(min(5.0, self._token_ttl / 4))
+
+    # -- the socket's life --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        refused: str | None = None  # an access token /connect turned down with 1008
+        try:
+            while not self._stopped:
+                try:
+                    if refused is not None:
+                        await self._renew(refused)
+                        refused = None
+                    sock = await self._open()
+                except _TokenRejected as exc:
+                    refused = exc.token
+                    if attempt:
+                        await self._backoff(attempt)
+                    attempt += 1
+                    continue
+                except Exception as exc:
+                    if not _transient(exc):
+                        raise
+                    log.info("connect failed (%s)", exc or type(exc).__name__)
+                    await self._backoff(attempt)
+                    attempt += 1
+                    continue
+                token = self.api.access_token
+                try:
+                    code, resumed = await self._serve(sock)
+                finally:
+                    await self._set_socket(None)
+                self.reconnects += 1
+                attempt = 0 if resumed else attempt + 1
+                log.info("socket closed with %s, reconnecting", code)
+                if code == CLOSE_POLICY_VIOLATION:
+                    refused = token
+                else:
+                    await self._backoff(attempt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("chatd client stopped: %s", exc)
+            self._failure = exc
+            self._stopped = True
+            self._events.put_nowait(None)
+            async with self._socket_changed:
+                self._socket_changed.notify_all()
+
+    async def _backoff(self, attempt: int) -> None:
+        """Full jitter: a random wait up to base * 2^attempt, capped."""
+        await asyncio.sleep(
+            random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+        )
+
+    async def _open(self) -> Socket:
+        token = self.api.access_token
+        url = "ws" + self.api.base_url.removeprefix("http") + "/connect"
+        ws = await asyncio.wait_for(
+            websockets.connect(
+                url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None
+            ),
+            self.request_timeout,
+        )
+        sock = Socket(ws)
+        first = asyncio.ensure_future(sock._events.get())
+        await asyncio.wait(
+            {first, sock._reader}, timeout=self.request_timeout, return_when="FIRST_COMPLETED"
+        )
+        if not first.done():
+            first.cancel()
+            code = ws.close_code
+            await _abort(sock)
+            if code == CLOSE_POLICY_VIOLATION:
+                raise _TokenRejected(token)
+            raise ConnectionLost()
+        frame = first.result()
+        if frame.get("action") != "unread_messages":
+            await _abort(sock)
+            raise ChatdError("protocol", f"expected unread_messages first, got {frame}")
+        sock.unread = frame
+        return sock
+
+    async def _serve(self, sock: Socket) -> tuple[int, bool]:
+        """Resume on a fresh socket, then follow it until it closes: (close code, resumed)."""
+        resumed = False
+        pump: asyncio.Task[None] | None = None
+        await self._set_socket(sock)
+        try:
+            for message in (sock.unread or {}).get("data", []):
+                self._feed(message)
+            # Before any live event is handled, so a chat's baseline comes from its read
+            # pointer rather than from whichever live message happens to come first.
+            await self._learn_chats(sock)
+            pump = asyncio.create_task(self._pump(sock))
+            await self._sync(sock, list(self.held))
+            resumed = True
+            while not pump.done():
+                gaps = [chat_id for chat_id, ahead in self._ahead.items() if ahead]
+                if gaps:
+                    await self._sync(sock, gaps)
+                    continue
+                self._gap.clear()
+                waiter = asyncio.ensure_future(self._gap.wait())
+                await asyncio.wait({waiter, pump}, return_when="FIRST_COMPLETED")
+                waiter.cancel()
+        except (ConnectionLost, TimeoutError) as exc:
+            log.info("resume interrupted: %s", exc or type(exc).__name__)
+        finally:
+            await _abort(sock)
+            if pump is not None:
+                await pump  # drains what was read before the close
+        return sock.ws.close_code or CLOSE_ABNORMAL, resumed
+
+    async def _set_socket(self, sock: Socket | None) -> None:
+        async with self._socket_changed:
+            self._socket = sock
+            self._socket_changed.notify_all()
+
+    async def _wait_socket(self, old: Socket | None = None) -> Socket:
+        def ready() -> bool:
+            return self._stopped or (self._socket is not None and self._socket is not old)
+
+        async with self._socket_changed:
+            await self._socket_changed.wait_for(ready)
+        if self._socket is None or self._stopped:
+            raise self._failure or ChatdError("closed", "the client is closed")
+        return self._socket
+
+    async def _ask(self, sock: Socket, action: str, **fields: Any) -> Any:
+        try:
+            return await sock.request(action, timeout=self.request_timeout, **fields)
+        except websockets.ConnectionClosed:
+            raise ConnectionLost() from None
+        except asyncio.CancelledError:
+            # Socket cancels the reply futures of a socket that closed; only a cancellation
+            # of this task itself is a real one.
+            task = asyncio.current_task()
+            if (task is not None and task.cancelling()) or not sock._reader.done():
+                raise
+            raise ConnectionLost() from None
+
+    async def _learn_chats(self, sock: Socket) -> None:
+        """Give chats not seen before (created or joined while away) their read pointer as
+        baseline: what is above it is what arrived for us since."""
+        before = None
+        while True:
+            fields = {"limit": 200} if before is None else {"limit": 200, "before": before}
+            page = await self._ask(sock, "list_chats", **fields)
+            for chat in page["chats"]:
+                self.held.setdefault(chat["id"], chat["read_seq"])
+            if not page["has_more"]:
+                return
+            before = page["next_before"]
+
+    async def _sync(self, sock: Socket, chat_ids: list[int]) -> None:
+        """Sync the chats from what they hold until none has more."""
+        todo = [chat_id for chat_id in chat_ids if chat_id in self.held]
+        while todo:
+            batch, todo = todo[:1000], todo[1000:]
+            chats = {str(chat_id): self.held[chat_id] for chat_id in batch if chat_id in self.held}
+            reply = await self._ask(sock, "sync", chats=chats, limit=self.sync_limit)
+            for key, entry in reply["chats"].items():
+                chat_id = int(key)
+                if entry.get("error"):
+                    self._forget(chat_id)
+                    continue
+                for message in entry["messages"]:
+                    self._feed(message)
+                if entry["has_more"]:
+                    todo.append(chat_id)
+
+    async def _pump(self, sock: Socket) -> None:
+        """Handle the socket's events until it closes, then those still queued."""
+        while not sock._reader.done():
+            getter = asyncio.ensure_future(sock._events.get())
+            await asyncio.wait({getter, sock._reader}, return_when="FIRST_COMPLETED")
+            if getter.done():
+                self._handle(getter.result())
+            else:
+                getter.cancel()
+        for frame in sock.pending_events():
+            self._handle(frame)
+
+    def _handle(self, frame: dict[str, Any]) -> None:
+        action = frame.get("action")
+        data = frame.get("data")
+        if action in ("ack", "error"):
+            if action == "error":
+                log.warning("error frame without a waiting request: %s", frame.get("error"))
+            return
+        if action == "new_message":
+            self._feed(data)
+            return
+        if action == "chat_created":
+            self.held.setdefault(data["id"], 0)
+        elif action == "chat_deleted" or (
+            action == "member_removed" and data.get("user_uuid") == self.user_uuid
+        ):
+            self._forget(data["chat_id"])
+        self._events.put_nowait(frame)
+
+    def _feed(self, message: dict[str, Any]) -> None:
+        """Take a message from any source; release it if it is the next of its chat."""
+        chat_id, seq = message["chat_id"], message["seq"]
+        held = self.held.setdefault(chat_id, seq - 1)  # a chat first seen through a message
+        if seq <= held:
+            return  # had it already
+        if seq > held + 1:
+            self._ahead.setdefault(chat_id, {})[seq] = message
+            self._gap.set()
+            return
+        ahead = self._ahead.get(chat_id, {})
+        while message is not None:
+            self._events.put_nowait({"action": "new_message", "data": message})
+            held += 1
+            message = ahead.pop(held + 1, None)
+        self.held[chat_id] = held
+        if not ahead:
+            self._ahead.pop(chat_id, None)
+
+    def _forget(self, chat_id: int) -> None:
+        self.held.pop(chat_id, None)
+        self._ahead.pop(chat_id, None)
+
+
+async def _abort(sock: Socket) -> None:
+    """Close a socket without waiting on a peer that may be gone."""
+    try:
+        await asyncio.wait_for(sock.close(), 2)
+    except (TimeoutError, websockets.WebSocketException, OSError):
+        sock.ws.transport.abort()
+        with contextlib.suppress(BaseException):
+            await sock._reader
+
+
+def _transient(exc: Exception) -> bool:
+    """Worth another attempt: the network, the server restarting, a dropped socket."""
+    if isinstance(exc, ChatdError):
+        return isinstance(exc, ConnectionLost) or (exc.status or 0) >= 500
+    return isinstance(exc, OSError | TimeoutError | websockets.WebSocketException | httpx.HTTPError)

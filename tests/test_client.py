@@ -1,0 +1,268 @@
+"""chatd.client.Client against a real server: delivery, resume after drops, tokens, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatd.client import Api, ChatdError, Client
+from tests.conftest import PASSWORD, Server, start_server, stop_server
+
+
+class Events:
+    """Collects a Client's events in the background so a test can wait for some."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.seen: list[dict[str, Any]] = []
+        self._arrived = asyncio.Event()
+        self._task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        async for event in self.client.events():
+            self.seen.append(event)
+            self._arrived.set()
+
+    def messages(self, chat_id: int | None = None) -> list[dict[str, Any]]:
+        return [
+            e["data"]
+            for e in self.seen
+            if e["action"] == "new_message" and chat_id in (None, e["data"]["chat_id"])
+        ]
+
+    async def wait(self, predicate: Any, timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    async def next(self, action: str, timeout: float = 10) -> dict[str, Any]:
+        start = len(self.seen)
+        await self.wait(lambda: any(e["action"] == action for e in self.seen[start:]), timeout)
+        return next(e for e in self.seen[start:] if e["action"] == action)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@contextlib.asynccontextmanager
+async def client_for(api: Api, base_url: str) -> AsyncIterator[tuple[Client, Events]]:
+    async with Client(base_url, email=api.email, password=PASSWORD, backoff_base=0.05) as c:  # type: ignore[attr-defined]
+        events = Events(c)
+        try:
+            yield c, events
+        finally:
+            await events.stop()
+
+
+def drop(client: Client) -> None:
+    """Kill the client's connection abruptly, as a network failure would."""
+    assert client.socket is not None
+    client.socket.ws.transport.abort()
+
+
+async def wait_reconnected(client: Client, count: int, timeout: float = 10) -> None:
+    await socket_state(client, lambda: client.reconnects >= count and client.socket is not None)
+
+
+async def socket_state(client: Client, predicate: Any, timeout: float = 10) -> None:
+    """Wait until `predicate` holds, checked whenever the client's socket changes."""
+    async with asyncio.timeout(timeout), client._socket_changed:
+        await client._socket_changed.wait_for(predicate)
+
+
+async def test_send_receive_create_chat_and_read_receipts(
+    server: Server, alice: Api, bob: Api
+) -> None:
+    async with client_for(alice, server.base_url) as (a, a_events):
+        async with client_for(bob, server.base_url) as (b, b_events):
+            chat = await a.create_chat([bob.user_uuid], name="team")
+            assert chat["type"] == "group"
+            created = await b_events.next("chat_created")
+            assert created["data"]["id"] == chat["id"]
+
+            sent = await a.send(chat["id"], "hello bob")
+            await b_events.wait(lambda: b_events.messages(chat["id"]))
+            [got] = b_events.messages(chat["id"])
+            assert got["id"] == sent["id"] and got["text"] == "hello bob"
+
+            reply = await b.send(chat["id"], "hi alice")
+            await a_events.wait(lambda: len(a_events.messages(chat["id"])) == 2)
+            assert [m["id"] for m in a_events.messages(chat["id"])] == [sent["id"], reply["id"]]
+
+            ack = await a.mark_read(reply["id"])
+            assert ack == {"read_upto": {str(chat["id"]): reply["id"]}}
+            receipt = await b_events.next("message_read")
+            assert receipt["data"] == {"message_id": reply["id"], "chat_id": chat["id"]}
+
+            history = await a.history(chat["id"])
+            assert [m["id"] for m in history["messages"]] == [sent["id"], reply["id"]]
+
+
+async def test_unread_snapshot_surfaces_once(server: Server, alice: Api, bob: Api) -> None:
+    async with await alice.connect() as sock:
+        chat = await sock.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        sent = [
+            await sock.request("send_message", chat_id=chat["id"], text=f"m{n}") for n in range(3)
+        ]
+    async with client_for(bob, server.base_url) as (_, events):
+        await events.wait(lambda: len(events.messages()) >= 3)
+        assert [m["id"] for m in events.messages()] == [m["id"] for m in sent]
+        # Nothing more arrives for those: the next message is the only new one.
+        live = await alice_send(alice, chat["id"], "live")
+        await events.wait(lambda: len(events.messages()) >= 4)
+        assert [m["id"] for m in events.messages()][3:] == [live["id"]]
+
+
+async def alice_send(api: Api, chat_id: int, text: str) -> dict[str, Any]:
+    return await api.call("POST", f"/chats/{chat_id}/messages", json={"text": text})
+
+
+async def test_reconnect_and_resume_lose_and_duplicate_nothing(
+    server: Server, alice: Api, bob: Api
+) -> None:
+    async with client_for(alice, server.base_url) as (a, events):
+        async with await bob.connect() as b:
+            chat = await b.request("create_chat", type="private", user_ids=[alice.user_uuid])
+            total = 60
+
+            async def keep_sending() -> None:
+                for n in range(total):
+                    await b.request("send_message", chat_id=chat["id"], text=f"n{n}")
+
+            sender = asyncio.create_task(keep_sending())
+            for drops in range(1, 4):
+                await events.wait(lambda d=drops: len(events.messages()) >= d * 10)
+                drop(a)
+                await wait_reconnected(a, drops)
+            await sender
+
+            # Away for a while: the reconnect is held back while Bob sends more and
+            # creates a chat the client has never heard of.
+            gate = asyncio.Event()
+            original_open = a._open
+
+            async def gated_open() -> Any:
+                await gate.wait()
+                return await original_open()
+
+            a._open = gated_open  # type: ignore[method-assign]
+            drop(a)
+            await socket_state(a, lambda: a.socket is None)
+            for n in range(5):
+                await b.request("send_message", chat_id=chat["id"], text=f"away{n}")
+            carol = await Api(server.base_url).register(
+                "Carol", f"c-{uuid.uuid4().hex}@x.io", PASSWORD
+            )
+            other = await b.request(
+                "create_chat",
+                type="group",
+                name="new",
+                user_ids=[alice.user_uuid, carol["user_uuid"]],
+            )
+            await b.request("send_message", chat_id=other["id"], text="while you were away")
+            gate.set()
+            await wait_reconnected(a, 4)
+
+            marker = await b.request("send_message", chat_id=chat["id"], text="marker")
+            await events.wait(lambda: marker["id"] in [m["id"] for m in events.messages()])
+            await events.wait(lambda: events.messages(other["id"]))
+
+    seqs = [m["seq"] for m in events.messages(chat["id"])]
+    assert seqs == list(range(1, total + 5 + 2))
+    assert [m["text"] for m in events.messages(other["id"])] == ["while you were away"]
+
+
+async def test_send_retried_after_a_lost_ack_creates_one_message(
+    server: Server, alice: Api, bob: Api
+) -> None:
+    async with client_for(alice, server.base_url) as (a, events), await bob.connect() as b:
+        chat = await a.create_chat([bob.user_uuid])
+
+        # The same client_msg_id twice: one message.
+        first = await a.send(chat["id"], "once", client_msg_id="fixed-1")
+        again = await a.send(chat["id"], "once", client_msg_id="fixed-1")
+        assert again["id"] == first["id"]
+
+        # A send whose ack never arrives: the frame reaches the server, then the
+        # connection dies. The client re-sends it on the next socket, same client_msg_id.
+        sock = a.socket
+        assert sock is not None
+        original = sock.send
+
+        async def send_then_lose_ack(frame: dict[str, Any]) -> None:
+            if frame.get("action") == "send_message":
+                frame = {**frame, "request_id": "lost-" + frame["request_id"]}
+                await original(frame)
+                while (await b.next_event("new_message"))["data"]["text"] != "lost ack":
+                    pass
+                sock.ws.transport.abort()
+            else:
+                await original(frame)
+
+        sock.send = send_then_lose_ack  # type: ignore[method-assign]
+        message = await asyncio.wait_for(a.send(chat["id"], "lost ack"), 10)
+        assert a.reconnects >= 1
+        history = await a.history(chat["id"])
+        assert [m["text"] for m in history["messages"]] == ["once", "lost ack"]
+        assert message["id"] == history["messages"][-1]["id"]
+        await events.wait(lambda: len(events.messages()) == 2)
+        assert [m["id"] for m in events.messages()] == [first["id"], message["id"]]
+        assert b.pending_events() == []  # delivered to Bob once
+
+
+@pytest.fixture
+async def short_ttl_server(database_url: str, tmp_path: Path) -> AsyncIterator[Server]:
+    srv = await asyncio.to_thread(start_server, database_url, tmp_path, CHATD_ACCESS_TOKEN_TTL="2")
+    yield srv
+    await asyncio.to_thread(stop_server, srv)
+
+
+async def test_tokens_are_refreshed_past_expiry(short_ttl_server: Server) -> None:
+    base = short_ttl_server.base_url
+    email = f"bot-{uuid.uuid4().hex[:8]}@example.com"
+    await Api(base).register("Bot", email, PASSWORD)
+    peer = await Api(base).register("Peer", f"peer-{uuid.uuid4().hex[:8]}@x.io", PASSWORD)
+    async with Client(base, email=email, password=PASSWORD, backoff_base=0.05) as c:
+        events = Events(c)
+        first_token = c.api.access_token
+        chat = await c.create_chat([peer["user_uuid"]])
+
+        # Wait until the first access token has really expired.
+        stale = Api(base, access_token=first_token)
+
+        async def expired() -> None:
+            while True:
+                try:
+                    await stale.me()
+                except ChatdError as exc:
+                    assert exc.status == 401
+                    return
+                await asyncio.sleep(0.2)
+
+        await asyncio.wait_for(expired(), 10)
+        assert c.renewals >= 1 and c.api.access_token != first_token
+        assert (await c.history(chat["id"]))["messages"] == []  # REST with a fresh token
+
+        # A reconnect after expiry connects with a fresh token.
+        drop(c)
+        await wait_reconnected(c, 1)
+        sent = await c.send(chat["id"], "still here")
+        await events.wait(lambda: [m["id"] for m in events.messages()] == [sent["id"]])
+
+        # A token refused by /connect (1008) makes the client renew and carry on.
+        c.api.access_token = "not-a-token"
+        drop(c)
+        await wait_reconnected(c, 2)
+        again = await c.send(chat["id"], "and here")
+        await events.wait(lambda: len(events.messages()) == 2)
+        assert events.messages()[-1]["id"] == again["id"]
+        await events.stop()
