@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint migrate clean
+# Browser tests drive Debian's Chromium through Playwright; no browser is ever downloaded.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: run test lint migrate clean browser-deps browser-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +24,30 @@ migrate: $(STAMP)
 	$(BIN)/chatd migrate
 
 test: $(STAMP)
-	$(BIN)/ruff check chatd tests
+	$(BIN)/ruff check chatd tests examples
 	$(BIN)/pytest
+	@$(MAKE) --no-print-directory browser-test
+
+# Installs Debian's chromium when it is missing and we may (root, apt-get).
+browser-deps:
+	@if [ ! -x "$(CHROMIUM)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } || true; \
+	fi
+
+# Runs the real-browser tests when Chromium is there, and says so loudly when it is not.
+browser-test: $(STAMP) browser-deps
+	@if [ -x "$(CHROMIUM)" ]; then \
+	  CHATD_BROWSER_TESTS=1 CHATD_CHROMIUM=$(CHROMIUM) $(BIN)/pytest tests/browser; \
+	else \
+	  echo "*** browser tests NOT RUN: no Chromium at $(CHROMIUM)."; \
+	  echo "*** Install Debian's chromium (make browser-deps as root) or set CHROMIUM=..."; \
+	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check chatd tests
+	$(BIN)/ruff check chatd tests examples
 	$(BIN)/ruff format --check chatd tests
 
 clean:
