@@ -90,8 +90,8 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(database_url: str, workdir: Path, **env: str) -> Server:
-    port = free_port()
+def start_server(database_url: str, workdir: Path, port: int | None = None, **env: str) -> Server:
+    port = port or free_port()
     log_path = workdir / f"server-{port}.log"
     full_env = {
         **os.environ,

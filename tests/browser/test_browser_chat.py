@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright import sync_api
 
-from tests.conftest import PASSWORD, ROOT, Server
+from tests.conftest import PASSWORD, ROOT, Server, start_server, stop_server
 
-sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
 CHROMIUM = os.environ.get("CHATD_CHROMIUM", "/usr/bin/chromium")
@@ -41,8 +41,8 @@ window.WebSocket = class extends RealWebSocket {
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[object]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
+    # `make test` runs these only where Chromium is; run by hand without it, fail clearly.
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (make browser-deps)"
     # launch() starts Chromium with a fresh temporary profile (user-data dir) every time.
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -170,3 +170,40 @@ def test_reconnect_resumes_without_duplicates(browser, server: Server) -> None:
     expect(texts).to_have_text(["first", "second", "third", "fourth"])
     page.wait_for_timeout(500)
     expect(texts).to_have_text(["first", "second", "third", "fourth"])
+
+
+def test_the_page_recovers_when_the_server_restarts(
+    browser, database_url: str, tmp_path: Path
+) -> None:
+    server = start_server(database_url, tmp_path)
+    port = int(server.base_url.rsplit(":", 1)[1])
+    try:
+        alice_email = register(server, "Alice")
+        bob_email = register(server, "Bob")
+        bob_api = httpx.Client(base_url=server.base_url)
+        tokens = bob_api.post("/login", json={"email": bob_email, "password": PASSWORD}).json()
+        bob_api.headers["authorization"] = f"Bearer {tokens['access_token']}"
+
+        page = browser.new_context().new_page()
+        log_in(page, server, alice_email)
+        alice_uuid = page.evaluate(
+            "async () => (await (await fetch('me', {headers: {authorization: 'Bearer ' +"
+            " JSON.parse(sessionStorage.getItem('chatd.auth')).access_token}})).json()).user_uuid"
+        )
+        chat = bob_api.post("/chats", json={"type": "private", "user_ids": [alice_uuid]}).json()
+        bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "before the restart"})
+        page.locator(".chat-item", has_text="Bob").click()
+        texts = page.locator("#messages .message .text")
+        expect(texts).to_have_text(["before the restart"])
+
+        stop_server(server)  # SIGTERM: the page loses its socket
+        expect(page.locator("#conn-status")).to_have_text("reconnecting…")
+        server = start_server(database_url, tmp_path, port=port)
+        bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "after the restart"})
+
+        expect(page.locator("#conn-status")).to_be_hidden(timeout=30000)
+        expect(texts).to_have_text(["before the restart", "after the restart"])
+        page.wait_for_timeout(500)
+        expect(texts).to_have_text(["before the restart", "after the restart"])
+    finally:
+        stop_server(server)
