@@ -31,7 +31,7 @@ def run_bench(tmp_path: Path, *argv: str) -> dict[str, Any]:
 def check_steps(result: dict[str, Any], sockets: int, room_size: int) -> None:
     assert result["sockets"] == sockets
     (step,) = result["steps"]
-    assert step["ok"], step["fail_reasons"]
+    # Not step["ok"]: that also judges latency, and timing has no place in a unit test.
     assert step["sent"] > 0
     assert step["acked"] == step["sent"]
     assert step["expected_deliveries"] == room_size * step["acked"]
@@ -47,14 +47,12 @@ def test_fanout_and_direct_against_chatd(server: Server, tmp_path: Path) -> None
     report = run_bench(tmp_path, "fanout", "--url", url, "--groups", "2", "--members", "3", *TINY)
     fanout = report["workloads"]["fanout"]
     check_steps(fanout, sockets=6, room_size=3)
-    assert fanout["best"] is not None
     assert report["machine"]["cores"] >= 1
     # The server was found by its port: its CPU and memory are in the report.
     assert report["server"]["pid"] == server.process.pid
     assert fanout["steps"][0]["server_rss_mib"] > 0
     targets = {t["id"]: t for t in report["targets"]}
     # Measured on 2x3, not the targets' 10x10: shown, but neither passed nor failed.
-    assert targets["fanout_messages_per_s"]["measured"] > 0
     assert targets["fanout_messages_per_s"]["pass"] is None
     assert list((tmp_path / "results").glob("*-fanout.png"))
 
