@@ -207,3 +207,32 @@ def test_the_page_recovers_when_the_server_restarts(
         expect(texts).to_have_text(["before the restart", "after the restart"])
     finally:
         stop_server(server)
+
+
+def test_tokens_are_refreshed_before_they_expire(
+    browser, database_url: str, tmp_path: Path
+) -> None:
+    # Access tokens that live 3 s: the page must keep renewing them to keep working.
+    server = start_server(database_url, tmp_path, CHATD_ACCESS_TOKEN_TTL="3")
+    try:
+        alice_email = register(server, "Alice")
+        register(server, "Bob")
+        context = browser.new_context()
+        context.add_init_script(SOCKET_SPY)
+        page = context.new_page()
+        log_in(page, server, alice_email)
+        first_token = page.evaluate(
+            "() => JSON.parse(sessionStorage.getItem('chatd.auth')).access_token"
+        )
+        page.wait_for_timeout(5000)  # well past the first token's expiry
+        token = page.evaluate("() => JSON.parse(sessionStorage.getItem('chatd.auth')).access_token")
+        assert token != first_token
+        me = httpx.get(server.base_url + "/me", headers={"authorization": f"Bearer {token}"})
+        assert me.status_code == 200  # the page holds a live token
+
+        # A reconnect after the expiry works too (the page is still logged in, and live).
+        page.evaluate("() => __sockets.forEach((s) => s.close())")
+        expect(page.locator("#conn-status")).to_be_hidden(timeout=20000)
+        expect(page.locator("#app-view")).to_be_visible()
+    finally:
+        stop_server(server)
