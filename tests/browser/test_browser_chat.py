@@ -69,6 +69,22 @@ def log_in(page, server: Server, email: str) -> None:
     expect(page.locator("#app-view")).to_be_visible()
 
 
+def logged_in_client(server: Server, email: str) -> httpx.Client:
+    """A REST client for another user, outside the browser."""
+    client = httpx.Client(base_url=server.base_url)
+    tokens = client.post("/login", json={"email": email, "password": PASSWORD}).json()
+    client.headers["authorization"] = f"Bearer {tokens['access_token']}"
+    return client
+
+
+def page_user_uuid(page) -> str:
+    """Who the page is logged in as, asked with the page's own token."""
+    return page.evaluate(
+        "async () => (await (await fetch('me', {headers: {authorization: 'Bearer ' +"
+        " JSON.parse(sessionStorage.getItem('chatd.auth')).access_token}})).json()).user_uuid"
+    )
+
+
 def test_two_users_chat_live(browser, server: Server, tmp_path: Path) -> None:
     alice_email = register(server, "Alice")
     bob_name = f"Bob{uuid.uuid4().hex[:6]}"
@@ -139,18 +155,13 @@ def test_two_users_chat_live(browser, server: Server, tmp_path: Path) -> None:
 def test_reconnect_resumes_without_duplicates(browser, server: Server) -> None:
     alice_email = register(server, "Alice")
     bob_email = register(server, "Bob")
-    bob_api = httpx.Client(base_url=server.base_url)
-    tokens = bob_api.post("/login", json={"email": bob_email, "password": PASSWORD}).json()
-    bob_api.headers["authorization"] = f"Bearer {tokens['access_token']}"
+    bob_api = logged_in_client(server, bob_email)
 
     context = browser.new_context(viewport={"width": 360, "height": 640})
     context.add_init_script(SOCKET_SPY)
     page = context.new_page()
     log_in(page, server, alice_email)
-    alice_uuid = page.evaluate(
-        "async () => (await (await fetch('me', {headers: {authorization: 'Bearer ' +"
-        " JSON.parse(sessionStorage.getItem('chatd.auth')).access_token}})).json()).user_uuid"
-    )
+    alice_uuid = page_user_uuid(page)
     chat = bob_api.post("/chats", json={"type": "private", "user_ids": [alice_uuid]}).json()
     bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "first"})
     page.locator(".chat-item", has_text="Bob").click()
@@ -180,16 +191,11 @@ def test_the_page_recovers_when_the_server_restarts(
     try:
         alice_email = register(server, "Alice")
         bob_email = register(server, "Bob")
-        bob_api = httpx.Client(base_url=server.base_url)
-        tokens = bob_api.post("/login", json={"email": bob_email, "password": PASSWORD}).json()
-        bob_api.headers["authorization"] = f"Bearer {tokens['access_token']}"
+        bob_api = logged_in_client(server, bob_email)
 
         page = browser.new_context().new_page()
         log_in(page, server, alice_email)
-        alice_uuid = page.evaluate(
-            "async () => (await (await fetch('me', {headers: {authorization: 'Bearer ' +"
-            " JSON.parse(sessionStorage.getItem('chatd.auth')).access_token}})).json()).user_uuid"
-        )
+        alice_uuid = page_user_uuid(page)
         chat = bob_api.post("/chats", json={"type": "private", "user_ids": [alice_uuid]}).json()
         bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "before the restart"})
         page.locator(".chat-item", has_text="Bob").click()
