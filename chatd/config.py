@@ -27,6 +27,8 @@ class Settings:
     max_frame_bytes: int = 64 * 1024
     # Off by default: per-socket compression state costs ~35 KiB and CPU on every frame.
     ws_deflate: bool = False
+    # Browser origins allowed to open /connect besides the server's own ("*": any).
+    allowed_origins: tuple[str, ...] = ()
     send_queue_size: int = 1024
     db_pool_size: int = 20
     log_level: str = "info"
@@ -47,6 +49,11 @@ class Settings:
             refresh_token_ttl=_int(env, "CHATD_REFRESH_TOKEN_TTL", 7 * 24 * 3600),
             send_queue_size=_int(env, "CHATD_SEND_QUEUE_SIZE", 1024),
             ws_deflate=_bool(env, "CHATD_WS_DEFLATE"),
+            allowed_origins=tuple(
+                o.strip().rstrip("/")
+                for o in env.get("CHATD_ALLOWED_ORIGINS", "").split(",")
+                if o.strip()
+            ),
             db_pool_size=_int(env, "CHATD_DB_POOL_SIZE", 20),
             log_level=env.get("CHATD_LOG_LEVEL", "info").lower(),
         )

@@ -66,6 +66,11 @@ LIMIT $2
 async def connect_endpoint(websocket: WebSocket) -> None:
     state = websocket.app.state
     await websocket.accept()
+    if not origin_allowed(websocket, state.settings.allowed_origins):
+        # Cross-site WebSocket hijacking: another site's page would ride on the user's
+        # token (from its own ?token= guess or a leaked one) with the browser's help.
+        await websocket.close(CLOSE_POLICY_VIOLATION, "origin not allowed")
+        return
     token = bearer_token(websocket.headers.get("authorization"))
     token = token or websocket.query_params.get("token")
     try:
@@ -90,6 +95,18 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     finally:
         state.hub.remove(session)
         await state.bus.unwatch(user_id)  # balances watch, even one that failed
+
+
+def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
+    """Non-browser clients send no Origin; browsers may come from chatd itself or the list."""
+    origin = websocket.headers.get("origin")
+    if origin is None or "*" in allowed:
+        return True
+    origin = origin.rstrip("/")
+    if origin in allowed:
+        return True
+    host = websocket.headers.get("host", "")
+    return origin.split("://", 1)[-1] == host  # same origin: the page chatd served
 
 
 class Session:

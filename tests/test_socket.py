@@ -195,3 +195,28 @@ async def test_compression_is_off_unless_configured(
             assert json.loads(await ws.recv())["action"] == "unread_messages"
     finally:
         stop_server(deflating)
+
+
+async def test_other_sites_cannot_open_a_socket(
+    server: Server, alice: Api, database_url: str, tmp_path
+) -> None:
+    """Cross-site WebSocket hijacking: browsers send Origin, and only known ones get in."""
+    from tests.conftest import start_server, stop_server
+
+    auth = {"Authorization": f"Bearer {alice.access_token}"}
+    evil = {**auth, "Origin": "https://evil.example"}
+    assert await closed_with(server.ws_url, evil) == 1008
+    # The page chatd serves itself (/chat) is same-origin; bots send no Origin at all.
+    async with websockets.connect(
+        server.ws_url, additional_headers={**auth, "Origin": server.base_url}
+    ) as ws:
+        assert json.loads(await ws.recv())["action"] == "unread_messages"
+
+    listed = start_server(database_url, tmp_path, CHATD_ALLOWED_ORIGINS="https://app.example")
+    try:
+        app = {**auth, "Origin": "https://app.example"}
+        async with websockets.connect(listed.ws_url, additional_headers=app) as ws:
+            assert json.loads(await ws.recv())["action"] == "unread_messages"
+        assert await closed_with(listed.ws_url, evil) == 1008
+    finally:
+        stop_server(listed)
