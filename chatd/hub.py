@@ -71,6 +71,9 @@ class Bus(Protocol):
 
     async def close(self) -> None: ...
 
+    async def problem(self) -> str | None:
+        """Why events cannot cross processes right now, or None when they can."""
+
 
 class LocalBus:
     """Delivers to the sockets of this process: everything is local, nothing to watch."""
@@ -92,3 +95,6 @@ class LocalBus:
 
     async def close(self) -> None:
         pass
+
+    async def problem(self) -> str | None:
+        return None

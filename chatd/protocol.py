@@ -419,6 +419,12 @@ class Health(Struct):
     status: str
 
 
+class Readiness(Struct):
+    status: Literal["ready", "not ready"]
+    database: str  # "ok", or what is wrong
+    redis: str  # "ok", "not configured", or what is wrong
+
+
 class CreateChatRequest(Struct):
     type: Literal["group", "private"]
     user_ids: UserIds

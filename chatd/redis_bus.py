@@ -102,6 +102,15 @@ class RedisBus:
         await self._publisher.aclose()
         await self._pool.disconnect()
 
+    async def problem(self) -> str | None:
+        if not self._connected.is_set():
+            return "the Redis subscription is down"
+        try:
+            await asyncio.wait_for(self._publisher.ping(), 2)
+        except Exception as exc:
+            return f"Redis does not answer: {exc!r}"
+        return None
+
     # --- publishing --------------------------------------------------------------------------
 
     async def publish(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:

@@ -3,6 +3,7 @@ the chat and message routes, which run the same handlers as the socket's actions
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,7 @@ from chatd.protocol import (
     Me,
     Member,
     Message,
+    Readiness,
     ReadRequest,
     ReadUpto,
     RefreshRequest,
@@ -428,6 +430,23 @@ async def mark_read(request: Request) -> Response:
     return json_response(await reads.read_up_to(ctx, [body.up_to], chat_id=chat_id))
 
 
+async def readyz(request: Request) -> Response:
+    """Readiness for load balancers: the database answers, and Redis when configured."""
+    state = request.app.state
+    try:
+        await asyncio.wait_for(state.pool.fetchval("SELECT 1"), 2)
+        database = "ok"
+    except Exception as exc:
+        database = f"unavailable: {exc!r}"
+    if state.settings.redis_url:
+        redis = await state.bus.problem() or "ok"
+    else:
+        redis = "not configured"
+    ready = database == "ok" and redis in ("ok", "not configured")
+    body = Readiness("ready" if ready else "not ready", database=database, redis=redis)
+    return json_response(body, 200 if ready else 503)
+
+
 async def healthz(request: Request) -> Response:
     return json_response(Health("ok"))
 
@@ -598,4 +617,13 @@ OPERATIONS = [
         errors=(400, 404, 413, 422),
     ),
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False),
+    Operation(
+        "GET",
+        "/readyz",
+        readyz,
+        "Readiness: the database (and Redis, when configured) answer",
+        Readiness,
+        also_ok=(503,),
+        auth=False,
+    ),
 ]

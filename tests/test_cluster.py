@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio as redis
 
@@ -228,3 +229,10 @@ async def test_a_malformed_redis_message_is_ignored(
         message = await a.request("send_message", chat_id=chat["id"], text="still here")
         assert (await b.next_event("new_message"))["data"] == message
         assert b.ws.close_code is None
+
+
+async def test_a_node_with_redis_is_ready(nodes: tuple[Server, Server]) -> None:
+    async with httpx.AsyncClient(base_url=nodes[0].base_url) as http:
+        response = await http.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "database": "ok", "redis": "ok"}
