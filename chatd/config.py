@@ -11,12 +11,15 @@ from pathlib import Path
 log = logging.getLogger("chatd")
 
 DEFAULT_DATA_DIR = ".chatd"
+MIN_SECRET_CHARS = 32
+_WEAK_SECRETS = {"secret", "changeme", "change-me", "password", "chatd", "development", "test"}
 
 
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
     secret: str
+    dev: bool = False  # development mode: tolerates a weak CHATD_SECRET
     redis_url: str | None = None
     workers: int = 1
     host: str = "127.0.0.1"
@@ -37,9 +40,14 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         data_dir = Path(env.get("CHATD_DATA_DIR", DEFAULT_DATA_DIR))
+        dev = _bool(env, "CHATD_DEV")
+        secret = env.get("CHATD_SECRET")
+        if secret:
+            _check_secret(secret, dev)
         return cls(
             database_url=env.get("CHATD_DATABASE_URL") or None,
-            secret=env.get("CHATD_SECRET") or _stored_secret(data_dir),
+            secret=secret or _stored_secret(data_dir),
+            dev=dev,
             redis_url=env.get("CHATD_REDIS_URL") or None,
             workers=_int(env, "CHATD_WORKERS", 1),
             host=env.get("CHATD_HOST", "127.0.0.1"),
@@ -70,6 +78,19 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise SystemExit(f"{name} must be positive, got {value}")
     return value
+
+
+def _check_secret(secret: str, dev: bool) -> None:
+    """Anyone who knows the signing key can mint tokens for every user: refuse a guessable one."""
+    weak = len(secret) < MIN_SECRET_CHARS or secret.strip().lower() in _WEAK_SECRETS
+    if weak and not dev:
+        raise SystemExit(
+            f"CHATD_SECRET is too weak: use at least {MIN_SECRET_CHARS} random characters "
+            "(e.g. openssl rand -base64 48), or leave it unset to have one generated; "
+            "CHATD_DEV=true accepts it for development"
+        )
+    if weak:
+        log.warning("CHATD_SECRET is weak; accepted because CHATD_DEV is set")
 
 
 def _bool(env: dict[str, str], name: str) -> bool:
