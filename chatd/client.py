@@ -20,7 +20,6 @@ message exactly once:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -134,7 +133,8 @@ class Socket:
                 frame = json.loads(raw)
                 future = self._pending.pop(frame.get("request_id") or "", None)
                 if future is not None and frame.get("action") in ("ack", "error"):
-                    future.set_result(frame)
+                    if not future.done():  # its requester may have timed out or gone
+                        future.set_result(frame)
                 else:
                     self._events.put_nowait(frame)
         except websockets.ConnectionClosed:
@@ -148,8 +148,14 @@ class Socket:
         request_id = f"r{next(self._ids)}"
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        await self.send({"action": action, "request_id": request_id, **fields})
-        frame = await asyncio.wait_for(future, timeout)
+        try:
+            await self.send({"action": action, "request_id": request_id, **fields})
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives together with the reply (CPython gh-86296).
+            async with asyncio.timeout(timeout):
+                frame = await future
+        finally:
+            self._pending.pop(request_id, None)
         if frame["action"] == "error":
             raise ChatdError(frame["error"]["code"], frame["error"]["message"])
         return frame["data"]
@@ -284,10 +290,13 @@ class Client:
     async def close(self) -> None:
         self._stopped = True
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Cancel until it is done: a cancel can be lost inside a wait that completes at
+            # the same moment (Python 3.11), and one lost cancel would wait here forever.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1)
+            if not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" warning
         self._tasks = []
         self._events.put_nowait(None)
         async with self._socket_changed:
@@ -463,12 +472,10 @@ class Client:
     async def _open(self) -> Socket:
         token = self.api.access_token
         url = "ws" + self.api.base_url.removeprefix("http") + "/connect"
-        ws = await asyncio.wait_for(
-            websockets.connect(
+        async with asyncio.timeout(self.request_timeout):  # not wait_for: see Socket.request
+            ws = await websockets.connect(
                 url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None
-            ),
-            self.request_timeout,
-        )
+            )
         sock = Socket(ws)
         first = asyncio.ensure_future(sock._events.get())
         await asyncio.wait(
@@ -637,8 +644,7 @@ async def _abort(sock: Socket) -> None:
         await asyncio.wait_for(sock.close(), 2)
     except (TimeoutError, websockets.WebSocketException, OSError):
         sock.ws.transport.abort()
-        with contextlib.suppress(BaseException):
-            await sock._reader
+        await asyncio.wait({sock._reader})  # without swallowing a cancel meant for us
 
 
 def _transient(exc: Exception) -> bool:
