@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.routing import WebSocketRoute
+from starlette.routing import Route, WebSocketRoute
 
-from chatd import openapi, rest, webapp
+from chatd import metrics, openapi, rest, webapp
 from chatd.config import Settings
 from chatd.db import create_pool
 from chatd.handlers.messages import MessageWriter
@@ -26,6 +26,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.pool = await create_pool(database_url, settings.db_pool_size)
+        metrics.watch_pool(app.state.pool)
         app.state.hub = hub = Hub()
         app.state.bus = bus = (
             RedisBus(hub, settings.redis_url) if settings.redis_url else LocalBus(hub)
@@ -50,6 +51,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             *openapi.routes(rest.OPERATIONS),
             *openapi.docs_routes(rest.OPERATIONS),
             *webapp.web_routes(),
+            Route("/metrics", metrics.metrics, methods=["GET"]),
             WebSocketRoute("/connect", connect_endpoint),
         ],
         exception_handlers={

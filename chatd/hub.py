@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from chatd.metrics import EVENTS_DELIVERED, OPEN_SOCKETS
+
 if TYPE_CHECKING:
     from chatd.session import Session
 
@@ -33,19 +35,25 @@ class Hub:
 
     def add(self, session: Session) -> None:
         self._sessions.setdefault(session.user_id, set()).add(session)
+        OPEN_SOCKETS.inc()
 
     def remove(self, session: Session) -> None:
         sessions = self._sessions.get(session.user_id)
-        if sessions is not None:
+        if sessions is not None and session in sessions:
             sessions.discard(session)
+            OPEN_SOCKETS.dec()
             if not sessions:
                 del self._sessions[session.user_id]
 
     def deliver(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:
         """Queue `event` on every socket of every user; never waits on a socket."""
+        delivered = 0
         for user_id in user_ids:
             for session in self._sessions.get(user_id, ()):
                 session.enqueue(event)
+                delivered += 1
+        if delivered:
+            EVENTS_DELIVERED.inc(delivered)
 
     def socket_count(self) -> int:
         return sum(len(s) for s in self._sessions.values())

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from chatd import auth
 from chatd.handlers import chats, groups, messages, reads
 from chatd.handlers.base import MESSAGE_COLUMNS, Context, message_from_row
+from chatd.metrics import ERRORS
 from chatd.openapi import Operation, Param
 from chatd.protocol import (
     BAD_REQUEST,
@@ -79,6 +80,7 @@ def json_response(value: Any, status: int = 200, headers: dict[str, str] | None 
 
 
 def error_response(code: str, message: str, status: int) -> Response:
+    ERRORS.labels(code).inc()
     return json_response(ErrorResponse(ErrorBody(code, message)), status)
 
 

@@ -26,6 +26,7 @@ from chatd.handlers.base import (
     message_from_row,
 )
 from chatd.hub import Outbound
+from chatd.metrics import ERRORS, QUEUE_OVERFLOWS
 from chatd.protocol import (
     INTERNAL,
     Ack,
@@ -140,6 +141,7 @@ class Session:
         self._wakeup.set()
 
     def _overflow(self) -> None:
+        QUEUE_OVERFLOWS.inc()
         # The client is not reading fast enough: drop it rather than buffer without bound.
         self._outbox.clear()
         self._held = None
@@ -154,6 +156,7 @@ class Session:
         self._push(encode_text(Ack(request_id=request_id, data=data)))
 
     def reply_error(self, request_id: str | None, code: str, message: str) -> None:
+        ERRORS.labels(code).inc()
         self._push(encode_text(Error(request_id=request_id, error=ErrorBody(code, message))))
 
     async def send_unread_snapshot(self, pool: asyncpg.Pool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from chatd.handlers.base import (
 )
 from chatd.handlers.reads import advance_read_watermarks, publish_read_receipts
 from chatd.hub import Bus, Outbound
+from chatd.metrics import MESSAGES_PERSISTED, SEND_BATCH_SIZE, SEND_SECONDS
 from chatd.protocol import (
     INVALID,
     MAX_TEXT_CHARS,
@@ -164,6 +166,7 @@ class MessageWriter:
             _settle(send, exception=exc)
 
     async def _store_batch(self, batch: list[PendingSend]) -> None:
+        started = time.perf_counter()
         # One send per (sender, client_msg_id) is stored; a retry queued next to its
         # original is answered from what the batch stored for that key.
         first: dict[tuple[uuid.UUID, str], PendingSend] = {}
@@ -206,6 +209,9 @@ class MessageWriter:
             newly_read = await advance_read_watermarks(conn, sorted(holders)) if holders else []
 
         # Committed: now tell everyone, in the order the messages were stored.
+        MESSAGES_PERSISTED.inc(len(stored))
+        SEND_BATCH_SIZE.observe(len(batch))
+        SEND_SECONDS.observe(time.perf_counter() - started)
         for row in newly_read:
             watermarks[row["chat_id"]] = row["watermark"]
         results: dict[int, tuple[Message, bool]] = {}
