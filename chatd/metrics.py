@@ -36,7 +36,6 @@ QUEUE_OVERFLOWS = Counter(
     "chatd_queue_overflows_total", "Sockets closed with 1013 because they did not read"
 )
 ERRORS = Counter("chatd_errors_total", "Errors answered to clients, by code", ["code"])
-RATE_LIMITED = Counter("chatd_rate_limited_total", "Requests refused with rate_limited")
 DB_POOL = Gauge("chatd_db_pool_connections", "PostgreSQL pool connections", ["state"])
 
 
