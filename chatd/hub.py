@@ -55,9 +55,6 @@ class Hub:
         if delivered:
             EVENTS_DELIVERED.inc(delivered)
 
-    def socket_count(self) -> int:
-        return sum(len(s) for s in self._sessions.values())
-
     def close_all(self, code: int, reason: str) -> None:
         """Ask every socket to close (they reconnect and resume with sync)."""
         for sessions in list(self._sessions.values()):

@@ -85,6 +85,17 @@ def page_user_uuid(page) -> str:
     )
 
 
+def open_chat_from_bob(page, bob_api: httpx.Client, text: str) -> tuple[dict, object]:
+    """Bob starts a private chat with the page's user and says `text`; the page opens it."""
+    alice_uuid = page_user_uuid(page)
+    chat = bob_api.post("/chats", json={"type": "private", "user_ids": [alice_uuid]}).json()
+    bob_api.post(f"/chats/{chat['id']}/messages", json={"text": text})
+    page.locator(".chat-item", has_text="Bob").click()
+    texts = page.locator("#messages .message .text")
+    expect(texts).to_have_text([text])
+    return chat, texts
+
+
 def test_two_users_chat_live(browser, server: Server, tmp_path: Path) -> None:
     alice_email = register(server, "Alice")
     bob_name = f"Bob{uuid.uuid4().hex[:6]}"
@@ -161,12 +172,7 @@ def test_reconnect_resumes_without_duplicates(browser, server: Server) -> None:
     context.add_init_script(SOCKET_SPY)
     page = context.new_page()
     log_in(page, server, alice_email)
-    alice_uuid = page_user_uuid(page)
-    chat = bob_api.post("/chats", json={"type": "private", "user_ids": [alice_uuid]}).json()
-    bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "first"})
-    page.locator(".chat-item", has_text="Bob").click()
-    texts = page.locator("#messages .message .text")
-    expect(texts).to_have_text(["first"])
+    chat, texts = open_chat_from_bob(page, bob_api, "first")
 
     # Drop the socket and keep new ones from connecting for a while.
     page.evaluate("() => { window.__blockSockets = true; __sockets.forEach((s) => s.close()); }")
@@ -195,12 +201,7 @@ def test_the_page_recovers_when_the_server_restarts(
 
         page = browser.new_context().new_page()
         log_in(page, server, alice_email)
-        alice_uuid = page_user_uuid(page)
-        chat = bob_api.post("/chats", json={"type": "private", "user_ids": [alice_uuid]}).json()
-        bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "before the restart"})
-        page.locator(".chat-item", has_text="Bob").click()
-        texts = page.locator("#messages .message .text")
-        expect(texts).to_have_text(["before the restart"])
+        chat, texts = open_chat_from_bob(page, bob_api, "before the restart")
 
         stop_server(server)  # SIGTERM: the page loses its socket
         expect(page.locator("#conn-status")).to_have_text("reconnecting…")
