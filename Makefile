@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Readable log lines on a terminal; chatd's own default is JSON lines (see README).
 run: $(STAMP)
-	$(BIN)/chatd serve
+	CHATD_LOG_FORMAT=$${CHATD_LOG_FORMAT:-console} $(BIN)/chatd serve
 
 migrate: $(STAMP)
 	$(BIN)/chatd migrate

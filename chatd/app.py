@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from chatd import metrics, openapi, rest, webapp
@@ -15,7 +16,7 @@ from chatd.db import create_pool
 from chatd.handlers.messages import MessageWriter
 from chatd.handlers.presence import TypingGate
 from chatd.hub import Hub, LocalBus
-from chatd.logs import setup_logging
+from chatd.logs import RequestIdMiddleware, setup_logging
 from chatd.protocol import ChatError
 from chatd.redis_bus import RedisBus
 from chatd.session import connect_endpoint
@@ -58,6 +59,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             ChatError: rest.chat_error_handler,
             HTTPException: rest.http_error_handler,
         },
+        middleware=[Middleware(RequestIdMiddleware)],
         lifespan=lifespan,
     )
 
@@ -69,6 +71,6 @@ def create_app_from_env() -> Starlette:
     embedded one included), so every worker serves the same database.
     """
     settings = Settings.from_env()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     assert settings.database_url, "the parent process sets CHATD_DATABASE_URL"
     return create_app(settings, settings.database_url)

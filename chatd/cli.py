@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 
-from chatd.config import Settings
+from chatd.config import Settings, log_options
 from chatd.logs import setup_logging
 
 log = logging.getLogger("chatd")
@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
+    setup_logging(*log_options(os.environ))
     settings = Settings.from_env()
     workers = (args.workers if args.command == "serve" else None) or settings.workers
     if workers > 1 and not settings.redis_url:
         parser.error("--workers above 1 needs CHATD_REDIS_URL: events cross processes via Redis")
-    setup_logging(settings.log_level)
     database_url = resolve_database_url(settings)
     from chatd.db import migrate
 
@@ -77,6 +77,7 @@ def run_server(
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_deflate,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's records go through chatd's handler (JSON or console)
         lifespan="on",
     )
     # uvicorn shuts down on SIGTERM, then re-raises it with the handler it found. With the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class Settings:
     send_queue_size: int = 1024
     db_pool_size: int = 20
     log_level: str = "info"
+    log_format: str = "json"  # or "console"; see chatd/logs.py
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -44,6 +46,7 @@ class Settings:
         secret = env.get("CHATD_SECRET")
         if secret:
             _check_secret(secret, dev)
+        log_level, log_format = log_options(env)
         return cls(
             database_url=env.get("CHATD_DATABASE_URL") or None,
             secret=secret or _stored_secret(data_dir),
@@ -63,8 +66,24 @@ class Settings:
                 if o.strip()
             ),
             db_pool_size=_int(env, "CHATD_DB_POOL_SIZE", 20),
-            log_level=env.get("CHATD_LOG_LEVEL", "info").lower(),
+            log_level=log_level,
+            log_format=log_format,
         )
+
+
+def log_options(env: Mapping[str, str]) -> tuple[str, str]:
+    """CHATD_LOG_LEVEL and CHATD_LOG_FORMAT: JSON lines by default, console lines in dev mode.
+
+    Read apart from Settings so logging is set up before reading the rest can warn.
+    """
+    level = env.get("CHATD_LOG_LEVEL", "info").lower()
+    if level not in ("debug", "info", "warning", "error", "critical"):
+        raise SystemExit(f"CHATD_LOG_LEVEL must be debug, info, warning or error, got {level!r}")
+    default_format = "console" if _bool(env, "CHATD_DEV") else "json"
+    log_format = env.get("CHATD_LOG_FORMAT", "").lower() or default_format
+    if log_format not in ("json", "console"):
+        raise SystemExit(f"CHATD_LOG_FORMAT must be json or console, got {log_format!r}")
+    return level, log_format
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
@@ -93,7 +112,7 @@ def _check_secret(secret: str, dev: bool) -> None:
         log.warning("CHATD_SECRET is weak; accepted because CHATD_DEV is set")
 
 
-def _bool(env: dict[str, str], name: str) -> bool:
+def _bool(env: Mapping[str, str], name: str) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
         return False

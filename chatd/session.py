@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import asyncpg
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from chatd import logs
 from chatd.auth import ACCESS, InvalidToken, bearer_token, read_token
 from chatd.handlers import dispatch
 from chatd.handlers.base import (
@@ -66,6 +68,7 @@ LIMIT $2
 
 async def connect_endpoint(websocket: WebSocket) -> None:
     state = websocket.app.state
+    logs.conn_id.set(logs.new_id())  # this task serves one socket: its log lines carry the id
     await websocket.accept()
     if not origin_allowed(websocket, state.settings.allowed_origins):
         # Cross-site WebSocket hijacking: another site's page would ride on the user's
@@ -81,9 +84,12 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         await websocket.close(CLOSE_POLICY_VIOLATION, "missing, invalid or expired access token")
         return
 
+    logs.user_id.set(str(user_id))
     session = Session(websocket, user_id, state.settings.send_queue_size)
     ctx = Context(state.pool, state.bus, user_id, state.typing_gate, state.writer)
     state.hub.add(session)  # from here on, events for this user are held until the snapshot
+    started = time.monotonic()
+    log.info("session started")
     try:
         try:
             await state.bus.watch(user_id)  # events from other processes, too
@@ -96,6 +102,12 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     finally:
         state.hub.remove(session)
         await state.bus.unwatch(user_id)  # balances watch, even one that failed
+        code, reason = session.close_reason or (None, "closed by the client or the network")
+        log.info(
+            "session ended: %s",
+            reason,
+            extra={"close_code": code, "seconds": round(time.monotonic() - started, 3)},
+        )
 
 
 def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
@@ -146,6 +158,11 @@ class Session:
         self._outbox.clear()
         self._held = None
         self.close_soon(CLOSE_TRY_AGAIN_LATER, "send queue overflow: client too slow")
+
+    @property
+    def close_reason(self) -> tuple[int, str] | None:
+        """The close code and reason chatd chose, when chatd closed the socket."""
+        return self._close
 
     def close_soon(self, code: int, reason: str) -> None:
         if self._close is None:
@@ -224,7 +241,7 @@ class Session:
         except ChatError as exc:
             self.reply_error(exc.request_id or request_id, exc.code, exc.message)
         except Exception:
-            log.exception("action failed (user %s)", self.user_id)
+            log.exception("action failed", extra={"request": request_id})
             self.reply_error(request_id, INTERNAL, "the server failed to handle this action")
         else:
             if request_id is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import uuid
 from dataclasses import dataclass
@@ -122,7 +123,8 @@ class MessageWriter:
         done = asyncio.get_running_loop().create_future()
         self._queue.append(PendingSend(user_id, chat_id, text, client_msg_id, done))
         if len(self._running) < MAX_BATCHES_IN_FLIGHT:
-            task = asyncio.create_task(self._drain())
+            # A fresh context: the batch serves many sockets, not the one that started it.
+            task = asyncio.create_task(self._drain(), context=contextvars.Context())
             self._running.add(task)
         return await done
 
