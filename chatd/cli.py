@@ -1,4 +1,4 @@
-"""The `chatd` command: `chatd serve`, `chatd migrate` and `chatd bench`."""
+"""The `chatd` command: serve, migrate, backup, restore and bench."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+from pathlib import Path
 
 from chatd.config import Settings, log_options
 from chatd.logs import setup_logging
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         "--workers", type=int, help="processes to serve with (default $CHATD_WORKERS or 1)"
     )
     commands.add_parser("migrate", help="apply pending database migrations and exit")
+    backup = commands.add_parser("backup", help="write the database to FILE (pg_dump format)")
+    backup.add_argument("file", type=Path)
+    restore = commands.add_parser("restore", help="load FILE into an empty database")
+    restore.add_argument("file", type=Path)
     commands.add_parser(
         "bench", help="load-test a running chatd (chatd bench --help)", add_help=False
     )
@@ -40,6 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     if workers > 1 and not settings.redis_url:
         parser.error("--workers above 1 needs CHATD_REDIS_URL: events cross processes via Redis")
     database_url = resolve_database_url(settings)
+    if args.command in ("backup", "restore"):
+        from chatd import backup
+
+        run = backup.backup if args.command == "backup" else backup.restore
+        run(database_url, args.file)
+        log.info("%s: done (%s)", args.command, args.file)
+        return
     from chatd.db import migrate
 
     migrate(database_url)
