@@ -35,6 +35,8 @@ class Settings:
     send_queue_size: int = 1024
     db_pool_size: int = 20
     log_level: str = "info"
+    # SIGTERM: seconds to finish the sends in flight and close every socket before exiting.
+    shutdown_grace: int = 10
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -64,6 +66,7 @@ class Settings:
             ),
             db_pool_size=_int(env, "CHATD_DB_POOL_SIZE", 20),
             log_level=env.get("CHATD_LOG_LEVEL", "info").lower(),
+            shutdown_grace=_int(env, "CHATD_SHUTDOWN_GRACE", 10),
         )
 
 
