@@ -63,13 +63,16 @@ class Hub:
             for session in list(sessions):
                 session.close_soon(code, reason)
 
-    async def wait_quiet(self, writer: MessageWriter) -> None:
+    async def wait_quiet(self, writer: MessageWriter, timeout: float) -> None:
         """Shutdown: wait until no socket here reads actions and no send batch is in flight."""
         # A poll, not an Event: the state is spread over every session and the writer,
         # and this runs once, at shutdown.
-        while writer.busy or any(  # noqa: ASYNC110
+        deadline = asyncio.get_running_loop().time() + timeout
+        while writer.busy or any(
             session.reading for sessions in self._sessions.values() for session in sessions
         ):
+            if asyncio.get_running_loop().time() > deadline:
+                return
             await asyncio.sleep(0.02)
 
 

@@ -38,7 +38,7 @@ from chatd.protocol import (
     decode_action,
     encode_text,
 )
-from chatd.shutdown import CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN
+from chatd.shutdown import CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN, give_up_after
 
 log = logging.getLogger("chatd")
 
@@ -94,8 +94,11 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             await websocket.close(CLOSE_TRY_AGAIN_LATER, "event stream unavailable; retry")
             return
         await session.send_unread_snapshot(state.pool)
+        drain_seconds = give_up_after(state.settings.shutdown_grace)
         await session.run(
-            ctx, state.settings.max_frame_bytes, lambda: state.hub.wait_quiet(state.writer)
+            ctx,
+            state.settings.max_frame_bytes,
+            lambda: state.hub.wait_quiet(state.writer, drain_seconds),
         )
     finally:
         state.hub.remove(session)

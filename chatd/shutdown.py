@@ -23,6 +23,11 @@ CLOSE_SERVICE_RESTART = 1012
 SERVER_SHUTDOWN = "server shutting down"
 
 
+def give_up_after(grace: float) -> float:
+    """Seconds into a shutdown after which sockets stop waiting: ahead of uvicorn's cancel."""
+    return grace - min(1.0, grace / 4)
+
+
 class GracefulWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, except that the app closes on shutdown."""
 
@@ -33,6 +38,6 @@ class GracefulWebSocketProtocol(WebSocketsSansIOProtocol):
         self.stop_keepalive()
         grace = self.config.timeout_graceful_shutdown
         if grace is not None:
-            self.loop.call_later(grace - min(1.0, grace / 4), self.transport.abort)
+            self.loop.call_later(give_up_after(grace), self.transport.abort)
         notice = {"type": "websocket.disconnect", "code": CLOSE_SERVICE_RESTART}
         self.queue.put_nowait({**notice, "reason": SERVER_SHUTDOWN})
