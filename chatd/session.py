@@ -208,8 +208,8 @@ class Session:
             await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
             if reader.done() and self.shutting_down:
                 # Once no socket here can start an action and every send has fanned out
-                # (to this outbox too), send what is queued, then close. uvicorn cancels
-                # this at the grace period.
+                # (to this outbox too), send what is queued, then close. A socket still
+                # stuck at the grace period is aborted (chatd/shutdown.py).
                 await wait_quiet()
                 self._close_when_flushed = (CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN)
                 self._wakeup.set()
