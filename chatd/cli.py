@@ -74,6 +74,7 @@ def run_server(
     import uvicorn
 
     from chatd.app import create_app
+    from chatd.shutdown import GracefulWebSocketProtocol
 
     log.info(
         "chatd listening on http://%s:%d (WebSocket: /connect), %d process(es)%s",
@@ -85,12 +86,15 @@ def run_server(
     options = dict(
         host=host,
         port=port,
-        ws="websockets-sansio",
+        ws=GracefulWebSocketProtocol,  # uvicorn's "websockets-sansio", closing gracefully
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_deflate,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's records go through chatd's handler (JSON or console)
         lifespan="on",
+        # On SIGTERM: stop listening, let sockets finish (chatd/shutdown.py), and cancel
+        # whatever is still open after this many seconds.
+        timeout_graceful_shutdown=settings.shutdown_grace,
     )
     # uvicorn shuts down on SIGTERM, then re-raises it with the handler it found. With the
     # default handler the process would die there, skipping the exit hooks that stop the

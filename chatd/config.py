@@ -37,6 +37,8 @@ class Settings:
     db_pool_size: int = 20
     log_level: str = "info"
     log_format: str = "json"  # or "console"; see chatd/logs.py
+    # SIGTERM: seconds to finish the sends in flight and close every socket before exiting.
+    shutdown_grace: int = 10
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -68,6 +70,7 @@ class Settings:
             db_pool_size=_int(env, "CHATD_DB_POOL_SIZE", 20),
             log_level=log_level,
             log_format=log_format,
+            shutdown_grace=_int(env, "CHATD_SHUTDOWN_GRACE", 10),
         )
 
 

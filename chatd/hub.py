@@ -8,6 +8,7 @@ the users connected to other processes and nodes.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from chatd.metrics import EVENTS_DELIVERED, OPEN_SOCKETS
 
 if TYPE_CHECKING:
+    from chatd.handlers.messages import MessageWriter
     from chatd.session import Session
 
 
@@ -60,6 +62,18 @@ class Hub:
         for sessions in list(self._sessions.values()):
             for session in list(sessions):
                 session.close_soon(code, reason)
+
+    async def wait_quiet(self, writer: MessageWriter, timeout: float) -> None:
+        """Shutdown: wait until no socket here reads actions and no send batch is in flight."""
+        # A poll, not an Event: the state is spread over every session and the writer,
+        # and this runs once, at shutdown.
+        deadline = asyncio.get_running_loop().time() + timeout
+        while writer.busy or any(
+            session.reading for sessions in self._sessions.values() for session in sessions
+        ):
+            if asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.02)
 
 
 class Bus(Protocol):

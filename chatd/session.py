@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -39,6 +40,7 @@ from chatd.protocol import (
     decode_action,
     encode_text,
 )
+from chatd.shutdown import CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN, give_up_after
 
 log = logging.getLogger("chatd")
 
@@ -98,7 +100,12 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             await websocket.close(CLOSE_TRY_AGAIN_LATER, "event stream unavailable; retry")
             return
         await session.send_unread_snapshot(state.pool)
-        await session.run(ctx, state.settings.max_frame_bytes)
+        drain_seconds = give_up_after(state.settings.shutdown_grace)
+        await session.run(
+            ctx,
+            state.settings.max_frame_bytes,
+            lambda: state.hub.wait_quiet(state.writer, drain_seconds),
+        )
     finally:
         state.hub.remove(session)
         await state.bus.unwatch(user_id)  # balances watch, even one that failed
@@ -132,6 +139,9 @@ class Session:
         # Events that arrive while the unread snapshot is being taken wait here.
         self._held: list[Outbound] | None = []
         self._close: tuple[int, str] | None = None
+        self._close_when_flushed: tuple[int, str] | None = None
+        self.reading = True  # may still start an action
+        self.shutting_down = False
 
     # --- outgoing --------------------------------------------------------------------------
 
@@ -193,6 +203,8 @@ class Session:
         while True:
             while self._outbox and self._close is None:
                 await self.websocket.send_text(self._outbox.popleft())
+            if self._close is None:
+                self._close = self._close_when_flushed
             if self._close is not None:
                 code, reason = self._close
                 await self.websocket.close(code, reason)
@@ -202,12 +214,23 @@ class Session:
 
     # --- incoming --------------------------------------------------------------------------
 
-    async def run(self, ctx: Context, max_frame_bytes: int) -> None:
+    async def run(
+        self, ctx: Context, max_frame_bytes: int, wait_quiet: Callable[[], Awaitable[None]]
+    ) -> None:
         """Serve the socket until either side closes it."""
         reader = asyncio.create_task(self._read_loop(ctx, max_frame_bytes))
+        reader.add_done_callback(self._stopped_reading)
         writer = asyncio.create_task(self._write_loop())
         try:
             await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            if reader.done() and self.shutting_down:
+                # Once no socket here can start an action and every send has fanned out
+                # (to this outbox too), send what is queued, then close. A socket still
+                # stuck at the grace period is aborted (chatd/shutdown.py).
+                await wait_quiet()
+                self._close_when_flushed = (CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN)
+                self._wakeup.set()
+                await asyncio.wait((writer,))
             if reader.done() and self._close is not None:
                 # We are closing the socket ourselves: let the writer send the close frame.
                 await asyncio.wait((writer,), timeout=5)
@@ -216,6 +239,9 @@ class Session:
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
 
+    def _stopped_reading(self, reader: asyncio.Task[None]) -> None:
+        self.reading = False
+
     async def _read_loop(self, ctx: Context, max_frame_bytes: int) -> None:
         while True:
             try:
@@ -223,6 +249,7 @@ class Session:
             except (WebSocketDisconnect, RuntimeError):
                 return
             if message["type"] == "websocket.disconnect":
+                self.shutting_down = message.get("reason") == SERVER_SHUTDOWN
                 return
             raw = message.get("text")
             if raw is None:

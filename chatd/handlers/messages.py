@@ -152,6 +152,10 @@ class MessageWriter:
             # sees the right count and starts a new drain.
             self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
 
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
     async def wait_idle(self, timeout: float) -> None:
         """Let the batches in flight finish (shutdown): their acks and events go out."""
         if self._running:
