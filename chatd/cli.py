@@ -78,6 +78,10 @@ def run_server(
         ws_per_message_deflate=settings.ws_deflate,
         log_level=settings.log_level,
         lifespan="on",
+        # The client address (per-address rate limits) comes from X-Forwarded-For only
+        # when the connection is from one of these proxies.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     # uvicorn shuts down on SIGTERM, then re-raises it with the handler it found. With the
     # default handler the process would die there, skipping the exit hooks that stop the
