@@ -13,12 +13,14 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from chatd import client as client_sdk
 from chatd import session
+from chatd.bench import main as bench_main
 from chatd.client import Api, ChatdError, Socket
 from chatd.config import Settings
 from chatd.ratelimit import Rate, RateLimiter, parse_rate
@@ -260,6 +262,20 @@ async def test_rate_limit_hits_are_counted_in_metrics(
     after = (await http.get("/metrics")).text
     assert rate_limited_count(after, "register") == rate_limited_count(before, "register") + 1
     assert re.search(r'^chatd_errors_total\{code="rate_limited"\} [1-9]', after, re.M)
+
+
+# --- chatd bench against a limited server -------------------------------------------------
+
+
+def test_the_bench_names_the_limits_it_ran_into(
+    limited: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["fanout", "--url", limited.base_url, "--groups", "1", "--members", "3"]
+    tiny = ["--rates", "10", "--max-rate", "0", "--step-seconds", "1", "--grace", "1"]
+    # Registering 3 users from 127.0.0.1 meets CHATD_REGISTER_RATE (2 at once).
+    assert bench_main([*argv, *tiny, "--out", str(tmp_path)]) != 0
+    printed = capsys.readouterr()
+    assert "CHATD_REGISTER_RATE=off" in printed.out + printed.err
 
 
 # --- the pieces -------------------------------------------------------------------------

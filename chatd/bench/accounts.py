@@ -148,12 +148,23 @@ async def _gather(coros: list[Any], progress: Progress, label: str) -> list[Any]
 
     async def run(i: int, coro: Any) -> None:
         nonlocal done
-        async with gate:
-            results[i] = await coro
+        try:
+            async with gate:
+                results[i] = await coro
+        finally:
+            coro.close()  # one cancelled before its turn was never started
         done += 1
         progress(f"{label}: {done}/{len(coros)}")
 
-    await asyncio.gather(*(run(i, c) for i, c in enumerate(coros)))
+    tasks = [asyncio.ensure_future(run(i, c)) for i, c in enumerate(coros)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # One failed (a 429, say): stop the rest rather than leave them running.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     return results
 
 
