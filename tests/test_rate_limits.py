@@ -157,6 +157,28 @@ async def test_registrations_per_address_are_limited(http: httpx.AsyncClient) ->
     assert (await register(http, refused, address)).status_code == 201
 
 
+async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
+    database_url: str, tmp_path: Path
+) -> None:
+    # 127.0.0.1 is not the trusted proxy here: its X-Forwarded-For must be ignored, or a
+    # client could pick a new address for every request and never be limited.
+    srv = await asyncio.to_thread(
+        start_server,
+        database_url,
+        tmp_path,
+        **LIMITS,
+        CHATD_FORWARDED_ALLOW_IPS="192.0.2.1",
+    )
+    try:
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=30) as client:
+            for _ in range(2):
+                assert (await register(client, new_email(), new_address())).status_code == 201
+            assert_limited(await register(client, new_email(), new_address()))
+    finally:
+        await asyncio.to_thread(stop_server, srv)
+    assert "Traceback" not in srv.log()
+
+
 # --- messages ---------------------------------------------------------------------------
 
 
