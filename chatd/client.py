@@ -336,10 +336,17 @@ class Client:
 
     async def send(self, chat_id: int, text: str, client_msg_id: str | None = None) -> Any:
         """Send a message and return it. A drop before the ack is retried on the next socket
-        with the same client_msg_id, so the message is stored once whatever happened."""
+        with the same client_msg_id, so the message is stored once whatever happened; over
+        the server's message rate limit, it waits as long as the server says, then retries."""
         fields = {"chat_id": chat_id, "text": text, "client_msg_id": client_msg_id}
         fields["client_msg_id"] = client_msg_id or str(uuid.uuid4())
-        return await self.request("send_message", retry=True, **fields)
+        while True:
+            try:
+                return await self.request("send_message", retry=True, **fields)
+            except ChatdError as exc:
+                if exc.code != "rate_limited" or exc.retry_after is None:
+                    raise
+                await asyncio.sleep(exc.retry_after)
 
     async def create_chat(
         self, user_ids: Iterable[str], *, name: str | None = None, type: str | None = None

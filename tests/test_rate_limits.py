@@ -21,7 +21,7 @@ import pytest
 from chatd import client as client_sdk
 from chatd import session
 from chatd.bench import main as bench_main
-from chatd.client import Api, ChatdError, Socket
+from chatd.client import Api, ChatdError, Client, Socket
 from chatd.config import Settings
 from chatd.ratelimit import Rate, RateLimiter, parse_rate
 from tests.conftest import PASSWORD, Server, start_server, stop_server
@@ -214,6 +214,19 @@ async def test_a_message_burst_is_limited_and_the_socket_stays_usable(
         await asyncio.sleep(wait)
         late = await a.request("send_message", chat_id=chat["id"], text="after waiting")
         assert late["seq"] == len(sent) + 1
+
+
+async def test_the_client_sdk_waits_out_the_message_limit(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    email, bob = new_email(), await user(limited, http)
+    assert (await register(http, email, new_address())).status_code == 201
+    async with Client(limited.base_url, email=email, password=PASSWORD) as bot:
+        chat = await bot.create_chat([bob.user_uuid])
+        sent = [await bot.send(chat["id"], f"paced {n}") for n in range(5)]  # burst 4
+    assert [m["seq"] for m in sent] == [1, 2, 3, 4, 5]
+    history = await bob.history(chat["id"])
+    assert [m["text"] for m in history["messages"]] == [f"paced {n}" for n in range(5)]
 
 
 # --- typing -----------------------------------------------------------------------------
