@@ -4,7 +4,8 @@ GCRA is a token bucket that keeps a single float per key: the time at which the 
 bucket is full again. A key whose time has passed is the same as a key never seen, so it
 is forgotten; and the table never holds more than `max_keys` keys, however many emails
 or addresses an attacker cycles through (past that, the least recently used are dropped:
-those get a fresh bucket, the price of bounded memory).
+those get a fresh bucket, the price of bounded memory; a key being refused counts as
+used, so hammering one email keeps it remembered).
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ class RateLimiter:
         self.rate = rate
         self.max_keys = max_keys
         self._full_at: dict[str, float] = {}  # least recently used first
-        self._prune_at = min(10_000, max_keys)
 
     def wait(self, key: str) -> float:
         """Seconds until `key` may have one more event (0: now); counts nothing."""
@@ -86,8 +86,13 @@ class RateLimiter:
         now = time.monotonic()
         full_at = max(self._full_at.pop(key, now), now)  # re-inserted: most recently used
         self._full_at[key] = full_at + rate.interval
-        if len(self._full_at) > self._prune_at:
-            self._prune(now)
+        self._forget(now)
+
+    def _touch(self, key: str) -> None:
+        """A refused key becomes most recently used: hammering it keeps it remembered."""
+        full_at = self._full_at.pop(key, None)
+        if full_at is not None:
+            self._full_at[key] = full_at
 
     def give_back(self, key: str) -> None:
         """Undo one `take` that succeeded (the event turned out not to count)."""
@@ -101,12 +106,19 @@ class RateLimiter:
         else:
             self._full_at[key] = full_at - rate.interval
 
-    def _prune(self, now: float) -> None:
-        self._full_at = {key: at for key, at in self._full_at.items() if at > now}
-        while len(self._full_at) > self.max_keys:  # still too many: drop the least recent
-            del self._full_at[next(iter(self._full_at))]
-        # Amortised: the next prune waits until the table has doubled (or hits the cap).
-        self._prune_at = min(max(10_000, 2 * len(self._full_at)), self.max_keys)
+    def _forget(self, now: float) -> None:
+        """Drop full buckets from the least recent end, and whatever exceeds max_keys.
+
+        A couple per event keeps up with the keys being added, in constant time.
+        """
+        table = self._full_at
+        for _ in range(2):
+            oldest = next(iter(table), None)
+            if oldest is None or table[oldest] > now:
+                break
+            del table[oldest]
+        while len(table) > self.max_keys:
+            del table[next(iter(table))]
 
     def __len__(self) -> int:
         return len(self._full_at)
@@ -120,9 +132,10 @@ def take_all(limits: list[tuple[RateLimiter, str]]) -> float:
     waits = [(limiter, limiter.wait(key)) for limiter, key in limits]
     longest = max((wait for _, wait in waits), default=0.0)
     if longest > 0:
-        for limiter, wait in waits:
+        for (limiter, key), (_, wait) in zip(limits, waits, strict=True):
             if wait > 0:
                 RATE_LIMITED.labels(limiter.name).inc()
+                limiter._touch(key)
         return longest
     for limiter, key in limits:
         limiter._count(key)

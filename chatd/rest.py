@@ -190,7 +190,7 @@ async def login(request: Request) -> Response:
     # success gives it back. The email's bucket does not depend on the account existing,
     # and a limited attempt looks at nothing: it tells nobody whether the email is known.
     attempt = [
-        (limits(request).login_email, email),
+        (limits(request).login_email, email[:254]),  # no address is longer: bounded keys
         (limits(request).login_ip, client_address(request)),
     ]
     wait = take_all(attempt)
