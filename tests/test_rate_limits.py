@@ -25,6 +25,7 @@ from chatd.client import Api, ChatdError, Client, Socket
 from chatd.config import Settings
 from chatd.ratelimit import Rate, RateLimiter, parse_rate
 from tests.conftest import PASSWORD, Server, start_server, stop_server
+from tests.test_client import socket_state
 
 LIMITS = {
     "CHATD_LOGIN_EMAIL_RATE": "3/30s",  # a failed login per email every 10 s, 3 at once
@@ -277,6 +278,25 @@ async def test_the_oldest_socket_is_closed_beyond_the_cap(
     finally:
         for sock in (first, second, third):
             await sock.close()
+
+
+async def test_the_client_sdk_gives_way_when_the_cap_closes_its_socket(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    email = new_email()
+    assert (await register(http, email, new_address())).status_code == 201
+    async with Client(limited.base_url, email=email, password=PASSWORD, backoff_cap=1) as bot:
+        replaced = bot.socket
+        assert replaced is not None
+        others = [await Socket.open(limited.ws_url, bot.api.access_token) for _ in range(2)]
+        try:
+            assert await replaced.wait_closed() == 1008
+            # Back after backoff_cap, without a token renewal.
+            await socket_state(bot, lambda: bot.socket not in (None, replaced), timeout=20)
+            assert bot.reconnects == 1 and bot.renewals == 0
+        finally:
+            for sock in others:
+                await sock.close()
 
 
 async def bob_sends(bob: Api, chat_id: int) -> None:
