@@ -18,6 +18,7 @@ from chatd.handlers.presence import TypingGate
 from chatd.hub import Hub, LocalBus
 from chatd.logs import RequestIdMiddleware, setup_logging
 from chatd.protocol import ChatError
+from chatd.ratelimit import Limits
 from chatd.redis_bus import RedisBus
 from chatd.session import connect_endpoint
 
@@ -28,11 +29,18 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         app.state.settings = settings
         app.state.pool = await create_pool(database_url, settings.db_pool_size)
         metrics.watch_pool(app.state.pool)
-        app.state.hub = hub = Hub()
+        app.state.hub = hub = Hub(settings.max_sockets_per_user)
         app.state.bus = bus = (
             RedisBus(hub, settings.redis_url) if settings.redis_url else LocalBus(hub)
         )
         app.state.typing_gate = TypingGate()
+        app.state.limits = Limits(
+            login_email=settings.login_email_rate,
+            login_ip=settings.login_ip_rate,
+            register=settings.register_rate,
+            message=settings.message_rate,
+            typing=settings.typing_rate,
+        )
         app.state.writer = MessageWriter(app.state.pool, bus)
         try:
             await bus.start()

@@ -95,6 +95,10 @@ def run_server(
         # On SIGTERM: stop listening, let sockets finish (chatd/shutdown.py), and cancel
         # whatever is still open after this many seconds.
         timeout_graceful_shutdown=settings.shutdown_grace,
+        # The client address (per-address rate limits) comes from X-Forwarded-For only
+        # when the connection is from one of these proxies.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     # uvicorn shuts down on SIGTERM, then re-raises it with the handler it found. With the
     # default handler the process would die there, skipping the exit hooks that stop the

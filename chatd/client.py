@@ -35,11 +35,25 @@ import websockets
 class ChatdError(Exception):
     """The server answered with an error body or frame."""
 
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.status = status
+        self.retry_after = retry_after  # rate_limited: seconds to wait before trying again
+
+    @classmethod
+    def from_body(cls, error: dict[str, Any], status: int | None = None) -> ChatdError:
+        """From an error body: {"code", "message", "retry_after_ms"?}."""
+        wait_ms = error.get("retry_after_ms")
+        return cls(
+            error.get("code", "?"),
+            error.get("message", ""),
+            status,
+            wait_ms / 1000 if isinstance(wait_ms, int) else None,
+        )
 
 
 class Api:
@@ -62,7 +76,7 @@ class Api:
         body = response.json()
         if response.is_error:
             error = body.get("error", {}) if isinstance(body, dict) else {}
-            raise ChatdError(error.get("code", "?"), error.get("message", ""), response.status_code)
+            raise ChatdError.from_body(error, response.status_code)
         return body
 
     async def register(self, name: str, email: str, password: str) -> dict[str, Any]:
@@ -157,7 +171,7 @@ class Socket:
         finally:
             self._pending.pop(request_id, None)
         if frame["action"] == "error":
-            raise ChatdError(frame["error"]["code"], frame["error"]["message"])
+            raise ChatdError.from_body(frame["error"])
         return frame["data"]
 
     async def send(self, frame: dict[str, Any]) -> None:
@@ -198,6 +212,8 @@ log = logging.getLogger("chatd.client")
 
 CLOSE_POLICY_VIOLATION = 1008  # the server's answer to a missing, invalid or expired token
 CLOSE_ABNORMAL = 1006  # what a connection that died without a close frame reports
+# The 1008 reason when the user opened more sockets than CHATD_MAX_SOCKETS_PER_USER allows.
+SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
 
 
 class ConnectionLost(ChatdError):
@@ -320,10 +336,17 @@ class Client:
 
     async def send(self, chat_id: int, text: str, client_msg_id: str | None = None) -> Any:
         """Send a message and return it. A drop before the ack is retried on the next socket
-        with the same client_msg_id, so the message is stored once whatever happened."""
+        with the same client_msg_id, so the message is stored once whatever happened; over
+        the server's message rate limit, it waits as long as the server says, then retries."""
         fields = {"chat_id": chat_id, "text": text, "client_msg_id": client_msg_id}
         fields["client_msg_id"] = client_msg_id or str(uuid.uuid4())
-        return await self.request("send_message", retry=True, **fields)
+        while True:
+            try:
+                return await self.request("send_message", retry=True, **fields)
+            except ChatdError as exc:
+                if exc.code != "rate_limited" or exc.retry_after is None:
+                    raise
+                await asyncio.sleep(exc.retry_after)
 
     async def create_chat(
         self, user_ids: Iterable[str], *, name: str | None = None, type: str | None = None
@@ -449,7 +472,11 @@ class Client:
                 self.reconnects += 1
                 attempt = 0 if resumed else attempt + 1
                 log.info("socket closed with %s, reconnecting", code)
-                if code == CLOSE_POLICY_VIOLATION:
+                if sock.ws.close_reason == SOCKET_CAP_REASON:
+                    # Replaced by a newer socket of the same user: no token problem, and
+                    # coming straight back would close another one. Give way for a while.
+                    await asyncio.sleep(self.backoff_cap)
+                elif code == CLOSE_POLICY_VIOLATION:
                     refused = token
                 else:
                     await self._backoff(attempt)

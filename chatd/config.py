@@ -9,11 +9,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatd.ratelimit import Rate, parse_rate
+
 log = logging.getLogger("chatd")
 
 DEFAULT_DATA_DIR = ".chatd"
 MIN_SECRET_CHARS = 32
 _WEAK_SECRETS = {"secret", "changeme", "change-me", "password", "chatd", "development", "test"}
+
+# Default limits (README.md explains each; "off" switches one off).
+LOGIN_EMAIL_RATE = parse_rate("10/15min")  # failed logins per email
+LOGIN_IP_RATE = parse_rate("100/15min")  # failed logins per client address
+REGISTER_RATE = parse_rate("20/h")  # registrations per client address
+MESSAGE_RATE = parse_rate("10/s", burst=30)  # sends per user
+TYPING_RATE = parse_rate("10/10s")  # typing frames per user that pass the per-chat gate
+MAX_SOCKETS_PER_USER = 20
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,15 @@ class Settings:
     log_format: str = "json"  # or "console"; see chatd/logs.py
     # SIGTERM: seconds to finish the sends in flight and close every socket before exiting.
     shutdown_grace: int = 10
+    # Rate limits (None: off). Failed logins count per email and per client address.
+    login_email_rate: Rate | None = LOGIN_EMAIL_RATE
+    login_ip_rate: Rate | None = LOGIN_IP_RATE
+    register_rate: Rate | None = REGISTER_RATE  # per client address
+    message_rate: Rate | None = MESSAGE_RATE  # per user
+    typing_rate: Rate | None = TYPING_RATE  # per user, on top of TypingGate
+    max_sockets_per_user: int | None = MAX_SOCKETS_PER_USER  # per process; oldest closed
+    # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
+    forwarded_allow_ips: str = "127.0.0.1,::1"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -71,6 +90,13 @@ class Settings:
             log_level=log_level,
             log_format=log_format,
             shutdown_grace=_int(env, "CHATD_SHUTDOWN_GRACE", 10),
+            login_email_rate=_rate(env, "CHATD_LOGIN_EMAIL_RATE", LOGIN_EMAIL_RATE),
+            login_ip_rate=_rate(env, "CHATD_LOGIN_IP_RATE", LOGIN_IP_RATE),
+            register_rate=_rate(env, "CHATD_REGISTER_RATE", REGISTER_RATE),
+            message_rate=_rate(env, "CHATD_MESSAGE_RATE", MESSAGE_RATE, "CHATD_MESSAGE_BURST"),
+            typing_rate=_rate(env, "CHATD_TYPING_RATE", TYPING_RATE),
+            max_sockets_per_user=_cap(env, "CHATD_MAX_SOCKETS_PER_USER", MAX_SOCKETS_PER_USER),
+            forwarded_allow_ips=env.get("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").strip(),
         )
 
 
@@ -100,6 +126,28 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise SystemExit(f"{name} must be positive, got {value}")
     return value
+
+
+def _rate(
+    env: dict[str, str], name: str, default: Rate | None, burst_name: str | None = None
+) -> Rate | None:
+    """`name` as a rate ("10/min", "off"); `burst_name`, when given, sets its burst."""
+    raw = env.get(name, "").strip()
+    try:
+        rate = parse_rate(raw) if raw else default
+    except ValueError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+    if rate is not None and burst_name and env.get(burst_name):
+        rate = Rate(rate.count, rate.period, _int(env, burst_name, rate.burst))
+    return rate
+
+
+def _cap(env: dict[str, str], name: str, default: int | None) -> int | None:
+    """A positive integer, or 0 / off for no cap."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("0", "off", "none", "unlimited"):
+        return None
+    return _int(env, name, default)
 
 
 def _check_secret(secret: str, dev: bool) -> None:

@@ -32,17 +32,31 @@ class Outbound:
 
 
 class Hub:
-    def __init__(self) -> None:
-        self._sessions: dict[uuid.UUID, set[Session]] = {}
+    def __init__(self, max_sockets_per_user: int | None = None) -> None:
+        # Per user, oldest socket first (a dict keeps insertion order; values unused).
+        self._sessions: dict[uuid.UUID, dict[Session, None]] = {}
+        self.max_sockets_per_user = max_sockets_per_user
 
-    def add(self, session: Session) -> None:
-        self._sessions.setdefault(session.user_id, set()).add(session)
+    def add(self, session: Session) -> list[Session]:
+        """Register a socket; return the user's oldest ones it pushed over the cap.
+
+        Those are already out of the hub (they get no more events); the caller closes them.
+        """
+        sessions = self._sessions.setdefault(session.user_id, {})
+        sessions[session] = None
         OPEN_SOCKETS.inc()
+        evicted: list[Session] = []
+        cap = self.max_sockets_per_user
+        while cap is not None and len(sessions) > cap:
+            oldest = next(iter(sessions))
+            self.remove(oldest)
+            evicted.append(oldest)
+        return evicted
 
     def remove(self, session: Session) -> None:
         sessions = self._sessions.get(session.user_id)
         if sessions is not None and session in sessions:
-            sessions.discard(session)
+            del sessions[session]
             OPEN_SOCKETS.dec()
             if not sessions:
                 del self._sessions[session.user_id]

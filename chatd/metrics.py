@@ -36,6 +36,15 @@ QUEUE_OVERFLOWS = Counter(
     "chatd_queue_overflows_total", "Sockets closed with 1013 because they did not read"
 )
 ERRORS = Counter("chatd_errors_total", "Errors answered to clients, by code", ["code"])
+RATE_LIMITED = Counter(
+    "chatd_rate_limited_total",
+    "Requests and frames refused with rate_limited, by limit",
+    ["limit"],
+)
+SOCKET_CAP_CLOSES = Counter(
+    "chatd_socket_cap_closes_total",
+    "Sockets closed with 1008 because their user opened more than the per-user cap",
+)
 DB_POOL = Gauge("chatd_db_pool_connections", "PostgreSQL pool connections", ["state"])
 
 

@@ -187,6 +187,13 @@ def _responses(op: Operation, success: Any, error: Any) -> dict[str, Any]:
             "description": HTTPStatus(status).phrase,
             "content": {JSON: {"schema": error}},
         }
+    if "429" in responses:
+        responses["429"]["headers"] = {
+            "Retry-After": {
+                "description": "seconds to wait before trying again",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        }
     return responses
 
 

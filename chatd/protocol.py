@@ -10,6 +10,7 @@ and `invalid`.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,7 @@ class ChatError(Exception):
         self.message = message
         self.status = status
         self.request_id: str | None = None  # echoed in the socket's error frame
+        self.retry_after: float | None = None  # rate_limited: seconds until allowed
 
 
 # Always timezone-aware (UTC); also makes the OpenAPI schema say "format": "date-time".
@@ -89,9 +91,16 @@ class ChatOverview(Chat):
     role: Role  # the caller's role
 
 
-class ErrorBody(Struct):
+class ErrorBody(Struct, omit_defaults=True):
     code: str
     message: str
+    # rate_limited only: milliseconds to wait before the same request is allowed.
+    retry_after_ms: int | None = None
+
+
+def retry_after_ms(seconds: float) -> int:
+    """A wait as the error body's retry_after_ms: rounded up, at least 1."""
+    return max(1, math.ceil(seconds * 1000))
 
 
 # --- client → server frames ---------------------------------------------------------------

@@ -4,6 +4,7 @@ the chat and message routes, which run the same handlers as the socket's actions
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from starlette.responses import Response
 
 from chatd import auth
 from chatd.handlers import chats, groups, messages, reads
-from chatd.handlers.base import MESSAGE_COLUMNS, Context, message_from_row
+from chatd.handlers.base import MESSAGE_COLUMNS, Context, message_from_row, rate_limited
 from chatd.metrics import ERRORS
 from chatd.openapi import Operation, Param
 from chatd.protocol import (
@@ -62,7 +63,9 @@ from chatd.protocol import (
     UserList,
     clean_text,
     encode,
+    retry_after_ms,
 )
+from chatd.ratelimit import Limits, take_all
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE_SIZE = 200
@@ -79,17 +82,22 @@ def json_response(value: Any, status: int = 200, headers: dict[str, str] | None 
     return Response(encode(value), status, headers, media_type="application/json")
 
 
-def error_response(code: str, message: str, status: int) -> Response:
+def error_response(
+    code: str, message: str, status: int, retry_after: float | None = None
+) -> Response:
     ERRORS.labels(code).inc()
-    return json_response(ErrorResponse(ErrorBody(code, message)), status)
+    if retry_after is None:
+        return json_response(ErrorResponse(ErrorBody(code, message)), status)
+    body = ErrorBody(code, message, retry_after_ms=retry_after_ms(retry_after))
+    # Retry-After is in whole seconds: round up, so a client that obeys it is let in.
+    return json_response(ErrorResponse(body), status, {"Retry-After": str(math.ceil(retry_after))})
 
 
 async def chat_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ChatError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    response = error_response(exc.code, exc.message, exc.status)
-    if headers:
-        response.headers.update(headers)
+    response = error_response(exc.code, exc.message, exc.status, exc.retry_after)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
 
@@ -138,6 +146,15 @@ def pool(request: Request) -> asyncpg.Pool:
     return request.app.state.pool
 
 
+def limits(request: Request) -> Limits:
+    return request.app.state.limits
+
+
+def client_address(request: Request) -> str:
+    """The client's IP: uvicorn takes it from X-Forwarded-For for CHATD_FORWARDED_ALLOW_IPS."""
+    return request.client.host if request.client else "unknown"
+
+
 # --- accounts and tokens -----------------------------------------------------------------
 
 
@@ -149,6 +166,9 @@ async def register(request: Request) -> Response:
         raise ChatError(INVALID, "email is not a plausible address", 422)
     if not 8 <= len(body.password) <= 128:
         raise ChatError(INVALID, "password must be 8..128 characters", 422)
+    wait = limits(request).register.take(client_address(request))
+    if wait:
+        raise rate_limited("too many registrations from this address; retry later", wait)
     password_hash = await auth.hash_password(body.password)
     user_id = await pool(request).fetchval(
         "INSERT INTO users (name, email, password_hash) VALUES ($1, $2, $3)"
@@ -164,12 +184,26 @@ async def register(request: Request) -> Response:
 
 async def login(request: Request) -> Response:
     body = await read_body(request, LoginRequest)
+    email = body.email.strip().lower()
+    # Failed attempts count, per email and per address. Each attempt takes its token
+    # before the password is checked (so parallel guesses cannot all slip through) and a
+    # success gives it back. The email's bucket does not depend on the account existing,
+    # and a limited attempt looks at nothing: it tells nobody whether the email is known.
+    attempt = [
+        (limits(request).login_email, email[:254]),  # no address is longer: bounded keys
+        (limits(request).login_ip, client_address(request)),
+    ]
+    wait = take_all(attempt)
+    if wait:
+        raise rate_limited("too many failed logins; retry later", wait)
     row = await pool(request).fetchrow(
-        "SELECT id, password_hash FROM users WHERE email = $1", body.email.strip().lower()
+        "SELECT id, password_hash FROM users WHERE email = $1", email
     )
     # verify_password runs even for unknown emails, so timing does not tell them apart.
     if not await auth.verify_password(row and row["password_hash"], body.password) or not row:
         raise ChatError("invalid_credentials", "wrong email or password", 401)
+    for limiter, key in attempt:
+        limiter.give_back(key)
     return json_response(await _issue_pair(request, row["id"], family_id=uuid.uuid4()))
 
 
@@ -324,7 +358,9 @@ async def history(request: Request) -> Response:
 
 def context(request: Request) -> Context:
     state = request.app.state
-    return Context(state.pool, state.bus, current_user(request), state.typing_gate, state.writer)
+    return Context(
+        state.pool, state.bus, current_user(request), state.typing_gate, state.writer, state.limits
+    )
 
 
 def path_id(request: Request, name: str) -> int:
@@ -463,7 +499,7 @@ OPERATIONS = [
         201,
         body=RegisterRequest,
         auth=False,
-        errors=(400, 409, 413, 422),
+        errors=(400, 409, 413, 422, 429),
     ),
     Operation(
         "POST",
@@ -473,7 +509,7 @@ OPERATIONS = [
         TokenPair,
         body=LoginRequest,
         auth=False,
-        errors=(400, 401, 413, 422),
+        errors=(400, 401, 413, 422, 429),
     ),
     Operation(
         "POST",
@@ -599,7 +635,7 @@ OPERATIONS = [
         also_ok=(200,),
         body=SendMessageRequest,
         headers=(Param("Idempotency-Key", str, "same meaning as client_msg_id (1..64 chars)"),),
-        errors=(400, 404, 413, 422),
+        errors=(400, 404, 413, 422, 429),
     ),
     Operation(
         "GET",

@@ -29,7 +29,7 @@ from chatd.handlers.base import (
     message_from_row,
 )
 from chatd.hub import Outbound
-from chatd.metrics import ERRORS, QUEUE_OVERFLOWS
+from chatd.metrics import ERRORS, QUEUE_OVERFLOWS, SOCKET_CAP_CLOSES
 from chatd.protocol import (
     INTERNAL,
     Ack,
@@ -39,6 +39,7 @@ from chatd.protocol import (
     UnreadMessages,
     decode_action,
     encode_text,
+    retry_after_ms,
 )
 from chatd.shutdown import CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN, give_up_after
 
@@ -49,6 +50,8 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
 
 UNREAD_SNAPSHOT_LIMIT = 500
+# CHATD_MAX_SOCKETS_PER_USER: a new socket wins; the user's oldest one is closed with this.
+SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
 
 # Driven from the user's memberships: per chat with something unread, an index range on
 # messages (chat_id, seq) — never a walk over the whole messages table in id order.
@@ -88,8 +91,11 @@ async def connect_endpoint(websocket: WebSocket) -> None:
 
     logs.user_id.set(str(user_id))
     session = Session(websocket, user_id, state.settings.send_queue_size)
-    ctx = Context(state.pool, state.bus, user_id, state.typing_gate, state.writer)
-    state.hub.add(session)  # from here on, events for this user are held until the snapshot
+    ctx = Context(state.pool, state.bus, user_id, state.typing_gate, state.writer, state.limits)
+    # From here on, events for this user are held until the snapshot.
+    for oldest in state.hub.add(session):
+        SOCKET_CAP_CLOSES.inc()
+        oldest.close_soon(CLOSE_POLICY_VIOLATION, SOCKET_CAP_REASON)
     started = time.monotonic()
     log.info("session started")
     try:
@@ -182,9 +188,14 @@ class Session:
     def reply(self, request_id: str | None, data: Any) -> None:
         self._push(encode_text(Ack(request_id=request_id, data=data)))
 
-    def reply_error(self, request_id: str | None, code: str, message: str) -> None:
+    def reply_error(
+        self, request_id: str | None, code: str, message: str, retry_after: float | None = None
+    ) -> None:
         ERRORS.labels(code).inc()
-        self._push(encode_text(Error(request_id=request_id, error=ErrorBody(code, message))))
+        body = ErrorBody(code, message)
+        if retry_after is not None:
+            body.retry_after_ms = retry_after_ms(retry_after)
+        self._push(encode_text(Error(request_id=request_id, error=body)))
 
     async def send_unread_snapshot(self, pool: asyncpg.Pool) -> None:
         """Send unread_messages first, then the held events the snapshot does not contain."""
@@ -266,7 +277,7 @@ class Session:
             request_id = action.request_id
             result = await dispatch(ctx, action)
         except ChatError as exc:
-            self.reply_error(exc.request_id or request_id, exc.code, exc.message)
+            self.reply_error(exc.request_id or request_id, exc.code, exc.message, exc.retry_after)
         except Exception:
             log.exception("action failed", extra={"request": request_id})
             self.reply_error(request_id, INTERNAL, "the server failed to handle this action")

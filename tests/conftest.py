@@ -27,6 +27,15 @@ from chatd.client import Api
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-" + "x" * 40
 PASSWORD = "correct horse battery"
+# The suite registers hundreds of users from 127.0.0.1, sends bursts and opens many
+# sockets per user: those limits are off here (tests/test_rate_limits.py sets tight ones).
+# Login limits stay at their defaults: they count failed logins only.
+SUITE_LIMITS = {
+    "CHATD_REGISTER_RATE": "off",
+    "CHATD_MESSAGE_RATE": "off",
+    "CHATD_TYPING_RATE": "off",
+    "CHATD_MAX_SOCKETS_PER_USER": "off",
+}
 
 
 def _run(coro: Awaitable[object]) -> object:
@@ -99,6 +108,7 @@ def start_server(database_url: str, workdir: Path, port: int | None = None, **en
         "CHATD_SECRET": TEST_SECRET,
         "CHATD_DATA_DIR": str(workdir / "data"),
         "CHATD_LOG_LEVEL": "info",
+        **SUITE_LIMITS,
         **env,
     }
     with log_path.open("wb") as log:

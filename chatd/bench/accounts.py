@@ -75,6 +75,11 @@ async def _post(http: httpx.AsyncClient, path: str, body: dict[str, Any], token:
         if response.status_code < 500:
             break
         await asyncio.sleep(0.2 * (attempt + 1))  # a transient server error: retry a little
+    if response.status_code == 429:
+        raise SetupError(
+            f"POST {path} -> 429 rate_limited: start the chatd to bench with "
+            "CHATD_REGISTER_RATE=off (see docs/performance.md), or use --reuse-users"
+        )
     if response.is_error:
         raise SetupError(f"POST {path} -> {response.status_code} {response.text[:300]}")
     return response.json()
@@ -143,12 +148,23 @@ async def _gather(coros: list[Any], progress: Progress, label: str) -> list[Any]
 
     async def run(i: int, coro: Any) -> None:
         nonlocal done
-        async with gate:
-            results[i] = await coro
+        try:
+            async with gate:
+                results[i] = await coro
+        finally:
+            coro.close()  # one cancelled before its turn was never started
         done += 1
         progress(f"{label}: {done}/{len(coros)}")
 
-    await asyncio.gather(*(run(i, c) for i, c in enumerate(coros)))
+    tasks = [asyncio.ensure_future(run(i, c)) for i, c in enumerate(coros)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # One failed (a 429, say): stop the rest rather than leave them running.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     return results
 
 

@@ -136,6 +136,27 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+LIMITS_HINT = (
+    "hint: chatd's rate limits or socket cap refused the bench. Start the server to bench "
+    "with CHATD_REGISTER_RATE=off CHATD_MESSAGE_RATE=off CHATD_MAX_SOCKETS_PER_USER=off "
+    "(docs/performance.md)."
+)
+
+
+def limits_hint(workloads: dict[str, Any]) -> str | None:
+    """The hint to print when a workload met rate_limited, a 429 or a socket-cap close."""
+    for result in workloads.values():
+        if "429" in result.get("error", ""):
+            return LIMITS_HINT
+        runs = [*result.get("steps", []), result]
+        for run in runs:
+            if "rate_limited" in (run.get("errors") or {}):
+                return LIMITS_HINT
+            if "1008" in (run.get("closes") or {}):
+                return LIMITS_HINT
+    return None
+
+
 def render(report: dict[str, Any]) -> str:
     out = []
     machine = report["machine"]
@@ -167,6 +188,9 @@ def render(report: dict[str, Any]) -> str:
         for t in report["targets"]
     ]
     out.append("targets\n" + _table(["target", "goal", "measured", "", "note"], rows))
+    hint = limits_hint(report["workloads"])
+    if hint:
+        out.append(hint)
     return "\n\n".join(out) + "\n"
 
 

@@ -14,6 +14,7 @@ from chatd.protocol import (
     FORBIDDEN,
     INVALID,
     NOT_FOUND,
+    RATE_LIMITED,
     Chat,
     ChatError,
     ChatMember,
@@ -24,6 +25,7 @@ from chatd.protocol import (
 if TYPE_CHECKING:
     from chatd.handlers.messages import MessageWriter
     from chatd.handlers.presence import TypingGate
+    from chatd.ratelimit import Limits
 
 T = TypeVar("T")
 
@@ -37,6 +39,14 @@ class Context:
     user_id: uuid.UUID
     typing_gate: TypingGate
     writer: MessageWriter
+    limits: Limits
+
+
+def rate_limited(message: str, wait: float) -> ChatError:
+    """Slow down: `wait` seconds until the same request would be allowed."""
+    error = ChatError(RATE_LIMITED, message, 429)
+    error.retry_after = wait
+    return error
 
 
 def no_such_chat() -> ChatError:

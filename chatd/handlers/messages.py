@@ -17,6 +17,7 @@ from chatd.handlers.base import (
     fit_in_frame,
     message_from_row,
     no_such_chat,
+    rate_limited,
 )
 from chatd.handlers.reads import advance_read_watermarks, publish_read_receipts
 from chatd.hub import Bus, Outbound
@@ -300,6 +301,9 @@ async def store_message(ctx: Context, action: SendMessage) -> tuple[Message, boo
     client_msg_id = action.client_msg_id
     if client_msg_id is not None and "\x00" in client_msg_id:
         raise ChatError(INVALID, "client_msg_id must not contain NUL characters", 422)
+    wait = ctx.limits.message.take(str(ctx.user_id))  # socket and REST sends alike
+    if wait:
+        raise rate_limited("too many messages; slow down", wait)
     return await ctx.writer.store(ctx.user_id, action.chat_id, text, client_msg_id)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from chatd.handlers.base import Context, no_such_chat
+from chatd.handlers.base import Context, no_such_chat, rate_limited
 from chatd.hub import Outbound
 from chatd.protocol import Typing, TypingEvent, TypingNotice, encode_text
 
@@ -51,6 +51,12 @@ async def typing(ctx: Context, action: Typing) -> None:
     # Claim before the query, so two sockets of one user cannot both get through.
     if not ctx.typing_gate.claim(ctx.user_id, action.chat_id):
         return None  # dropped silently
+    # The gate bounds each chat; this bounds the user, who could name many chats (each a
+    # query and a fan-out). Repeats the gate drops cost nothing and do not count.
+    wait = ctx.limits.typing.take(str(ctx.user_id))
+    if wait:
+        ctx.typing_gate.release(ctx.user_id, action.chat_id)
+        raise rate_limited("too many typing events; slow down", wait)
     row = await ctx.pool.fetchrow(_OTHER_MEMBERS, action.chat_id, ctx.user_id)
     if not row["is_member"]:
         ctx.typing_gate.release(ctx.user_id, action.chat_id)

@@ -183,7 +183,11 @@ async function connect() {
     for (const { reject } of state.pending.values()) reject(new Error("disconnected"));
     state.pending.clear();
     if (!state.auth) return;
-    if (event.code === 1008) {
+    if (event.code === 1008 && event.reason.startsWith("too many sockets")) {
+      // This user opened more tabs or devices than the server allows, and this socket
+      // is the oldest. Coming straight back would close another one: wait for the user.
+      setConnStatus("disconnected: too many open tabs or devices (reload to reconnect)");
+    } else if (event.code === 1008) {
       // The token was refused (expired): refresh, then come back.
       refreshTokens().then(() => scheduleReconnect(), () => {});
     } else {
@@ -276,7 +280,10 @@ function handleFrame(frame) {
       }
       state.pending.delete(frame.request_id);
       if (frame.action === "ack") waiter.resolve(d);
-      else waiter.reject(Object.assign(new Error(frame.error.message), { code: frame.error.code }));
+      else {
+        const { code, message, retry_after_ms: retryAfterMs } = frame.error;
+        waiter.reject(Object.assign(new Error(message), { code, retryAfterMs }));
+      }
       return;
     }
     case "new_message":
@@ -629,7 +636,12 @@ function sendOut(client_msg_id, out) {
   request("send_message", { chat_id: out.chat_id, text: out.text, client_msg_id })
     .then((m) => addMessage(m))
     .catch((err) => {
-      if (err.code) {
+      if (err.code === "rate_limited") {
+        // Sending too fast: nothing was stored; send it again once allowed.
+        setTimeout(() => {
+          if (state.outbox.has(client_msg_id) && state.wsReady) sendOut(client_msg_id, out);
+        }, err.retryAfterMs || 1000);
+      } else if (err.code) {
         // Refused by the server (not a dropped connection): drop it and say why.
         state.outbox.delete(client_msg_id);
         if (out.chat_id === state.current) renderMessages();

@@ -1,0 +1,396 @@
+"""Rate limits and the per-user socket cap, against a real server with tight limits.
+
+Each test uses its own users and its own client address (X-Forwarded-For, which chatd
+believes from 127.0.0.1 by default), so the tests do not share buckets. The limits refill
+slowly (one event per 10 s or so): a burst made in a test is always well inside its
+window, however loaded the machine, and waiting out a Retry-After takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chatd import client as client_sdk
+from chatd import session
+from chatd.bench import main as bench_main
+from chatd.client import Api, ChatdError, Client, Socket
+from chatd.config import Settings
+from chatd.ratelimit import Rate, RateLimiter, parse_rate
+from tests.conftest import PASSWORD, Server, start_server, stop_server
+from tests.test_client import socket_state
+
+LIMITS = {
+    "CHATD_LOGIN_EMAIL_RATE": "3/30s",  # a failed login per email every 10 s, 3 at once
+    "CHATD_LOGIN_IP_RATE": "5/50s",
+    "CHATD_REGISTER_RATE": "2/20s",
+    "CHATD_MESSAGE_RATE": "1/5s",
+    "CHATD_MESSAGE_BURST": "4",
+    "CHATD_TYPING_RATE": "2/20s",
+    "CHATD_MAX_SOCKETS_PER_USER": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def limited(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(database_url, tmp_path_factory.mktemp("limited"), **LIMITS)
+    yield srv
+    stop_server(srv)
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+@pytest.fixture
+async def http(limited: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=limited.base_url, timeout=30) as client:
+        yield client
+
+
+def new_address() -> str:
+    return f"10.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250 + 1}"
+
+
+def new_email() -> str:
+    return f"rl-{uuid.uuid4().hex[:12]}@example.com"
+
+
+async def register(http: httpx.AsyncClient, email: str, address: str) -> httpx.Response:
+    body = {"name": "Limited", "email": email, "password": PASSWORD}
+    return await http.post("/register", json=body, headers={"X-Forwarded-For": address})
+
+
+async def login(
+    http: httpx.AsyncClient, email: str, address: str, password: str = PASSWORD
+) -> httpx.Response:
+    body = {"email": email, "password": password}
+    return await http.post("/login", json=body, headers={"X-Forwarded-For": address})
+
+
+def assert_limited(response: httpx.Response) -> float:
+    """A 429 rate_limited with Retry-After; return the wait in seconds."""
+    assert response.status_code == 429, response.text
+    error = response.json()["error"]
+    assert error["code"] == "rate_limited"
+    retry_after = int(response.headers["retry-after"])
+    assert 1 <= retry_after <= 60
+    assert 0 < error["retry_after_ms"] <= retry_after * 1000
+    return retry_after
+
+
+async def user(limited: Server, http: httpx.AsyncClient) -> Api:
+    """A fresh user, registered and logged in from an address of its own."""
+    api = Api(limited.base_url)
+    email, address = new_email(), new_address()
+    assert (await register(http, email, address)).status_code == 201
+    tokens = await login(http, email, address)
+    api.access_token = tokens.json()["access_token"]
+    api.user_uuid = (await api.me())["user_uuid"]
+    return api
+
+
+def rate_limited_count(text: str, limit: str) -> float:
+    match = re.search(rf'^chatd_rate_limited_total{{limit="{limit}"}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+# --- login ------------------------------------------------------------------------------
+
+
+async def test_failed_logins_per_email_are_limited_then_allowed_again(
+    http: httpx.AsyncClient,
+) -> None:
+    known, unknown = new_email(), new_email()
+    assert (await register(http, known, new_address())).status_code == 201
+    answers = {}
+    for email in (known, unknown):
+        for _ in range(3):  # each from another address: only the email's limit applies
+            wrong = await login(http, email, new_address(), "wrong password")
+            assert wrong.status_code == 401
+        # The fourth failure is refused before the password is looked at: even the right one.
+        refused = await login(http, email, new_address())
+        wait = assert_limited(refused)
+        answers[email] = (refused.json()["error"]["message"], wait)
+    # A locked-out email does not tell whether it has an account.
+    assert answers[known][0] == answers[unknown][0]
+    assert all(wait <= 10 for _, wait in answers.values())
+
+    await asyncio.sleep(answers[known][1])
+    assert (await login(http, known, new_address())).status_code == 200
+
+
+async def test_failed_logins_per_address_are_limited_and_successes_do_not_count(
+    http: httpx.AsyncClient,
+) -> None:
+    address = new_address()
+    email = new_email()
+    assert (await register(http, email, new_address())).status_code == 201
+    # Successful logins give their attempt back: a busy NAT is not locked out by them.
+    for _ in range(8):
+        assert (await login(http, email, address)).status_code == 200
+    for _ in range(5):  # five failures on five emails: no email reaches its own limit
+        assert (await login(http, new_email(), address, "wrong password")).status_code == 401
+    wait = assert_limited(await login(http, new_email(), address, "wrong password"))
+    assert_limited(await login(http, email, address))  # the right password too
+    # Another address is not affected.
+    assert (await login(http, email, new_address())).status_code == 200
+    await asyncio.sleep(wait)
+    assert (await login(http, email, address)).status_code == 200
+
+
+# --- registration -----------------------------------------------------------------------
+
+
+async def test_registrations_per_address_are_limited(http: httpx.AsyncClient) -> None:
+    address = new_address()
+    assert (await register(http, new_email(), address)).status_code == 201
+    assert (await register(http, new_email(), address)).status_code == 201
+    refused = new_email()
+    wait = assert_limited(await register(http, refused, address))
+    assert (await register(http, new_email(), new_address())).status_code == 201
+    await asyncio.sleep(wait)
+    # Nothing was stored for the refused one: it can register now.
+    assert (await register(http, refused, address)).status_code == 201
+
+
+async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
+    database_url: str, tmp_path: Path
+) -> None:
+    # 127.0.0.1 is not the trusted proxy here: its X-Forwarded-For must be ignored, or a
+    # client could pick a new address for every request and never be limited.
+    srv = await asyncio.to_thread(
+        start_server,
+        database_url,
+        tmp_path,
+        **LIMITS,
+        CHATD_FORWARDED_ALLOW_IPS="192.0.2.1",
+    )
+    try:
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=30) as client:
+            for _ in range(2):
+                assert (await register(client, new_email(), new_address())).status_code == 201
+            assert_limited(await register(client, new_email(), new_address()))
+    finally:
+        await asyncio.to_thread(stop_server, srv)
+    assert "Traceback" not in srv.log()
+
+
+# --- messages ---------------------------------------------------------------------------
+
+
+async def test_a_message_burst_is_limited_and_the_socket_stays_usable(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    alice, bob = await user(limited, http), await user(limited, http)
+    async with await alice.connect() as a:
+        chat = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        sent, refused = [], []
+        for n in range(8):  # burst 4, then one per 5 s
+            try:
+                sent.append(await a.request("send_message", chat_id=chat["id"], text=f"m{n}"))
+            except ChatdError as exc:
+                assert exc.code == "rate_limited"
+                assert exc.retry_after is not None and 0 < exc.retry_after <= 5
+                refused.append((f"m{n}", exc.retry_after))
+        assert 4 <= len(sent) < 8 and len(refused) == 8 - len(sent)
+
+        # REST sends share the user's bucket: 429 with Retry-After.
+        response = await http.post(
+            f"/chats/{chat['id']}/messages",
+            json={"text": "over rest"},
+            headers={"Authorization": f"Bearer {alice.access_token}"},
+        )
+        wait = assert_limited(response)
+
+        # Nothing was stored for the refused sends.
+        history = await bob.history(chat["id"])
+        assert [m["text"] for m in history["messages"]] == [m["text"] for m in sent]
+
+        # The socket is still open; after the wait a send goes through.
+        await asyncio.sleep(wait)
+        late = await a.request("send_message", chat_id=chat["id"], text="after waiting")
+        assert late["seq"] == len(sent) + 1
+
+
+async def test_the_client_sdk_waits_out_the_message_limit(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    email, bob = new_email(), await user(limited, http)
+    assert (await register(http, email, new_address())).status_code == 201
+    async with Client(limited.base_url, email=email, password=PASSWORD) as bot:
+        chat = await bot.create_chat([bob.user_uuid])
+        sent = [await bot.send(chat["id"], f"paced {n}") for n in range(5)]  # burst 4
+    assert [m["seq"] for m in sent] == [1, 2, 3, 4, 5]
+    history = await bob.history(chat["id"])
+    assert [m["text"] for m in history["messages"]] == [f"paced {n}" for n in range(5)]
+
+
+# --- typing -----------------------------------------------------------------------------
+
+
+async def test_typing_frames_per_user_are_limited(limited: Server, http: httpx.AsyncClient) -> None:
+    alice, bob = await user(limited, http), await user(limited, http)
+    async with await alice.connect() as a, await bob.connect() as b:
+        chats = [
+            await a.request("create_chat", type="group", name=f"t{n}", user_ids=[bob.user_uuid])
+            for n in range(3)
+        ]
+        await a.request("typing", chat_id=chats[0]["id"])
+        # A repeat inside the per-chat interval is dropped silently and does not count.
+        assert await a.request("typing", chat_id=chats[0]["id"]) is None
+        await a.request("typing", chat_id=chats[1]["id"])
+        with pytest.raises(ChatdError) as caught:
+            await a.request("typing", chat_id=chats[2]["id"])
+        assert caught.value.code == "rate_limited"
+        assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 10
+
+        # Bob got the two allowed events, not the refused one; Alice's socket still works.
+        await a.request("send_message", chat_id=chats[2]["id"], text="still here")
+        events = [await b.next_event()]
+        while events[-1]["action"] != "new_message":
+            events.append(await b.next_event())
+        typing = [e["data"]["chat_id"] for e in events if e["action"] == "typing"]
+        assert sorted(typing) == [chats[0]["id"], chats[1]["id"]]
+
+
+# --- sockets per user -------------------------------------------------------------------
+
+
+async def test_the_oldest_socket_is_closed_beyond_the_cap(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    alice, bob = await user(limited, http), await user(limited, http)
+    first, second = await alice.connect(), await alice.connect()
+    third = await alice.connect()  # cap 2: the first one goes
+    try:
+        assert await first.wait_closed() == 1008
+        assert first.ws.close_reason == client_sdk.SOCKET_CAP_REASON == session.SOCKET_CAP_REASON
+        chat = await third.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        await bob_sends(bob, chat["id"])
+        for sock in (second, third):  # both remaining sockets still get events
+            event = await sock.next_event("new_message")
+            assert event["data"]["text"] == "hello"
+    finally:
+        for sock in (first, second, third):
+            await sock.close()
+
+
+async def test_the_client_sdk_gives_way_when_the_cap_closes_its_socket(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    email = new_email()
+    assert (await register(http, email, new_address())).status_code == 201
+    async with Client(limited.base_url, email=email, password=PASSWORD, backoff_cap=1) as bot:
+        replaced = bot.socket
+        assert replaced is not None
+        others = [await Socket.open(limited.ws_url, bot.api.access_token) for _ in range(2)]
+        try:
+            assert await replaced.wait_closed() == 1008
+            # Back after backoff_cap, without a token renewal.
+            await socket_state(bot, lambda: bot.socket not in (None, replaced), timeout=20)
+            assert bot.reconnects == 1 and bot.renewals == 0
+        finally:
+            for sock in others:
+                await sock.close()
+
+
+async def bob_sends(bob: Api, chat_id: int) -> None:
+    await bob.call("POST", f"/chats/{chat_id}/messages", json={"text": "hello"})
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+async def test_rate_limit_hits_are_counted_in_metrics(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    before = (await http.get("/metrics")).text
+    address = new_address()
+    for _ in range(2):
+        await register(http, new_email(), address)
+    assert_limited(await register(http, new_email(), address))
+    after = (await http.get("/metrics")).text
+    assert rate_limited_count(after, "register") == rate_limited_count(before, "register") + 1
+    assert re.search(r'^chatd_errors_total\{code="rate_limited"\} [1-9]', after, re.M)
+
+
+# --- chatd bench against a limited server -------------------------------------------------
+
+
+def test_the_bench_names_the_limits_it_ran_into(
+    limited: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["fanout", "--url", limited.base_url, "--groups", "1", "--members", "3"]
+    tiny = ["--rates", "10", "--max-rate", "0", "--step-seconds", "1", "--grace", "1"]
+    # Registering 3 users from 127.0.0.1 meets CHATD_REGISTER_RATE (2 at once).
+    assert bench_main([*argv, *tiny, "--out", str(tmp_path)]) != 0
+    printed = capsys.readouterr()
+    assert "CHATD_REGISTER_RATE=off" in printed.out + printed.err
+
+
+# --- the pieces -------------------------------------------------------------------------
+
+
+def test_rate_settings_parse_and_switch_off() -> None:
+    env = {"CHATD_SECRET": "s" * 40}
+    settings = Settings.from_env(
+        {
+            **env,
+            "CHATD_LOGIN_EMAIL_RATE": "5/15min",
+            "CHATD_MESSAGE_RATE": "off",
+            "CHATD_TYPING_RATE": "3/s",
+            "CHATD_MAX_SOCKETS_PER_USER": "0",
+        }
+    )
+    assert settings.login_email_rate is not None
+    assert (settings.login_email_rate.count, settings.login_email_rate.period) == (5, 900)
+    assert settings.message_rate is None and settings.max_sockets_per_user is None
+    assert Settings.from_env(env).message_rate == parse_rate("10/s", burst=30)
+    for bad in ("ten/min", "5/fortnight", "5"):
+        with pytest.raises(SystemExit, match="CHATD_REGISTER_RATE"):
+            Settings.from_env({**env, "CHATD_REGISTER_RATE": bad})
+
+
+def test_a_limiter_forgets_keys_and_stays_bounded() -> None:
+    limiter = RateLimiter("test", parse_rate("1/h"), max_keys=1000)
+    assert limiter.take("victim@example.com") == 0
+    for n in range(50_000):  # an attacker cycling through emails...
+        assert limiter.take(f"junk-{n}@example.com") == 0
+        if n % 100 == 0:  # ...while hammering one
+            assert limiter.take("victim@example.com") > 0
+    assert len(limiter) == 1000
+    # The most recent keys, and the hammered one, are still limited.
+    assert limiter.take("junk-49999@example.com") > 0
+    assert limiter.take("victim@example.com") > 0
+
+    slow = RateLimiter("test", parse_rate("2/20s"))
+    assert slow.take("k") == 0 and slow.take("k") == 0
+    assert 0 < slow.take("k") <= 10  # one event per 10 s comes back
+    slow.give_back("k")  # an event that did not count
+    assert slow.take("k") == 0
+
+    quick = RateLimiter("test", Rate(count=2, period=0.2, burst=2))
+    assert quick.take("k") == 0 and quick.take("k") == 0
+    time.sleep(0.5)
+    assert quick.take("other") == 0
+    assert len(quick) == 1  # "k" is full again, the same as never seen: forgotten
+
+
+async def test_a_socket_beyond_the_cap_closes_the_oldest_of_that_user_only(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    alice, bob = await user(limited, http), await user(limited, http)
+    bobs = [await bob.connect(), await bob.connect()]
+    alices: list[Socket] = [await alice.connect() for _ in range(3)]
+    try:
+        assert await alices[0].wait_closed() == 1008
+        for sock in bobs:  # Bob's sockets are not touched by Alice's
+            assert sock.ws.close_code is None
+    finally:
+        for sock in (*bobs, *alices):
+            await sock.close()
