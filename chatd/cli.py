@@ -73,7 +73,7 @@ def run_server(
     options = dict(
         host=host,
         port=port,
-        ws="websockets-sansio",
+        ws="chatd.websocket_protocol:WebSocketProtocol",
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_deflate,
         log_level=settings.log_level,

@@ -4,6 +4,7 @@ the chat and message routes, which run the same handlers as the socket's actions
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -22,9 +23,11 @@ from chatd.metrics import ERRORS
 from chatd.openapi import Operation, Param
 from chatd.protocol import (
     BAD_REQUEST,
+    DATABASE_UNAVAILABLE_MESSAGE,
     INVALID,
     NOT_FOUND,
     UNAUTHORIZED,
+    UNAVAILABLE,
     AddMembers,
     AddMembersRequest,
     Chat,
@@ -64,6 +67,8 @@ from chatd.protocol import (
     encode,
 )
 
+log = logging.getLogger("chatd")
+
 MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE_SIZE = 200
 MAX_BIGINT = 2**63 - 1
@@ -90,6 +95,14 @@ async def chat_error_handler(request: Request, exc: Exception) -> Response:
     response = error_response(exc.code, exc.message, exc.status)
     if headers:
         response.headers.update(headers)
+    return response
+
+
+async def unavailable_handler(request: Request, exc: Exception) -> Response:
+    """The database is down or unreachable: a client should come back shortly."""
+    log.warning("database unavailable (%s %s): %r", request.method, request.url.path, exc)
+    response = error_response(UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE, 503)
+    response.headers["Retry-After"] = "1"
     return response
 
 

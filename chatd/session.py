@@ -17,6 +17,7 @@ import asyncpg
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chatd.auth import ACCESS, InvalidToken, bearer_token, read_token
+from chatd.db import DATABASE_UNAVAILABLE
 from chatd.handlers import dispatch
 from chatd.handlers.base import (
     FRAME_BUDGET_BYTES,
@@ -28,7 +29,9 @@ from chatd.handlers.base import (
 from chatd.hub import Outbound
 from chatd.metrics import ERRORS, QUEUE_OVERFLOWS
 from chatd.protocol import (
+    DATABASE_UNAVAILABLE_MESSAGE,
     INTERNAL,
+    UNAVAILABLE,
     Ack,
     ChatError,
     Error,
@@ -81,7 +84,8 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         await websocket.close(CLOSE_POLICY_VIOLATION, "missing, invalid or expired access token")
         return
 
-    session = Session(websocket, user_id, state.settings.send_queue_size)
+    settings = state.settings
+    session = Session(websocket, user_id, settings.send_queue_size, settings.write_timeout)
     ctx = Context(state.pool, state.bus, user_id, state.typing_gate, state.writer)
     state.hub.add(session)  # from here on, events for this user are held until the snapshot
     try:
@@ -91,7 +95,12 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             log.exception("cannot subscribe to events for user %s", user_id)
             await websocket.close(CLOSE_TRY_AGAIN_LATER, "event stream unavailable; retry")
             return
-        await session.send_unread_snapshot(state.pool)
+        try:
+            await session.send_unread_snapshot(state.pool)
+        except DATABASE_UNAVAILABLE as exc:
+            log.warning("database unavailable for a new socket (user %s): %r", user_id, exc)
+            await websocket.close(CLOSE_TRY_AGAIN_LATER, "database unavailable; retry")
+            return
         await session.run(ctx, state.settings.max_frame_bytes)
     finally:
         state.hub.remove(session)
@@ -111,10 +120,15 @@ def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
 
 
 class Session:
-    def __init__(self, websocket: WebSocket, user_id: uuid.UUID, queue_size: int) -> None:
+    def __init__(
+        self, websocket: WebSocket, user_id: uuid.UUID, queue_size: int, write_timeout: float = 10
+    ) -> None:
         self.websocket = websocket
         self.user_id = user_id
         self._queue_size = queue_size
+        self._write_timeout = write_timeout
+        # Set while the writer waits for the socket to take a frame.
+        self._write_deadline: asyncio.Timeout | None = None
         self._outbox: deque[str] = deque()
         self._wakeup = asyncio.Event()
         # Events that arrive while the unread snapshot is being taken wait here.
@@ -146,6 +160,8 @@ class Session:
         self._outbox.clear()
         self._held = None
         self.close_soon(CLOSE_TRY_AGAIN_LATER, "send queue overflow: client too slow")
+        if self._write_deadline is not None:  # the writer is stuck on this client: stop now
+            self._write_deadline.reschedule(asyncio.get_running_loop().time())
 
     def close_soon(self, code: int, reason: str) -> None:
         if self._close is None:
@@ -175,7 +191,18 @@ class Session:
     async def _write_loop(self) -> None:
         while True:
             while self._outbox and self._close is None:
-                await self.websocket.send_text(self._outbox.popleft())
+                # uvicorn's send waits while the transport's buffer is full (the client does
+                # not read); a client that takes nothing for write_timeout is dropped.
+                try:
+                    async with asyncio.timeout(self._write_timeout) as self._write_deadline:
+                        await self.websocket.send_text(self._outbox.popleft())
+                except TimeoutError:
+                    if self._close is None:  # an overflow has counted and said why already
+                        QUEUE_OVERFLOWS.inc()
+                        self.close_soon(CLOSE_TRY_AGAIN_LATER, "client too slow: not reading")
+                    self._outbox.clear()
+                finally:
+                    self._write_deadline = None
             if self._close is not None:
                 code, reason = self._close
                 await self.websocket.close(code, reason)
@@ -223,6 +250,9 @@ class Session:
             result = await dispatch(ctx, action)
         except ChatError as exc:
             self.reply_error(exc.request_id or request_id, exc.code, exc.message)
+        except DATABASE_UNAVAILABLE as exc:
+            log.warning("database unavailable (user %s): %r", self.user_id, exc)
+            self.reply_error(request_id, UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE)
         except Exception:
             log.exception("action failed (user %s)", self.user_id)
             self.reply_error(request_id, INTERNAL, "the server failed to handle this action")
