@@ -11,7 +11,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from chatd import metrics, openapi, rest, webapp
 from chatd.config import Settings
-from chatd.db import DATABASE_UNAVAILABLE, create_pool
+from chatd.db import MAYBE_UNAVAILABLE, create_pool
 from chatd.handlers.messages import MessageWriter
 from chatd.handlers.presence import TypingGate
 from chatd.hub import Hub, LocalBus
@@ -57,7 +57,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         exception_handlers={
             ChatError: rest.chat_error_handler,
             HTTPException: rest.http_error_handler,
-            **{kind: rest.unavailable_handler for kind in DATABASE_UNAVAILABLE},
+            **{kind: rest.unavailable_handler for kind in MAYBE_UNAVAILABLE},
         },
         lifespan=lifespan,
     )

@@ -59,6 +59,27 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.OperatorInterventionError,
     asyncpg.ConnectionDoesNotExistError,
 )
+# What else a connection the server dropped can raise: asyncpg's "the underlying connection
+# is closed" on a transaction's exit, or a protocol state error when an idle pooled
+# connection got the server's farewell (57P01) before it was used.
+MAYBE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    *DATABASE_UNAVAILABLE,
+    asyncpg.InterfaceError,
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc`, or the failure it happened while handling, is the database going away."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DATABASE_UNAVAILABLE):
+            return True
+        if isinstance(seen, asyncpg.InternalClientError) or (
+            isinstance(seen, asyncpg.InterfaceError) and "connection is closed" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def create_pool(database_url: str, size: int, timeout: float = 10) -> asyncpg.Pool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 
+from chatd.db import is_unavailable
+
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -13,6 +15,7 @@ def setup_logging(level: str) -> None:
     # uvicorn logs request lines with their query string: keep ?token= out of the logs.
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(RedactTokens())
+    logging.getLogger("asyncpg.pool").addFilter(OneLineWhenUnavailable())
 
 
 class RedactTokens(logging.Filter):
@@ -22,4 +25,16 @@ class RedactTokens(logging.Filter):
         message = record.getMessage()
         if "token=" in message:
             record.msg, record.args = self._token.sub(r"\1[redacted]", message), None
+        return True
+
+
+class OneLineWhenUnavailable(logging.Filter):
+    """asyncpg's pool logs a traceback each time it fails to reconnect while the database
+    is down; the exception's one-line summary says all there is to say."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and is_unavailable(exc):
+            record.msg, record.args = f"{record.getMessage()}: {exc!r}", None
+            record.exc_info = None
         return True

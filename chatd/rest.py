@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from chatd import auth
+from chatd.db import is_unavailable
 from chatd.handlers import chats, groups, messages, reads
 from chatd.handlers.base import MESSAGE_COLUMNS, Context, message_from_row
 from chatd.metrics import ERRORS
@@ -100,6 +101,8 @@ async def chat_error_handler(request: Request, exc: Exception) -> Response:
 
 async def unavailable_handler(request: Request, exc: Exception) -> Response:
     """The database is down or unreachable: a client should come back shortly."""
+    if not is_unavailable(exc):
+        raise exc  # a real bug: a 500 and its traceback
     log.warning("database unavailable (%s %s): %r", request.method, request.url.path, exc)
     response = error_response(UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE, 503)
     response.headers["Retry-After"] = "1"

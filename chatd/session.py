@@ -17,7 +17,7 @@ import asyncpg
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chatd.auth import ACCESS, InvalidToken, bearer_token, read_token
-from chatd.db import DATABASE_UNAVAILABLE
+from chatd.db import is_unavailable
 from chatd.handlers import dispatch
 from chatd.handlers.base import (
     FRAME_BUDGET_BYTES,
@@ -97,7 +97,9 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             return
         try:
             await session.send_unread_snapshot(state.pool)
-        except DATABASE_UNAVAILABLE as exc:
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
             log.warning("database unavailable for a new socket (user %s): %r", user_id, exc)
             await websocket.close(CLOSE_TRY_AGAIN_LATER, "database unavailable; retry")
             return
@@ -250,12 +252,13 @@ class Session:
             result = await dispatch(ctx, action)
         except ChatError as exc:
             self.reply_error(exc.request_id or request_id, exc.code, exc.message)
-        except DATABASE_UNAVAILABLE as exc:
-            log.warning("database unavailable (user %s): %r", self.user_id, exc)
-            self.reply_error(request_id, UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE)
-        except Exception:
-            log.exception("action failed (user %s)", self.user_id)
-            self.reply_error(request_id, INTERNAL, "the server failed to handle this action")
+        except Exception as exc:
+            if is_unavailable(exc):
+                log.warning("database unavailable (user %s): %r", self.user_id, exc)
+                self.reply_error(request_id, UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE)
+            else:
+                log.exception("action failed (user %s)", self.user_id)
+                self.reply_error(request_id, INTERNAL, "the server failed to handle this action")
         else:
             if request_id is not None:
                 self.reply(request_id, result)
