@@ -479,7 +479,7 @@ OPERATIONS = [
         201,
         body=RegisterRequest,
         auth=False,
-        errors=(400, 409, 413, 422),
+        errors=(400, 409, 413, 422, 503),
     ),
     Operation(
         "POST",
@@ -489,7 +489,7 @@ OPERATIONS = [
         TokenPair,
         body=LoginRequest,
         auth=False,
-        errors=(400, 401, 413, 422),
+        errors=(400, 401, 413, 422, 503),
     ),
     Operation(
         "POST",
@@ -499,9 +499,9 @@ OPERATIONS = [
         TokenPair,
         body=RefreshRequest,
         auth=False,
-        errors=(400, 401, 413, 422),
+        errors=(400, 401, 413, 422, 503),
     ),
-    Operation("GET", "/me", me, "The caller's account", Me),
+    Operation("GET", "/me", me, "The caller's account", Me, errors=(503,)),
     Operation(
         "GET",
         "/users_list",
@@ -513,7 +513,7 @@ OPERATIONS = [
             Param("limit", int, "page size, 1..200 (default 50)"),
             Param("after", uuid.UUID, "the last user_uuid of the previous page"),
         ),
-        errors=(422,),
+        errors=(422, 503),
     ),
     Operation(
         "GET",
@@ -527,7 +527,7 @@ OPERATIONS = [
             Param("before", int, "keyset: messages older than this message id"),
             Param("limit", int, "keyset page size, 1..200 (default 50)"),
         ),
-        errors=(404, 422),
+        errors=(404, 422, 503),
     ),
     Operation(
         "GET",
@@ -539,7 +539,7 @@ OPERATIONS = [
             Param("limit", int, "page size, 1..200 (default 50)"),
             Param("before", int, "next_before of the previous page"),
         ),
-        errors=(422,),
+        errors=(422, 503),
     ),
     Operation(
         "POST",
@@ -550,7 +550,7 @@ OPERATIONS = [
         201,
         also_ok=(200,),
         body=CreateChatRequest,
-        errors=(400, 404, 413, 422),
+        errors=(400, 404, 413, 422, 503),
     ),
     Operation(
         "GET",
@@ -558,7 +558,7 @@ OPERATIONS = [
         get_chat,
         "One chat, with its members and their roles",
         ChatOverview,
-        errors=(404,),
+        errors=(404, 503),
     ),
     Operation(
         "PATCH",
@@ -567,7 +567,7 @@ OPERATIONS = [
         "Rename a group (admins and the owner)",
         Chat,
         body=RenameChatRequest,
-        errors=(400, 403, 404, 413, 422),
+        errors=(400, 403, 404, 413, 422, 503),
     ),
     Operation(
         "DELETE",
@@ -576,7 +576,7 @@ OPERATIONS = [
         "Delete a group and all its messages (owner)",
         None,
         204,
-        errors=(403, 404),
+        errors=(403, 404, 503),
     ),
     Operation(
         "POST",
@@ -585,7 +585,7 @@ OPERATIONS = [
         "Add members to a group (admins and the owner)",
         Chat,
         body=AddMembersRequest,
-        errors=(400, 403, 404, 413, 422),
+        errors=(400, 403, 404, 413, 422, 503),
     ),
     Operation(
         "DELETE",
@@ -594,7 +594,7 @@ OPERATIONS = [
         "Remove a member (admins and the owner); your own uuid leaves the group",
         None,
         204,
-        errors=(403, 404, 422),
+        errors=(403, 404, 422, 503),
     ),
     Operation(
         "PATCH",
@@ -603,7 +603,7 @@ OPERATIONS = [
         "Change a member's role (owner); role owner hands ownership over",
         Chat,
         body=SetRoleRequest,
-        errors=(400, 403, 404, 413, 422),
+        errors=(400, 403, 404, 413, 422, 503),
     ),
     Operation(
         "POST",
@@ -615,7 +615,7 @@ OPERATIONS = [
         also_ok=(200,),
         body=SendMessageRequest,
         headers=(Param("Idempotency-Key", str, "same meaning as client_msg_id (1..64 chars)"),),
-        errors=(400, 404, 413, 422),
+        errors=(400, 404, 413, 422, 503),
     ),
     Operation(
         "GET",
@@ -623,7 +623,7 @@ OPERATIONS = [
         get_message,
         "One message of a chat you are in",
         Message,
-        errors=(404,),
+        errors=(404, 503),
     ),
     Operation(
         "POST",
@@ -632,7 +632,7 @@ OPERATIONS = [
         "Move your read pointer up to a message of this chat",
         ReadUpto,
         body=ReadRequest,
-        errors=(400, 404, 413, 422),
+        errors=(400, 404, 413, 422, 503),
     ),
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False),
     Operation(
