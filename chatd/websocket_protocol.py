@@ -33,6 +33,13 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.close_timer.cancel()
             self.close_timer = self.loop.call_later(self.close_timeout, self._abort)
 
+    async def run_asgi(self) -> None:
+        await super().run_asgi()
+        if self.close_timer is None and not self.disconnected:
+            # The app ended without a closing handshake (uvicorn called close(), which
+            # waits for the buffer to drain): give the peer as long as a handshake gets.
+            self.close_timer = self.loop.call_later(self.close_timeout, self._abort)
+
     def keepalive_timeout(self) -> None:
         super().keepalive_timeout()
         self._abort()  # the peer is gone; its buffered data will never be read
