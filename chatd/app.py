@@ -12,7 +12,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from chatd import metrics, openapi, rest, webapp
 from chatd.config import Settings
-from chatd.db import create_pool
+from chatd.db import MAYBE_UNAVAILABLE, create_pool
 from chatd.handlers.messages import MessageWriter
 from chatd.handlers.presence import TypingGate
 from chatd.hub import Hub, LocalBus
@@ -27,7 +27,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.pool = await create_pool(database_url, settings.db_pool_size)
+        app.state.pool = await create_pool(database_url, settings.db_pool_size, settings.db_timeout)
         metrics.watch_pool(app.state.pool)
         app.state.hub = hub = Hub(settings.max_sockets_per_user)
         app.state.bus = bus = (
@@ -66,6 +66,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         exception_handlers={
             ChatError: rest.chat_error_handler,
             HTTPException: rest.http_error_handler,
+            **{kind: rest.unavailable_handler for kind in MAYBE_UNAVAILABLE},
         },
         middleware=[Middleware(RequestIdMiddleware)],
         lifespan=lifespan,

@@ -74,7 +74,7 @@ def run_server(
     import uvicorn
 
     from chatd.app import create_app
-    from chatd.shutdown import GracefulWebSocketProtocol
+    from chatd.websocket_protocol import WebSocketProtocol
 
     log.info(
         "chatd listening on http://%s:%d (WebSocket: /connect), %d process(es)%s",
@@ -86,13 +86,13 @@ def run_server(
     options = dict(
         host=host,
         port=port,
-        ws=GracefulWebSocketProtocol,  # uvicorn's "websockets-sansio", closing gracefully
+        ws=WebSocketProtocol,  # uvicorn's "websockets-sansio" + shutdown and stall handling
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_deflate,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's records go through chatd's handler (JSON or console)
         lifespan="on",
-        # On SIGTERM: stop listening, let sockets finish (chatd/shutdown.py), and cancel
+        # On SIGTERM: stop listening, let sockets finish (chatd/websocket_protocol.py), and cancel
         # whatever is still open after this many seconds.
         timeout_graceful_shutdown=settings.shutdown_grace,
         # The client address (per-address rate limits) comes from X-Forwarded-For only

@@ -44,7 +44,11 @@ class Settings:
     # Browser origins allowed to open /connect besides the server's own ("*": any).
     allowed_origins: tuple[str, ...] = ()
     send_queue_size: int = 1024
+    # Seconds a socket may go without accepting a frame before it is closed (1013).
+    write_timeout: int = 10
     db_pool_size: int = 20
+    # Seconds a database connect or statement may take before it fails as `unavailable`.
+    db_timeout: int = 10
     log_level: str = "info"
     log_format: str = "json"  # or "console"; see chatd/logs.py
     # SIGTERM: seconds to finish the sends in flight and close every socket before exiting.
@@ -80,6 +84,7 @@ class Settings:
             access_token_ttl=_int(env, "CHATD_ACCESS_TOKEN_TTL", 15 * 60),
             refresh_token_ttl=_int(env, "CHATD_REFRESH_TOKEN_TTL", 7 * 24 * 3600),
             send_queue_size=_int(env, "CHATD_SEND_QUEUE_SIZE", 1024),
+            write_timeout=_int(env, "CHATD_WRITE_TIMEOUT", 10),
             ws_deflate=_bool(env, "CHATD_WS_DEFLATE"),
             allowed_origins=tuple(
                 o.strip().rstrip("/")
@@ -87,6 +92,7 @@ class Settings:
                 if o.strip()
             ),
             db_pool_size=_int(env, "CHATD_DB_POOL_SIZE", 20),
+            db_timeout=_int(env, "CHATD_DB_TIMEOUT", 10),
             log_level=log_level,
             log_format=log_format,
             shutdown_grace=_int(env, "CHATD_SHUTDOWN_GRACE", 10),

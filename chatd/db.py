@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -47,9 +48,53 @@ def _yoyo_url(database_url: str) -> str:
     return database_url
 
 
-async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
+# What a lost or unreachable database looks like from asyncpg: refused or dropped
+# connections (OSError, timeouts included), a server shutting down or starting up
+# (57P01 from pg_terminate_backend, 57P03), 08xxx connection errors, and a connection
+# that died in the middle of a statement. Clients get `unavailable` for these, not `internal`.
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+# What else a connection the server dropped can raise: asyncpg's "the underlying connection
+# is closed" on a transaction's exit, or a protocol state error when an idle pooled
+# connection got the server's farewell (57P01) before it was used.
+MAYBE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    *DATABASE_UNAVAILABLE,
+    asyncpg.InterfaceError,
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc`, or the failure it happened while handling, is the database going away."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DATABASE_UNAVAILABLE):
+            return True
+        if isinstance(seen, asyncpg.InternalClientError) or (
+            isinstance(seen, asyncpg.InterfaceError) and "connection is closed" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+async def create_pool(database_url: str, size: int, timeout: float = 10) -> asyncpg.Pool:
+    """A pool whose connects and statements give up after `timeout` seconds.
+
+    Without the bounds, a database that stops answering (rather than refusing) would keep
+    a send waiting on its socket for as long as TCP takes to notice.
+    """
     return await asyncpg.create_pool(
-        database_url, min_size=min(2, size), max_size=size, reset=_keep_session
+        database_url,
+        min_size=min(2, size),
+        max_size=size,
+        reset=_keep_session,
+        timeout=timeout,
+        command_timeout=timeout,
     )
 
 

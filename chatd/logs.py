@@ -20,13 +20,13 @@ from typing import Any
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatd.db import is_unavailable
+
 # The ids of whatever the current task is serving; asyncio copies them into child tasks.
 conn_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("conn_id", default=None)
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 user_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("user_id", default=None)
 _CONTEXT = (("conn_id", conn_id), ("request_id", request_id), ("user_id", user_id))
-
-LOG_FORMATS = ("json", "console")
 
 
 def setup_logging(level: str, log_format: str = "json") -> None:
@@ -35,6 +35,7 @@ def setup_logging(level: str, log_format: str = "json") -> None:
     handler.addFilter(AddContext())
     # On the handler, not a logger: records propagated from any logger pass through it.
     handler.addFilter(RedactTokens())
+    logging.getLogger("asyncpg.pool").addFilter(OneLineWhenUnavailable())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -156,3 +157,15 @@ def _caller_request_id(scope: Scope) -> str | None:
         if name == b"x-request-id" and _SANE_ID.fullmatch(value):
             return value.decode()
     return None
+
+
+class OneLineWhenUnavailable(logging.Filter):
+    """asyncpg's pool logs a traceback each time it fails to reconnect while the database
+    is down; the exception's one-line summary says all there is to say."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and is_unavailable(exc):
+            record.msg, record.args = f"{record.getMessage()}: {exc!r}", None
+            record.exc_info = None
+        return True

@@ -27,6 +27,8 @@ FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 UNAUTHORIZED = "unauthorized"
 INTERNAL = "internal"  # a server-side failure; the request may be retried
+UNAVAILABLE = "unavailable"  # the database is unavailable; retry (sends: same client_msg_id)
+DATABASE_UNAVAILABLE_MESSAGE = "the database is unavailable; retry with the same client_msg_id"
 
 
 class ChatError(Exception):

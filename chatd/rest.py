@@ -4,6 +4,7 @@ the chat and message routes, which run the same handlers as the socket's actions
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import uuid
@@ -17,15 +18,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from chatd import auth
+from chatd.db import is_unavailable
 from chatd.handlers import chats, groups, messages, reads
 from chatd.handlers.base import MESSAGE_COLUMNS, Context, message_from_row, rate_limited
 from chatd.metrics import ERRORS
 from chatd.openapi import Operation, Param
 from chatd.protocol import (
     BAD_REQUEST,
+    DATABASE_UNAVAILABLE_MESSAGE,
     INVALID,
     NOT_FOUND,
     UNAUTHORIZED,
+    UNAVAILABLE,
     AddMembers,
     AddMembersRequest,
     Chat,
@@ -67,6 +71,8 @@ from chatd.protocol import (
 )
 from chatd.ratelimit import Limits, take_all
 
+log = logging.getLogger("chatd")
+
 MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE_SIZE = 200
 MAX_BIGINT = 2**63 - 1
@@ -98,6 +104,16 @@ async def chat_error_handler(request: Request, exc: Exception) -> Response:
     response = error_response(exc.code, exc.message, exc.status, exc.retry_after)
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+async def unavailable_handler(request: Request, exc: Exception) -> Response:
+    """The database is down or unreachable: a client should come back shortly."""
+    if not is_unavailable(exc):
+        raise exc  # a real bug: a 500 and its traceback
+    log.warning("database unavailable (%s %s): %r", request.method, request.url.path, exc)
+    response = error_response(UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE, 503)
+    response.headers["Retry-After"] = "1"
     return response
 
 
@@ -499,7 +515,7 @@ OPERATIONS = [
         201,
         body=RegisterRequest,
         auth=False,
-        errors=(400, 409, 413, 422, 429),
+        errors=(400, 409, 413, 422, 429, 503),
     ),
     Operation(
         "POST",
@@ -509,7 +525,7 @@ OPERATIONS = [
         TokenPair,
         body=LoginRequest,
         auth=False,
-        errors=(400, 401, 413, 422, 429),
+        errors=(400, 401, 413, 422, 429, 503),
     ),
     Operation(
         "POST",
@@ -519,9 +535,9 @@ OPERATIONS = [
         TokenPair,
         body=RefreshRequest,
         auth=False,
-        errors=(400, 401, 413, 422),
+        errors=(400, 401, 413, 422, 503),
     ),
-    Operation("GET", "/me", me, "The caller's account", Me),
+    Operation("GET", "/me", me, "The caller's account", Me, errors=(503,)),
     Operation(
         "GET",
         "/users_list",
@@ -533,7 +549,7 @@ OPERATIONS = [
             Param("limit", int, "page size, 1..200 (default 50)"),
             Param("after", uuid.UUID, "the last user_uuid of the previous page"),
         ),
-        errors=(422,),
+        errors=(422, 503),
     ),
     Operation(
         "GET",
@@ -547,7 +563,7 @@ OPERATIONS = [
             Param("before", int, "keyset: messages older than this message id"),
             Param("limit", int, "keyset page size, 1..200 (default 50)"),
         ),
-        errors=(404, 422),
+        errors=(404, 422, 503),
     ),
     Operation(
         "GET",
@@ -559,7 +575,7 @@ OPERATIONS = [
             Param("limit", int, "page size, 1..200 (default 50)"),
             Param("before", int, "next_before of the previous page"),
         ),
-        errors=(422,),
+        errors=(422, 503),
     ),
     Operation(
         "POST",
@@ -570,7 +586,7 @@ OPERATIONS = [
         201,
         also_ok=(200,),
         body=CreateChatRequest,
-        errors=(400, 404, 413, 422),
+        errors=(400, 404, 413, 422, 503),
     ),
     Operation(
         "GET",
@@ -578,7 +594,7 @@ OPERATIONS = [
         get_chat,
         "One chat, with its members and their roles",
         ChatOverview,
-        errors=(404,),
+        errors=(404, 503),
     ),
     Operation(
         "PATCH",
@@ -587,7 +603,7 @@ OPERATIONS = [
         "Rename a group (admins and the owner)",
         Chat,
         body=RenameChatRequest,
-        errors=(400, 403, 404, 413, 422),
+        errors=(400, 403, 404, 413, 422, 503),
     ),
     Operation(
         "DELETE",
@@ -596,7 +612,7 @@ OPERATIONS = [
         "Delete a group and all its messages (owner)",
         None,
         204,
-        errors=(403, 404),
+        errors=(403, 404, 503),
     ),
     Operation(
         "POST",
@@ -605,7 +621,7 @@ OPERATIONS = [
         "Add members to a group (admins and the owner)",
         Chat,
         body=AddMembersRequest,
-        errors=(400, 403, 404, 413, 422),
+        errors=(400, 403, 404, 413, 422, 503),
     ),
     Operation(
         "DELETE",
@@ -614,7 +630,7 @@ OPERATIONS = [
         "Remove a member (admins and the owner); your own uuid leaves the group",
         None,
         204,
-        errors=(403, 404, 422),
+        errors=(403, 404, 422, 503),
     ),
     Operation(
         "PATCH",
@@ -623,7 +639,7 @@ OPERATIONS = [
         "Change a member's role (owner); role owner hands ownership over",
         Chat,
         body=SetRoleRequest,
-        errors=(400, 403, 404, 413, 422),
+        errors=(400, 403, 404, 413, 422, 503),
     ),
     Operation(
         "POST",
@@ -635,7 +651,7 @@ OPERATIONS = [
         also_ok=(200,),
         body=SendMessageRequest,
         headers=(Param("Idempotency-Key", str, "same meaning as client_msg_id (1..64 chars)"),),
-        errors=(400, 404, 413, 422, 429),
+        errors=(400, 404, 413, 422, 429, 503),
     ),
     Operation(
         "GET",
@@ -643,7 +659,7 @@ OPERATIONS = [
         get_message,
         "One message of a chat you are in",
         Message,
-        errors=(404,),
+        errors=(404, 503),
     ),
     Operation(
         "POST",
@@ -652,7 +668,7 @@ OPERATIONS = [
         "Move your read pointer up to a message of this chat",
         ReadUpto,
         body=ReadRequest,
-        errors=(400, 404, 413, 422),
+        errors=(400, 404, 413, 422, 503),
     ),
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False),
     Operation(

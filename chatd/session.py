@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chatd import logs
 from chatd.auth import ACCESS, InvalidToken, bearer_token, read_token
+from chatd.db import is_unavailable
 from chatd.handlers import dispatch
 from chatd.handlers.base import (
     FRAME_BUDGET_BYTES,
@@ -31,7 +32,9 @@ from chatd.handlers.base import (
 from chatd.hub import Outbound
 from chatd.metrics import ERRORS, QUEUE_OVERFLOWS, SOCKET_CAP_CLOSES
 from chatd.protocol import (
+    DATABASE_UNAVAILABLE_MESSAGE,
     INTERNAL,
+    UNAVAILABLE,
     Ack,
     ChatError,
     Error,
@@ -41,7 +44,7 @@ from chatd.protocol import (
     encode_text,
     retry_after_ms,
 )
-from chatd.shutdown import CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN, give_up_after
+from chatd.websocket_protocol import CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN, give_up_after
 
 log = logging.getLogger("chatd")
 
@@ -90,7 +93,8 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         return
 
     logs.user_id.set(str(user_id))
-    session = Session(websocket, user_id, state.settings.send_queue_size)
+    settings = state.settings
+    session = Session(websocket, user_id, settings.send_queue_size, settings.write_timeout)
     ctx = Context(state.pool, state.bus, user_id, state.typing_gate, state.writer, state.limits)
     # From here on, events for this user are held until the snapshot.
     for oldest in state.hub.add(session):
@@ -105,7 +109,14 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             log.exception("cannot subscribe to events for user %s", user_id)
             await websocket.close(CLOSE_TRY_AGAIN_LATER, "event stream unavailable; retry")
             return
-        await session.send_unread_snapshot(state.pool)
+        try:
+            await session.send_unread_snapshot(state.pool)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            log.warning("database unavailable for a new socket: %r", exc)
+            await websocket.close(CLOSE_TRY_AGAIN_LATER, "database unavailable; retry")
+            return
         drain_seconds = give_up_after(state.settings.shutdown_grace)
         await session.run(
             ctx,
@@ -136,10 +147,15 @@ def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
 
 
 class Session:
-    def __init__(self, websocket: WebSocket, user_id: uuid.UUID, queue_size: int) -> None:
+    def __init__(
+        self, websocket: WebSocket, user_id: uuid.UUID, queue_size: int, write_timeout: float = 10
+    ) -> None:
         self.websocket = websocket
         self.user_id = user_id
         self._queue_size = queue_size
+        self._write_timeout = write_timeout
+        # Set while the writer waits for the socket to take a frame.
+        self._write_deadline: asyncio.Timeout | None = None
         self._outbox: deque[str] = deque()
         self._wakeup = asyncio.Event()
         # Events that arrive while the unread snapshot is being taken wait here.
@@ -174,6 +190,8 @@ class Session:
         self._outbox.clear()
         self._held = None
         self.close_soon(CLOSE_TRY_AGAIN_LATER, "send queue overflow: client too slow")
+        if self._write_deadline is not None:  # the writer is stuck on this client: stop now
+            self._write_deadline.reschedule(asyncio.get_running_loop().time())
 
     @property
     def close_reason(self) -> tuple[int, str] | None:
@@ -213,7 +231,18 @@ class Session:
     async def _write_loop(self) -> None:
         while True:
             while self._outbox and self._close is None:
-                await self.websocket.send_text(self._outbox.popleft())
+                # uvicorn's send waits while the transport's buffer is full (the client does
+                # not read); a client that takes nothing for write_timeout is dropped.
+                try:
+                    async with asyncio.timeout(self._write_timeout) as self._write_deadline:
+                        await self.websocket.send_text(self._outbox.popleft())
+                except TimeoutError:
+                    if self._close is None:  # an overflow has counted and said why already
+                        QUEUE_OVERFLOWS.inc()
+                        self.close_soon(CLOSE_TRY_AGAIN_LATER, "client too slow: not reading")
+                    self._outbox.clear()
+                finally:
+                    self._write_deadline = None
             if self._close is None:
                 self._close = self._close_when_flushed
             if self._close is not None:
@@ -237,7 +266,7 @@ class Session:
             if reader.done() and self.shutting_down:
                 # Once no socket here can start an action and every send has fanned out
                 # (to this outbox too), send what is queued, then close. A socket still
-                # stuck at the grace period is aborted (chatd/shutdown.py).
+                # stuck at the grace period is aborted (chatd/websocket_protocol.py).
                 await wait_quiet()
                 self._close_when_flushed = (CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN)
                 self._wakeup.set()
@@ -278,9 +307,13 @@ class Session:
             result = await dispatch(ctx, action)
         except ChatError as exc:
             self.reply_error(exc.request_id or request_id, exc.code, exc.message, exc.retry_after)
-        except Exception:
-            log.exception("action failed", extra={"request": request_id})
-            self.reply_error(request_id, INTERNAL, "the server failed to handle this action")
+        except Exception as exc:
+            if is_unavailable(exc):
+                log.warning("database unavailable: %r", exc, extra={"request": request_id})
+                self.reply_error(request_id, UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE)
+            else:
+                log.exception("action failed", extra={"request": request_id})
+                self.reply_error(request_id, INTERNAL, "the server failed to handle this action")
         else:
             if request_id is not None:
                 self.reply(request_id, result)

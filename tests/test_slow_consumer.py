@@ -1,0 +1,206 @@
+"""A client that stops reading while others flood its chat.
+
+It is disconnected with 1013 once its bounded queue is full, the server's memory stays
+bounded (nothing is buffered for it without limit), and the other members keep getting
+every message with no added delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import websockets
+
+from chatd.client import Api, Socket
+from tests.conftest import PASSWORD, Server, start_server, stop_server
+
+QUEUE_SIZE = 100
+TEXT = "\U0001f600" * 4096  # the longest text allowed: ~16 KiB of UTF-8 in every frame
+MESSAGES_PER_FLOOD = 1500
+IN_FLIGHT = 16  # sends each sender keeps outstanding
+
+
+@pytest.fixture
+def slow_server(database_url: str, tmp_path: Path) -> Iterator[Server]:
+    srv = start_server(database_url, tmp_path, CHATD_SEND_QUEUE_SIZE=str(QUEUE_SIZE))
+    yield srv
+    stop_server(srv)
+    tracebacks = [line for line in srv.log().splitlines() if "Traceback" in line]
+    assert not tracebacks, f"the server logged tracebacks:\n{srv.log()}"
+
+
+async def new_user(server: Server, name: str) -> Api:
+    api = Api(server.base_url)
+    email = f"{name}-{uuid.uuid4().hex[:10]}@example.com"
+    await api.register(name, email, PASSWORD)
+    await api.login(email, PASSWORD)
+    return api
+
+
+async def metric(server: Server, name: str) -> float:
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+class RssSampler:
+    """The server process's resident memory, sampled in a thread while a flood runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.baseline = self.process.memory_info().rss
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def flood(senders: list[Socket], chat_id: int, tag: str, sent_at: dict[str, float]) -> None:
+    """Send MESSAGES_PER_FLOOD messages, noting when each was sent, by client_msg_id."""
+    keys = iter(f"{tag}-{n}" for n in range(MESSAGES_PER_FLOOD))
+
+    async def lane(sock: Socket) -> None:
+        for key in keys:
+            sent_at[key] = time.monotonic()
+            await sock.request(
+                "send_message", timeout=60, chat_id=chat_id, text=TEXT, client_msg_id=key
+            )
+
+    await asyncio.gather(*(lane(sock) for sock in senders for _ in range(IN_FLIGHT)))
+
+
+async def delivery_latencies(reader: Socket, sent_at_of: dict[str, float], tag: str) -> list[float]:
+    """Read new_message events until every message of the flood came; their latencies."""
+    latencies: dict[str, float] = {}
+    while len(latencies) < MESSAGES_PER_FLOOD:
+        event = await reader.next_event("new_message", timeout=60)
+        key = event["data"]["client_msg_id"]
+        if key.startswith(tag + "-"):
+            latencies[key] = time.monotonic() - sent_at_of[key]
+    return list(latencies.values())
+
+
+async def stalled_socket(server: Server, token: str) -> websockets.ClientConnection:
+    """A socket that reads its unread snapshot, then stops reading at the TCP level."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    sock.setblocking(False)
+    port = int(server.base_url.rsplit(":", 1)[1])
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    ws = await websockets.connect(
+        server.ws_url,
+        sock=sock,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        max_size=None,
+        max_queue=1,
+    )
+    assert json.loads(await ws.recv())["action"] == "unread_messages"
+    ws.transport.pause_reading()
+    return ws
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_costs_others_nothing(
+    slow_server: Server,
+) -> None:
+    sender, reader, sleeper = [await new_user(slow_server, n) for n in ("s", "r", "z")]
+    senders = [await sender.connect() for _ in range(2)]
+    fast = await reader.connect()
+    chat = await senders[0].request(
+        "create_chat", type="group", name="flood", user_ids=[reader.user_uuid, sleeper.user_uuid]
+    )
+    pid = slow_server.process.pid
+
+    # Without a stalled member: how fast the reading member gets the flood.
+    sent_at: dict[str, float] = {}
+    with RssSampler(pid) as calm_rss:
+        flooding = asyncio.create_task(flood(senders, chat["id"], "calm", sent_at))
+        calm = await delivery_latencies(fast, sent_at, "calm")
+        await flooding
+
+    overflows_before = await metric(slow_server, "chatd_queue_overflows_total")
+    stalled = await stalled_socket(slow_server, sleeper.access_token)
+    gone = await stalled_socket(slow_server, sleeper.access_token)  # never reads again
+    gone_port = gone.transport.get_extra_info("sockname")[1]
+    with RssSampler(pid) as stalled_rss:
+        sent_at.clear()
+        flooding = asyncio.create_task(flood(senders, chat["id"], "stalled", sent_at))
+        latency_task = asyncio.create_task(delivery_latencies(fast, sent_at, "stalled"))
+        # Dropped while the flood goes on: the overflow is counted and its socket is gone.
+        deadline = time.monotonic() + 30
+        while await metric(slow_server, "chatd_queue_overflows_total") < overflows_before + 2:
+            assert time.monotonic() < deadline, "the stalled client was never dropped"
+            await asyncio.sleep(0.1)
+        # The client reads again: what was buffered, then the close frame saying why
+        # (within the closing handshake's 10 s, after which the server aborts).
+        stalled.transport.resume_reading()
+        with pytest.raises(websockets.ConnectionClosed):
+            async with asyncio.timeout(30):
+                while True:
+                    await stalled.recv()
+        await flooding
+        with_stalled = await latency_task
+
+    assert stalled.close_code == 1013
+    assert stalled.close_reason.startswith("send queue overflow")
+
+    # The server lets go of a client that never reads again: its closing handshake cannot
+    # finish, so the connection is aborted (not kept with its buffer and file descriptor).
+    def server_holds_gone() -> bool:
+        return any(
+            c.raddr and c.raddr[1] == gone_port for c in psutil.Process(pid).net_connections()
+        )
+
+    deadline = time.monotonic() + 30
+    while server_holds_gone():
+        assert time.monotonic() < deadline, "the server still holds the stalled connection"
+        await asyncio.sleep(0.2)
+    gone.transport.abort()
+
+    frame_bytes = len(TEXT.encode()) + 300
+    flood_bytes = MESSAGES_PER_FLOOD * frame_bytes  # what buffering the flood for it would cost
+    growth = stalled_rss.peak - stalled_rss.baseline
+    calm_growth = calm_rss.peak - calm_rss.baseline
+    print(
+        f"\nRSS baseline {stalled_rss.baseline / 2**20:.1f} MiB; growth during the flood "
+        f"{calm_growth / 2**20:.1f} MiB without and {growth / 2**20:.1f} MiB with the stalled "
+        f"reader; buffering the flood for it would take {flood_bytes / 2**20:.1f} MiB"
+    )
+    assert growth < flood_bytes / 3
+
+    calm_p50, slow_p50 = statistics.median(calm), statistics.median(with_stalled)
+    calm_p95 = statistics.quantiles(calm, n=20)[-1]
+    slow_p95 = statistics.quantiles(with_stalled, n=20)[-1]
+    print(
+        f"reader latency p50/p95: {calm_p50 * 1000:.0f}/{calm_p95 * 1000:.0f} ms without, "
+        f"{slow_p50 * 1000:.0f}/{slow_p95 * 1000:.0f} ms with the stalled reader"
+    )
+    assert slow_p50 < 3 * calm_p50 + 0.25
+    assert slow_p95 < 3 * calm_p95 + 0.5
+
+    for sock in (*senders, fast):
+        await sock.close()
