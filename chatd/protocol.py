@@ -30,6 +30,13 @@ INTERNAL = "internal"  # a server-side failure; the request may be retried
 UNAVAILABLE = "unavailable"  # the database is unavailable; retry (sends: same client_msg_id)
 DATABASE_UNAVAILABLE_MESSAGE = "the database is unavailable; retry with the same client_msg_id"
 
+# --- close codes of /connect (RFC 6455 section 7.4; docs/protocol.md says when each is sent) --
+
+CLOSE_POLICY_VIOLATION = 1008  # bad token, Origin not allowed, socket cap
+CLOSE_TOO_BIG = 1009  # a frame over the size limit
+CLOSE_SERVICE_RESTART = 1012  # shutdown, or a lost Redis subscription: reconnect and sync
+CLOSE_TRY_AGAIN_LATER = 1013  # a client too slow to read, or the database unavailable
+
 
 class ChatError(Exception):
     """A failure to report to the client as {"code", "message"}; nothing was changed."""

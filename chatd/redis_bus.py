@@ -28,11 +28,11 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
 
 from chatd.hub import Hub, Outbound
+from chatd.protocol import CLOSE_SERVICE_RESTART
 
 log = logging.getLogger("chatd")
 
 CHANNEL_PREFIX = b"chatd:user:"
-CLOSE_SERVICE_RESTART = 1012
 MAX_QUEUED_PUBLICATIONS = 100_000
 # A pub/sub connection only ever reads: PING it so a silently dropped one is noticed.
 PING_EVERY_SECONDS = 10

@@ -32,6 +32,10 @@ from chatd.handlers.base import (
 from chatd.hub import Outbound
 from chatd.metrics import ERRORS, QUEUE_OVERFLOWS, SOCKET_CAP_CLOSES
 from chatd.protocol import (
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
     DATABASE_UNAVAILABLE_MESSAGE,
     INTERNAL,
     UNAVAILABLE,
@@ -44,13 +48,10 @@ from chatd.protocol import (
     encode_text,
     retry_after_ms,
 )
-from chatd.websocket_protocol import CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN, give_up_after
+from chatd.websocket_protocol import SERVER_SHUTDOWN, give_up_after
 
 log = logging.getLogger("chatd")
 
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_TRY_AGAIN_LATER = 1013
 
 UNREAD_SNAPSHOT_LIMIT = 500
 # CHATD_MAX_SOCKETS_PER_USER: a new socket wins; the user's oldest one is closed with this.

@@ -29,7 +29,8 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-CLOSE_SERVICE_RESTART = 1012
+from chatd.protocol import CLOSE_SERVICE_RESTART
+
 SERVER_SHUTDOWN = "server shutting down"
 
 
