@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Browser tests drive Debian's Chromium through Playwright; no browser is ever downloaded.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test lint migrate clean browser-deps browser-test
+.PHONY: run test soak lint migrate clean browser-deps browser-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 	$(BIN)/ruff check chatd tests examples
 	$(BIN)/pytest
 	@$(MAKE) --no-print-directory browser-test
+
+# The load-shaped fault tests, SOAK times bigger (5,000 sockets in the storm, ...); not in CI.
+SOAK ?= 5
+soak: $(STAMP)
+	CHATD_SOAK=$(SOAK) $(BIN)/pytest tests/test_reconnect_storm.py tests/test_slow_consumer.py tests/test_crash.py
 
 # Installs Debian's chromium when it is missing and we may (root, apt-get).
 browser-deps:

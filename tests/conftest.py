@@ -26,6 +26,8 @@ from chatd.client import Api
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-" + "x" * 40
+# `make soak` sets CHATD_SOAK=N: the load-shaped fault tests run N times bigger (or N rounds).
+SOAK = max(1, int(os.environ.get("CHATD_SOAK") or 1))
 PASSWORD = "correct horse battery"
 # The suite registers hundreds of users from 127.0.0.1, sends bursts and opens many
 # sockets per user: those limits are off here (tests/test_rate_limits.py sets tight ones).

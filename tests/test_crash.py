@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from chatd.client import Api, Client, Socket
-from tests.conftest import PASSWORD, Server, free_port, start_server, stop_server
+from tests.conftest import PASSWORD, SOAK, Server, free_port, start_server, stop_server
 
 
 @dataclass
@@ -110,8 +110,9 @@ def as_stored(message: dict[str, Any]) -> tuple[int, int, str, str | None]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("round_", range(SOAK))
 async def test_kill_9_mid_load_then_resume_loses_and_duplicates_nothing(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, round_: int
 ) -> None:
     port = free_port()
     server = start_server(database_url, tmp_path, port=port)

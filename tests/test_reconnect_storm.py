@@ -21,9 +21,9 @@ import websockets
 
 from chatd.auth import ACCESS, issue_token
 from chatd.client import Socket
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import SOAK, Server, start_server, stop_server
 
-USERS = 100
+USERS = 100 * SOAK
 SOCKETS_PER_USER = 10
 GROUP_SIZE = 10
 MESSAGES_PER_GROUP = 12
@@ -135,7 +135,7 @@ async def connect(server: Server, token: str) -> tuple[websockets.ClientConnecti
     return ws, first
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(180 * SOAK)
 async def test_a_thousand_sockets_drop_and_come_back_with_their_unread(
     storm_server: Server, database_url: str
 ) -> None:

@@ -23,11 +23,12 @@ import pytest
 import websockets
 
 from chatd.client import Api, Socket
-from tests.conftest import PASSWORD, Server, start_server, stop_server
+from tests.conftest import PASSWORD, SOAK, Server, start_server, stop_server
 
 QUEUE_SIZE = 100
 TEXT = "\U0001f600" * 4096  # the longest text allowed: ~16 KiB of UTF-8 in every frame
-MESSAGES_PER_FLOOD = 1500
+MESSAGES_PER_FLOOD = 1500 * SOAK
+pytestmark = pytest.mark.timeout(120 * SOAK)
 IN_FLIGHT = 16  # sends each sender keeps outstanding
 
 
