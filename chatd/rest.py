@@ -24,6 +24,7 @@ from chatd.protocol import (
     BAD_REQUEST,
     INVALID,
     NOT_FOUND,
+    TOO_DEEP,
     UNAUTHORIZED,
     AddMembers,
     AddMembersRequest,
@@ -62,6 +63,7 @@ from chatd.protocol import (
     UserList,
     clean_text,
     encode,
+    refuse_nul,
 )
 
 MAX_BODY_BYTES = 64 * 1024
@@ -104,11 +106,15 @@ async def read_body(request: Request, kind: type[T]) -> T:
     if len(body) > MAX_BODY_BYTES:
         raise ChatError(INVALID, "request body exceeds 64 KiB", 413)
     try:
-        return msgspec.json.decode(body, type=kind)
+        value = msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise ChatError(INVALID, str(exc), 422) from None
     except msgspec.DecodeError:
         raise ChatError(BAD_REQUEST, "request body is not valid JSON", 400) from None
+    except RecursionError:
+        raise ChatError(BAD_REQUEST, TOO_DEEP, 400) from None
+    refuse_nul(value)
+    return value
 
 
 def current_user(request: Request) -> uuid.UUID:
