@@ -102,9 +102,18 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 
 async def read_body(request: Request, kind: type[T]) -> T:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ChatError(INVALID, "request body exceeds 64 KiB", 413)
+    # Refuse a big body as soon as it is announced or read, never after buffering all of it.
+    too_big = ChatError(INVALID, "request body exceeds 64 KiB", 413)
+    length = request.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         value = msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:

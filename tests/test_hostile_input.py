@@ -553,3 +553,25 @@ def test_every_required_field_has_a_valid_value(harness: Harness) -> None:
                 if f.required:
                     assert valid_rest_value(world, f"body.{f.name}") != OMIT, (op.path, f.name)
     assert "internal" not in DOCUMENTED_CODES and {"bad_request", "invalid"} <= DOCUMENTED_CODES
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_rest_bodies_over_64_kib_are_refused_with_413(
+    server: Server, make_user: Any, chunked: bool
+) -> None:
+    """Announced (Content-Length) or not (chunked), a big body is refused, not buffered."""
+    api = await make_user("Big")
+    body = json.dumps({"text": "x" * 200_000}).encode()
+
+    async def chunks() -> Any:
+        for start in range(0, len(body), 16_384):
+            yield body[start : start + 16_384]
+
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+        response = await http.post(
+            "/chats/1/messages",
+            headers={"authorization": f"Bearer {api.access_token}"},
+            content=chunks() if chunked else body,
+        )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "invalid"
