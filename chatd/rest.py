@@ -273,9 +273,9 @@ async def users_list(request: Request) -> Response:
         if len(q) > 254 or "\x00" in q:
             raise ChatError(INVALID, "q must be at most 254 characters", 422)
         q = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    after = request.query_params.get("after") or None
+    after = request.query_params.get("after")
     try:
-        after_id = uuid.UUID(after) if after else None
+        after_id = uuid.UUID(after) if after is not None else None
     except ValueError:
         raise ChatError(INVALID, "after must be a user_uuid", 422) from None
     rows = await pool(request).fetch(_USERS_PAGE, q, after_id, limit)
