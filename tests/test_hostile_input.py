@@ -324,8 +324,12 @@ def socket_frame(world: World, action: str, plan: dict[str, Any]) -> str:
 PROBE = json.dumps({"action": "list_chats", "limit": 1, "request_id": "probe"})
 
 
-async def exchange(h: Harness, frame: str) -> None:
-    """Send one hostile frame, then a valid one; check the properties on what comes back."""
+async def exchange(h: Harness, frame: str | bytes, text: bool | None = None) -> None:
+    """Send one hostile frame, then a valid one; check the properties on what comes back.
+
+    `text=True` sends bytes as a text frame (so they may be invalid UTF-8), False sends a
+    binary frame.
+    """
     await h.ensure_world()
     headers = {"Authorization": f"Bearer {h.world.owner.access_token}"}
     async with websockets.connect(h.server.ws_url, additional_headers=headers, max_size=None) as ws:
@@ -334,7 +338,7 @@ async def exchange(h: Harness, frame: str) -> None:
         before = await h.fingerprint()
         replies = []
         try:
-            await ws.send(frame)
+            await ws.send(frame, text=text)
             await ws.send(PROBE)
             async with asyncio.timeout(20):
                 while True:
@@ -345,8 +349,13 @@ async def exchange(h: Harness, frame: str) -> None:
                     if reply["action"] in ("ack", "error"):
                         replies.append(reply)
         except websockets.ConnectionClosed:
-            too_big = len(frame.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES
-            assert too_big and ws.close_code == 1009, (ws.close_code, frame[:300])
+            raw = frame if isinstance(frame, bytes) else frame.encode("utf-8", "surrogatepass")
+            if len(raw) > MAX_FRAME_BYTES:
+                assert ws.close_code == 1009, (ws.close_code, frame[:300])
+                return
+            # A text frame must be UTF-8 (RFC 6455): 1007, invalid frame payload data.
+            assert text and _not_utf8(raw), (ws.close_code, frame[:300])
+            assert ws.close_code == 1007, (ws.close_code, frame[:300])
             return
     assert len(replies) <= 1, replies
     for reply in replies:
@@ -382,6 +391,23 @@ def test_socket_actions_survive_hostile_fields(
 @example(frame='{"action": "\\ud800", "request_id": "\\ud800"}')
 def test_whole_hostile_frames(harness: Harness, frame: str) -> None:
     harness.run(exchange(harness, frame))
+
+
+def _not_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+@HYPOTHESIS
+@given(payload=st.binary(max_size=300), as_text=st.booleans())
+@example(payload=b"\xff\xfe", as_text=True)
+@example(payload=b'{"action": "typing", "chat_id": 1, "x": "\xed\xa0\x80"}', as_text=False)
+def test_arbitrary_bytes(harness: Harness, payload: bytes, as_text: bool) -> None:
+    """Binary frames are read as JSON too; a text frame that is not UTF-8 closes with 1007."""
+    harness.run(exchange(harness, payload, text=as_text))
 
 
 @HYPOTHESIS
