@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -150,6 +152,40 @@ def test_every_action_and_route_has_a_row() -> None:
     assert set(REST_MATRIX) | PUBLIC_ROUTES == set(OPERATIONS)
     assert not set(REST_MATRIX) & PUBLIC_ROUTES
     assert {key for key, op in OPERATIONS.items() if not op.auth} == PUBLIC_ROUTES
+
+
+def documented_matrix(first_column: str) -> dict[str, list[str]]:
+    """The rows of the docs/security.md table whose header starts with `first_column`."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    rows: dict[str, list[str]] = {}
+    in_table = False
+    for line in text.splitlines():
+        if line.startswith(f"| {first_column} |"):
+            in_table = True
+        elif in_table and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[1:]
+        elif in_table and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_docs_show_this_matrix() -> None:
+    expected = {
+        action: [row.outsider, row.removed, row.member, "close 1008"]
+        for action, row in SOCKET_MATRIX.items()
+    }
+    assert documented_matrix("action") == expected
+
+    def openapi_key(key: str) -> str:
+        return re.sub(r"\{(\w+):\w+\}", r"{\1}", key)
+
+    expected = {
+        openapi_key(key): [row.outsider, row.removed, row.member, "401"]
+        for key, row in REST_MATRIX.items()
+    }
+    expected.update({key: ["public"] * 4 for key in PUBLIC_ROUTES})
+    assert documented_matrix("route") == expected
 
 
 # --- the cast and the scene ------------------------------------------------------------------
