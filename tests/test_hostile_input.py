@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -601,3 +602,73 @@ async def test_rest_bodies_over_64_kib_are_refused_with_413(
         )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "invalid"
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+claim_values = st.one_of(
+    json_values,
+    st.sampled_from(["access", "refresh", str(uuid.uuid4()), 2**70, -1, "1e400", 10**20]),
+)
+signed_tokens = st.fixed_dictionaries(
+    {},
+    optional={"sub": claim_values, "typ": claim_values, "exp": claim_values, "iat": claim_values},
+)
+header_safe_text = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=300
+)
+
+
+@HYPOTHESIS
+@given(claims=signed_tokens, garbage=header_safe_text, signed=st.booleans())
+@example(claims={"sub": {"a": 1}, "typ": "access", "exp": 2**40}, garbage="", signed=True)
+@example(claims={"sub": str(uuid.uuid4()), "typ": "access", "exp": "soon"}, garbage="", signed=True)
+@example(claims={"sub": "\u0000", "typ": "access", "exp": 2**70}, garbage="", signed=True)
+@example(claims={}, garbage="Bearer \xff\xfe", signed=False)
+@example(
+    claims={"sub": str(uuid.uuid4()), "typ": "access", "exp": float("inf")}, garbage="", signed=True
+)
+def test_hostile_tokens_are_401_and_1008(
+    harness: Harness, claims: dict[str, Any], garbage: str, signed: bool
+) -> None:
+    """Correctly signed tokens with odd claims, and garbage: refused, never a crash."""
+    import jwt
+
+    token = jwt.encode(claims, harness.server.secret, "HS256") if signed else garbage
+    exp, sub = claims.get("exp"), claims.get("sub")
+    # A well-formed access token of a user that does not exist: the socket opens (and can do
+    # nothing, see test_socket.py), /me says 401.
+    well_formed = (
+        signed
+        and claims.get("typ") == "access"
+        and isinstance(exp, int | float)
+        and not isinstance(exp, bool)
+        and time.time() < exp < float("inf")
+        and isinstance(sub, str)
+        and _is_uuid(sub)
+    )
+
+    async def check() -> None:
+        header = f"Bearer {token}".strip().encode("latin-1")
+        response = await harness.http.get("/me", headers={"authorization": header})
+        assert response.status_code == 401, (claims, garbage, response.text)
+        assert response.json()["error"]["code"] == "unauthorized"
+        url = f"{harness.server.ws_url}?token={quote(token, safe='')}"
+        async with websockets.connect(url) as ws:
+            if well_formed:
+                assert json.loads(await ws.recv())["action"] == "unread_messages"
+                return
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 1008, (claims, garbage)
+
+    harness.run(check())
