@@ -442,7 +442,7 @@ PATH_VALUES = [
 QUERY_VALUES = [*PATH_VALUES, "", "%20", "1e3", "%205%20", "1_0", "-0", "50"]
 # Only what HTTP allows in a field value: uvicorn itself answers a plain-text 400 to the rest
 # (a DEL byte, say) before chatd sees the request.
-HEADER_VALUES = [b"", b"x" * 65, b"\xe9\xff", b"\xed\xa0\x80", b"a b", b"k" * 64, b"\t"]
+HEADER_VALUES = [b"", b"x" * 65, b"\xe9\xff", b"\xed\xa0\x80", b"a b", b"k" * 64, b"a\tb"]
 
 
 def rest_fields(op: Operation) -> list[str]:
