@@ -65,7 +65,8 @@ class _IntConvertor(IntegerConvertor):
     500) becomes 2**63: past PostgreSQL's bigint, an id that cannot exist (404)."""
 
     def convert(self, value: str) -> int:
-        return int(value) if len(value.lstrip("0")) <= 19 else 2**63
+        digits = value.lstrip("0") or "0"
+        return int(digits) if len(digits) <= 19 else 2**63
 
 
 # Process-wide, and before any Route is built: Routes compile their convertors when made.

@@ -429,6 +429,7 @@ PATH_VALUES = [
     "99999999999999999999999",
     str(2**63),
     "9" * 5000,
+    "0" * 5000 + "1",
     "abc",
     "%00",
     "%ED%A0%80",  # the UTF-8 bytes of a lone surrogate
@@ -553,7 +554,8 @@ async def call_rest(h: Harness, op: Operation, plan: dict[str, Any]) -> None:
 @example(plan={"body.name": Raw(r'"\u0000"'), "body.user_ids": [Raw(r'"\u0000"')]})
 @example(plan={"body.password": Raw(r'"\u0000\u0000\u0000\u0000\u0000\u0000\u0000\u0000"')})
 @example(plan={"body.refresh_token": Raw(r'"\u0000"'), "body.text": Raw(r'"\ud800"')})
-@example(plan={"path:chat_id": "9" * 5000, "path:message_id": "9" * 5000})
+@example(plan={"path:chat_id": "9" * 5000, "path:message_id": "9" * 5000})  # was: 500
+@example(plan={"path:chat_id": "0" * 5000 + "1", "path:message_id": "0" * 5000 + "1"})
 @example(plan={"path:user_uuid": "%00", "query:after": "%00", "query:q": "%00"})
 @example(plan={"query:limit": "9" * 5000, "query:before": str(2**63), "query:page": "%D9%A3"})
 def test_rest_operations_survive_hostile_input(
