@@ -44,6 +44,8 @@ from chatd.openapi import Operation
 from tests.conftest import PASSWORD, Server
 
 ROOT = Path(__file__).resolve().parent.parent
+# Examples near the 64 KiB frame limit make hypothesis warn that their repr is large.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
 MAX_FRAME_BYTES = 64 * 1024
 
 
