@@ -87,7 +87,11 @@ def run_server(
         host=host,
         port=port,
         ws=WebSocketProtocol,  # uvicorn's "websockets-sansio" + shutdown and stall handling
-        ws_max_size=settings.max_frame_bytes,
+        # chatd closes frames over max_frame_bytes itself, with a clean 1009 handshake
+        # (session.py). uvicorn's own refusal closes the TCP connection at once, and the
+        # client's unsent bytes turn that into a reset that loses the 1009: keep it for
+        # frames far over the limit only.
+        ws_max_size=settings.max_frame_bytes * 4,
         ws_per_message_deflate=settings.ws_deflate,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's records go through chatd's handler (JSON or console)

@@ -36,6 +36,7 @@ def setup_logging(level: str, log_format: str = "json") -> None:
     # On the handler, not a logger: records propagated from any logger pass through it.
     handler.addFilter(RedactTokens())
     logging.getLogger("asyncpg.pool").addFilter(OneLineWhenUnavailable())
+    logging.getLogger("uvicorn.error").addFilter(NoTracebackForClientMistakes())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -168,4 +169,17 @@ class OneLineWhenUnavailable(logging.Filter):
         if exc is not None and is_unavailable(exc):
             record.msg, record.args = f"{record.getMessage()}: {exc!r}", None
             record.exc_info = None
+        return True
+
+
+class NoTracebackForClientMistakes(logging.Filter):
+    """uvicorn logs a traceback for a text frame that is not UTF-8 (and closes it with 1007):
+    a client's mistake, which any client could repeat to flood the log. One line is enough."""
+
+    _messages = ("Invalid UTF-8 sequence received from client",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith(self._messages):
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
         return True

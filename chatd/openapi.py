@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+from starlette.convertors import IntegerConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -57,6 +58,19 @@ class Operation:
     headers: tuple[Param, ...] = ()
     auth: bool = True  # needs `Authorization: Bearer <access token>`
     errors: tuple[int, ...] = ()  # statuses besides 401 (implied by auth) it can answer
+
+
+class _IntConvertor(IntegerConvertor):
+    """Starlette's {x:int}, but a number too long for int() (over 4300 digits: ValueError, a
+    500) becomes 2**63: past PostgreSQL's bigint, an id that cannot exist (404)."""
+
+    def convert(self, value: str) -> int:
+        digits = value.lstrip("0") or "0"
+        return int(digits) if len(digits) <= 19 else 2**63
+
+
+# Process-wide, and before any Route is built: Routes compile their convertors when made.
+register_url_convertor("int", _IntConvertor())
 
 
 def routes(operations: list[Operation]) -> list[Route]:

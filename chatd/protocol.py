@@ -215,6 +215,8 @@ ClientAction = (
 )
 ACTION_NAMES = frozenset(cls.__struct_config__.tag for cls in ClientAction.__args__)
 
+TOO_DEEP = "JSON is nested too deeply"
+
 _action_decoder = msgspec.json.Decoder(ClientAction)
 _any_decoder = msgspec.json.Decoder()
 
@@ -222,9 +224,34 @@ _any_decoder = msgspec.json.Decoder()
 def decode_action(raw: str | bytes) -> ClientAction:
     """Decode one client frame or raise ChatError (with .request_id set when one was readable)."""
     try:
-        return _action_decoder.decode(raw)
+        action = _action_decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise _explain(raw, exc) from None
+    except RecursionError:  # msgspec recurses per level, even through unknown fields
+        raise _tagged(ChatError(BAD_REQUEST, TOO_DEEP), None) from None
+    try:
+        refuse_nul(action)
+    except ChatError as exc:
+        raise _tagged(exc, action.request_id) from None
+    return action
+
+
+def refuse_nul(value: Any) -> None:
+    """PostgreSQL text cannot hold NUL: refuse it in any string of a decoded frame or body."""
+    if _has_nul(value):
+        raise ChatError(INVALID, "strings must not contain NUL (\\u0000) characters", 422)
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Struct):
+        return any(_has_nul(getattr(value, name)) for name in value.__struct_fields__)
+    if isinstance(value, list):
+        return any(map(_has_nul, value))
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
 
 
 def _explain(raw: str | bytes, exc: msgspec.DecodeError) -> ChatError:
@@ -232,6 +259,8 @@ def _explain(raw: str | bytes, exc: msgspec.DecodeError) -> ChatError:
         obj = _any_decoder.decode(raw)
     except msgspec.DecodeError:
         return _tagged(ChatError(BAD_REQUEST, "frame is not valid JSON"), None)
+    except RecursionError:
+        return _tagged(ChatError(BAD_REQUEST, TOO_DEEP), None)
     if not isinstance(obj, dict):
         return _tagged(ChatError(BAD_REQUEST, "frame must be a JSON object"), None)
     request_id = obj.get("request_id")

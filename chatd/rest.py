@@ -28,6 +28,7 @@ from chatd.protocol import (
     DATABASE_UNAVAILABLE_MESSAGE,
     INVALID,
     NOT_FOUND,
+    TOO_DEEP,
     UNAUTHORIZED,
     UNAVAILABLE,
     AddMembers,
@@ -67,6 +68,7 @@ from chatd.protocol import (
     UserList,
     clean_text,
     encode,
+    refuse_nul,
     retry_after_ms,
 )
 from chatd.ratelimit import Limits, take_all
@@ -124,15 +126,28 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 
 async def read_body(request: Request, kind: type[T]) -> T:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ChatError(INVALID, "request body exceeds 64 KiB", 413)
+    # Refuse a big body as soon as it is announced or read, never after buffering all of it.
+    too_big = ChatError(INVALID, "request body exceeds 64 KiB", 413)
+    length = request.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
-        return msgspec.json.decode(body, type=kind)
+        value = msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise ChatError(INVALID, str(exc), 422) from None
     except msgspec.DecodeError:
         raise ChatError(BAD_REQUEST, "request body is not valid JSON", 400) from None
+    except RecursionError:
+        raise ChatError(BAD_REQUEST, TOO_DEEP, 400) from None
+    refuse_nul(value)
+    return value
 
 
 def current_user(request: Request) -> uuid.UUID:
@@ -308,9 +323,9 @@ async def users_list(request: Request) -> Response:
         if len(q) > 254 or "\x00" in q:
             raise ChatError(INVALID, "q must be at most 254 characters", 422)
         q = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    after = request.query_params.get("after") or None
+    after = request.query_params.get("after")
     try:
-        after_id = uuid.UUID(after) if after else None
+        after_id = uuid.UUID(after) if after is not None else None
     except ValueError:
         raise ChatError(INVALID, "after must be a user_uuid", 422) from None
     rows = await pool(request).fetch(_USERS_PAGE, q, after_id, limit)

@@ -321,7 +321,7 @@ class Session:
 
 
 def _too_big(raw: str | bytes, limit: int) -> bool:
-    """uvicorn refuses big frames already (ws_max_size); this guards other ASGI servers."""
+    """The limit clients see: uvicorn's own ws_max_size is higher, see cli.py."""
     if isinstance(raw, bytes):
         return len(raw) > limit
     # A character is at most 4 UTF-8 bytes: only encode when the answer is in doubt.

@@ -1,0 +1,412 @@
+"""The authorization matrix: every socket action and every REST route, against every actor.
+
+The rows are keyed by the dispatcher table (chatd.handlers.HANDLERS) and by
+chatd.rest.OPERATIONS: adding an action or a route without a row here fails
+test_every_action_and_route_has_a_row. docs/security.md shows the same matrix.
+
+Actors, on a group with an owner, a plain member, a member to act on (`target`) and a
+message, from which `removed` was removed:
+
+- outsider: never a member. removed: was one. Both get `not_found` for anything of the
+  chat, and learn nothing: the reply is identical (but for request_id) to the reply for a
+  chat or message id that does not exist.
+- member: a plain member. Admin and owner actions are `forbidden` (membership is known to
+  them); the rest works.
+- expired access token, refresh token used as an access token, a token signed with another
+  key, no token: REST answers 401 `unauthorized`; /connect closes the socket with 1008
+  before any action runs.
+
+Every refused attempt must leave the chat as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import websockets
+
+from chatd import rest
+from chatd.client import Api
+from chatd.handlers import HANDLERS
+from tests.conftest import PASSWORD, Server
+
+NF = "not_found"  # and the reply is the same as for an id that does not exist
+FORBIDDEN = "forbidden"
+OK = "ok"
+NF_ENTRY = "not_found entry"  # sync: an ack whose entry for the chat says not_found
+TOKEN_ACTORS = ("expired", "refresh", "wrong_key", "none")
+
+
+@dataclass(frozen=True)
+class Ids:
+    """What a request points at."""
+
+    chat_id: int
+    message_id: int
+    target_uuid: str  # a plain member of the chat, for the member-management rows
+    other_uuid: str  # a user who is not in the chat, for add_members and create_chat
+
+
+@dataclass(frozen=True)
+class Row:
+    request: Callable[[Ids], Any]  # socket: the frame's fields; REST: (path, json body)
+    outsider: str
+    removed: str
+    member: str
+
+
+# --- the matrix ------------------------------------------------------------------------------
+
+SOCKET_MATRIX: dict[str, Row] = {
+    "create_chat": Row(
+        lambda i: {"type": "group", "name": "Mine", "user_ids": [i.other_uuid]}, OK, OK, OK
+    ),
+    "list_chats": Row(lambda i: {}, OK, OK, OK),
+    "get_chat": Row(lambda i: {"chat_id": i.chat_id}, NF, NF, OK),
+    "send_message": Row(lambda i: {"chat_id": i.chat_id, "text": "hi"}, NF, NF, OK),
+    "get_message": Row(lambda i: {"message_id": i.message_id}, NF, NF, OK),
+    "sync": Row(lambda i: {"chats": {str(i.chat_id): 0}}, NF_ENTRY, NF_ENTRY, OK),
+    "mark_read": Row(lambda i: {"message_ids": [i.message_id]}, NF, NF, OK),
+    "typing": Row(lambda i: {"chat_id": i.chat_id}, NF, NF, OK),
+    "add_members": Row(
+        lambda i: {"chat_id": i.chat_id, "user_ids": [i.other_uuid]}, NF, NF, FORBIDDEN
+    ),
+    "remove_member": Row(
+        lambda i: {"chat_id": i.chat_id, "user_uuid": i.target_uuid}, NF, NF, FORBIDDEN
+    ),
+    "leave_chat": Row(lambda i: {"chat_id": i.chat_id}, NF, NF, OK),
+    "rename_chat": Row(lambda i: {"chat_id": i.chat_id, "name": "Taken"}, NF, NF, FORBIDDEN),
+    "set_role": Row(
+        lambda i: {"chat_id": i.chat_id, "user_uuid": i.target_uuid, "role": "admin"},
+        NF,
+        NF,
+        FORBIDDEN,
+    ),
+    "delete_chat": Row(lambda i: {"chat_id": i.chat_id}, NF, NF, FORBIDDEN),
+}
+
+# Routes anyone may call: no token is needed, and a bad one is not looked at.
+PUBLIC_ROUTES = {
+    "POST /register",
+    "POST /login",
+    "POST /token/refresh",
+    "GET /healthz",
+    "GET /readyz",
+}
+
+REST_MATRIX: dict[str, Row] = {
+    "GET /me": Row(lambda i: ("/me", None), OK, OK, OK),
+    "GET /users_list": Row(lambda i: ("/users_list", None), OK, OK, OK),
+    "GET /chats": Row(lambda i: ("/chats", None), OK, OK, OK),
+    "POST /chats": Row(
+        lambda i: ("/chats", {"type": "group", "name": "Mine", "user_ids": [i.other_uuid]}),
+        OK,
+        OK,
+        OK,
+    ),
+    "GET /history/{chat_id:int}": Row(lambda i: (f"/history/{i.chat_id}", None), NF, NF, OK),
+    "GET /chats/{chat_id:int}": Row(lambda i: (f"/chats/{i.chat_id}", None), NF, NF, OK),
+    "PATCH /chats/{chat_id:int}": Row(
+        lambda i: (f"/chats/{i.chat_id}", {"name": "Taken"}), NF, NF, FORBIDDEN
+    ),
+    "DELETE /chats/{chat_id:int}": Row(lambda i: (f"/chats/{i.chat_id}", None), NF, NF, FORBIDDEN),
+    "POST /chats/{chat_id:int}/members": Row(
+        lambda i: (f"/chats/{i.chat_id}/members", {"user_ids": [i.other_uuid]}), NF, NF, FORBIDDEN
+    ),
+    "DELETE /chats/{chat_id:int}/members/{user_uuid}": Row(
+        lambda i: (f"/chats/{i.chat_id}/members/{i.target_uuid}", None), NF, NF, FORBIDDEN
+    ),
+    "PATCH /chats/{chat_id:int}/members/{user_uuid}": Row(
+        lambda i: (f"/chats/{i.chat_id}/members/{i.target_uuid}", {"role": "admin"}),
+        NF,
+        NF,
+        FORBIDDEN,
+    ),
+    "POST /chats/{chat_id:int}/messages": Row(
+        lambda i: (f"/chats/{i.chat_id}/messages", {"text": "hi"}), NF, NF, OK
+    ),
+    "GET /messages/{message_id:int}": Row(
+        lambda i: (f"/messages/{i.message_id}", None), NF, NF, OK
+    ),
+    "POST /chats/{chat_id:int}/read": Row(
+        lambda i: (f"/chats/{i.chat_id}/read", {"up_to": i.message_id}), NF, NF, OK
+    ),
+}
+
+OPERATIONS = {f"{op.method} {op.path}": op for op in rest.OPERATIONS}
+
+
+def test_every_action_and_route_has_a_row() -> None:
+    assert set(SOCKET_MATRIX) == {cls.__struct_config__.tag for cls in HANDLERS}
+    assert set(REST_MATRIX) | PUBLIC_ROUTES == set(OPERATIONS)
+    assert not set(REST_MATRIX) & PUBLIC_ROUTES
+    assert {key for key, op in OPERATIONS.items() if not op.auth} == PUBLIC_ROUTES
+
+
+def documented_matrix(first_column: str) -> dict[str, list[str]]:
+    """The rows of the docs/security.md table whose header starts with `first_column`."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    rows: dict[str, list[str]] = {}
+    in_table = False
+    for line in text.splitlines():
+        if line.startswith(f"| {first_column} |"):
+            in_table = True
+        elif in_table and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[1:]
+        elif in_table and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_docs_show_this_matrix() -> None:
+    expected = {
+        action: [row.outsider, row.removed, row.member, "close 1008"]
+        for action, row in SOCKET_MATRIX.items()
+    }
+    assert documented_matrix("action") == expected
+
+    def openapi_key(key: str) -> str:
+        return re.sub(r"\{(\w+):\w+\}", r"{\1}", key)
+
+    expected = {
+        openapi_key(key): [row.outsider, row.removed, row.member, "401"]
+        for key, row in REST_MATRIX.items()
+    }
+    expected.update({key: ["public"] * 4 for key in PUBLIC_ROUTES})
+    assert documented_matrix("route") == expected
+
+
+# --- the cast and the scene ------------------------------------------------------------------
+
+
+@dataclass
+class Cast:
+    owner: Api
+    member: Api
+    target: Api
+    removed: Api
+    outsider: Api
+    other: Api
+
+
+def _register(server: Server, name: str) -> Api:
+    async def make() -> Api:
+        api = Api(server.base_url)
+        email = f"{name.lower()}-{uuid.uuid4().hex[:10]}@example.com"
+        await api.register(name, email, PASSWORD)
+        await api.login(email, PASSWORD)
+        return api
+
+    return asyncio.run(make())
+
+
+@pytest.fixture(scope="module")
+def cast(server: Server) -> Cast:
+    return Cast(
+        *(
+            _register(server, name)
+            for name in ("Owner", "Member", "Target", "Removed", "Outsider", "Other")
+        )
+    )
+
+
+@pytest.fixture
+async def scene(cast: Cast) -> Ids:
+    """A fresh group for each test that may change it."""
+    return await make_scene(cast)
+
+
+@pytest.fixture(scope="module")
+def shared_scene(cast: Cast) -> Ids:
+    """One group for the tests whose every request must be refused."""
+    return asyncio.run(make_scene(cast))
+
+
+async def make_scene(cast: Cast) -> Ids:
+    """A group of owner, member and target with a message in it; `removed` was removed."""
+    chat = await cast.owner.call(
+        "POST",
+        "/chats",
+        json={
+            "type": "group",
+            "name": "Matrix",
+            "user_ids": [cast.member.user_uuid, cast.target.user_uuid, cast.removed.user_uuid],
+        },
+    )
+    message = await cast.member.call("POST", f"/chats/{chat['id']}/messages", json={"text": "x"})
+    await cast.owner.call("DELETE", f"/chats/{chat['id']}/members/{cast.removed.user_uuid}")
+    return Ids(chat["id"], message["id"], cast.target.user_uuid, cast.other.user_uuid)
+
+
+def missing(ids: Ids) -> Ids:
+    """The same request, about a chat and a message that do not exist."""
+    return replace(ids, chat_id=2**62 + ids.chat_id, message_id=2**62 + ids.message_id)
+
+
+async def chat_state(cast: Cast, ids: Ids) -> Any:
+    return await cast.owner.call("GET", f"/chats/{ids.chat_id}")
+
+
+def bad_token(server: Server, cast: Cast, kind: str) -> str | None:
+    now = int(time.time())
+    claims = {"sub": cast.member.user_uuid, "typ": "access", "exp": now + 60}
+    return {
+        "expired": jwt.encode({**claims, "exp": now - 5}, server.secret, "HS256"),
+        "refresh": cast.member.refresh_token,
+        "wrong_key": jwt.encode(claims, "another-key-" + "y" * 40, "HS256"),
+        "none": None,
+    }[kind]
+
+
+# --- the socket ------------------------------------------------------------------------------
+
+
+async def ask(server: Server, api: Api, action: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The reply (ack or error) to one action, as the socket sent it."""
+    headers = {"Authorization": f"Bearer {api.access_token}"}
+    async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
+        assert json.loads(await ws.recv())["action"] == "unread_messages"
+        await ws.send(json.dumps({"action": action, "request_id": "m", **fields}))
+        async with asyncio.timeout(10):
+            while True:
+                frame = json.loads(await ws.recv())
+                if frame.get("request_id") == "m" and frame["action"] in ("ack", "error"):
+                    return frame
+
+
+def without_ids(reply: dict[str, Any], action: str) -> Any:
+    reply = {k: v for k, v in reply.items() if k != "request_id"}
+    if action == "sync" and reply["action"] == "ack":
+        return list(reply["data"]["chats"].values())  # keyed by the chat id asked about
+    return reply
+
+
+def outcome(reply: dict[str, Any], action: str) -> str:
+    if reply["action"] == "error":
+        return reply["error"]["code"]
+    if action == "sync" and any(c["error"] == NF for c in reply["data"]["chats"].values()):
+        return NF_ENTRY
+    return OK
+
+
+@pytest.mark.parametrize("action", sorted(SOCKET_MATRIX))
+async def test_socket_matrix(server: Server, cast: Cast, scene: Ids, action: str) -> None:
+    row = SOCKET_MATRIX[action]
+    for actor in ("outsider", "removed"):
+        api = getattr(cast, actor)
+        before = await chat_state(cast, scene)
+        reply = await ask(server, api, action, row.request(scene))
+        assert outcome(reply, action) == getattr(row, actor), (actor, reply)
+        if getattr(row, actor) != OK:
+            assert await chat_state(cast, scene) == before, f"{actor}'s {action} changed the chat"
+            # Learns nothing: the same answer as for a chat or message that does not exist.
+            unknown = await ask(server, api, action, row.request(missing(scene)))
+            assert without_ids(reply, action) == without_ids(unknown, action), actor
+
+    before = await chat_state(cast, scene)
+    reply = await ask(server, cast.member, action, row.request(scene))
+    assert outcome(reply, action) == row.member, ("member", reply)
+    if row.member != OK:
+        assert await chat_state(cast, scene) == before, f"the member's {action} changed the chat"
+
+
+@pytest.mark.parametrize("kind", TOKEN_ACTORS)
+@pytest.mark.parametrize("action", sorted(SOCKET_MATRIX))
+async def test_socket_refuses_bad_tokens_before_any_action(
+    server: Server, cast: Cast, shared_scene: Ids, action: str, kind: str
+) -> None:
+    token = bad_token(server, cast, kind)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    before = await chat_state(cast, shared_scene)
+    async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
+        frame = {"action": action, "request_id": "m", **SOCKET_MATRIX[action].request(shared_scene)}
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.send(json.dumps(frame))
+            reply = await asyncio.wait_for(ws.recv(), 10)
+            pytest.fail(f"a socket with a {kind} token got a frame: {reply}")
+    assert ws.close_code == 1008
+    assert await chat_state(cast, shared_scene) == before
+
+
+# --- REST ------------------------------------------------------------------------------------
+
+
+async def call(server: Server, key: str, ids: Ids, token: str | None) -> httpx.Response:
+    method = key.split(" ", 1)[0]
+    path, body = REST_MATRIX[key].request(ids)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+        return await http.request(method, path, headers=headers, json=body)
+
+
+def rest_outcome(response: httpx.Response) -> str:
+    if response.is_success:
+        return OK
+    return response.json()["error"]["code"]
+
+
+@pytest.mark.parametrize("key", sorted(REST_MATRIX))
+async def test_rest_matrix(server: Server, cast: Cast, scene: Ids, key: str) -> None:
+    row = REST_MATRIX[key]
+    for actor in ("outsider", "removed"):
+        api = getattr(cast, actor)
+        before = await chat_state(cast, scene)
+        response = await call(server, key, scene, api.access_token)
+        assert rest_outcome(response) == getattr(row, actor), (actor, response.text)
+        if getattr(row, actor) != OK:
+            assert response.status_code == 404
+            assert await chat_state(cast, scene) == before, f"{actor}'s {key} changed the chat"
+            unknown = await call(server, key, missing(scene), api.access_token)
+            assert (unknown.status_code, unknown.json()) == (404, response.json()), actor
+
+    before = await chat_state(cast, scene)
+    response = await call(server, key, scene, cast.member.access_token)
+    assert rest_outcome(response) == row.member, ("member", response.text)
+    if row.member == FORBIDDEN:
+        assert response.status_code == 403
+        assert await chat_state(cast, scene) == before, f"the member's {key} changed the chat"
+
+
+@pytest.mark.parametrize("kind", TOKEN_ACTORS)
+@pytest.mark.parametrize("key", sorted(REST_MATRIX))
+async def test_rest_refuses_bad_tokens(
+    server: Server, cast: Cast, shared_scene: Ids, key: str, kind: str
+) -> None:
+    before = await chat_state(cast, shared_scene)
+    response = await call(server, key, shared_scene, bad_token(server, cast, kind))
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert await chat_state(cast, shared_scene) == before
+
+
+@pytest.mark.parametrize("key", sorted(PUBLIC_ROUTES))
+async def test_public_routes_need_no_token(server: Server, cast: Cast, key: str) -> None:
+    """Not 401 without a token, nor with a bad one: the body (or nothing) is all they read."""
+    method, path = key.split(" ", 1)
+    for token in (None, bad_token(server, cast, "expired")):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            body = {} if method == "POST" else None
+            response = await http.request(method, path, headers=headers, json=body)
+        # An empty body is refused for what it is, not for a missing token.
+        assert response.status_code == (422 if method == "POST" else 200), response.text
+
+
+@pytest.fixture(autouse=True)
+def no_tracebacks(server: Server) -> Iterator[None]:
+    start = len(server.log())
+    yield
+    assert "Traceback" not in server.log()[start:]
