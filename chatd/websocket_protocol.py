@@ -32,6 +32,10 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from chatd.protocol import CLOSE_SERVICE_RESTART
 
 SERVER_SHUTDOWN = "server shutting down"
+# Set in the connection's scope and in the disconnect notice when the server shuts down:
+# the loop time by which every session must be done. A key no client can send (a client's
+# own close reason could say "server shutting down").
+SHUTDOWN_DEADLINE = "chatd.shutdown_deadline"
 
 
 def give_up_after(grace: float) -> float:
@@ -45,11 +49,12 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             super().shutdown()  # not (or no longer) a chatd session: uvicorn's way
             return
         self.stop_keepalive()
-        grace = self.config.timeout_graceful_shutdown
-        if grace is not None:
-            self.loop.call_later(give_up_after(grace), self.transport.abort)
+        grace = self.config.timeout_graceful_shutdown or 10.0
+        deadline = self.loop.time() + give_up_after(grace)
+        self.scope[SHUTDOWN_DEADLINE] = deadline  # type: ignore[literal-required]
+        self.loop.call_at(deadline, self.transport.abort)
         notice = {"type": "websocket.disconnect", "code": CLOSE_SERVICE_RESTART}
-        self.queue.put_nowait({**notice, "reason": SERVER_SHUTDOWN})
+        self.queue.put_nowait({**notice, "reason": SERVER_SHUTDOWN, SHUTDOWN_DEADLINE: deadline})
 
     async def send(self, message: Any) -> None:
         if message["type"] != "websocket.close" or self.writable.is_set():

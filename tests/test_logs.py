@@ -12,7 +12,7 @@ import httpx
 import websockets
 
 from chatd.client import Api
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import PASSWORD, Server, start_server, stop_server
 from tests.test_config import chatd
 
 
@@ -89,3 +89,25 @@ def test_a_bad_log_format_is_refused(tmp_path: Path) -> None:
     result = chatd(["migrate"], tmp_path, CHATD_LOG_FORMAT="xml")
     assert result.returncode != 0
     assert "CHATD_LOG_FORMAT must be json or console" in result.stderr
+
+
+async def test_debug_logs_keep_credentials_out(database_url: str, tmp_path: Path) -> None:
+    # At debug level the websockets library logs every handshake header.
+    server = start_server(database_url, tmp_path, CHATD_LOG_LEVEL="debug")
+    try:
+        api = Api(server.base_url)
+        email = f"dbg-{time.monotonic_ns()}@example.com"
+        await api.register("Dbg", email, PASSWORD)
+        await api.login(email, PASSWORD)
+        headers = {"Authorization": f"Bearer {api.access_token}", "Cookie": "session=s3cret"}
+        async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
+            await ws.recv()
+        async with websockets.connect(f"{server.ws_url}?%74oken={api.access_token}") as ws:
+            await ws.recv()  # a token under a percent-encoded key still authenticates
+    finally:
+        stop_server(server)
+    log = server.log()
+    assert api.access_token not in log
+    assert api.refresh_token not in log
+    assert "s3cret" not in log
+    assert "[redacted]" in log

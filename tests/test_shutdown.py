@@ -243,3 +243,23 @@ async def test_every_worker_drains_on_sigterm(
     assert [row["seq"] for row in rows] == list(range(1, len(rows) + 1))
     assert {row["client_msg_id"]: row["id"] for row in rows} == acked
     assert_no_tracebacks(server)
+
+
+async def test_a_client_cannot_pose_as_the_shutdown(server: Server, alice: Api, bob: Api) -> None:
+    # A client's own close reason reaches the app like the server's shutdown notice does;
+    # taken for one, the session would linger in the hub while other sockets are open
+    # (the drain waits for them: ~9 s).
+    from tests.test_logs import wait_for_line
+
+    other = await bob.connect()
+    try:
+        async with websockets.connect(f"{server.ws_url}?token={alice.access_token}") as ws:
+            await ws.recv()
+            await ws.close(1000, "server shutting down")
+        await wait_for_line(
+            server,
+            lambda r: r.get("user_id") == alice.user_uuid and r["msg"].startswith("session ended"),
+            timeout=3,
+        )
+    finally:
+        await other.close()

@@ -301,10 +301,18 @@ async def store_message(ctx: Context, action: SendMessage) -> tuple[Message, boo
     client_msg_id = action.client_msg_id
     if client_msg_id is not None and "\x00" in client_msg_id:
         raise ChatError(INVALID, "client_msg_id must not contain NUL characters", 422)
-    wait = ctx.limits.message.take(str(ctx.user_id))  # socket and REST sends alike
+    limit, key = ctx.limits.message, str(ctx.user_id)  # socket and REST sends alike
+    wait = limit.take(key)
     if wait:
         raise rate_limited("too many messages; slow down", wait)
-    return await ctx.writer.store(ctx.user_id, action.chat_id, text, client_msg_id)
+    try:
+        message, new = await ctx.writer.store(ctx.user_id, action.chat_id, text, client_msg_id)
+    except BaseException:
+        limit.give_back(key)  # refused or failed: the retry must not pay twice
+        raise
+    if not new:
+        limit.give_back(key)  # a retry, answered with the message stored before
+    return message, new
 
 
 # --- get_message --------------------------------------------------------------------------
