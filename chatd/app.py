@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -47,9 +48,11 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         except BaseException:
             await app.state.pool.close()
             raise
+        watchdog = asyncio.create_task(hub.watch_writers())
         try:
             yield
         finally:
+            watchdog.cancel()
             # Batches in flight commit and fan out before the bus goes (their acks too).
             await app.state.writer.wait_idle(timeout=5)
             await bus.close()

@@ -81,6 +81,25 @@ class Hub:
             for session in list(sessions):
                 session.close_soon(code, reason)
 
+    async def watch_writers(self, every: float = 1.0) -> None:
+        """Drop clients whose socket has taken no frame for their write timeout.
+
+        One walk over the sockets a second, instead of a timer around every frame sent.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            stalled = [
+                session
+                for sessions in self._sessions.values()
+                for session in sessions
+                if session.sending_since is not None
+                and now - session.sending_since > session.write_timeout
+            ]
+            for session in stalled:
+                session.stalled()
+
     async def wait_quiet(self, writer: MessageWriter, deadline: float) -> None:
         """Shutdown: wait until no socket here reads actions and no send batch is in flight.
 
