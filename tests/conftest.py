@@ -193,8 +193,22 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     srv = start_server(database_url, tmp_path_factory.mktemp("chatd"))
     yield srv
     stop_server(srv)
-    errors = [line for line in srv.log().splitlines() if "Traceback" in line]
-    assert not errors, f"the server logged tracebacks:\n{srv.log()}"
+    assert_no_tracebacks(srv)
+
+
+def assert_no_tracebacks(server: Server) -> None:
+    errors = [line for line in server.log().splitlines() if "Traceback" in line]
+    assert not errors, f"the server logged tracebacks:\n{server.log()}"
+
+
+async def new_user(server: Server, name: str = "user") -> Api:
+    """Register a fresh user on `server` and return an Api logged in as them."""
+    api = Api(server.base_url)
+    email = f"{name.lower()}-{uuid.uuid4().hex[:10]}@example.com"
+    await api.register(name, email, PASSWORD)
+    await api.login(email, PASSWORD)
+    api.email = email  # type: ignore[attr-defined]
+    return api
 
 
 UserFactory = Callable[..., Awaitable[Api]]
@@ -202,15 +216,10 @@ UserFactory = Callable[..., Awaitable[Api]]
 
 @pytest.fixture
 def make_user(server: Server) -> UserFactory:
-    """Register a fresh user and return an Api logged in as them."""
+    """Register a fresh user on the session's server and return an Api logged in as them."""
 
     async def make(name: str = "user") -> Api:
-        api = Api(server.base_url)
-        email = f"{name.lower()}-{uuid.uuid4().hex[:10]}@example.com"
-        await api.register(name, email, PASSWORD)
-        await api.login(email, PASSWORD)
-        api.email = email  # type: ignore[attr-defined]
-        return api
+        return await new_user(server, name)
 
     return make
 

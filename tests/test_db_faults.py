@@ -12,7 +12,6 @@ import itertools
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,13 @@ import websockets
 
 from chatd.client import Api, ChatdError, Socket
 from chatd.db import migrate
-from tests.conftest import PASSWORD, Server, start_server, stop_server
+from tests.conftest import (
+    Server,
+    assert_no_tracebacks,
+    new_user,
+    start_server,
+    stop_server,
+)
 
 DB_TIMEOUT = 3  # CHATD_DB_TIMEOUT for the server under test
 REPLY_BOUND = DB_TIMEOUT * 2 + 5  # no send may wait longer than this for its answer
@@ -81,16 +86,7 @@ def fault_server(own_postgres: OwnPostgres, tmp_path: Path) -> Iterator[Server]:
     srv = start_server(own_postgres.url, tmp_path, CHATD_DB_TIMEOUT=str(DB_TIMEOUT))
     yield srv
     stop_server(srv)
-    tracebacks = [line for line in srv.log().splitlines() if "Traceback" in line]
-    assert not tracebacks, f"the server logged tracebacks:\n{srv.log()}"
-
-
-async def new_user(server: Server, name: str) -> Api:
-    api = Api(server.base_url)
-    email = f"{name}-{uuid.uuid4().hex[:10]}@example.com"
-    await api.register(name, email, PASSWORD)
-    await api.login(email, PASSWORD)
-    return api
+    assert_no_tracebacks(srv)
 
 
 @dataclass

@@ -21,18 +21,10 @@ import pytest
 import websockets
 
 from chatd.client import Api, Socket
-from tests.conftest import PASSWORD, Server, start_server
+from tests.conftest import Server, new_user, start_server
 
 CLOSE_SERVICE_RESTART = 1012
 EXIT_MARGIN = 10  # seconds past the grace period: process teardown on a busy machine
-
-
-async def new_user(server: Server, name: str) -> Api:
-    api = Api(server.base_url)
-    email = f"{name.lower()}-{uuid.uuid4().hex[:10]}@example.com"
-    await api.register(name, email, PASSWORD)
-    await api.login(email, PASSWORD)
-    return api
 
 
 async def keep_sending(sock: Socket, chat_id: int, acked: dict[str, int], sent: list[str]) -> None:

@@ -13,7 +13,6 @@ import socket
 import statistics
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +21,15 @@ import psutil
 import pytest
 import websockets
 
-from chatd.client import Api, Socket
-from tests.conftest import PASSWORD, SOAK, Server, start_server, stop_server
+from chatd.client import Socket
+from tests.conftest import (
+    SOAK,
+    Server,
+    assert_no_tracebacks,
+    new_user,
+    start_server,
+    stop_server,
+)
 
 QUEUE_SIZE = 100
 TEXT = "\U0001f600" * 4096  # the longest text allowed: ~16 KiB of UTF-8 in every frame
@@ -37,16 +43,7 @@ def slow_server(database_url: str, tmp_path: Path) -> Iterator[Server]:
     srv = start_server(database_url, tmp_path, CHATD_SEND_QUEUE_SIZE=str(QUEUE_SIZE))
     yield srv
     stop_server(srv)
-    tracebacks = [line for line in srv.log().splitlines() if "Traceback" in line]
-    assert not tracebacks, f"the server logged tracebacks:\n{srv.log()}"
-
-
-async def new_user(server: Server, name: str) -> Api:
-    api = Api(server.base_url)
-    email = f"{name}-{uuid.uuid4().hex[:10]}@example.com"
-    await api.register(name, email, PASSWORD)
-    await api.login(email, PASSWORD)
-    return api
+    assert_no_tracebacks(srv)
 
 
 async def metric(server: Server, name: str) -> float:
