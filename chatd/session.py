@@ -97,7 +97,15 @@ async def connect_endpoint(websocket: WebSocket) -> None:
 
     logs.user_id.set(str(user_id))
     settings = state.settings
-    session = Session(websocket, user_id, settings.send_queue_size, settings.write_timeout)
+    session = Session(
+        websocket,
+        user_id,
+        settings.send_queue_size,
+        settings.write_timeout,
+        # Each statement is bounded by db_timeout, but not the wait for a pooled connection
+        # behind others that hang: bound the whole action, a few statements' worth.
+        action_timeout=3 * settings.db_timeout,
+    )
     ctx = Context(state.pool, state.bus, user_id, state.typing_gate, state.writer, state.limits)
     state.hub.add(session)  # from here on, events for this user are held until the snapshot
     started = time.monotonic()
@@ -164,12 +172,18 @@ def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
 
 class Session:
     def __init__(
-        self, websocket: WebSocket, user_id: uuid.UUID, queue_size: int, write_timeout: float = 10
+        self,
+        websocket: WebSocket,
+        user_id: uuid.UUID,
+        queue_size: int,
+        write_timeout: float = 10,
+        action_timeout: float = 30,
     ) -> None:
         self.websocket = websocket
         self.user_id = user_id
         self._queue_size = queue_size
         self.write_timeout = write_timeout
+        self.action_timeout = action_timeout  # past it, an action answers `unavailable`
         # Loop time at which the frame being sent was handed to the socket (None: not
         # sending). Hub.watch_writers drops a client whose socket takes none for too long.
         self.sending_since: float | None = None
@@ -347,7 +361,8 @@ class Session:
         try:
             action = decode_action(raw)
             request_id = action.request_id
-            result = await dispatch(ctx, action)
+            async with asyncio.timeout(self.action_timeout):  # TimeoutError: unavailable
+                result = await dispatch(ctx, action)
         except ChatError as exc:
             self.reply_error(exc.request_id or request_id, exc.code, exc.message, exc.retry_after)
         except Exception as exc:

@@ -296,3 +296,48 @@ async def test_frozen_database_fails_sends_within_the_timeout_and_recovers(
     no_internal(ledger)
     await wait_ready(fault_server)
     await check_recovery(own_postgres, ledger, socks, users)
+
+
+ACTION_BOUND = 3 * DB_TIMEOUT + 5  # a socket action is bounded as a whole (session.py)
+
+
+async def test_actions_queued_for_a_pooled_connection_still_answer_in_time(
+    own_postgres: OwnPostgres, tmp_path: Path
+) -> None:
+    """With one pooled connection and a frozen database, actions queue for it: each one
+    must still answer `unavailable` within its bound, not after the ones ahead of it."""
+    server = start_server(
+        own_postgres.url, tmp_path, CHATD_DB_TIMEOUT=str(DB_TIMEOUT), CHATD_DB_POOL_SIZE="1"
+    )
+    try:
+        _, socks, _ = await setup(server)
+        postmaster = psutil.Process(own_postgres.handle.get_pid())
+        frozen = [postmaster, *postmaster.children(recursive=True)]
+
+        async def list_chats(sock: Socket) -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                await sock.request("list_chats", timeout=120)
+                outcome = "ok"
+            except ChatdError as exc:
+                outcome = exc.code
+            return outcome, time.monotonic() - started
+
+        for process in frozen:
+            process.suspend()
+        try:
+            answers = await asyncio.gather(*(list_chats(sock) for sock in socks))
+        finally:
+            for process in frozen:
+                process.resume()
+        print(f"\nanswers with the database frozen: {answers}")
+        assert {outcome for outcome, _ in answers} == {"unavailable"}
+        assert max(seconds for _, seconds in answers) < ACTION_BOUND
+
+        await wait_ready(server)
+        for sock in socks:
+            assert (await list_chats(sock))[0] == "ok"
+            await sock.close()
+    finally:
+        stop_server(server)
+    assert_no_tracebacks(server)
