@@ -266,30 +266,39 @@ async def test_database_restart_fails_sends_clearly_and_recovers(
     await check_recovery(own_postgres, ledger, socks, users)
 
 
+@contextlib.contextmanager
+def frozen_database(own_postgres: OwnPostgres) -> Iterator[None]:
+    """SIGSTOP every PostgreSQL process (a hung host), SIGCONT them on the way out."""
+    postmaster = psutil.Process(own_postgres.handle.get_pid())
+    frozen = [postmaster, *postmaster.children(recursive=True)]
+    for process in frozen:
+        process.suspend()
+    try:
+        yield
+    finally:
+        for process in frozen:
+            process.resume()
+
+
 async def test_frozen_database_fails_sends_within_the_timeout_and_recovers(
     fault_server: Server, own_postgres: OwnPostgres
 ) -> None:
     """A database that stops answering (hung host, network partition) rather than refusing."""
     users, socks, ledger = await setup(fault_server)
-    postmaster = psutil.Process(own_postgres.handle.get_pid())
-    frozen = [postmaster, *postmaster.children(recursive=True)]
     stop = asyncio.Event()
     load = asyncio.create_task(flood(ledger, socks, stop))
     await asyncio.sleep(0.5)
-    for process in frozen:
-        process.suspend()
     try:
-        await asyncio.sleep(DB_TIMEOUT + 1)
-        stop.set()
-        await load
-        outcomes = await asyncio.gather(*(ledger.send(sock) for sock in socks))
-        assert set(outcomes) == {"unavailable"}
-        async with httpx.AsyncClient(base_url=fault_server.base_url) as http:
-            assert (await http.get("/healthz")).status_code == 200
+        with frozen_database(own_postgres):
+            await asyncio.sleep(DB_TIMEOUT + 1)
+            stop.set()
+            await load
+            outcomes = await asyncio.gather(*(ledger.send(sock) for sock in socks))
+            assert set(outcomes) == {"unavailable"}
+            async with httpx.AsyncClient(base_url=fault_server.base_url) as http:
+                assert (await http.get("/healthz")).status_code == 200
     finally:
         stop.set()
-        for process in frozen:
-            process.resume()
         with contextlib.suppress(Exception):
             await load
 
@@ -311,8 +320,6 @@ async def test_actions_queued_for_a_pooled_connection_still_answer_in_time(
     )
     try:
         _, socks, _ = await setup(server)
-        postmaster = psutil.Process(own_postgres.handle.get_pid())
-        frozen = [postmaster, *postmaster.children(recursive=True)]
 
         async def list_chats(sock: Socket) -> tuple[str, float]:
             started = time.monotonic()
@@ -323,13 +330,8 @@ async def test_actions_queued_for_a_pooled_connection_still_answer_in_time(
                 outcome = exc.code
             return outcome, time.monotonic() - started
 
-        for process in frozen:
-            process.suspend()
-        try:
+        with frozen_database(own_postgres):
             answers = await asyncio.gather(*(list_chats(sock) for sock in socks))
-        finally:
-            for process in frozen:
-                process.resume()
         print(f"\nanswers with the database frozen: {answers}")
         assert {outcome for outcome, _ in answers} == {"unavailable"}
         assert max(seconds for _, seconds in answers) < ACTION_BOUND
