@@ -352,6 +352,22 @@ LIMIT $3 OFFSET $4
 """
 
 
+# `before` is a keyset cursor on message ids: "older than this id", whether or not that id
+# is a message of this chat. Within a chat ids grow with seq (a chat's messages are inserted
+# in seq order under its row lock, and ids come from one sequence), so "id < before" is
+# "seq < the seq bound below". The bound is found by primary key when `before` is a
+# message of this chat (the cursor a client normally holds); otherwise by walking the
+# chat's newest messages down to the first older one, no more than a deep page= OFFSET
+# reads. COALESCE evaluates the second subquery only when the first finds nothing.
+_BELOW_SEQ = """
+SELECT coalesce(
+    (SELECT seq FROM messages WHERE id = $2 AND chat_id = $1),
+    (SELECT seq + 1 FROM messages WHERE chat_id = $1 AND id < $2 ORDER BY seq DESC LIMIT 1),
+    1
+)
+"""
+
+
 async def history(request: Request) -> Response:
     user_id = current_user(request)
     chat_id = request.path_params["chat_id"]
@@ -379,11 +395,7 @@ async def history(request: Request) -> Response:
             raise ChatError(NOT_FOUND, "no such chat", 404)
         below_seq = last_seq + 1
         if before is not None:
-            below_seq = await conn.fetchval(
-                "SELECT seq FROM messages WHERE id = $1 AND chat_id = $2", before, chat_id
-            )
-            if below_seq is None:
-                raise ChatError(INVALID, "before must be the id of a message in this chat", 422)
+            below_seq = await conn.fetchval(_BELOW_SEQ, chat_id, before)
         rows = await conn.fetch(_NEWEST_FIRST, chat_id, below_seq, size + 1, offset)
 
     page_rows = rows[:size]
@@ -584,7 +596,12 @@ OPERATIONS = [
         query=(
             Param("page", int, "1 = newest page (default 1)"),
             Param("page_size", int, "1..200 (default 50)"),
-            Param("before", int, "keyset: messages older than this message id"),
+            Param(
+                "before",
+                int,
+                "keyset cursor: messages with an id below this one; any id works"
+                " (9223372036854775807: the newest page)",
+            ),
             Param("limit", int, "keyset page size, 1..200 (default 50)"),
         ),
         errors=(404, 422, 503),

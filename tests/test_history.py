@@ -75,12 +75,29 @@ async def test_bad_sizes_are_422(alice: Api, bob: Api, params: dict) -> None:
     assert (error.value.status, error.value.code) == (422, "invalid")
 
 
-async def test_before_must_be_a_message_of_this_chat(alice: Api, bob: Api, carol: Api) -> None:
-    chat, _ = await chat_with(alice, bob, 1)
-    _, other_sent = await chat_with(carol, bob, 1)
-    with pytest.raises(ChatdError) as error:
-        await bob.history(chat["id"], before=other_sent[0]["id"])
-    assert error.value.code == "invalid"
+async def test_before_is_a_cursor_any_id_works(alice: Api, bob: Api, carol: Api) -> None:
+    """`before` means "older than this id", whether or not the id is a message here."""
+    async with await alice.connect() as a, await carol.connect() as c:
+        chat = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        other = await c.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        ids, other_ids = [], []
+        for n in range(3):  # the other chat's ids fall between this chat's
+            ids.append((await a.request("send_message", chat_id=chat["id"], text=str(n)))["id"])
+            reply = await c.request("send_message", chat_id=other["id"], text=str(n))
+            other_ids.append(reply["id"])
+
+    async def page(before: int, limit: int = 50) -> tuple[list[int], bool]:
+        got = await bob.history(chat["id"], before=before, limit=limit)
+        return [m["id"] for m in got["messages"]], got["has_more"]
+
+    assert await page(2**63 - 1) == (ids, False)  # the newest page
+    assert await page(2**63 - 1, limit=2) == (ids[1:], True)
+    assert await page(ids[2] + 10_000) == (ids, False)  # past the newest id
+    assert await page(other_ids[0]) == (ids[:1], False)  # another chat's id
+    assert await page(other_ids[1], limit=1) == (ids[1:2], True)
+    assert await page(ids[1]) == (ids[:1], False)  # a message of this chat, as before
+    assert await page(1) == ([], False)  # nothing is older
+    assert await page(ids[0]) == ([], False)
 
 
 async def test_outsiders_get_404_whether_or_not_the_chat_exists(
