@@ -124,6 +124,20 @@ async def test_concurrent_retries_create_one_message(alice: Api) -> None:
             await s.close()
 
 
+async def test_a_removed_sender_retrying_learns_nothing(alice: Api, bob: Api) -> None:
+    """A retry after removal answers as for a chat that does not exist, not the original."""
+    async with await alice.connect() as a, await bob.connect() as b:
+        chat = await group(a, bob)
+        await b.request("send_message", chat_id=chat["id"], text="mine", client_msg_id="c-1")
+        await a.request("remove_member", chat_id=chat["id"], user_uuid=bob.user_uuid)
+        with pytest.raises(ChatdError) as retry:
+            await b.request("send_message", chat_id=chat["id"], text="mine", client_msg_id="c-1")
+        with pytest.raises(ChatdError) as nowhere:
+            await b.request("send_message", chat_id=2**62, text="mine", client_msg_id="c-9")
+        assert (retry.value.code, retry.value.message) == ("not_found", nowhere.value.message)
+        assert len((await alice.history(chat["id"]))["messages"]) == 1
+
+
 async def test_client_msg_id_is_per_sender(alice: Api, bob: Api) -> None:
     async with await alice.connect() as a, await bob.connect() as b:
         chat = await group(a, bob)

@@ -92,6 +92,26 @@ async def test_idempotency_key_makes_retries_safe(
         assert len((await bob.history(chat["id"]))["messages"]) == 1
 
 
+async def test_a_removed_sender_retrying_an_idempotency_key_learns_nothing(
+    alice: Api, bob: Api, http: httpx.AsyncClient
+) -> None:
+    async with await alice.connect() as a:
+        chat = await a.request("create_chat", type="group", name="g", user_ids=[bob.user_uuid])
+        headers = auth(bob) | {"Idempotency-Key": "k-1"}
+        url = f"/chats/{chat['id']}/messages"
+        first = await http.post(url, json={"text": "mine"}, headers=headers)
+        assert first.status_code == 201
+        await a.request("remove_member", chat_id=chat["id"], user_uuid=bob.user_uuid)
+    retry = await http.post(url, json={"text": "mine"}, headers=headers)
+    nowhere = await http.post(
+        f"/chats/{2**62}/messages",
+        json={"text": "mine"},
+        headers=auth(bob) | {"Idempotency-Key": "k-2"},
+    )
+    assert (retry.status_code, retry.json()) == (404, nowhere.json())
+    assert len((await alice.history(chat["id"]))["messages"]) == 1
+
+
 async def test_post_read_moves_the_pointer_like_mark_read(
     alice: Api, bob: Api, http: httpx.AsyncClient
 ) -> None:

@@ -49,8 +49,13 @@ from chatd.protocol import (
 
 _LOCK_CHATS = "SELECT id, read_seq FROM chats WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
 
+# A retry's original, and whether its sender is still a member of the original's chat
+# (read in the same statement: the duplicate path costs no extra query). In a batch this
+# runs with the chats locked, so a removal committed before the lock is seen.
 _FIND_BY_CLIENT_IDS = f"""
-SELECT {MESSAGE_COLUMNS}
+SELECT {MESSAGE_COLUMNS},
+       EXISTS (SELECT 1 FROM chat_members cm
+               WHERE cm.chat_id = m.chat_id AND cm.user_id = k.sender_id) AS sender_is_member
 FROM unnest($1::uuid[], $2::text[]) AS k(sender_id, client_msg_id)
 JOIN messages m ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id
 JOIN chats c ON c.id = m.chat_id
@@ -284,10 +289,23 @@ def _settle(
 
 
 def _settle_original(send: PendingSend, row: asyncpg.Record) -> None:
-    if row["chat_id"] != send.chat_id:
-        _settle(send, exception=_reused_elsewhere())
-    else:
-        _settle(send, result=(message_from_row(row), False))
+    try:
+        _settle(send, result=(answer_for_original(row, send.chat_id), False))
+    except ChatError as exc:
+        _settle(send, exception=exc)
+
+
+def answer_for_original(row: asyncpg.Record, chat_id: int) -> Message:
+    """What a retry gets: its original (a _FIND_BY_CLIENT_IDS row), or the refusal.
+
+    A sender who is no longer a member of the chat gets `not_found`, as any outsider
+    does: a retry must not show them the message's read status, or that the chat exists.
+    """
+    if row["chat_id"] != chat_id:
+        raise _reused_elsewhere()
+    if not row["sender_is_member"]:
+        raise no_such_chat()
+    return message_from_row(row)
 
 
 async def send_message(ctx: Context, action: SendMessage) -> Message:
