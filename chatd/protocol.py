@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from chatd.text import looks_empty
+
 # --- error codes --------------------------------------------------------------------------
 
 BAD_REQUEST = "bad_request"  # not JSON, not an object, wrong types, missing fields
@@ -507,9 +509,14 @@ class ErrorResponse(Struct):
 
 
 def clean_text(value: str, field: str, *, min_len: int, max_len: int) -> str:
-    """Strip `value` and check it fits; PostgreSQL text cannot hold NUL, so refuse it here."""
+    """Strip `value` and check it fits; PostgreSQL text cannot hold NUL, so refuse it here.
+
+    Text made only of invisible characters (chatd.text.looks_empty: zero-width spaces,
+    bidi marks, Hangul fillers, ...) counts as empty.
+    """
     value = value.strip()
-    if not min_len <= len(value) <= max_len:
+    length = 0 if looks_empty(value) else len(value)
+    if not min_len <= length <= max_len:
         raise ChatError(INVALID, f"{field} must be {min_len}..{max_len} characters", 422)
     if "\x00" in value:
         raise ChatError(INVALID, f"{field} must not contain NUL characters", 422)

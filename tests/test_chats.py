@@ -93,6 +93,8 @@ async def test_concurrent_private_creates_make_one_chat(make_user) -> None:
         ({"type": "private", "user_ids": ["BOB", "CAROL"]}, "invalid"),
         ({"type": "group", "user_ids": ["BOB"]}, "invalid"),
         ({"type": "group", "name": "", "user_ids": ["BOB"]}, "invalid"),
+        ({"type": "group", "name": "\u200b\u200d", "user_ids": ["BOB"]}, "invalid"),
+        ({"type": "group", "name": " \u3164 ", "user_ids": ["BOB"]}, "invalid"),
         ({"type": "group", "name": "x" * 101, "user_ids": ["BOB"]}, "invalid"),
         ({"type": "group", "name": "ok", "user_ids": ["not-a-uuid"]}, "invalid"),
         ({"type": "group", "name": "ok", "user_ids": ["UNKNOWN"]}, "not_found"),

@@ -592,7 +592,7 @@ async def test_rename_needs_a_name_of_1_to_100_characters(alice: Api, bob: Api) 
     async with sockets(alice, bob) as (a, b):
         chat = await make_group(a, bob, name="keep")
         before = await alice.chat(chat["id"])
-        for bad in ("", "   ", "x" * 101):
+        for bad in ("", "   ", "x" * 101, "\u200b", "\u3164\u2800", "\u202e\u2066 \ufe0f"):
             code = await socket_error(a, "rename_chat", chat_id=chat["id"], name=bad)
             assert code == "invalid", bad
             assert await rest_error(

@@ -68,7 +68,21 @@ async def test_outsiders_cannot_send_or_learn_the_chat_exists(
         assert messages["messages"] == []
 
 
-@pytest.mark.parametrize("text", ["", "   \n\t ", "x" * 4097, "bad\x00byte"])
+# The invisible: zero-width space, ZWJ + bidi marks, word joiner, Hangul filler, braille
+# blank, a variation selector, a tag character, ideographic space and line separator.
+INVISIBLE_TEXTS = [
+    "\u200b",
+    "\u200d\u200e\u200f\u202e\u2066",
+    " \u2060\t",
+    "\u3164",
+    "\u2800\u2800",
+    "\ufe0f",
+    "\U000e0041",
+    "\u3000\u2028\u00ad",
+]
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t ", "x" * 4097, "bad\x00byte", *INVISIBLE_TEXTS])
 async def test_bad_text_is_invalid_and_changes_nothing(alice: Api, text: str) -> None:
     async with await alice.connect() as a:
         chat = await group(a)
@@ -77,6 +91,14 @@ async def test_bad_text_is_invalid_and_changes_nothing(alice: Api, text: str) ->
         assert error.value.code == "invalid"
         ok = await a.request("send_message", chat_id=chat["id"], text="x" * 4096)
         assert ok["seq"] == 1  # the failed send consumed no seq
+
+
+async def test_invisible_characters_in_visible_text_are_kept(alice: Api) -> None:
+    async with await alice.connect() as a:
+        chat = await group(a)
+        for text in ("👩\u200d💻", "\u200bx", "\u2800 ⠁", "\u3164ㅎ"):
+            sent = await a.request("send_message", chat_id=chat["id"], text=text)
+            assert sent["text"] == text
 
 
 async def test_unicode_text_round_trips(alice: Api) -> None:
