@@ -4,10 +4,11 @@ the chat and message routes, which run the same handlers as the socket's actions
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -72,13 +73,13 @@ from chatd.protocol import (
     retry_after_ms,
 )
 from chatd.ratelimit import Limits, take_all
+from chatd.text import InvalidEmail, email_key, normalize_email
 
 log = logging.getLogger("chatd")
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE_SIZE = 200
 MAX_BIGINT = 2**63 - 1
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
 
 T = TypeVar("T")
 
@@ -191,12 +192,18 @@ def client_address(request: Request) -> str:
 # --- accounts and tokens -----------------------------------------------------------------
 
 
+def valid_email(raw: str, normalize: Callable[[str], str]) -> str:
+    """`raw` through `normalize` (chatd.text), its refusal as 422 invalid."""
+    try:
+        return normalize(raw)
+    except InvalidEmail as exc:
+        raise ChatError(INVALID, str(exc), 422) from None
+
+
 async def register(request: Request) -> Response:
     body = await read_body(request, RegisterRequest)
     name = clean_text(body.name, "name", min_len=1, max_len=64)
-    email = body.email.strip().lower()
-    if len(email) > 254 or not _EMAIL.fullmatch(email):
-        raise ChatError(INVALID, "email is not a plausible address", 422)
+    email = valid_email(body.email, normalize_email)
     if not 8 <= len(body.password) <= 128:
         raise ChatError(INVALID, "password must be 8..128 characters", 422)
     wait = limits(request).register.take(client_address(request))
@@ -217,13 +224,13 @@ async def register(request: Request) -> Response:
 
 async def login(request: Request) -> Response:
     body = await read_body(request, LoginRequest)
-    email = body.email.strip().lower()
+    email = valid_email(body.email, email_key)
     # Failed attempts count, per email and per address. Each attempt takes its token
     # before the password is checked (so parallel guesses cannot all slip through) and a
     # success gives it back. The email's bucket does not depend on the account existing,
     # and a limited attempt looks at nothing: it tells nobody whether the email is known.
     attempt = [
-        (limits(request).login_email, email[:254]),  # no address is longer: bounded keys
+        (limits(request).login_email, email),  # email_key bounds its length
         (limits(request).login_ip, client_address(request)),
     ]
     wait = take_all(attempt)
@@ -315,9 +322,11 @@ async def me(request: Request) -> Response:
     )
 
 
+# q matches a name by prefix, an email only whole: a prefix search on emails would let
+# any user read every address out, a character at a time.
 _USERS_PAGE = """
 SELECT id, name FROM users
-WHERE ($1::text IS NULL OR lower(name) LIKE $1 || '%' OR email LIKE $1 || '%')
+WHERE ($1::text IS NULL OR lower(name) LIKE $1 || '%' OR email = $4)
   AND ($2::uuid IS NULL OR (name, id) > (SELECT name, id FROM users WHERE id = $2))
 ORDER BY name, id
 LIMIT $3
@@ -328,16 +337,20 @@ async def users_list(request: Request) -> Response:
     current_user(request)
     limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
     q = request.query_params.get("q") or None
+    email = None
     if q is not None:
         if len(q) > 254 or "\x00" in q:
             raise ChatError(INVALID, "q must be at most 254 characters", 422)
+        if "@" in q:
+            with contextlib.suppress(InvalidEmail):  # no account has such an address
+                email = email_key(q)
         q = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     after = request.query_params.get("after")
     try:
         after_id = uuid.UUID(after) if after is not None else None
     except ValueError:
         raise ChatError(INVALID, "after must be a user_uuid", 422) from None
-    rows = await pool(request).fetch(_USERS_PAGE, q, after_id, limit)
+    rows = await pool(request).fetch(_USERS_PAGE, q, after_id, limit, email)
     return json_response(UserList([Member(user_uuid=str(r["id"]), name=r["name"]) for r in rows]))
 
 
@@ -581,7 +594,7 @@ OPERATIONS = [
         "List users by name, keyset-paginated",
         UserList,
         query=(
-            Param("q", str, "keep users whose name or email starts with this"),
+            Param("q", str, "keep users whose name starts with this, or whose email is this"),
             Param("limit", int, "page size, 1..200 (default 50)"),
             Param("after", uuid.UUID, "the last user_uuid of the previous page"),
         ),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 import uuid
 
+import asyncpg
 import httpx
 import jwt
 import pytest
 
+from chatd import auth
 from chatd.client import Api, ChatdError
 from tests.conftest import PASSWORD, Server
 
@@ -61,6 +63,16 @@ async def test_register_twice_is_email_taken_whatever_the_case(http: httpx.Async
         {"name": "nul\x00", "email": "ok@example.com", "password": PASSWORD},
         {"name": "A", "email": "not-an-email", "password": PASSWORD},
         {"name": "A", "email": "a@b", "password": PASSWORD},
+        {"name": "\u200b", "email": "ok@example.com", "password": PASSWORD},
+        {"name": "\u3164\u2800 \u200f", "email": "ok@example.com", "password": PASSWORD},
+        # invisible and control characters, which would let two addresses look alike
+        {"name": "A", "email": "ok\u200b@example.com", "password": PASSWORD},
+        {"name": "A", "email": "ok@exa\u200dmple.com", "password": PASSWORD},
+        {"name": "A", "email": "\u202eok@example.com", "password": PASSWORD},
+        {"name": "A", "email": "ok@example.com\u2066", "password": PASSWORD},
+        {"name": "A", "email": "o\x07k@example.com", "password": PASSWORD},
+        {"name": "A", "email": "ok@exam\u00adple.com", "password": PASSWORD},
+        {"name": "A", "email": "ok\ufeff@example.com", "password": PASSWORD},
         {"name": "A", "email": "ok@example.com", "password": "short"},
         {"name": "A", "email": "ok@example.com", "password": "p" * 129},
         {"name": "A", "email": "ok@example.com"},
@@ -99,6 +111,72 @@ async def test_login_failures_look_the_same(http: httpx.AsyncClient, alice: Api)
 async def test_login_ignores_email_case(http: httpx.AsyncClient, alice: Api) -> None:
     response = await http.post("/login", json={"email": alice.email.upper(), "password": PASSWORD})
     assert response.status_code == 200
+
+
+async def test_emails_are_normalized_nfc_with_an_idna_domain(http: httpx.AsyncClient) -> None:
+    tag = uuid.uuid4().hex[:10]
+    decomposed = f"Re\u0301ka-{tag}@Bücher.Example"  # e + combining acute, Unicode domain
+    stored = f"r\u00e9ka-{tag}@xn--bcher-kva.example"
+    registered = await http.post(
+        "/register", json={"name": "Réka", "email": decomposed, "password": PASSWORD}
+    )
+    assert registered.status_code == 201, registered.text
+    assert registered.json()["email"] == stored
+    for spelling in (
+        decomposed,
+        stored,
+        f"R\u00c9KA-{tag}@BÜCHER.EXAMPLE",
+        f"r\u00e9ka-{tag}@\uff42ücher.example",
+    ):
+        response = await http.post("/login", json={"email": spelling, "password": PASSWORD})
+        assert response.status_code == 200, spelling
+        again = await http.post(
+            "/register", json={"name": "Twin", "email": spelling, "password": PASSWORD}
+        )
+        assert_error(again, 409, "email_taken")
+    api = Api(str(http.base_url))
+    await api.login(stored, PASSWORD)
+    assert (await api.me())["email"] == stored
+    assert [u["name"] for u in await api.users(q=decomposed)] == ["Réka"]
+
+
+@pytest.mark.parametrize(
+    "email", ["ok\u200b@example.com", "\u202eok@example.com", "ok@example.com\u2060", "o\x1bk@x.io"]
+)
+async def test_login_refuses_invisible_characters_in_emails(
+    http: httpx.AsyncClient, email: str
+) -> None:
+    response = await http.post("/login", json={"email": email, "password": PASSWORD})
+    assert_error(response, 422, "invalid")
+
+
+async def test_accounts_registered_under_the_older_check_still_log_in(
+    http: httpx.AsyncClient, server: Server, database_url: str
+) -> None:
+    """An address email-validator refuses (a reserved domain) was accepted before: its
+    account logs in as it is stored, and is found by its whole address."""
+    email = f"old-{uuid.uuid4().hex[:10]}@corp.local"
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO users (name, email, password_hash) VALUES ('Old', $1, $2)",
+            email,
+            await auth.hash_password(PASSWORD),
+        )
+    finally:
+        await conn.close()
+    assert_error(
+        await http.post("/register", json={"name": "New", "email": email, "password": PASSWORD}),
+        422,
+        "invalid",
+    )
+    response = await http.post("/login", json={"email": email.upper(), "password": PASSWORD})
+    assert response.status_code == 200, response.text
+    token = response.json()["access_token"]
+    found = await http.get(
+        "/users_list", params={"q": email}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert [u["name"] for u in found.json()["users"]] == ["Old"]
 
 
 async def test_refresh_token_works_exactly_once(server: Server, alice: Api) -> None:
@@ -174,16 +252,21 @@ async def test_protected_routes_need_a_valid_access_token(
         assert_error(await http.get(path, headers=headers), 401, "unauthorized")
 
 
-async def test_users_list_searches_by_name_or_email_prefix(make_user) -> None:
+async def test_users_list_matches_name_prefixes_but_only_whole_emails(make_user) -> None:
+    """No enumeration: an email is found only by the whole address, never by a prefix."""
     tag = uuid.uuid4().hex[:8]
     zed = await make_user(f"Zed{tag}")
     await make_user(f"Zoe{tag}")
     by_name = await zed.users(q=f"zed{tag}")
     assert [u["name"] for u in by_name] == [f"Zed{tag}"]
-    assert set(by_name[0]) == {"user_uuid", "name"}
-    by_email = await zed.users(q=zed.email[:12])
-    assert [u["user_uuid"] for u in by_email] == [zed.user_uuid]
+    assert set(by_name[0]) == {"user_uuid", "name"}  # nobody's email is listed
+    email = zed.email
+    for prefix in (email[:12], email.split("@")[0], email.split("@")[0] + "@", email[:-1]):
+        assert await zed.users(q=prefix) == [], prefix
+    for whole in (email, email.upper(), f" {email} "):
+        assert [u["user_uuid"] for u in await zed.users(q=whole)] == [zed.user_uuid], whole
     assert await zed.users(q="%") == []  # LIKE wildcards are matched literally
+    assert await zed.users(q=f"%@{email.split('@')[1]}") == []
 
 
 async def test_users_list_pages_with_a_keyset_cursor(make_user) -> None:
