@@ -18,7 +18,9 @@ MAX_EMAIL_CHARS = 254  # RFC 5321's limit on a path, and the bound of every emai
 #   fillers (U+115F, U+1160, U+3164, U+FFA0, letters by category), the combining grapheme
 #   joiner, variation selectors, and the reserved ranges kept for more of the same;
 # - U+2800 BRAILLE PATTERN BLANK, a symbol by category but drawn as an empty cell: the
-#   usual way to post a "blank" message where zero-width characters are refused.
+#   usual way to post a "blank" message where zero-width characters are refused;
+# but not the Prepended_Concatenation_Mark characters (Arabic number signs, the end of
+# ayah, ...): format characters by category, they are drawn as visible signs.
 # Visible text may contain any of these (ZWJ builds emoji, bidi marks belong to Arabic and
 # Hebrew text): only text made of nothing else counts as empty.
 
@@ -43,6 +45,9 @@ _DEFAULT_IGNORABLE = (  # Default_Ignorable_Code_Point, Unicode 15.1
     (0xE0000, 0xE0FFF),
 )
 _RENDERED_BLANK = frozenset({"\u2800"})
+_VISIBLE_FORMAT = frozenset(  # Prepended_Concatenation_Mark, Unicode 15.1
+    "\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd"
+)
 
 
 def is_invisible(char: str) -> bool:
@@ -50,7 +55,7 @@ def is_invisible(char: str) -> bool:
     if char.isspace() or char in _RENDERED_BLANK:
         return True
     if unicodedata.category(char) in _BLANK_CATEGORIES:
-        return True
+        return char not in _VISIBLE_FORMAT
     code = ord(char)
     return any(low <= code <= high for low, high in _DEFAULT_IGNORABLE)
 

@@ -113,3 +113,51 @@ async def _v1_data(conn: asyncpg.Connection) -> None:
             seq,
             sender,
         )
+
+
+async def test_0003_gives_stored_emails_their_normal_form(database_url: str) -> None:
+    name = f"chatd_migration_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(database_url, name)
+    # Oldest first: as the old check stored them (trimmed, lower-cased) -> as 0003 leaves them.
+    rows = [
+        ("ann@example.com", "ann@example.com"),
+        ("ben@bücher.de", "ben@xn--bcher-kva.de"),  # the domain IDNA-encoded
+        ("de\u0301a@example.com", "d\u00e9a@example.com"),  # NFC
+        ("cat\u0301@example.com", "cat\u0301@example.com"),  # NFC already (no precomposed t́)
+        ("eve@corp.local", "eve@corp.local"),  # refused now: kept, logs in as before
+        ("e\u0301d@corp.local", "\u00e9d@corp.local"),  # refused now: kept, made NFC
+        # One address in two spellings: the first to need the normal form takes it ...
+        ("gil@straße.de", "gil@xn--strae-oqa.de"),
+        ("gil@strasse.de", "gil@strasse.de"),  # (ß is not ss in IDNA 2008: another one)
+        ("gil@\uff53traße.de", "gil@\uff53traße.de"),  # ... a later one keeps its old form
+        # ... and an account already in normal form keeps it.
+        ("hal@xn--bcher-kva.de", "hal@xn--bcher-kva.de"),
+        ("hal@\uff42ücher.de", "hal@\uff42ücher.de"),  # fullwidth b
+    ]
+    try:
+        await asyncio.to_thread(migrate, url, "0002_chat_model")
+        conn = await asyncpg.connect(url)
+        try:
+            for n, (email, _) in enumerate(rows):
+                await conn.execute(
+                    "INSERT INTO users (name, email, password_hash, created_at)"
+                    " VALUES ('u', $1, 'x', now() + make_interval(secs => $2))",
+                    email,
+                    n,
+                )
+            await asyncio.to_thread(migrate, url)
+            after = await conn.fetch("SELECT email FROM users ORDER BY created_at")
+            assert [r["email"] for r in after] == [new for _, new in rows]
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_indexes WHERE indexname = 'users_email_prefix_idx'"
+                )
+                == 0
+            )
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
