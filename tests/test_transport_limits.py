@@ -341,3 +341,32 @@ def test_an_over_large_head_gets_431_and_a_closed_connection(http_server: Server
         data, _ = read_to_eof(sock)
     assert data.startswith(b"HTTP/1.1 431"), data[:200]
     assert_serves(http_server)
+
+
+def test_worker_processes_have_the_same_limits(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    srv = start_server(
+        database_url,
+        tmp_path,
+        CHATD_WORKERS="2",
+        CHATD_REDIS_URL=redis_url,
+        CHATD_HEADER_TIMEOUT=str(HEADER_TIMEOUT),
+    )
+    try:
+        # Several connections, so both workers (the kernel spreads accepts) take some.
+        silent = [connect(srv) for _ in range(6)]
+        for sock in silent:
+            with sock:
+                data, seconds = read_to_eof(sock)
+                assert data == b""
+                # CHATD_HEADER_TIMEOUT (2 s here), not the default of 10 s
+                assert seconds < HEADER_TIMEOUT + 5
+        with connect(srv) as sock:
+            sock.sendall(upgrade_request("/connect?token=" + "a" * 8192))
+            data, _ = read_to_eof(sock)
+        assert data.startswith(b"HTTP/1.1 414"), data[:200]
+        assert_serves(srv)
+    finally:
+        stop_server(srv)
+    assert_no_tracebacks(srv)
