@@ -72,8 +72,10 @@ def run_server(
     settings: Settings, database_url: str, host: str, port: int, workers: int = 1
 ) -> None:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from chatd.app import create_app
+    from chatd.http_protocol import HttpProtocol, TransportLimits, attach_limits
     from chatd.websocket_protocol import WebSocketProtocol
 
     log.info(
@@ -86,6 +88,8 @@ def run_server(
     options = dict(
         host=host,
         port=port,
+        # uvicorn's "httptools" + bounded request heads and a header timeout
+        http=HttpProtocol,
         ws=WebSocketProtocol,  # uvicorn's "websockets-sansio" + shutdown and stall handling
         # chatd closes frames over max_frame_bytes itself, with a clean 1009 handshake
         # (session.py). uvicorn's own refusal closes the TCP connection at once, and the
@@ -99,6 +103,7 @@ def run_server(
         # On SIGTERM: stop listening, let sockets finish (chatd/websocket_protocol.py), and cancel
         # whatever is still open after this many seconds.
         timeout_graceful_shutdown=settings.shutdown_grace,
+        timeout_keep_alive=settings.keepalive_timeout,  # idle keep-alive HTTP connections
         # The client address (per-address rate limits) comes from X-Forwarded-For only
         # when the connection is from one of these proxies.
         proxy_headers=True,
@@ -108,13 +113,25 @@ def run_server(
     # default handler the process would die there, skipping the exit hooks that stop the
     # embedded PostgreSQL; this handler turns the re-raise into a normal exit instead.
     signal.signal(signal.SIGTERM, _exit_normally)
+    limits = TransportLimits(
+        header_timeout=settings.header_timeout,
+        socket_buffer_bytes=settings.socket_buffer_bytes,
+        write_timeout=settings.write_timeout,
+    )
     if workers == 1:
-        uvicorn.Server(uvicorn.Config(create_app(settings, database_url), **options)).run()
+        config = uvicorn.Config(create_app(settings, database_url), **options)
+        attach_limits(config, limits)
+        uvicorn.Server(config).run()
         return
     # Worker processes build their own app from the environment: hand them the database.
     os.environ["CHATD_DATABASE_URL"] = database_url
     os.environ["CHATD_SECRET"] = settings.secret
-    uvicorn.run("chatd.app:create_app_from_env", factory=True, workers=workers, **options)
+    # What uvicorn.run does for workers, with the limits on the Config each worker gets.
+    config = uvicorn.Config(
+        "chatd.app:create_app_from_env", factory=True, workers=workers, **options
+    )
+    attach_limits(config, limits)
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 def _exit_normally(signum: int, frame: object) -> None:

@@ -46,6 +46,12 @@ class Settings:
     send_queue_size: int = 1024
     # Seconds a socket may go without accepting a frame before it is closed (1013).
     write_timeout: int = 10
+    # Bytes the transport may hold for one socket's peer, pongs included (1008 past it).
+    socket_buffer_bytes: int = 4 * 1024 * 1024
+    # Seconds a connection has to send a request's headers; seconds an idle keep-alive
+    # HTTP connection stays open.
+    header_timeout: int = 10
+    keepalive_timeout: int = 5
     db_pool_size: int = 20
     # Seconds a database connect or statement may take before it fails as `unavailable`.
     db_timeout: int = 10
@@ -85,6 +91,9 @@ class Settings:
             refresh_token_ttl=_int(env, "CHATD_REFRESH_TOKEN_TTL", 7 * 24 * 3600),
             send_queue_size=_int(env, "CHATD_SEND_QUEUE_SIZE", 1024),
             write_timeout=_int(env, "CHATD_WRITE_TIMEOUT", 10),
+            socket_buffer_bytes=_int(env, "CHATD_SOCKET_BUFFER_BYTES", 4 * 1024 * 1024),
+            header_timeout=_int(env, "CHATD_HEADER_TIMEOUT", 10),
+            keepalive_timeout=_int(env, "CHATD_KEEPALIVE_TIMEOUT", 5),
             ws_deflate=_bool(env, "CHATD_WS_DEFLATE"),
             allowed_origins=tuple(
                 o.strip().rstrip("/")

@@ -21,15 +21,46 @@ that same buffer forever, and uvicorn's close timer and keepalive timeout call
 reads again would keep its connection, buffer and file descriptor for good. Here a close
 is queued behind what is buffered at once, and a connection whose closing handshake does
 not finish in time is aborted.
+
+Frames the app never sees count too. websockets answers every ping with a pong, written
+straight to the transport (not through the app's bounded outbox), and uvicorn keeps
+reading: a client that floods pings (or any frames) and never reads would grow the write
+buffer without bound. So what the transport holds for one socket is bounded:
+
+- While the write buffer is above its high-water mark (64 KiB), reading is paused: a
+  peer that does not read cannot make the server produce anything more, and its own
+  sends back up into its TCP window. The buffer then holds at most the high-water mark
+  plus the pongs of one read, or plus one frame of the app's (up to 768 KiB).
+- Writes that stay paused for `write_timeout` (CHATD_WRITE_TIMEOUT) mean a peer that takes
+  no frame, pongs included: the socket is closed with 1013, like the app's own stalled
+  writer (session.py) does for its frames, and aborted if it has not gone
+  `write_timeout` later. The app's watchdog only sees a stall while it is sending.
+- A write buffer over `socket_buffer_bytes` (CHATD_SOCKET_BUFFER_BYTES, default 4 MiB,
+  above what the app's flow control can reach) closes the socket with 1008 and aborts it
+  at once: the backstop, should anything write past the pause.
+The close frame is queued behind the buffer, which a peer that does not read never gets
+to: hence the abort.
+
+A refused handshake. websockets answers a request it cannot parse (a request line over
+8 KiB: 414; header lines too long or too many: 431) by queueing the answer; uvicorn never
+wrote it and kept the connection open. Here the answer is written and the connection
+closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
+from uvicorn.config import Config
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from chatd.protocol import CLOSE_SERVICE_RESTART
+from chatd.http_protocol import limits_of, peer
+from chatd.protocol import CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
+
+log = logging.getLogger("chatd")
 
 SERVER_SHUTDOWN = "server shutting down"
 # Set in the connection's scope and in the disconnect notice when the server shuts down:
@@ -44,6 +75,48 @@ def give_up_after(grace: float) -> float:
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        limits = limits_of(config)
+        self.buffer_budget = limits.socket_buffer_bytes
+        self.write_timeout = limits.write_timeout
+        self.writes_paused = False  # the transport's buffer is above its high-water mark
+        self.stall_timer: asyncio.TimerHandle | None = None
+        self.failed = False  # chatd closed the socket here, behind the app's back
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            self._refuse_handshake()
+            return
+        if self.writes_paused:
+            self._pause_reading()  # uvicorn resumed reading for the app (receive)
+        self._check_budget()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.writes_paused = True
+        self._pause_reading()
+        if self.stall_timer is None and not self.close_sent:
+            self.stall_timer = self.loop.call_later(self.write_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.writes_paused = False
+        self._cancel_stall_timer()
+        if not self.read_paused and not self.transport.is_closing():
+            self.transport.resume_reading()  # unless uvicorn paused it for the app
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_stall_timer()
+        super().connection_lost(exc)
+
+    async def receive(self) -> Any:
+        message = await super().receive()
+        if self.writes_paused:
+            self._pause_reading()  # uvicorn resumed reading: the buffer is still full
+        return message
+
     def shutdown(self) -> None:
         if not self.handshake_complete or self.close_sent or self.transport.is_closing():
             super().shutdown()  # not (or no longer) a chatd session: uvicorn's way
@@ -57,6 +130,10 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.queue.put_nowait({**notice, "reason": SERVER_SHUTDOWN, SHUTDOWN_DEADLINE: deadline})
 
     async def send(self, message: Any) -> None:
+        if self.failed and message["type"] in ("websocket.send", "websocket.close"):
+            if message["type"] == "websocket.send":
+                raise ClientDisconnected  # starlette: WebSocketDisconnect
+            return  # closed already
         if message["type"] != "websocket.close" or self.writable.is_set():
             await super().send(message)
         else:
@@ -71,6 +148,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.close" and self.close_timer is not None:
             self.close_timer.cancel()
             self.close_timer = self.loop.call_later(self.close_timeout, self._abort)
+        if self.writes_paused:
+            self._pause_reading()  # uvicorn resumes reading on close
+        self._check_budget()
 
     async def run_asgi(self) -> None:
         await super().run_asgi()
@@ -86,3 +166,55 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def _abort(self) -> None:
         self.close_timer = None
         self.transport.abort()
+
+    # --- what the transport may hold ---------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def _cancel_stall_timer(self) -> None:
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+
+    def _check_budget(self) -> None:
+        if self.transport.is_closing():
+            return
+        buffered = self.transport.get_write_buffer_size()
+        if buffered > self.buffer_budget:
+            self._fail(CLOSE_POLICY_VIOLATION, f"write buffer over {self.buffer_budget} bytes")
+            self._abort()
+
+    def _stalled(self) -> None:
+        """Writes have been paused for write_timeout: the peer takes no frame, pongs included."""
+        self.stall_timer = None
+        if self.close_sent or self.transport.is_closing():
+            return  # closing already, with its own deadline
+        self._fail(CLOSE_TRY_AGAIN_LATER, "client too slow: not reading")
+        self.close_timer = self.loop.call_later(self.write_timeout, self._abort)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Queue a close frame behind the buffer and tell the app the socket is gone."""
+        log.warning(
+            "closing socket of %s: %s (%d)",
+            peer(self.client),
+            reason,
+            code,
+            extra={"code": code, "buffered": self.transport.get_write_buffer_size()},
+        )
+        self.failed = True
+        self.stop_keepalive()
+        if not self.close_sent:
+            self.close_sent = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+            self.conn.fail(code, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+
+    def _refuse_handshake(self) -> None:
+        """websockets refused the request (e.g. 414): write its answer, which uvicorn drops."""
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()

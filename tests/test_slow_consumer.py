@@ -11,13 +11,11 @@ import asyncio
 import json
 import socket
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import websockets
 
@@ -30,6 +28,7 @@ from tests.conftest import (
     start_server,
     stop_server,
 )
+from tests.memory import RssSampler, holds_connection_from
 
 QUEUE_SIZE = 100
 TEXT = "\U0001f600" * 4096  # the longest text allowed: ~16 KiB of UTF-8 in every frame
@@ -53,29 +52,6 @@ async def metric(server: Server, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"no {name} in /metrics")
-
-
-class RssSampler:
-    """The server process's resident memory, sampled in a thread while a flood runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.baseline = self.process.memory_info().rss
-        self.peak = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 async def flood(senders: list[Socket], chat_id: int, tag: str, sent_at: dict[str, float]) -> None:
@@ -168,13 +144,8 @@ async def test_a_client_that_stops_reading_is_dropped_and_costs_others_nothing(
 
     # The server lets go of a client that never reads again: its closing handshake cannot
     # finish, so the connection is aborted (not kept with its buffer and file descriptor).
-    def server_holds_gone() -> bool:
-        return any(
-            c.raddr and c.raddr[1] == gone_port for c in psutil.Process(pid).net_connections()
-        )
-
     deadline = time.monotonic() + 30
-    while server_holds_gone():
+    while holds_connection_from(pid, gone_port):
         assert time.monotonic() < deadline, "the server still holds the stalled connection"
         await asyncio.sleep(0.2)
     gone.transport.abort()
