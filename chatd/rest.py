@@ -199,7 +199,7 @@ async def register(request: Request) -> Response:
         raise ChatError(INVALID, "email is not a plausible address", 422)
     if not 8 <= len(body.password) <= 128:
         raise ChatError(INVALID, "password must be 8..128 characters", 422)
-    wait = limits(request).register.take(client_address(request))
+    wait = await limits(request).register.take(client_address(request))
     if wait:
         raise rate_limited("too many registrations from this address; retry later", wait)
     password_hash = await auth.hash_password(body.password)
@@ -226,7 +226,7 @@ async def login(request: Request) -> Response:
         (limits(request).login_email, email[:254]),  # no address is longer: bounded keys
         (limits(request).login_ip, client_address(request)),
     ]
-    wait = take_all(attempt)
+    wait = await take_all(attempt)
     if wait:
         raise rate_limited("too many failed logins; retry later", wait)
     try:
@@ -238,12 +238,12 @@ async def login(request: Request) -> Response:
     except BaseException:
         # The database (or the server) failed, not the password: that attempt is not a guess.
         for limiter, key in attempt:
-            limiter.give_back(key)
+            await limiter.give_back(key)
         raise
     if not verified or not row:
         raise ChatError("invalid_credentials", "wrong email or password", 401)
     for limiter, key in attempt:
-        limiter.give_back(key)
+        await limiter.give_back(key)
     return json_response(await _issue_pair(request, row["id"], family_id=uuid.uuid4()))
 
 

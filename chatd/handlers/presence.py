@@ -53,7 +53,7 @@ async def typing(ctx: Context, action: Typing) -> None:
         return None  # dropped silently
     # The gate bounds each chat; this bounds the user, who could name many chats (each a
     # query and a fan-out). Repeats the gate drops cost nothing and do not count.
-    wait = ctx.limits.typing.take(str(ctx.user_id))
+    wait = await ctx.limits.typing.take(str(ctx.user_id))
     if wait:
         ctx.typing_gate.release(ctx.user_id, action.chat_id)
         raise rate_limited("too many typing events; slow down", wait)
