@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from chatd import client as client_sdk
-from chatd import session
+from chatd import hub
 from chatd.bench import main as bench_main
 from chatd.client import Api, ChatdError, Client, Socket
 from chatd.config import Settings
@@ -439,7 +439,7 @@ async def test_the_oldest_socket_is_closed_beyond_the_cap(
     third = await alice.connect()  # cap 2: the first one goes
     try:
         assert await first.wait_closed() == 1008
-        assert first.ws.close_reason == client_sdk.SOCKET_CAP_REASON == session.SOCKET_CAP_REASON
+        assert first.ws.close_reason == client_sdk.SOCKET_CAP_REASON == hub.SOCKET_CAP_REASON
         chat = await third.request("create_chat", type="private", user_ids=[bob.user_uuid])
         await bob_sends(bob, chat["id"])
         for sock in (second, third):  # both remaining sockets still get events
