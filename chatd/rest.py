@@ -610,7 +610,7 @@ OPERATIONS = [
         201,
         also_ok=(200,),
         body=CreateChatRequest,
-        errors=(400, 404, 413, 422, 503),
+        errors=(400, 404, 413, 422, 429, 503),
     ),
     Operation(
         "GET",
@@ -645,7 +645,7 @@ OPERATIONS = [
         "Add members to a group (admins and the owner)",
         Chat,
         body=AddMembersRequest,
-        errors=(400, 403, 404, 413, 422, 503),
+        errors=(400, 403, 404, 413, 422, 429, 503),
     ),
     Operation(
         "DELETE",
