@@ -34,7 +34,6 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         app.state.bus = bus = (
             RedisBus(hub, settings.redis_url) if settings.redis_url else LocalBus(hub)
         )
-        app.state.typing_gate = TypingGate()
         app.state.limits = Limits(
             login_email=settings.login_email_rate,
             login_ip=settings.login_ip_rate,
@@ -46,6 +45,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             groups_per_day=settings.groups_per_day,
             redis_url=settings.redis_url,
         )
+        app.state.typing_gate = TypingGate(remote=app.state.limits.remote)
         app.state.writer = MessageWriter(app.state.pool, bus)
         try:
             await bus.start()

@@ -241,14 +241,22 @@ end
 return 1
 """
 
+# KEYS[1]: a once-per-interval key; ARGV[1]: the interval in ms. 1: claimed now.
+_CLAIM = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 1 end
+return 0
+"""
+
+_UNCLAIM = "return redis.call('DEL', KEYS[1])"
+
 KEY_PREFIX = "chatd:rate:"
 
 
 class RedisBuckets:
     """The buckets of every limit in Redis, shared by all processes and nodes.
 
-    `take` and `give_back` answer None / False when Redis does not answer: the caller
-    then uses its own process's buckets, and Redis is asked again after a few seconds.
+    Every method answers None / False when Redis does not answer: the caller then uses
+    its own process's buckets, and Redis is asked again after a few seconds.
     """
 
     def __init__(self, url: str, timeout: float = REDIS_TIMEOUT_SECONDS) -> None:
@@ -257,6 +265,8 @@ class RedisBuckets:
         )
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._unclaim = self._redis.register_script(_UNCLAIM)
         self._down_until: float | None = None  # monotonic; None: Redis is answering
 
     async def take(
@@ -278,6 +288,15 @@ class RedisBuckets:
             await self._run(self._give_back, [KEY_PREFIX + limiter.name + ":" + key], args)
             is not None
         )
+
+    async def claim(self, key: str, seconds: float) -> bool | None:
+        """True once per `seconds` for `key` in the whole cluster; None: unreachable."""
+        claimed = await self._run(self._claim, [KEY_PREFIX + key], [math.ceil(seconds * 1000)])
+        return None if claimed is None else bool(claimed)
+
+    async def unclaim(self, key: str) -> bool:
+        """Undo a claim (the event did not go out); False: unreachable."""
+        return await self._run(self._unclaim, [KEY_PREFIX + key], []) is not None
 
     async def _run(self, script: object, keys: list[str], args: list[int]) -> object | None:
         if self._down_until is not None and time.monotonic() < self._down_until:

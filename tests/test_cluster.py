@@ -348,6 +348,28 @@ async def test_the_socket_cap_holds_across_nodes(
             await sock.close()
 
 
+async def test_the_typing_throttle_holds_across_nodes(
+    limited_nodes: tuple[Server, Server], alice: Api, bob: Api
+) -> None:
+    node_a, node_b = limited_nodes
+    alice_a, alice_b, bob_b = (
+        await on(node_a, alice),
+        await on(node_b, alice),
+        await on(node_b, bob),
+    )
+    async with await alice_a.connect() as a, await alice_b.connect() as a2:
+        async with await bob_b.connect() as b:
+            chat = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
+            # One typing event per user and chat per 2 s, whichever node it comes through.
+            assert await a.request("typing", chat_id=chat["id"]) is None
+            assert await a2.request("typing", chat_id=chat["id"]) is None
+            await a.request("send_message", chat_id=chat["id"], text="marker")
+            events = [await b.next_event()]
+            while events[-1]["action"] != "new_message":
+                events.append(await b.next_event())
+            assert [e["action"] for e in events].count("typing") == 1
+
+
 async def test_limits_fall_back_to_each_process_while_redis_is_down(
     database_url: str, tmp_path: Path, alice: Api, bob: Api
 ) -> None:
