@@ -36,6 +36,7 @@ DEFAULT_MAX_KEYS = 100_000
 # Redis not answering: per-process buckets for this long before asking it again.
 REDIS_RETRY_SECONDS = 5.0
 REDIS_TIMEOUT_SECONDS = 1.0
+REDIS_CONNECTIONS = 32
 
 _UNITS = {
     **dict.fromkeys(("s", "sec", "second"), 1),
@@ -260,9 +261,15 @@ class RedisBuckets:
     """
 
     def __init__(self, url: str, timeout: float = REDIS_TIMEOUT_SECONDS) -> None:
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        # Bounded: past REDIS_CONNECTIONS, a check waits (up to `timeout`) for a free one.
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
+        self._redis = redis.Redis(connection_pool=self._pool)
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
         self._claim = self._redis.register_script(_CLAIM)
@@ -319,6 +326,7 @@ class RedisBuckets:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._pool.disconnect()
 
 
 def _microseconds(seconds: float) -> int:

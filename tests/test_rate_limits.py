@@ -372,6 +372,7 @@ async def test_groups_per_day_are_capped_in_the_database(database_url: str, tmp_
             # Until the oldest of the day is a day old.
             assert 86_000 < int(refused.headers["retry-after"]) <= 86_400
             assert (await bob.chats())["chats"] == []
+            assert rate_limited_count((await client.get("/metrics")).text, "groups_per_day") == 1
             # Private chats are not groups; other users have their own count.
             await alice.call(
                 "POST", "/chats", json={"type": "private", "user_ids": [bob.user_uuid]}

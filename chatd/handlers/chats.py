@@ -20,6 +20,7 @@ from chatd.handlers.base import (
     rate_limited,
 )
 from chatd.hub import Outbound
+from chatd.metrics import RATE_LIMITED
 from chatd.protocol import (
     INVALID,
     MAX_GROUP_MEMBERS,
@@ -120,6 +121,7 @@ async def count_group_creation(
     await conn.execute(_LOCK_CREATOR, user_id)
     today = await conn.fetchrow(_GROUPS_TODAY, user_id)
     if today["n"] >= per_day:
+        RATE_LIMITED.labels("groups_per_day").inc()
         raise rate_limited(
             f"at most {per_day} groups a day; retry later", max(1.0, float(today["wait"]))
         )
