@@ -70,7 +70,7 @@ async def create_or_find_chat(ctx: Context, action: CreateChat) -> tuple[Chat, b
     if wait:
         await ctx.limits.create_chat.give_back(me)
         raise rate_limited("too many members added to chats; slow down", wait)
-    created = False
+    stored = False
     try:
         async with ctx.pool.acquire() as conn, conn.transaction():
             await require_users(conn, others)
@@ -85,8 +85,9 @@ async def create_or_find_chat(ctx: Context, action: CreateChat) -> tuple[Chat, b
                 await insert_members(conn, chat_id, others)
                 created = True
             chat = await fetch_chat(conn, chat_id)
+        stored = created  # committed
     finally:
-        if not created:
+        if not stored:
             await ctx.limits.create_chat.give_back(me)
             await ctx.limits.add_members.give_back(me, len(others))
 
