@@ -22,7 +22,7 @@ from chatd import hub
 from chatd.bench import main as bench_main
 from chatd.client import Api, ChatdError, Client, Socket
 from chatd.config import Settings
-from chatd.ratelimit import Rate, RateLimiter, parse_rate
+from chatd.ratelimit import Rate, RateLimiter, RedisBuckets, parse_rate
 from tests.conftest import PASSWORD, Server, start_server, stop_server
 from tests.test_client import socket_state
 
@@ -550,6 +550,39 @@ async def test_a_limiter_forgets_keys_and_stays_bounded() -> None:
     await asyncio.sleep(0.5)
     assert await quick.take("other") == 0
     assert len(quick) == 1  # "k" is full again, the same as never seen: forgotten
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+async def test_costs_and_give_backs_work_alike_in_both_kinds_of_bucket(
+    shared: bool, redis_url: str
+) -> None:
+    name = f"test_{uuid.uuid4().hex[:8]}"
+    rate = Rate(count=5, period=50, burst=5)  # one event per 10 s, 5 at once
+    # Two processes' worth of limiters on one Redis, or one process's own.
+    remotes = [RedisBuckets(redis_url), RedisBuckets(redis_url)] if shared else [None, None]
+    one, other = (RateLimiter(name, rate, remote=remote) for remote in remotes)
+    if not shared:
+        other = one
+    try:
+        assert await one.take("k", 3) == 0
+        assert await other.take("k", 2) == 0
+        assert 9 < await one.take("k") <= 10
+        await other.give_back("k", 2)  # two events that did not count
+        assert await one.take("k", 2) == 0
+        assert await other.take("k") > 0
+        # More than the burst counts as the whole burst: allowed on a full bucket, never
+        # refused for ever; then one event waits one interval.
+        assert await one.take("big", 50) == 0
+        assert 9 < await other.take("big") <= 10
+        assert await one.take("nothing", 0) == 0
+        if shared:
+            assert remotes[0] is not None
+            ttl = await remotes[0]._redis.pttl(f"chatd:rate:{name}:k")
+            assert 40_000 < ttl <= 50_000  # forgotten once full again
+    finally:
+        for remote in remotes:
+            if remote is not None:
+                await remote.close()
 
 
 async def test_a_socket_beyond_the_cap_closes_the_oldest_of_that_user_only(
