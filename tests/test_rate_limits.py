@@ -522,6 +522,15 @@ def test_rate_settings_parse_and_switch_off() -> None:
     assert (settings.login_email_rate.count, settings.login_email_rate.period) == (5, 900)
     assert settings.message_rate is None and settings.max_sockets_per_user is None
     assert Settings.from_env(env).message_rate == parse_rate("10/s", burst=30)
+    defaults = Settings.from_env(env)
+    assert defaults.create_chat_rate == parse_rate("60/h")
+    assert defaults.add_members_rate == Rate(count=1000, period=86_400, burst=1000)
+    assert defaults.groups_per_day == 100
+    tuned = Settings.from_env(
+        {**env, "CHATD_ADD_MEMBERS_RATE": "50/2d", "CHATD_GROUPS_PER_DAY": "off"}
+    )
+    assert tuned.add_members_rate == Rate(count=50, period=172_800, burst=50)
+    assert tuned.groups_per_day is None
     for bad in ("ten/min", "5/fortnight", "5"):
         with pytest.raises(SystemExit, match="CHATD_REGISTER_RATE"):
             Settings.from_env({**env, "CHATD_REGISTER_RATE": bad})
