@@ -34,14 +34,18 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         app.state.bus = bus = (
             RedisBus(hub, settings.redis_url) if settings.redis_url else LocalBus(hub)
         )
-        app.state.typing_gate = TypingGate()
         app.state.limits = Limits(
             login_email=settings.login_email_rate,
             login_ip=settings.login_ip_rate,
             register=settings.register_rate,
             message=settings.message_rate,
             typing=settings.typing_rate,
+            create_chat=settings.create_chat_rate,
+            add_members=settings.add_members_rate,
+            groups_per_day=settings.groups_per_day,
+            redis_url=settings.redis_url,
         )
+        app.state.typing_gate = TypingGate(remote=app.state.limits.remote)
         app.state.writer = MessageWriter(app.state.pool, bus)
         try:
             await bus.start()
@@ -56,6 +60,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             # Batches in flight commit and fan out before the bus goes (their acks too).
             await app.state.writer.wait_idle(timeout=5)
             await bus.close()
+            await app.state.limits.close()
             await app.state.pool.close()
 
     return Starlette(

@@ -24,6 +24,9 @@ REGISTER_RATE = parse_rate("20/h")  # registrations per client address
 MESSAGE_RATE = parse_rate("10/s", burst=30)  # sends per user
 TYPING_RATE = parse_rate("10/10s")  # typing frames per user that pass the per-chat gate
 MAX_SOCKETS_PER_USER = 20
+CREATE_CHAT_RATE = parse_rate("60/h")  # chats created per user (private and group)
+ADD_MEMBERS_RATE = parse_rate("1000/day")  # users put into chats per user, not calls
+GROUPS_PER_DAY = 100  # groups a user creates in any 24 h (counted in the database)
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,10 @@ class Settings:
     register_rate: Rate | None = REGISTER_RATE  # per client address
     message_rate: Rate | None = MESSAGE_RATE  # per user
     typing_rate: Rate | None = TYPING_RATE  # per user, on top of TypingGate
-    max_sockets_per_user: int | None = MAX_SOCKETS_PER_USER  # per process; oldest closed
+    max_sockets_per_user: int | None = MAX_SOCKETS_PER_USER  # oldest closed
+    create_chat_rate: Rate | None = CREATE_CHAT_RATE  # per user
+    add_members_rate: Rate | None = ADD_MEMBERS_RATE  # per user, counting users added
+    groups_per_day: int | None = GROUPS_PER_DAY  # per user
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = "127.0.0.1,::1"
 
@@ -111,6 +117,9 @@ class Settings:
             message_rate=_rate(env, "CHATD_MESSAGE_RATE", MESSAGE_RATE, "CHATD_MESSAGE_BURST"),
             typing_rate=_rate(env, "CHATD_TYPING_RATE", TYPING_RATE),
             max_sockets_per_user=_cap(env, "CHATD_MAX_SOCKETS_PER_USER", MAX_SOCKETS_PER_USER),
+            create_chat_rate=_rate(env, "CHATD_CREATE_CHAT_RATE", CREATE_CHAT_RATE),
+            add_members_rate=_rate(env, "CHATD_ADD_MEMBERS_RATE", ADD_MEMBERS_RATE),
+            groups_per_day=_cap(env, "CHATD_GROUPS_PER_DAY", GROUPS_PER_DAY),
             forwarded_allow_ips=env.get("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").strip(),
         )
 

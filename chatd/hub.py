@@ -14,11 +14,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from chatd.metrics import EVENTS_DELIVERED, OPEN_SOCKETS
+from chatd.metrics import EVENTS_DELIVERED, OPEN_SOCKETS, SOCKET_CAP_CLOSES
+from chatd.protocol import CLOSE_POLICY_VIOLATION
 
 if TYPE_CHECKING:
     from chatd.handlers.messages import MessageWriter
     from chatd.session import Session
+
+
+# CHATD_MAX_SOCKETS_PER_USER: a new socket wins; the user's oldest one is closed with this.
+SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,20 +47,30 @@ class Hub:
         self._sessions.setdefault(session.user_id, {})[session] = None
         OPEN_SOCKETS.inc()
 
-    def over_cap(self, user_id: uuid.UUID) -> list[Session]:
-        """Take the user's oldest sockets past the cap out of the hub and return them.
+    def enforce_cap(self, user_id: uuid.UUID) -> None:
+        """Close the user's oldest sockets in this process past the cap.
 
-        They get no more events; the caller closes them. Called once a new socket works
-        (its snapshot is sent), so a socket that fails to start never evicts a good one.
+        Called once a new socket works (its snapshot is sent), so a socket that fails to
+        start never evicts a good one. With Redis, RedisBus.admit holds the cap across
+        processes and calls this too (alone, when Redis does not answer).
         """
         sessions = self._sessions.get(user_id, {})
-        evicted: list[Session] = []
         cap = self.max_sockets_per_user
         while cap is not None and len(sessions) > cap:
-            oldest = next(iter(sessions))
-            self.remove(oldest)
-            evicted.append(oldest)
-        return evicted
+            self.evict(next(iter(sessions)))
+
+    def evict(self, session: Session) -> None:
+        """Close a socket beyond its user's cap; it gets no more events from here on."""
+        self.remove(session)
+        if session.close_reason is None:
+            SOCKET_CAP_CLOSES.inc()
+        session.close_soon(CLOSE_POLICY_VIOLATION, SOCKET_CAP_REASON)
+
+    def evict_by_id(self, user_id: uuid.UUID, session_id: str) -> None:
+        """Another process counted this socket past the user's cap (see RedisBus.admit)."""
+        for session in list(self._sessions.get(user_id, ())):
+            if session.id == session_id:
+                self.evict(session)
 
     def remove(self, session: Session) -> None:
         sessions = self._sessions.get(session.user_id)
@@ -131,6 +146,12 @@ class Bus(Protocol):
     async def unwatch(self, user_id: uuid.UUID) -> None:
         """A socket of this user closed here."""
 
+    async def admit(self, session: Session) -> None:
+        """A new socket works: close its user's oldest sockets past the cap, wherever."""
+
+    async def release(self, session: Session) -> None:
+        """A socket closed: it no longer counts against its user's cap."""
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -153,6 +174,12 @@ class LocalBus:
 
     async def unwatch(self, user_id: uuid.UUID) -> None:
         pass
+
+    async def admit(self, session: Session) -> None:
+        self.hub.enforce_cap(session.user_id)
+
+    async def release(self, session: Session) -> None:
+        pass  # the hub forgets it in remove()
 
     async def start(self) -> None:
         pass

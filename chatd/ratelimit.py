@@ -1,24 +1,49 @@
-"""Rate limits: one GCRA bucket per key (an email, an IP, a user), in this process.
+"""Rate limits: one GCRA bucket per key (an email, an IP, a user).
 
-GCRA is a token bucket that keeps a single float per key: the time at which the key's
+GCRA is a token bucket that keeps a single number per key: the time at which the key's
 bucket is full again. A key whose time has passed is the same as a key never seen, so it
-is forgotten; and the table never holds more than `max_keys` keys, however many emails
-or addresses an attacker cycles through (past that, the least recently used are dropped:
-those get a fresh bucket, the price of bounded memory; a key being refused counts as
-used, so hammering one email keeps it remembered).
+is forgotten.
+
+Without Redis the buckets live in this process: the table never holds more than
+`max_keys` keys, however many emails or addresses an attacker cycles through (past that,
+the least recently used are dropped: those get a fresh bucket, the price of bounded
+memory; a key being refused counts as used, so hammering one email keeps it remembered).
+
+With CHATD_REDIS_URL the buckets live in Redis (`RedisBuckets`), shared by every process
+and node: one Lua script checks and counts all the buckets of an event in one round trip,
+on Redis's clock, and each key expires when its bucket is full again. While Redis does
+not answer, each process falls back to its own buckets (fail open to today's per-process
+limits, with a log line), rather than refusing every login and message.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from chatd.metrics import RATE_LIMITED
 
-DEFAULT_MAX_KEYS = 100_000
+log = logging.getLogger("chatd")
 
-_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+DEFAULT_MAX_KEYS = 100_000
+# Redis not answering: per-process buckets for this long before asking it again.
+REDIS_RETRY_SECONDS = 5.0
+REDIS_TIMEOUT_SECONDS = 1.0
+REDIS_CONNECTIONS = 32
+
+_UNITS = {
+    **dict.fromkeys(("s", "sec", "second"), 1),
+    **dict.fromkeys(("m", "min", "minute"), 60),
+    **dict.fromkeys(("h", "hour"), 3600),
+    **dict.fromkeys(("d", "day"), 86400),
+}
 _RATE = re.compile(r"(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?")
 
 
@@ -39,7 +64,7 @@ class Rate:
 
 
 def parse_rate(text: str, burst: int | None = None) -> Rate | None:
-    """'10/min', '5/s', '100/15min', '20/h' → a Rate; 'off', 'none' or '0' → None (no limit).
+    """'10/min', '5/s', '100/15min', '20/h', '1000/day' → a Rate; 'off', 'none', '0' → None.
 
     Without `burst`, the whole `count` may come at once (then one per period/count).
     """
@@ -49,7 +74,7 @@ def parse_rate(text: str, burst: int | None = None) -> Rate | None:
     match = _RATE.fullmatch(text)
     unit = _UNITS.get(match.group(3)) if match else None
     if match is None or unit is None:
-        raise ValueError(f"{text!r} is not a rate like 10/min, 5/s, 100/15min or off")
+        raise ValueError(f"{text!r} is not a rate like 10/min, 5/s, 100/15min, 20/day or off")
     count, periods = int(match.group(1)), int(match.group(2) or 1)
     if count <= 0 or periods <= 0:
         raise ValueError(f"{text!r}: count and period must be positive (or use off)")
@@ -57,35 +82,62 @@ def parse_rate(text: str, burst: int | None = None) -> Rate | None:
 
 
 class RateLimiter:
-    """Per-key limits; `take` answers 0 when the event may happen, else seconds to wait."""
+    """Per-key limits; `take` answers 0 when the event may happen, else seconds to wait.
 
-    def __init__(self, name: str, rate: Rate | None, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+    An event may cost more than one (add_members counts the users added); a cost above
+    the burst is taken as the whole burst, so a request the burst allows is never
+    refused for ever.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rate: Rate | None,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        remote: RedisBuckets | None = None,
+    ) -> None:
         self.name = name  # the `limit` label of chatd_rate_limited_total
         self.rate = rate
         self.max_keys = max_keys
+        self.remote = remote  # shared buckets; this process's own are the fallback
         self._full_at: dict[str, float] = {}  # least recently used first
 
-    def wait(self, key: str) -> float:
-        """Seconds until `key` may have one more event (0: now); counts nothing."""
+    async def take(self, key: str, cost: int = 1) -> float:
+        """Count `cost` events for `key`; when over the limit count nothing, return the wait."""
+        return await take_all([(self, key)], cost)
+
+    async def give_back(self, key: str, cost: int = 1) -> None:
+        """Undo a `take` that succeeded (the events turned out not to count)."""
+        if self.rate is None or cost <= 0:
+            return
+        if self.remote is not None and await self.remote.give_back(self, key, cost):
+            return
+        self._give_back_here(key, cost)
+
+    def _cost(self, cost: int) -> int:
+        assert self.rate is not None
+        return max(1, min(cost, self.rate.burst))
+
+    # --- the buckets of this process -------------------------------------------------------
+
+    def _wait(self, key: str, cost: int) -> float:
+        """Seconds until `key` may have `cost` more events (0: now); counts nothing."""
         rate = self.rate
         if rate is None:
             return 0.0
         full_at = self._full_at.get(key)
         if full_at is None:
             return 0.0
-        return max(0.0, full_at + rate.interval - rate.burst * rate.interval - time.monotonic())
+        now = time.monotonic()
+        return max(0.0, max(full_at, now) + (self._cost(cost) - rate.burst) * rate.interval - now)
 
-    def take(self, key: str) -> float:
-        """Count one event for `key`; when over the limit count nothing and return the wait."""
-        return take_all([(self, key)])
-
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, cost: int) -> None:
         rate = self.rate
         if rate is None:
             return
         now = time.monotonic()
         full_at = max(self._full_at.pop(key, now), now)  # re-inserted: most recently used
-        self._full_at[key] = full_at + rate.interval
+        self._full_at[key] = full_at + self._cost(cost) * rate.interval
         self._forget(now)
 
     def _touch(self, key: str) -> None:
@@ -94,17 +146,16 @@ class RateLimiter:
         if full_at is not None:
             self._full_at[key] = full_at
 
-    def give_back(self, key: str) -> None:
-        """Undo one `take` that succeeded (the event turned out not to count)."""
+    def _give_back_here(self, key: str, cost: int) -> None:
         rate = self.rate
         full_at = self._full_at.get(key)
         if rate is None or full_at is None:
             return
-        now = time.monotonic()
-        if full_at - rate.interval <= now:
+        full_at -= self._cost(cost) * rate.interval
+        if full_at <= time.monotonic():
             del self._full_at[key]
         else:
-            self._full_at[key] = full_at - rate.interval
+            self._full_at[key] = full_at
 
     def _forget(self, now: float) -> None:
         """Drop full buckets from the least recent end, and whatever exceeds max_keys.
@@ -124,26 +175,169 @@ class RateLimiter:
         return len(self._full_at)
 
 
-def take_all(limits: list[tuple[RateLimiter, str]]) -> float:
-    """Count one event against every limit, or, when one refuses it, against none.
+async def take_all(limits: Sequence[tuple[RateLimiter, str]], cost: int = 1) -> float:
+    """Count `cost` events against every limit, or, when one refuses them, against none.
 
-    Answers 0 when the event may happen, else the seconds until every limit allows it.
+    Answers 0 when the events may happen, else the seconds until every limit allows them.
     """
-    waits = [(limiter, limiter.wait(key)) for limiter, key in limits]
-    longest = max((wait for _, wait in waits), default=0.0)
+    active = [(limiter, key) for limiter, key in limits if limiter.rate is not None]
+    if not active or cost <= 0:
+        return 0.0
+    remote = active[0][0].remote
+    waits = await remote.take(active, cost) if remote is not None else None
+    here = waits is None  # no Redis, or Redis not answering: this process's buckets
+    if waits is None:
+        waits = [limiter._wait(key, cost) for limiter, key in active]
+    longest = max(waits)
     if longest > 0:
-        for (limiter, key), (_, wait) in zip(limits, waits, strict=True):
+        for (limiter, key), wait in zip(active, waits, strict=True):
             if wait > 0:
                 RATE_LIMITED.labels(limiter.name).inc()
-                limiter._touch(key)
+                if here:
+                    limiter._touch(key)
         return longest
-    for limiter, key in limits:
-        limiter._count(key)
+    if here:
+        for limiter, key in active:
+            limiter._count(key, cost)
     return 0.0
 
 
+# KEYS: the buckets; ARGV: per bucket its interval and burst (microseconds, events), then
+# the cost. Refused when any bucket would overflow: then nothing is counted, and the
+# answer is each bucket's wait in microseconds. Redis's own clock: nodes may disagree.
+_TAKE = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local cost = tonumber(ARGV[#ARGV])
+local waits, tats, refused = {}, {}, false
+for i, key in ipairs(KEYS) do
+    local interval, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+    local n = math.max(1, math.min(cost, burst))
+    local tat = math.max(tonumber(redis.call('GET', key) or now), now) + n * interval
+    local wait = tat - burst * interval - now
+    if wait > 0 then refused = true else wait = 0 end
+    waits[i], tats[i] = math.ceil(wait), tat
+end
+if refused then return waits end
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, string.format('%.0f', tats[i]),
+               'PX', math.max(1, math.ceil((tats[i] - now) / 1000)))
+end
+return waits
+"""
+
+# KEYS[1]: the bucket; ARGV: interval (microseconds), burst, cost.
+_GIVE_BACK = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then return 0 end
+local n = math.max(1, math.min(tonumber(ARGV[3]), tonumber(ARGV[2])))
+tat = tat - n * tonumber(ARGV[1])
+if tat <= now then
+    redis.call('DEL', KEYS[1])
+else
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+end
+return 1
+"""
+
+# KEYS[1]: a once-per-interval key; ARGV[1]: the interval in ms. 1: claimed now.
+_CLAIM = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 1 end
+return 0
+"""
+
+_UNCLAIM = "return redis.call('DEL', KEYS[1])"
+
+KEY_PREFIX = "chatd:rate:"
+
+
+class RedisBuckets:
+    """The buckets of every limit in Redis, shared by all processes and nodes.
+
+    Every method answers None / False when Redis does not answer: the caller then uses
+    its own process's buckets, and Redis is asked again after a few seconds.
+    """
+
+    def __init__(self, url: str, timeout: float = REDIS_TIMEOUT_SECONDS) -> None:
+        # Bounded: past REDIS_CONNECTIONS, a check waits (up to `timeout`) for a free one.
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        self._redis = redis.Redis(connection_pool=self._pool)
+        self._take = self._redis.register_script(_TAKE)
+        self._give_back = self._redis.register_script(_GIVE_BACK)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._unclaim = self._redis.register_script(_UNCLAIM)
+        self._down_until: float | None = None  # monotonic; None: Redis is answering
+
+    async def take(
+        self, limits: Sequence[tuple[RateLimiter, str]], cost: int
+    ) -> list[float] | None:
+        """Each bucket's wait in seconds (all 0: counted everywhere), or None: unreachable."""
+        keys, args = [], []
+        for limiter, key in limits:
+            assert limiter.rate is not None
+            keys.append(KEY_PREFIX + limiter.name + ":" + key)
+            args += [_microseconds(limiter.rate.interval), limiter.rate.burst]
+        waits = await self._run(self._take, keys, [*args, cost])
+        return None if waits is None else [int(w) / 1e6 for w in waits]
+
+    async def give_back(self, limiter: RateLimiter, key: str, cost: int) -> bool:
+        assert limiter.rate is not None
+        args = [_microseconds(limiter.rate.interval), limiter.rate.burst, cost]
+        return (
+            await self._run(self._give_back, [KEY_PREFIX + limiter.name + ":" + key], args)
+            is not None
+        )
+
+    async def claim(self, key: str, seconds: float) -> bool | None:
+        """True once per `seconds` for `key` in the whole cluster; None: unreachable."""
+        claimed = await self._run(self._claim, [KEY_PREFIX + key], [math.ceil(seconds * 1000)])
+        return None if claimed is None else bool(claimed)
+
+    async def unclaim(self, key: str) -> bool:
+        """Undo a claim (the event did not go out); False: unreachable."""
+        return await self._run(self._unclaim, [KEY_PREFIX + key], []) is not None
+
+    async def _run(self, script: object, keys: list[str], args: list[int]) -> object | None:
+        if self._down_until is not None and time.monotonic() < self._down_until:
+            return None
+        try:
+            result = await script(keys=keys, args=args)  # type: ignore[operator]
+        except (RedisError, OSError) as exc:
+            if self._down_until is None:
+                log.warning(
+                    "Redis does not answer for rate limits (%r): each process counts its own "
+                    "until it is back",
+                    exc,
+                )
+            self._down_until = time.monotonic() + REDIS_RETRY_SECONDS
+            return None
+        if self._down_until is not None:
+            log.info("Redis answers again: rate limits are shared again")
+            self._down_until = None
+        return result
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._pool.disconnect()
+
+
+def _microseconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1e6))
+
+
 class Limits:
-    """Every limit of one chatd process, configured by Settings (CHATD_*_RATE)."""
+    """Every limit of one chatd process, configured by Settings (CHATD_*_RATE).
+
+    With `redis_url`, the buckets are shared by every process and node (RedisBuckets).
+    """
 
     def __init__(
         self,
@@ -152,9 +346,22 @@ class Limits:
         register: Rate | None,
         message: Rate | None,
         typing: Rate | None,
+        create_chat: Rate | None = None,
+        add_members: Rate | None = None,
+        groups_per_day: int | None = None,
+        redis_url: str | None = None,
     ) -> None:
-        self.login_email = RateLimiter("login_email", login_email)
-        self.login_ip = RateLimiter("login_ip", login_ip)
-        self.register = RateLimiter("register", register)
-        self.message = RateLimiter("message", message)
-        self.typing = RateLimiter("typing", typing)
+        # Counted in the database, not in buckets (chatd/handlers/chats.py).
+        self.groups_per_day = groups_per_day
+        self.remote = remote = RedisBuckets(redis_url) if redis_url else None
+        self.login_email = RateLimiter("login_email", login_email, remote=remote)
+        self.login_ip = RateLimiter("login_ip", login_ip, remote=remote)
+        self.register = RateLimiter("register", register, remote=remote)
+        self.message = RateLimiter("message", message, remote=remote)
+        self.typing = RateLimiter("typing", typing, remote=remote)
+        self.create_chat = RateLimiter("create_chat", create_chat, remote=remote)
+        self.add_members = RateLimiter("add_members", add_members, remote=remote)
+
+    async def close(self) -> None:
+        if self.remote is not None:
+            await self.remote.close()

@@ -12,6 +12,13 @@ batched: every event queued while a pipeline is in flight goes out in the next o
 Pub/sub is fire-and-forget: what a process misses while its subscription is down is
 gone. So when the subscription breaks, the process closes its sockets with 1012
 (service restart): clients reconnect and `sync`, and nothing is silently lost.
+
+The per-user socket cap holds across processes too: each user's open sockets are a
+sorted set in Redis (`chatd:sockets:<uuid>`, oldest first). A socket that works is added
+and, in the same script, the oldest past the cap are taken out; those of other
+processes are told to close through the user's channel (their process is subscribed to
+it, as it holds a socket of that user). A process that died leaves its entries behind:
+they are the oldest, so they are the first to go.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import msgspec
 import redis.asyncio as redis
@@ -30,21 +38,48 @@ from redis.exceptions import RedisError, ResponseError
 from chatd.hub import Hub, Outbound
 from chatd.protocol import CLOSE_SERVICE_RESTART
 
+if TYPE_CHECKING:
+    from chatd.session import Session
+
 log = logging.getLogger("chatd")
 
 CHANNEL_PREFIX = b"chatd:user:"
+SOCKETS_PREFIX = "chatd:sockets:"
+# A user's socket set expires when none of their sockets opened for this long, so the
+# entries a dead process left behind do not stay for ever.
+SOCKETS_TTL_MS = 7 * 24 * 3600 * 1000
+CAP_TIMEOUT_SECONDS = 2  # a socket does not wait longer than this on Redis to start
 MAX_QUEUED_PUBLICATIONS = 100_000
 # A pub/sub connection only ever reads: PING it so a silently dropped one is noticed.
 PING_EVERY_SECONDS = 10
 READ_TIMEOUT_SECONDS = 3 * PING_EVERY_SECONDS
 
 
-class Envelope(msgspec.Struct, array_like=True):
-    """What travels on a user's channel: the event as its recipients' sockets get it."""
+class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What travels on a user's channel: the event as its recipients' sockets get it.
+
+    Or, with `close` set, a socket of the user to close (past the cap); omitted when
+    unset, so events keep the three-field form older chatd processes read.
+    """
 
     origin: str  # the publishing process, which has delivered it locally already
     text: str
     message_id: int | None
+    close: str | None = None  # Session.id
+
+
+# KEYS[1]: the user's sockets; ARGV: the new one, the cap, the TTL in ms. Answers the
+# sockets to close (the oldest past the cap), already taken out of the set.
+_ADMIT = """
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(now[1]) * 1000000 + tonumber(now[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2])
+if over <= 0 then return {} end
+local evicted = redis.call('ZRANGE', KEYS[1], 0, over - 1)
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, over - 1)
+return evicted
+"""
 
 
 def channel(user_id: uuid.UUID) -> bytes:
@@ -61,6 +96,7 @@ class RedisBus:
             url, protocol=2, socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
         )
         self._publisher = redis.Redis(connection_pool=self._pool)
+        self._admit = self._publisher.register_script(_ADMIT)
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Envelope).decode
         # publishing
@@ -123,9 +159,56 @@ class RedisBus:
             return
         self._dropping = False
         payload = self._encode(Envelope(self.origin, event.text, event.message_id))
-        self._outbox.append(([channel(u) for u in user_ids], payload))
+        self._queue([channel(u) for u in user_ids], payload)
+
+    def _queue(self, channels: list[bytes], payload: bytes) -> None:
+        self._outbox.append((channels, payload))
         self._outbox_empty.clear()
         self._outbox_ready.set()
+
+    # --- the per-user socket cap -------------------------------------------------------------
+
+    async def admit(self, session: Session) -> None:
+        cap = self.hub.max_sockets_per_user
+        if cap is not None:
+            try:
+                evicted = await asyncio.wait_for(
+                    self._admit(
+                        keys=[sockets_key(session.user_id)],
+                        args=[self._member(session), cap, SOCKETS_TTL_MS],
+                    ),
+                    CAP_TIMEOUT_SECONDS,
+                )
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "Redis does not answer for the socket cap (%r): counting this process's "
+                    "sockets only",
+                    exc,
+                )
+                evicted = []
+            for member in evicted:
+                origin, _, session_id = member.decode().partition(":")
+                if origin == self.origin:
+                    self.hub.evict_by_id(session.user_id, session_id)
+                else:  # a process that is gone leaves entries nobody answers: harmless
+                    close = Envelope(self.origin, "", None, close=session_id)
+                    self._queue([channel(session.user_id)], self._encode(close))
+        self.hub.enforce_cap(session.user_id)  # this process's share, whatever Redis said
+
+    async def release(self, session: Session) -> None:
+        if self.hub.max_sockets_per_user is None:
+            return
+        try:
+            await asyncio.wait_for(
+                self._publisher.zrem(sockets_key(session.user_id), self._member(session)),
+                CAP_TIMEOUT_SECONDS,
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            # It stays in the set as the oldest entry: the first to be evicted.
+            log.warning("Redis does not answer: socket %s stays counted (%r)", session.id, exc)
+
+    def _member(self, session: Session) -> str:
+        return f"{self.origin}:{session.id}"
 
     async def _publish_loop(self) -> None:
         backoff = 0.1
@@ -239,7 +322,11 @@ class RedisBus:
             except (msgspec.DecodeError, ValueError):
                 log.warning("ignoring a malformed message on Redis channel %r", reply[1])
                 return
-            if envelope.origin != self.origin:
+            if envelope.origin == self.origin:
+                return
+            if envelope.close is not None:
+                self.hub.evict_by_id(user_id, envelope.close)
+            else:
                 self.hub.deliver((user_id,), Outbound(envelope.text, envelope.message_id))
             return
         if kind in (b"subscribe", b"unsubscribe"):
@@ -254,6 +341,10 @@ class RedisBus:
             if kind == b"subscribe" and ready is not None and not ready.done():
                 ready.set_result(None)
         # b"pong": the connection is alive; nothing else to do
+
+
+def sockets_key(user_id: uuid.UUID) -> str:
+    return SOCKETS_PREFIX + str(user_id)
 
 
 def redact(url: str) -> str:

@@ -206,7 +206,7 @@ async def register(request: Request) -> Response:
     email = valid_email(body.email, normalize_email)
     if not 8 <= len(body.password) <= 128:
         raise ChatError(INVALID, "password must be 8..128 characters", 422)
-    wait = limits(request).register.take(client_address(request))
+    wait = await limits(request).register.take(client_address(request))
     if wait:
         raise rate_limited("too many registrations from this address; retry later", wait)
     password_hash = await auth.hash_password(body.password)
@@ -233,7 +233,7 @@ async def login(request: Request) -> Response:
         (limits(request).login_email, email),  # email_key bounds its length
         (limits(request).login_ip, client_address(request)),
     ]
-    wait = take_all(attempt)
+    wait = await take_all(attempt)
     if wait:
         raise rate_limited("too many failed logins; retry later", wait)
     try:
@@ -245,12 +245,12 @@ async def login(request: Request) -> Response:
     except BaseException:
         # The database (or the server) failed, not the password: that attempt is not a guess.
         for limiter, key in attempt:
-            limiter.give_back(key)
+            await limiter.give_back(key)
         raise
     if not verified or not row:
         raise ChatError("invalid_credentials", "wrong email or password", 401)
     for limiter, key in attempt:
-        limiter.give_back(key)
+        await limiter.give_back(key)
     return json_response(await _issue_pair(request, row["id"], family_id=uuid.uuid4()))
 
 
@@ -640,7 +640,7 @@ OPERATIONS = [
         201,
         also_ok=(200,),
         body=CreateChatRequest,
-        errors=(400, 404, 413, 422, 503),
+        errors=(400, 404, 413, 422, 429, 503),
     ),
     Operation(
         "GET",
@@ -675,7 +675,7 @@ OPERATIONS = [
         "Add members to a group (admins and the owner)",
         Chat,
         body=AddMembersRequest,
-        errors=(400, 403, 404, 413, 422, 503),
+        errors=(400, 403, 404, 413, 422, 429, 503),
     ),
     Operation(
         "DELETE",

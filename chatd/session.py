@@ -31,7 +31,7 @@ from chatd.handlers.base import (
     message_from_row,
 )
 from chatd.hub import Outbound
-from chatd.metrics import ERRORS, QUEUE_OVERFLOWS, SOCKET_CAP_CLOSES
+from chatd.metrics import ERRORS, QUEUE_OVERFLOWS
 from chatd.protocol import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_SERVICE_RESTART,
@@ -55,8 +55,6 @@ log = logging.getLogger("chatd")
 
 
 UNREAD_SNAPSHOT_LIMIT = 500
-# CHATD_MAX_SOCKETS_PER_USER: a new socket wins; the user's oldest one is closed with this.
-SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
 
 # Driven from the user's memberships: per chat with something unread, an index range on
 # messages (chat_id, seq) — never a walk over the whole messages table in id order.
@@ -126,10 +124,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             await session.close_now(CLOSE_TRY_AGAIN_LATER, "database unavailable; retry")
             return
         # Only a socket that works pushes the user's oldest one over the cap.
-        for oldest in state.hub.over_cap(user_id):
-            if oldest.close_reason is None:
-                SOCKET_CAP_CLOSES.inc()
-            oldest.close_soon(CLOSE_POLICY_VIOLATION, SOCKET_CAP_REASON)
+        await state.bus.admit(session)
         await session.run(
             ctx,
             state.settings.max_frame_bytes,
@@ -143,6 +138,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         log.warning("session cut off at the end of the shutdown grace period")
     finally:
         state.hub.remove(session)
+        await state.bus.release(session)
         await state.bus.unwatch(user_id)  # balances watch, even one that failed
         code, reason = session.close_reason or (None, "closed by the client or the network")
         log.info(
@@ -181,6 +177,7 @@ class Session:
     ) -> None:
         self.websocket = websocket
         self.user_id = user_id
+        self.id = uuid.uuid4().hex  # names it to other processes (the per-user socket cap)
         self._queue_size = queue_size
         self.write_timeout = write_timeout
         self.action_timeout = action_timeout  # past it, an action answers `unavailable`

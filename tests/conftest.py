@@ -29,14 +29,18 @@ TEST_SECRET = "test-secret-" + "x" * 40
 # `make soak` sets CHATD_SOAK=N: the load-shaped fault tests run N times bigger (or N rounds).
 SOAK = max(1, int(os.environ.get("CHATD_SOAK") or 1))
 PASSWORD = "correct horse battery"
-# The suite registers hundreds of users from 127.0.0.1, sends bursts and opens many
-# sockets per user: those limits are off here (tests/test_rate_limits.py sets tight ones).
+# The suite registers hundreds of users from 127.0.0.1, sends bursts, opens many sockets
+# and creates many chats per user: those limits are off here (tests/test_rate_limits.py
+# sets tight ones).
 # Login limits stay at their defaults: they count failed logins only.
 SUITE_LIMITS = {
     "CHATD_REGISTER_RATE": "off",
     "CHATD_MESSAGE_RATE": "off",
     "CHATD_TYPING_RATE": "off",
     "CHATD_MAX_SOCKETS_PER_USER": "off",
+    "CHATD_CREATE_CHAT_RATE": "off",
+    "CHATD_ADD_MEMBERS_RATE": "off",
+    "CHATD_GROUPS_PER_DAY": "off",
 }
 
 

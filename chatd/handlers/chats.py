@@ -17,8 +17,10 @@ from chatd.handlers.base import (
     message_from_row,
     no_such_chat,
     parse_user_ids,
+    rate_limited,
 )
 from chatd.hub import Outbound
+from chatd.metrics import RATE_LIMITED
 from chatd.protocol import (
     INVALID,
     MAX_GROUP_MEMBERS,
@@ -58,22 +60,73 @@ async def create_or_find_chat(ctx: Context, action: CreateChat) -> tuple[Chat, b
         if len(others) + 1 > MAX_GROUP_MEMBERS:
             raise ChatError(INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members", 422)
 
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        await require_users(conn, others)
-        if action.type == "private":
-            chat_id, created = await _private_chat(conn, ctx.user_id, others[0])
-        else:
-            chat_id = await conn.fetchval(
-                "INSERT INTO chats (type, name) VALUES ('group', $1) RETURNING id", name
-            )
-            await insert_members(conn, chat_id, [ctx.user_id], role="owner")
-            await insert_members(conn, chat_id, others)
-            created = True
-        chat = await fetch_chat(conn, chat_id)
+    # Counted before anything is stored, given back when nothing was (a private chat that
+    # exists already, a refusal, a failure): one chat, and every other user put into it.
+    me = str(ctx.user_id)
+    wait = await ctx.limits.create_chat.take(me)
+    if wait:
+        raise rate_limited("too many chats created; slow down", wait)
+    wait = await ctx.limits.add_members.take(me, len(others))
+    if wait:
+        await ctx.limits.create_chat.give_back(me)
+        raise rate_limited("too many members added to chats; slow down", wait)
+    stored = False
+    try:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            await require_users(conn, others)
+            if action.type == "private":
+                chat_id, created = await _private_chat(conn, ctx.user_id, others[0])
+            else:
+                await count_group_creation(conn, ctx.user_id, ctx.limits.groups_per_day)
+                chat_id = await conn.fetchval(
+                    "INSERT INTO chats (type, name) VALUES ('group', $1) RETURNING id", name
+                )
+                await insert_members(conn, chat_id, [ctx.user_id], role="owner")
+                await insert_members(conn, chat_id, others)
+                created = True
+            chat = await fetch_chat(conn, chat_id)
+        stored = created  # committed
+    finally:
+        if not stored:
+            await ctx.limits.create_chat.give_back(me)
+            await ctx.limits.add_members.give_back(me, len(others))
 
     if created:
         await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatCreated(chat))))
     return chat, created
+
+
+# One user's group creations are counted one at a time (their users row is the lock; NO
+# KEY UPDATE leaves others free to add them to chats), rows older than a day are pruned,
+# and what is left is the day's count, oldest first.
+_LOCK_CREATOR = "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE"
+_GROUPS_TODAY = """
+WITH pruned AS (
+    DELETE FROM group_creations WHERE user_id = $1 AND created_at <= now() - interval '1 day'
+)
+SELECT count(*) AS n, extract(epoch FROM min(created_at) + interval '1 day' - now()) AS wait
+FROM group_creations WHERE user_id = $1 AND created_at > now() - interval '1 day'
+"""
+
+
+async def count_group_creation(
+    conn: asyncpg.Connection, user_id: uuid.UUID, per_day: int | None
+) -> None:
+    """Count a group created by `user_id` now, or refuse with rate_limited past `per_day`.
+
+    Counted in the database: exact across processes, nodes and restarts. Runs inside the
+    creating transaction, so a refused or failed creation counts nothing.
+    """
+    if per_day is None:
+        return
+    await conn.execute(_LOCK_CREATOR, user_id)
+    today = await conn.fetchrow(_GROUPS_TODAY, user_id)
+    if today["n"] >= per_day:
+        RATE_LIMITED.labels("groups_per_day").inc()
+        raise rate_limited(
+            f"at most {per_day} groups a day; retry later", max(1.0, float(today["wait"]))
+        )
+    await conn.execute("INSERT INTO group_creations (user_id) VALUES ($1)", user_id)
 
 
 async def require_users(conn: asyncpg.Connection, user_ids: list[uuid.UUID]) -> None:

@@ -19,6 +19,7 @@ from chatd.handlers.base import (
     member_ids,
     parse_user_id,
     parse_user_ids,
+    rate_limited,
     role_of,
 )
 from chatd.handlers.chats import insert_members, require_users
@@ -54,19 +55,35 @@ _DELETE_MEMBER = "DELETE FROM chat_members WHERE chat_id = $1 AND user_id = $2"
 
 
 async def add_members(ctx: Context, action: AddMembers) -> Chat:
+    """Admins+. Counts every user asked for against CHATD_ADD_MEMBERS_RATE before adding,
+    and gives back those not added (members already, or nothing stored)."""
     users = parse_user_ids(action.user_ids)
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
-        await require_users(conn, users)
-        added = await insert_members(conn, action.chat_id, users)
-        if added:
-            size = await conn.fetchval(
-                "SELECT count(*) FROM chat_members WHERE chat_id = $1", action.chat_id
-            )
-            if size > MAX_GROUP_MEMBERS:  # raising rolls the insert back
-                raise ChatError(INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members", 422)
-            await conn.execute(_BUMP_ACTIVITY, action.chat_id)
-        chat = await fetch_chat(conn, action.chat_id)
+    limit, me = ctx.limits.add_members, str(ctx.user_id)
+    wait = await limit.take(me, len(users))
+    if wait:
+        raise rate_limited("too many members added to chats; slow down", wait)
+    added: list[uuid.UUID] = []
+    try:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
+            await require_users(conn, users)
+            added = await insert_members(conn, action.chat_id, users)
+            if added:
+                size = await conn.fetchval(
+                    "SELECT count(*) FROM chat_members WHERE chat_id = $1", action.chat_id
+                )
+                if size > MAX_GROUP_MEMBERS:  # raising rolls the insert back
+                    raise ChatError(
+                        INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members", 422
+                    )
+                await conn.execute(_BUMP_ACTIVITY, action.chat_id)
+            chat = await fetch_chat(conn, action.chat_id)
+    except BaseException:
+        added = []
+        raise
+    finally:
+        if len(added) < len(users):
+            await limit.give_back(me, len(users) - len(added))
 
     if added:
         event = MemberAdded(MembersAdded(chat, [str(u) for u in added], by=str(ctx.user_id)))

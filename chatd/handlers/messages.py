@@ -167,6 +167,20 @@ class MessageWriter:
         if self._running:
             await asyncio.wait(list(self._running), timeout=timeout)
 
+    async def original(
+        self, user_id: uuid.UUID, chat_id: int, client_msg_id: str | None
+    ) -> Message | None:
+        """The message already stored for this retry, answered as `store` would; else None."""
+        if client_msg_id is None:
+            return None
+        rows = await self.pool.fetch(_FIND_BY_CLIENT_IDS, [user_id], [client_msg_id])
+        if not rows:
+            return None
+        done = asyncio.get_running_loop().create_future()
+        _settle_original(PendingSend(user_id, chat_id, "", client_msg_id, done), rows[0])
+        message, _ = done.result()  # raises as store would (reused in another chat)
+        return message
+
     async def _store_alone(self, send: PendingSend) -> None:
         try:
             await self._store_batch([send])
@@ -320,16 +334,21 @@ async def store_message(ctx: Context, action: SendMessage) -> tuple[Message, boo
     if client_msg_id is not None and "\x00" in client_msg_id:
         raise ChatError(INVALID, "client_msg_id must not contain NUL characters", 422)
     limit, key = ctx.limits.message, str(ctx.user_id)  # socket and REST sends alike
-    wait = limit.take(key)
+    wait = await limit.take(key)
     if wait:
+        # A retry of a stored message is answered even now: it stores nothing. Looked up
+        # only when refused, so a normal send costs no extra query.
+        original = await ctx.writer.original(ctx.user_id, action.chat_id, client_msg_id)
+        if original is not None:
+            return original, False
         raise rate_limited("too many messages; slow down", wait)
     try:
         message, new = await ctx.writer.store(ctx.user_id, action.chat_id, text, client_msg_id)
     except BaseException:
-        limit.give_back(key)  # refused or failed: the retry must not pay twice
+        await limit.give_back(key)  # refused or failed: the retry must not pay twice
         raise
     if not new:
-        limit.give_back(key)  # a retry, answered with the message stored before
+        await limit.give_back(key)  # a retry, answered with the message stored before
     return message, new
 
 

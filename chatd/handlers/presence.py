@@ -8,20 +8,32 @@ import uuid
 from chatd.handlers.base import Context, no_such_chat, rate_limited
 from chatd.hub import Outbound
 from chatd.protocol import Typing, TypingEvent, TypingNotice, encode_text
+from chatd.ratelimit import RedisBuckets
 
 TYPING_INTERVAL_SECONDS = 2.0
 
 
 class TypingGate:
-    """Lets through at most one typing event per (user, chat) per interval, in this process."""
+    """Lets through at most one typing event per (user, chat) per interval.
 
-    def __init__(self, interval: float = TYPING_INTERVAL_SECONDS) -> None:
+    In this process; with `remote` (CHATD_REDIS_URL) in the whole cluster, falling back
+    to this process's own table while Redis does not answer.
+    """
+
+    def __init__(
+        self, interval: float = TYPING_INTERVAL_SECONDS, remote: RedisBuckets | None = None
+    ) -> None:
         self.interval = interval
+        self.remote = remote
         self._last: dict[tuple[uuid.UUID, int], float] = {}
         self._prune_at = 10_000
 
-    def claim(self, user_id: uuid.UUID, chat_id: int) -> bool:
+    async def claim(self, user_id: uuid.UUID, chat_id: int) -> bool:
         """True when this event may go out; it then counts as the interval's one event."""
+        if self.remote is not None:
+            claimed = await self.remote.claim(f"typing_chat:{user_id}:{chat_id}", self.interval)
+            if claimed is not None:
+                return claimed
         now = time.monotonic()
         key = (user_id, chat_id)
         last = self._last.get(key)
@@ -33,8 +45,12 @@ class TypingGate:
         self._last[key] = now
         return True
 
-    def release(self, user_id: uuid.UUID, chat_id: int) -> None:
+    async def release(self, user_id: uuid.UUID, chat_id: int) -> None:
         """Undo a claim for an event that did not go out."""
+        if self.remote is not None and await self.remote.unclaim(
+            f"typing_chat:{user_id}:{chat_id}"
+        ):
+            return
         self._last.pop((user_id, chat_id), None)
 
     def _forget_before(self, cutoff: float) -> None:
@@ -49,17 +65,17 @@ SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1 AND user_id = $2) A
 
 async def typing(ctx: Context, action: Typing) -> None:
     # Claim before the query, so two sockets of one user cannot both get through.
-    if not ctx.typing_gate.claim(ctx.user_id, action.chat_id):
+    if not await ctx.typing_gate.claim(ctx.user_id, action.chat_id):
         return None  # dropped silently
     # The gate bounds each chat; this bounds the user, who could name many chats (each a
     # query and a fan-out). Repeats the gate drops cost nothing and do not count.
-    wait = ctx.limits.typing.take(str(ctx.user_id))
+    wait = await ctx.limits.typing.take(str(ctx.user_id))
     if wait:
-        ctx.typing_gate.release(ctx.user_id, action.chat_id)
+        await ctx.typing_gate.release(ctx.user_id, action.chat_id)
         raise rate_limited("too many typing events; slow down", wait)
     row = await ctx.pool.fetchrow(_OTHER_MEMBERS, action.chat_id, ctx.user_id)
     if not row["is_member"]:
-        ctx.typing_gate.release(ctx.user_id, action.chat_id)
+        await ctx.typing_gate.release(ctx.user_id, action.chat_id)
         raise no_such_chat()
     notice = TypingEvent(TypingNotice(chat_id=action.chat_id, user_uuid=str(ctx.user_id)))
     await ctx.bus.publish(row["others"], Outbound(encode_text(notice)))
