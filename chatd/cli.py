@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+from importlib import metadata
 from pathlib import Path
 
 from chatd.config import Settings, log_options
@@ -16,6 +17,7 @@ log = logging.getLogger("chatd")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="chatd", description="A WebSocket-first chat server.")
+    parser.add_argument("--version", action="version", version=f"chatd {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="migrate the database, then serve HTTP and /connect")
     serve.add_argument("--host", help="interface to listen on (default $CHATD_HOST or 127.0.0.1)")
@@ -58,6 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         host, port = args.host or settings.host, args.port or settings.port
         run_server(settings, database_url, host, port, workers)
+
+
+def version() -> str:
+    """chatd's version, as installed (pyproject.toml's)."""
+    try:
+        return metadata.version("chatd")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def resolve_database_url(settings: Settings) -> str:
@@ -119,3 +129,4 @@ def run_server(
 
 def _exit_normally(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
