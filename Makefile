@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Readable log lines on a terminal; chatd's own default is JSON lines (see README).
+# `exec`: the recipe's shell becomes chatd, make's only child. make passes a SIGTERM on
+# to its children and waits for them, so `kill <make's PID>` drains chatd and stops its
+# embedded PostgreSQL before make exits; Ctrl-C signals make and chatd together.
 run: $(STAMP)
-	CHATD_LOG_FORMAT=$${CHATD_LOG_FORMAT:-console} $(BIN)/chatd serve
+	CHATD_LOG_FORMAT="$${CHATD_LOG_FORMAT:-console}" exec $(BIN)/chatd serve
 
 migrate: $(STAMP)
 	$(BIN)/chatd migrate

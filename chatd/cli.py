@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -41,12 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
+    # SIGTERM and SIGINT end chatd as a normal exit, so the exit hooks run (they stop the
+    # embedded PostgreSQL). While serving, uvicorn handles both first and drains.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_normally)
     setup_logging(*log_options(os.environ))
     settings = Settings.from_env()
     workers = (args.workers if args.command == "serve" else None) or settings.workers
     if workers > 1 and not settings.redis_url:
         parser.error("--workers above 1 needs CHATD_REDIS_URL: events cross processes via Redis")
-    database_url = resolve_database_url(settings)
+    with _signals_deferred():
+        database_url = resolve_database_url(settings)
     if args.command in ("backup", "restore"):
         from chatd import backup
 
@@ -130,3 +137,25 @@ def run_server(
 def _exit_normally(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block is done, then exit if one came.
+
+    Starting the embedded PostgreSQL must not be cut halfway: interrupted there, the
+    cluster could be left running without this process listed as its user (so nothing
+    would stop it), or half initialised.
+    """
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        log.info("%s during start: exiting", signal.Signals(received[0]).name)
+        raise SystemExit(0)

@@ -38,6 +38,16 @@ def children(pid: int) -> list[int]:
     return [p for p in _pids() if (s := _stat(p)) is not None and s[1] == pid and s[0] != "Z"]
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid`'s live children, their children, and so on."""
+    found, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
 def _pids() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
