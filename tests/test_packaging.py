@@ -129,3 +129,17 @@ def test_the_installed_wheel_has_no_extras_and_says_which_to_install(venv: Path)
     )
     assert client.returncode != 0
     assert "pip install 'chatd[client]'" in client.stderr
+
+
+def test_every_folder_of_the_package_is_listed_for_the_wheel() -> None:
+    """pyproject.toml lists the packages (for the migrations mapping): a new one must be
+    listed there too, or the wheel would ship without it."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {"chatd"} | {
+        "chatd." + ".".join(p.relative_to(ROOT / "chatd").parts)
+        for p in (ROOT / "chatd").rglob("*")
+        if p.is_dir() and p.name != "__pycache__" and any(p.iterdir())
+    }
+    assert listed == folders | {"chatd.migrations"}
