@@ -12,14 +12,17 @@ CHROMIUM ?= /usr/bin/chromium
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # Readable log lines on a terminal; chatd's own default is JSON lines (see README).
+# `exec`: the recipe's shell becomes chatd, make's only child. make passes a SIGTERM on
+# to its children and waits for them, so `kill <make's PID>` drains chatd and stops its
+# embedded PostgreSQL before make exits; Ctrl-C signals make and chatd together.
 run: $(STAMP)
-	CHATD_LOG_FORMAT=$${CHATD_LOG_FORMAT:-console} $(BIN)/chatd serve
+	CHATD_LOG_FORMAT="$${CHATD_LOG_FORMAT:-console}" exec $(BIN)/chatd serve
 
 migrate: $(STAMP)
 	$(BIN)/chatd migrate

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 from chatd.config import Settings, log_options
@@ -16,6 +19,7 @@ log = logging.getLogger("chatd")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="chatd", description="A WebSocket-first chat server.")
+    parser.add_argument("--version", action="version", version=f"chatd {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="migrate the database, then serve HTTP and /connect")
     serve.add_argument("--host", help="interface to listen on (default $CHATD_HOST or 127.0.0.1)")
@@ -39,12 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
+    # SIGTERM and SIGINT end chatd as a normal exit, so the exit hooks run (they stop the
+    # embedded PostgreSQL). While serving, uvicorn handles both first and drains.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_normally)
     setup_logging(*log_options(os.environ))
     settings = Settings.from_env()
     workers = (args.workers if args.command == "serve" else None) or settings.workers
     if workers > 1 and not settings.redis_url:
         parser.error("--workers above 1 needs CHATD_REDIS_URL: events cross processes via Redis")
-    database_url = resolve_database_url(settings)
+    with _signals_deferred():
+        database_url = resolve_database_url(settings)
     if args.command in ("backup", "restore"):
         from chatd import backup
 
@@ -58,6 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         host, port = args.host or settings.host, args.port or settings.port
         run_server(settings, database_url, host, port, workers)
+
+
+def version() -> str:
+    """chatd's version, as installed (pyproject.toml's)."""
+    try:
+        return metadata.version("chatd")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def resolve_database_url(settings: Settings) -> str:
@@ -136,3 +153,26 @@ def run_server(
 
 def _exit_normally(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block is done, then exit if one came.
+
+    Starting the embedded PostgreSQL must not be cut halfway: interrupted there, the
+    cluster could be left running without this process listed as its user (so nothing
+    would stop it), or half initialised.
+    """
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        log.info("%s during start: exiting", signal.Signals(received[0]).name)
+        raise SystemExit(0)

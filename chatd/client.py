@@ -28,8 +28,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import httpx
 import websockets
+
+try:
+    import httpx
+except ImportError as exc:  # the server does not need it: it comes with the `client` extra
+    raise ImportError("chatd.client needs httpx: pip install 'chatd[client]'") from exc
 
 
 class ChatdError(Exception):

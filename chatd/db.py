@@ -13,14 +13,25 @@ log = logging.getLogger("chatd")
 
 
 def migrations_dir() -> Path:
-    """The `migrations/` folder: $CHATD_MIGRATIONS_DIR, beside the package, or in the cwd."""
+    """The migrations: $CHATD_MIGRATIONS_DIR, else those shipped in the package.
+
+    A wheel carries them as chatd/migrations/ (pyproject.toml maps the top-level folder
+    there); a checkout (editable install) has the top-level migrations/ beside chatd/.
+    Never the current directory's: chatd run from another project's folder must not
+    apply that project's migrations.
+    """
     configured = os.environ.get("CHATD_MIGRATIONS_DIR")
-    candidates = [Path(configured)] if configured else []
-    candidates += [Path(__file__).resolve().parent.parent / "migrations", Path.cwd() / "migrations"]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise SystemExit("cannot find the migrations/ folder; set CHATD_MIGRATIONS_DIR")
+    if configured:
+        if not Path(configured).is_dir():
+            raise SystemExit(f"CHATD_MIGRATIONS_DIR is not a folder: {configured}")
+        return Path(configured)
+    package = Path(__file__).resolve().parent
+    shipped, checkout = package / "migrations", package.parent / "migrations"
+    if shipped.is_dir():
+        return shipped
+    if checkout.is_dir() and (package.parent / "pyproject.toml").is_file():
+        return checkout
+    raise SystemExit(f"no migrations in {shipped} (a broken install?); set CHATD_MIGRATIONS_DIR")
 
 
 def migrate(database_url: str, up_to: str | None = None) -> int:

@@ -258,7 +258,7 @@ def swagger_ui_dir() -> Path:
 def docs_routes(operations: list[Operation]) -> list[BaseRoute]:
     """GET /openapi.json, and GET /docs: Swagger UI with its assets under /docs/assets/."""
     # The document only depends on `operations`, so build and encode it once, up front.
-    document = msgspec.json.encode(openapi_document(operations))
+    document = msgspec.json.encode(openapi_document(operations)) + b"\n"  # as every JSON body
 
     async def openapi_json(request: Request) -> Response:
         return Response(document, media_type=JSON)

@@ -88,7 +88,8 @@ T = TypeVar("T")
 
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(encode(value), status, headers, media_type="application/json")
+    """`value` as a JSON body, ending with a newline (so curl's output ends its line)."""
+    return Response(encode(value) + b"\n", status, headers, media_type="application/json")
 
 
 def error_response(

@@ -17,7 +17,7 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 
 
 def web_routes() -> list[BaseRoute]:
-    """GET /chat (the page) and its assets under /chat/ (app.js, style.css)."""
+    """GET /chat (the page), its assets under /chat/ (app.js, style.css), and GET / to it."""
 
     async def index(request: Request) -> Response:
         return FileResponse(
@@ -30,7 +30,12 @@ def web_routes() -> list[BaseRoute]:
         # The page's relative asset URLs assume it lives at /chat, not /chat/.
         return RedirectResponse("../chat", status_code=308)
 
+    async def root(request: Request) -> Response:
+        # Relative, like the page's own URLs, so it also works under a path prefix.
+        return RedirectResponse("chat", status_code=307)
+
     return [
+        Route("/", root, methods=["GET"]),
         Route("/chat", index, methods=["GET"]),
         Route("/chat/", slash, methods=["GET"]),
         Mount("/chat", StaticFiles(directory=WEB_DIR), name="web"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,8 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `chatd bench` needs beyond the server: the `bench` extra (pyproject.toml).
+EXTRA_MODULES = ("httpx", "psutil", "matplotlib")
+
+
+def missing_extra() -> list[str]:
+    """The modules of the `bench` extra that are not installed."""
+    return [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if missing := missing_extra():
+        print(
+            f"chatd bench needs {' and '.join(missing)}, which the server does not: "
+            "install them with  pip install 'chatd[bench]'",
+            file=sys.stderr,
+        )
+        return 2
     from chatd.bench import procs, report, workloads
     from chatd.bench.accounts import State
     from chatd.bench.stats import Progress
@@ -222,11 +239,8 @@ def main(argv: list[str]) -> int:
     report.write_json(full, stem.with_suffix(".json"))
     print(report.render(full))
     print(f"report: {stem.with_suffix('.json')}")
-    try:
-        if report.write_chart(full, stem.with_suffix(".png")):
-            print(f"chart:  {stem.with_suffix('.png')}")
-    except ImportError:
-        print("chart:  skipped (matplotlib is not installed)")
+    if report.write_chart(full, stem.with_suffix(".png")):
+        print(f"chart:  {stem.with_suffix('.png')}")
     return 1 if failed else 0
 
 
