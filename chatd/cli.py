@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     # SIGTERM and SIGINT end chatd as a normal exit, so the exit hooks run (they stop the
-    # embedded PostgreSQL). While serving, uvicorn handles both first and drains.
+    # embedded PostgreSQL). While serving, uvicorn handles both first, drains, then
+    # re-raises the signal with the handler it found: this one, so the exit is normal.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_normally)
     setup_logging(*log_options(os.environ))
@@ -126,10 +127,6 @@ def run_server(
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
     )
-    # uvicorn shuts down on SIGTERM, then re-raises it with the handler it found. With the
-    # default handler the process would die there, skipping the exit hooks that stop the
-    # embedded PostgreSQL; this handler turns the re-raise into a normal exit instead.
-    signal.signal(signal.SIGTERM, _exit_normally)
     limits = TransportLimits(
         header_timeout=settings.header_timeout,
         socket_buffer_bytes=settings.socket_buffer_bytes,
