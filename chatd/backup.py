@@ -23,7 +23,13 @@ import asyncpg
 def backup(database_url: str, path: Path) -> None:
     tool = pg_tool("pg_dump", asyncio.run(_server_major(database_url)))
     url, env = _without_password(database_url)
-    _run([tool, "--format=custom", "--no-owner", f"--file={path}", f"--dbname={url}"], env)
+    # Written beside the target, then renamed: FILE is a whole dump or not there at all.
+    partial = path.with_name(path.name + ".partial")
+    try:
+        _run([tool, "--format=custom", "--no-owner", f"--file={partial}", f"--dbname={url}"], env)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def restore(database_url: str, path: Path) -> None:

@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM and SIGINT end chatd as a normal exit, so the exit hooks run (they stop the
     # embedded PostgreSQL). While serving, uvicorn handles both first, drains, then
     # re-raises the signal with the handler it found: this one, so the exit is normal.
+    # Other commands stopped by a signal exit with 128 + its number, as a shell reports it,
+    # so `chatd backup f && upload f` does not upload a cut-off dump.
+    on_signal = _exit_normally if args.command == "serve" else _exit_interrupted
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _exit_normally)
+        signal.signal(signum, on_signal)
     setup_logging(*log_options(os.environ))
     settings = Settings.from_env()
     workers = (args.workers if args.command == "serve" else None) or settings.workers
@@ -152,6 +155,10 @@ def _exit_normally(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _exit_interrupted(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold SIGTERM and SIGINT until the block is done, then exit if one came.
@@ -172,4 +179,7 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(signum, handler)
     if received:
         log.info("%s during start: exiting", signal.Signals(received[0]).name)
-        raise SystemExit(0)
+        handler = previous[received[0]]
+        if callable(handler):
+            handler(received[0], None)
+        raise SystemExit(128 + received[0])

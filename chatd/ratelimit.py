@@ -44,7 +44,8 @@ _UNITS = {
     **dict.fromkeys(("h", "hour"), 3600),
     **dict.fromkeys(("d", "day"), 86400),
 }
-_RATE = re.compile(r"(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?")
+# The unit's plural ("2days", "15mins") only for the words, so "10/ms" is no rate.
+_RATE = re.compile(r"(\d+)\s*/\s*(\d*)\s*(s|m|h|d|(?:sec|second|min|minute|hour|day)s?)")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def parse_rate(text: str, burst: int | None = None) -> Rate | None:
     if text in ("off", "none", "0", "unlimited"):
         return None
     match = _RATE.fullmatch(text)
-    unit = _UNITS.get(match.group(3)) if match else None
+    unit = _UNITS.get(match.group(3).removesuffix("s") or "s") if match else None
     if match is None or unit is None:
         raise ValueError(f"{text!r} is not a rate like 10/min, 5/s, 100/15min, 20/day or off")
     count, periods = int(match.group(1)), int(match.group(2) or 1)
@@ -107,12 +108,21 @@ class RateLimiter:
         return await take_all([(self, key)], cost)
 
     async def give_back(self, key: str, cost: int = 1) -> None:
-        """Undo a `take` that succeeded (the events turned out not to count)."""
+        """Undo a `take` that succeeded (the events turned out not to count).
+
+        Gives back at most what a take of `cost` counted (see `charged`).
+        """
         if self.rate is None or cost <= 0:
             return
+        cost = self._cost(cost)
         if self.remote is not None and await self.remote.give_back(self, key, cost):
             return
         self._give_back_here(key, cost)
+
+    def charged(self, cost: int) -> int:
+        """What a take of `cost` counts: a cost above the burst counts as the whole burst,
+        so a big request is never refused for ever."""
+        return cost if self.rate is None else self._cost(cost)
 
     def _cost(self, cost: int) -> int:
         assert self.rate is not None
@@ -306,12 +316,16 @@ class RedisBuckets:
         return await self._run(self._unclaim, [KEY_PREFIX + key], []) is not None
 
     async def _run(self, script: object, keys: list[str], args: list[int]) -> object | None:
-        if self._down_until is not None and time.monotonic() < self._down_until:
-            return None
+        if self._down_until is not None:
+            now = time.monotonic()
+            if now < self._down_until:
+                return None
+            # One request probes; the others keep counting here until it has answered.
+            self._down_until = now + REDIS_RETRY_SECONDS
         try:
             result = await script(keys=keys, args=args)  # type: ignore[operator]
         except (RedisError, OSError) as exc:
-            if self._down_until is None:
+            if self._down_until is None:  # it was answering until now
                 log.warning(
                     "Redis does not answer for rate limits (%r): each process counts its own "
                     "until it is back",

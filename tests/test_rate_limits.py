@@ -347,6 +347,25 @@ async def test_adding_members_is_limited_by_the_users_added_not_the_calls(
         assert len(after["members"]) == 8
 
 
+async def test_a_call_over_the_burst_gives_back_only_what_it_was_charged(
+    limited: Server, http: httpx.AsyncClient
+) -> None:
+    alice = await user(limited, http)
+    people = [await user(limited, http) for _ in range(13)]
+    ids = [p.user_uuid for p in people]
+    async with await alice.connect() as a:
+        chat = await a.request("create_chat", type="group", name="big", user_ids=ids[:6])
+        await a.request("set_role", chat_id=chat["id"], user_uuid=ids[0], role="admin")
+    async with await people[0].connect() as admin:
+        # Ten asked, so the whole burst of 6 is charged; five were members already and five
+        # are added: one token comes back, not five.
+        grown = await admin.request("add_members", chat_id=chat["id"], user_ids=ids[1:11])
+        assert len(grown["members"]) == 12
+        with pytest.raises(ChatdError) as caught:
+            await admin.request("add_members", chat_id=chat["id"], user_ids=ids[11:13])
+        assert caught.value.code == "rate_limited"
+
+
 async def test_groups_per_day_are_capped_in_the_database(database_url: str, tmp_path: Path) -> None:
     # Its own server: the cap must hold across a restart (it is counted in the database).
     limits = {**LIMITS, "CHATD_CREATE_CHAT_RATE": "off", "CHATD_GROUPS_PER_DAY": "3"}

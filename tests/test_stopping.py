@@ -160,9 +160,13 @@ def test_backup_attaches_to_the_servers_postgresql_and_leaves_it_running(tmp_pat
         stop_all(postgres_processes(pgdata), server)
 
 
-def test_a_sigterm_while_postgresql_starts_still_stops_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("command", "exit_code"), [("serve", 0), ("backup", 128 + 15)])
+def test_a_sigterm_while_postgresql_starts_still_stops_it(
+    tmp_path: Path, command: str, exit_code: int
+) -> None:
     """Cut short during pg_ctl start, chatd used to die before listing itself as the
-    cluster's user, and PostgreSQL came up with nothing left to stop it."""
+    cluster's user, and PostgreSQL came up with nothing left to stop it. A server asked to
+    stop exits 0; any other command reports the signal (no `backup f && upload f`)."""
     data_dir = tmp_path / "data"
     env = {**chatd_env(data_dir, free_port()), "CHATD_LOG_FORMAT": "console"}
     initialised = run_chatd("migrate", env=env, cwd=tmp_path)  # initdb now: starts are quick
@@ -173,14 +177,15 @@ def test_a_sigterm_while_postgresql_starts_still_stops_it(tmp_path: Path) -> Non
     log = tmp_path / "server.log"
     with log.open("wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "chatd", "serve"], env=env, cwd=tmp_path, stdout=out,
-            stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "chatd", command, *(["x.dump"] if command == "backup" else [])],
+            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         wait_until(lambda: "starting embedded PostgreSQL" in log.read_text(), 60, "the start")
         server.send_signal(signal.SIGTERM)  # pg_ctl start is running now
-        assert server.wait(timeout=60) == 0, log.read_text()
+        assert server.wait(timeout=60) == exit_code, log.read_text()
         wait_until(lambda: not postgres_processes(pgdata), 15, "PostgreSQL to stop")
         assert "Traceback" not in log.read_text()
+        assert not list(tmp_path.glob("x.dump*"))
     finally:
         stop_all(postgres_processes(pgdata), server)

@@ -82,8 +82,9 @@ async def add_members(ctx: Context, action: AddMembers) -> Chat:
         added = []
         raise
     finally:
-        if len(added) < len(users):
-            await limit.give_back(me, len(users) - len(added))
+        charged = limit.charged(len(users))
+        if len(added) < charged:
+            await limit.give_back(me, charged - len(added))
 
     if added:
         event = MemberAdded(MembersAdded(chat, [str(u) for u in added], by=str(ctx.user_id)))

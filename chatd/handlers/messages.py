@@ -170,16 +170,12 @@ class MessageWriter:
     async def original(
         self, user_id: uuid.UUID, chat_id: int, client_msg_id: str | None
     ) -> Message | None:
-        """The message already stored for this retry, answered as `store` would; else None."""
+        """The message already stored for this retry, answered (or refused) as `store`
+        would; None when there is none."""
         if client_msg_id is None:
             return None
         rows = await self.pool.fetch(_FIND_BY_CLIENT_IDS, [user_id], [client_msg_id])
-        if not rows:
-            return None
-        done = asyncio.get_running_loop().create_future()
-        _settle_original(PendingSend(user_id, chat_id, "", client_msg_id, done), rows[0])
-        message, _ = done.result()  # raises as store would (reused in another chat)
-        return message
+        return answer_for_original(rows[0], chat_id) if rows else None
 
     async def _store_alone(self, send: PendingSend) -> None:
         try:
