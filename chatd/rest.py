@@ -372,10 +372,12 @@ LIMIT $3 OFFSET $4
 # "seq < the seq bound below". The bound is found by primary key when `before` is a
 # message of this chat (the cursor a client normally holds); otherwise by walking the
 # chat's newest messages down to the first older one, no more than a deep page= OFFSET
-# reads. COALESCE evaluates the second subquery only when the first finds nothing.
+# reads; a cursor at or below the chat's first id ("before=1") is answered by that first
+# message alone. COALESCE evaluates each subquery only when those before it found nothing.
 _BELOW_SEQ = """
 SELECT coalesce(
     (SELECT seq FROM messages WHERE id = $2 AND chat_id = $1),
+    (SELECT 1 WHERE $2 <= (SELECT id FROM messages WHERE chat_id = $1 ORDER BY seq LIMIT 1)),
     (SELECT seq + 1 FROM messages WHERE chat_id = $1 AND id < $2 ORDER BY seq DESC LIMIT 1),
     1
 )
