@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import secrets
 import time
 import uuid
@@ -49,8 +50,13 @@ class InvalidToken(Exception):
 
 
 def issue_token(secret: str, user_id: uuid.UUID, kind: str, ttl: int) -> str:
-    now = int(time.time())
-    claims = {"sub": str(user_id), "typ": kind, "iat": now, "exp": now + ttl}
+    """A signed token of `kind` for the user that is valid for at least `ttl` seconds."""
+    now = time.time()
+    # exp is whole seconds and a token is valid while now < exp: rounding it down would
+    # cut up to a second off every token, and a 2-second token could live barely one.
+    # Rounded up, it lives ttl to ttl + 1 seconds, so `expires_in` holds.
+    exp = math.ceil(now + ttl)
+    claims = {"sub": str(user_id), "typ": kind, "iat": int(now), "exp": exp}
     if kind == REFRESH:
         claims["jti"] = secrets.token_urlsafe(16)
     return jwt.encode(claims, secret, algorithm=ALGORITHM)

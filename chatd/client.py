@@ -20,10 +20,13 @@ message exactly once:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import itertools
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -274,8 +277,8 @@ class Client:
         self._socket_changed = asyncio.Condition()
         self._gap = asyncio.Event()
         self._token_lock = asyncio.Lock()
-        self._token_ttl = 900.0
-        self._token_time = 0.0
+        self._token_ttl = 900.0  # the current access token's lifetime left when received
+        self._renew_at = 0.0  # loop time at which _keep_fresh renews it
         self._stopped = False
         self._failure: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -408,8 +411,12 @@ class Client:
         self._took(await self.api.login(self.email, self.password))
 
     def _took(self, tokens: dict[str, Any]) -> None:
-        self._token_ttl = float(tokens.get("expires_in") or 900)
-        self._token_time = asyncio.get_running_loop().time()
+        """Schedule the renewal of a new pair: a minute before the access token expires,
+        half-way for tokens that live less than two minutes."""
+        self._token_ttl = token_lifetime(tokens["access_token"], tokens.get("expires_in"))
+        self._renew_at = asyncio.get_running_loop().time() + max(
+            self._token_ttl - 60, self._token_ttl / 2
+        )
 
     async def _renew(self, stale: str | None) -> None:
         """Replace the token pair, unless someone did already since `stale` was in use."""
@@ -433,9 +440,8 @@ class Client:
         """Renew the access token a minute before it expires (half-way for short ones)."""
         loop = asyncio.get_running_loop()
         while True:
-            due = self._token_time + max(self._token_ttl - 60, self._token_ttl / 2)
-            await asyncio.sleep(max(0.0, due - loop.time()))
-            if loop.time() < self._token_time + max(self._token_ttl - 60, self._token_ttl / 2):
+            await asyncio.sleep(max(0.0, self._renew_at - loop.time()))
+            if loop.time() < self._renew_at:
                 continue  # renewed meanwhile (after a 1008 or a 401)
             try:
                 await self._renew(self.api.access_token)
@@ -667,6 +673,34 @@ class Client:
     def _forget(self, chat_id: int) -> None:
         self.held.pop(chat_id, None)
         self._ahead.pop(chat_id, None)
+
+
+def token_lifetime(token: str, expires_in: object = None) -> float:
+    """Seconds the access token has left, from its own `exp` claim.
+
+    `expires_in` counts from when the server issued the pair, not from when it arrived,
+    and says nothing about how the server rounded `exp`; the claim is what the server
+    checks. The payload is read without verifying the signature (the client has no
+    secret, and a forged token only fools its own schedule). The claim is trusted only
+    within (0, expires_in]: past that range the two clocks disagree, and `expires_in`
+    counted from now is the better guess. Without a readable claim, `expires_in` (or 900).
+    """
+    fallback = float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else 900
+    exp = _claims(token).get("exp")
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        return fallback
+    left = exp - time.time()
+    return min(left, fallback) if left > 0 else fallback
+
+
+def _claims(token: str) -> dict[str, Any]:
+    """A JWT's payload, unverified; {} when it is not one."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 async def _abort(sock: Socket) -> None:

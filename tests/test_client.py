@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
-from chatd.client import Api, ChatdError, Client
+from chatd import auth
+from chatd.client import Api, ChatdError, Client, token_lifetime
 from tests.conftest import PASSWORD, Server, start_server, stop_server
 
 
@@ -21,6 +24,7 @@ class Events:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.seen: list[dict[str, Any]] = []
+        self._taken: set[int] = set()  # indexes in `seen` that next() returned
         self._arrived = asyncio.Event()
         self._task = asyncio.create_task(self._collect())
 
@@ -43,9 +47,18 @@ class Events:
                 await self._arrived.wait()
 
     async def next(self, action: str, timeout: float = 10) -> dict[str, Any]:
-        start = len(self.seen)
-        await self.wait(lambda: any(e["action"] == action for e in self.seen[start:]), timeout)
-        return next(e for e in self.seen[start:] if e["action"] == action)
+        """The oldest event of `action` not taken yet, waiting for one if need be. It may
+        have come before the call: the ack of the action that caused it can come later."""
+
+        def untaken() -> list[int]:
+            return [
+                i for i, e in enumerate(self.seen) if e["action"] == action and i not in self._taken
+            ]
+
+        await self.wait(untaken, timeout)
+        index = untaken()[0]
+        self._taken.add(index)
+        return self.seen[index]
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -219,9 +232,38 @@ async def test_send_retried_after_a_lost_ack_creates_one_message(
         assert b.pending_events() == []  # delivered to Bob once
 
 
+def test_a_token_lives_at_least_its_ttl() -> None:
+    # exp is whole seconds; rounded down, a 2-second token could live barely one.
+    for ttl in (1, 2, 900):
+        before = time.time()
+        token = auth.issue_token("s" * 32, uuid.uuid4(), auth.ACCESS, ttl)
+        exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+        assert before + ttl <= exp <= time.time() + ttl + 1
+
+
+def test_renewal_is_scheduled_from_the_tokens_own_exp() -> None:
+    def token(**claims: Any) -> str:
+        return jwt.encode({"sub": "x", "typ": "access", **claims}, "s" * 32, "HS256")
+
+    now = time.time()
+    # The claim wins over expires_in, which counts from issue and ignores rounding.
+    assert 50 < token_lifetime(token(exp=now + 60), 61) <= 60
+    assert 830 < token_lifetime(token(exp=int(now) + 840), 900) <= 840
+    # Unreadable or missing claim: expires_in; nothing at all: 15 minutes.
+    assert token_lifetime("not-a-token", 2) == 2
+    assert token_lifetime("a.!!!.c", 2) == 2
+    assert token_lifetime(token(), 2) == 2
+    assert token_lifetime(token(exp="soon"), 2) == 2
+    assert token_lifetime(token(), None) == 900
+    # A claim out of (0, expires_in] means the clocks disagree: trust expires_in.
+    assert token_lifetime(token(exp=now - 30), 2) == 2
+    assert token_lifetime(token(exp=now + 3600), 900) == 900
+
+
 @pytest.fixture
 async def short_ttl_server(database_url: str, tmp_path: Path) -> AsyncIterator[Server]:
-    srv = await asyncio.to_thread(start_server, database_url, tmp_path, CHATD_ACCESS_TOKEN_TTL="2")
+    # 4 s: the client renews half-way, which leaves a loaded machine 2 s to do it.
+    srv = await asyncio.to_thread(start_server, database_url, tmp_path, CHATD_ACCESS_TOKEN_TTL="4")
     yield srv
     await asyncio.to_thread(stop_server, srv)
 
@@ -248,7 +290,7 @@ async def test_tokens_are_refreshed_past_expiry(short_ttl_server: Server) -> Non
                     return
                 await asyncio.sleep(0.2)
 
-        await asyncio.wait_for(expired(), 10)
+        await asyncio.wait_for(expired(), 30)
         assert c.renewals >= 1 and c.api.access_token != first_token
         assert (await c.history(chat["id"]))["messages"] == []  # REST with a fresh token
 

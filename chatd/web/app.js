@@ -25,7 +25,7 @@ function randomId() {
 // --- state ------------------------------------------------------------------------------
 
 const state = {
-  auth: null, // {access_token, refresh_token, expires_at (ms)}
+  auth: null, // {access_token, refresh_token, expires_at, renew_at (ms)}
   me: null, // {user_uuid, name, email}
   chats: new Map(), // chat id -> ChatOverview-like object
   msgs: new Map(), // chat id -> {byId: Map, hasMore, loaded, loading}
@@ -45,11 +45,33 @@ const state = {
 
 // --- tokens -----------------------------------------------------------------------------
 
+// How long the access token has left (ms), from its own exp claim: expires_in counts from
+// when the server issued it, not from when it arrived. The claim is read without checking
+// the signature (the page has no secret) and trusted within (0, expires_in]: outside that
+// the two clocks disagree, and expires_in counted from now is the better guess.
+function tokenLifetime(token, expiresIn) {
+  const fallback = (expiresIn > 0 ? expiresIn : 900) * 1000;
+  let exp;
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    exp = JSON.parse(atob(payload)).exp;
+  } catch {
+    return fallback;
+  }
+  if (typeof exp !== "number") return fallback;
+  const left = exp * 1000 - Date.now();
+  return left > 0 ? Math.min(left, fallback) : fallback;
+}
+
 function saveAuth(pair) {
+  const now = Date.now();
+  const left = tokenLifetime(pair.access_token, pair.expires_in);
   state.auth = {
     access_token: pair.access_token,
     refresh_token: pair.refresh_token,
-    expires_at: Date.now() + pair.expires_in * 1000,
+    expires_at: now + left,
+    // A minute before expiry, half-way through a short lifetime (as chatd.client does).
+    renew_at: now + Math.max(left - 60000, left / 2),
   };
   sessionStorage.setItem("chatd.auth", JSON.stringify(state.auth));
   scheduleRefresh();
@@ -64,13 +86,17 @@ function loadAuth() {
   return !!(state.auth && state.auth.refresh_token);
 }
 
-function scheduleRefresh() {
+// When the access token is due for renewal (ms since the epoch).
+function renewAt() {
+  return state.auth.renew_at || state.auth.expires_at - 30000; // saved by an older page
+}
+
+function scheduleRefresh(retry = false) {
   clearTimeout(state.refreshTimer);
   if (!state.auth) return;
-  // A minute before expiry (or at 80 % of a short lifetime).
-  const left = state.auth.expires_at - Date.now();
-  const wait = Math.max(1000, Math.min(left - 60000, left * 0.8));
-  state.refreshTimer = setTimeout(() => refreshTokens().catch(() => {}), wait);
+  // A failed renewal is tried again in 5 s; a 401 logs out, which stops this.
+  const wait = retry ? 5000 : Math.max(0, renewAt() - Date.now());
+  state.refreshTimer = setTimeout(() => refreshTokens().catch(() => scheduleRefresh(true)), wait);
 }
 
 let refreshing = null;
@@ -99,7 +125,8 @@ function refreshTokens() {
 }
 
 async function accessToken() {
-  if (state.auth && state.auth.expires_at - Date.now() < 30000) await refreshTokens();
+  // Timers of background tabs are throttled: a call past the renewal point renews first.
+  if (state.auth && Date.now() >= renewAt()) await refreshTokens();
   return state.auth.access_token;
 }
 
