@@ -33,9 +33,21 @@ import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from chatd.protocol import BAD_REQUEST, INVALID, ErrorBody, ErrorResponse, encode
+
 MAX_URL_BYTES = 8 * 1024  # a URL this long or longer gets 414
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together; past it, 431
 LINGER_SECONDS = 2.0  # after a refusal, how long what the client still sends is dropped
+
+# A refusal's body is chatd's usual error object, as a REST client parses every other error.
+_REFUSALS = {
+    HTTPStatus.REQUEST_URI_TOO_LONG: (INVALID, f"the URL must be under {MAX_URL_BYTES} bytes"),
+    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE: (
+        INVALID,
+        f"the request line and headers must be at most {MAX_HEAD_BYTES} bytes",
+    ),
+    HTTPStatus.REQUEST_TIMEOUT: (BAD_REQUEST, "the request head did not arrive in time"),
+}
 
 
 @dataclass(frozen=True)
@@ -179,11 +191,12 @@ class HttpProtocol(HttpToolsProtocol):
             self.pipeline.clear()
             self.cycle.keep_alive = False
             return
-        body = f"{status.phrase}\n".encode()
+        code, message = _REFUSALS[status]
+        body = encode(ErrorResponse(ErrorBody(code, message))) + b"\n"
         head = [f"HTTP/1.1 {status.value} {status.phrase}".encode()]
         head += [name + b": " + value for name, value in self.server_state.default_headers]
         head += [
-            b"content-type: text/plain; charset=utf-8",
+            b"content-type: application/json",
             b"content-length: %d" % len(body),
             b"connection: close",
         ]

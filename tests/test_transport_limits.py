@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import select
 import socket
@@ -308,6 +309,10 @@ def test_an_over_long_url_gets_414_and_a_closed_connection(
         sock.sendall(request)
         data, _ = read_to_eof(sock)
     assert data.startswith(b"HTTP/1.1 414"), data[:200]
+    # chatd's error object, as for every other refusal a REST client parses.
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "invalid"
     assert_serves(http_server)
 
 
