@@ -189,6 +189,10 @@ def _unique_id(op: Operation, path: str, taken: set[str]) -> str:
     return candidate
 
 
+# Any request may get these from chatd/http_protocol.py, before it reaches a route.
+TRANSPORT_ERRORS = (414, 431)
+
+
 def _responses(op: Operation, success: Any, error: Any) -> dict[str, Any]:
     responses = {}
     for status in (op.status, *op.also_ok):
@@ -196,7 +200,7 @@ def _responses(op: Operation, success: Any, error: Any) -> dict[str, Any]:
         if success is not None:
             ok["content"] = {JSON: {"schema": success}}
         responses[str(status)] = ok
-    for status in sorted({*op.errors, *((401,) if op.auth else ())}):
+    for status in sorted({*op.errors, *TRANSPORT_ERRORS, *((401,) if op.auth else ())}):
         responses[str(status)] = {
             "description": HTTPStatus(status).phrase,
             "content": {JSON: {"schema": error}},
