@@ -1,8 +1,7 @@
-"""The Starlette application: routes, error handlers, and what lives for the app's lifetime."""
+"""The Starlette application: routes, error handlers, and the Node that lives as long as it."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -13,60 +12,28 @@ from starlette.routing import Route, WebSocketRoute
 
 from chatd import metrics, openapi, rest, webapp
 from chatd.config import Settings
-from chatd.db import MAYBE_UNAVAILABLE, create_pool
-from chatd.handlers.messages import MessageWriter
-from chatd.handlers.presence import TypingGate
-from chatd.hub import Hub, LocalBus
+from chatd.db import MAYBE_UNAVAILABLE
 from chatd.logs import RequestIdMiddleware, setup_logging
+from chatd.node import Node
 from chatd.protocol import ChatError
-from chatd.ratelimit import Limits
-from chatd.redis_bus import RedisBus
 from chatd.session import connect_endpoint
 
 
 def create_app(settings: Settings, database_url: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.settings = settings
-        app.state.pool = await create_pool(database_url, settings.db_pool_size, settings.db_timeout)
-        metrics.watch_pool(app.state.pool)
-        app.state.hub = hub = Hub(settings.max_sockets_per_user)
-        app.state.bus = bus = (
-            RedisBus(hub, settings.redis_url) if settings.redis_url else LocalBus(hub)
-        )
-        app.state.limits = Limits(
-            login_email=settings.login_email_rate,
-            login_ip=settings.login_ip_rate,
-            register=settings.register_rate,
-            message=settings.message_rate,
-            typing=settings.typing_rate,
-            create_chat=settings.create_chat_rate,
-            add_members=settings.add_members_rate,
-            groups_per_day=settings.groups_per_day,
-            redis_url=settings.redis_url,
-        )
-        app.state.typing_gate = TypingGate(remote=app.state.limits.remote)
-        app.state.writer = MessageWriter(app.state.pool, bus)
-        try:
-            await bus.start()
-        except BaseException:
-            await app.state.pool.close()
-            raise
-        watchdog = asyncio.create_task(hub.watch_writers())
+        node = Node(settings, database_url)
+        await node.start()
+        app.state.node = node
         try:
             yield
         finally:
-            watchdog.cancel()
-            # Batches in flight commit and fan out before the bus goes (their acks too).
-            await app.state.writer.wait_idle(timeout=5)
-            await bus.close()
-            await app.state.limits.close()
-            await app.state.pool.close()
+            await node.stop()
 
     return Starlette(
         routes=[
             *openapi.routes(rest.OPERATIONS),
-            *openapi.docs_routes(rest.OPERATIONS),
+            *openapi.docs_routes(rest.OPERATIONS, rest.TAGS),
             *webapp.web_routes(),
             Route("/metrics", metrics.metrics, methods=["GET"]),
             WebSocketRoute("/connect", connect_endpoint),

@@ -96,7 +96,7 @@ def run_server(
     from uvicorn.supervisors import Multiprocess
 
     from chatd.app import create_app
-    from chatd.http_protocol import HttpProtocol, TransportLimits, attach_limits
+    from chatd.http_protocol import HttpProtocol, attach_settings
     from chatd.websocket_protocol import WebSocketProtocol
 
     log.info(
@@ -130,14 +130,9 @@ def run_server(
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
     )
-    limits = TransportLimits(
-        header_timeout=settings.header_timeout,
-        socket_buffer_bytes=settings.socket_buffer_bytes,
-        write_timeout=settings.write_timeout,
-    )
     if workers == 1:
         config = uvicorn.Config(create_app(settings, database_url), **options)
-        attach_limits(config, limits)
+        attach_settings(config, settings)
         uvicorn.Server(config).run()
         return
     # Worker processes build their own app from the environment: hand them the database.
@@ -147,7 +142,7 @@ def run_server(
     config = uvicorn.Config(
         "chatd.app:create_app_from_env", factory=True, workers=workers, **options
     )
-    attach_limits(config, limits)
+    attach_settings(config, settings)
     Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 

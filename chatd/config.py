@@ -1,15 +1,20 @@
-"""Settings, read once from the environment (every variable is documented in README.md)."""
+"""Settings, read once from the environment (every variable is documented in README.md).
+
+Each setting is one field of `Settings`: its default and its CHATD_* variable are written
+there, once, and `Settings.from_env` reads every variable from that table.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from chatd.ratelimit import Rate, parse_rate
+from typing import Any
 
 log = logging.getLogger("chatd")
 
@@ -17,111 +22,202 @@ DEFAULT_DATA_DIR = ".chatd"
 MIN_SECRET_CHARS = 32
 _WEAK_SECRETS = {"secret", "changeme", "change-me", "password", "chatd", "development", "test"}
 
-# Default limits (README.md explains each; "off" switches one off).
-LOGIN_EMAIL_RATE = parse_rate("10/15min")  # failed logins per email
-LOGIN_IP_RATE = parse_rate("100/15min")  # failed logins per client address
-REGISTER_RATE = parse_rate("20/h")  # registrations per client address
-MESSAGE_RATE = parse_rate("10/s", burst=30)  # sends per user
-TYPING_RATE = parse_rate("10/10s")  # typing frames per user that pass the per-chat gate
-MAX_SOCKETS_PER_USER = 20
-CREATE_CHAT_RATE = parse_rate("60/h")  # chats created per user (private and group)
-ADD_MEMBERS_RATE = parse_rate("1000/day")  # users put into chats per user, not calls
-GROUPS_PER_DAY = 100  # groups a user creates in any 24 h (counted in the database)
+
+# --- rates -------------------------------------------------------------------------------
+
+_UNITS = {
+    **dict.fromkeys(("s", "sec", "second"), 1),
+    **dict.fromkeys(("m", "min", "minute"), 60),
+    **dict.fromkeys(("h", "hour"), 3600),
+    **dict.fromkeys(("d", "day"), 86400),
+}
+# The unit's plural ("2days", "15mins") only for the words, so "10/ms" is no rate.
+_RATE = re.compile(r"(\d+)\s*/\s*(\d*)\s*(s|m|h|d|(?:sec|second|min|minute|hour|day)s?)")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`count` events per `period` seconds, of which up to `burst` may come at once."""
+
+    count: int
+    period: float
+    burst: int
+
+    @property
+    def interval(self) -> float:
+        return self.period / self.count
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period:g}s (burst {self.burst})"
+
+
+def parse_rate(text: str, burst: int | None = None) -> Rate | None:
+    """'10/min', '5/s', '100/15min', '20/h', '1000/day' → a Rate; 'off', 'none', '0' → None.
+
+    Without `burst`, the whole `count` may come at once (then one per period/count).
+    """
+    text = text.strip().lower()
+    if text in ("off", "none", "0", "unlimited"):
+        return None
+    match = _RATE.fullmatch(text)
+    unit = _UNITS.get(match.group(3).removesuffix("s") or "s") if match else None
+    if match is None or unit is None:
+        raise ValueError(f"{text!r} is not a rate like 10/min, 5/s, 100/15min, 20/day or off")
+    count, periods = int(match.group(1)), int(match.group(2) or 1)
+    if count <= 0 or periods <= 0:
+        raise ValueError(f"{text!r}: count and period must be positive (or use off)")
+    return Rate(count, float(periods * unit), burst or count)
+
+
+# --- reading variables -------------------------------------------------------------------
+
+Env = Mapping[str, str]
+Reader = Callable[[Env, str, Any], Any]  # (environment, variable, default) -> value
+
+
+def _int(env: Env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise SystemExit(f"{name} must be positive, got {value}")
+    return value
+
+
+def _str(env: Env, name: str, default: str) -> str:
+    return env.get(name, default).strip()
+
+
+def _optional(env: Env, name: str, default: str | None) -> str | None:
+    return env.get(name) or default
+
+
+def _bool(env: Env, name: str, default: bool = False) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"{name} must be true or false, got {raw!r}")
+
+
+def _rate(env: Env, name: str, default: Rate | None) -> Rate | None:
+    """`name` as a rate ("10/min", "off")."""
+    raw = env.get(name, "").strip()
+    try:
+        return parse_rate(raw) if raw else default
+    except ValueError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+
+
+def _cap(env: Env, name: str, default: int | None) -> int | None:
+    """A positive integer, or 0 / off for no cap."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("0", "off", "none", "unlimited"):
+        return None
+    return _int(env, name, default)  # type: ignore[arg-type]
+
+
+def _origins(env: Env, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+
+
+def _path(env: Env, name: str, default: Path) -> Path:
+    return Path(env[name]) if env.get(name) else default
+
+
+def setting(variable: str, default: Any, read: Reader = _int) -> Any:
+    """A Settings field read from `variable` (by `read`), `default` when it is unset."""
+    return dataclasses.field(default=default, metadata={"env": variable, "read": read})
 
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str | None
-    secret: str
-    dev: bool = False  # development mode: tolerates a weak CHATD_SECRET
-    redis_url: str | None = None
-    workers: int = 1
-    host: str = "127.0.0.1"
-    port: int = 8000
-    data_dir: Path = Path(DEFAULT_DATA_DIR)
-    access_token_ttl: int = 15 * 60
-    refresh_token_ttl: int = 7 * 24 * 3600
+    database_url: str | None = setting("CHATD_DATABASE_URL", None, _optional)
+    # The signing key of tokens: from CHATD_SECRET, else generated once into data_dir.
+    secret: str = ""
+    dev: bool = setting("CHATD_DEV", False, _bool)  # development: tolerates a weak secret
+    redis_url: str | None = setting("CHATD_REDIS_URL", None, _optional)
+    workers: int = setting("CHATD_WORKERS", 1)
+    host: str = setting("CHATD_HOST", "127.0.0.1", _str)
+    port: int = setting("CHATD_PORT", 8000)
+    data_dir: Path = setting("CHATD_DATA_DIR", Path(DEFAULT_DATA_DIR), _path)
+    access_token_ttl: int = setting("CHATD_ACCESS_TOKEN_TTL", 15 * 60)
+    refresh_token_ttl: int = setting("CHATD_REFRESH_TOKEN_TTL", 7 * 24 * 3600)
+    # Frames over this are refused (1009); not a variable.
     max_frame_bytes: int = 64 * 1024
     # Off by default: per-socket compression state costs ~35 KiB and CPU on every frame.
-    ws_deflate: bool = False
+    ws_deflate: bool = setting("CHATD_WS_DEFLATE", False, _bool)
     # Browser origins allowed to open /connect besides the server's own ("*": any).
-    allowed_origins: tuple[str, ...] = ()
-    send_queue_size: int = 1024
+    allowed_origins: tuple[str, ...] = setting("CHATD_ALLOWED_ORIGINS", (), _origins)
+    send_queue_size: int = setting("CHATD_SEND_QUEUE_SIZE", 1024)
     # Seconds a socket may go without accepting a frame before it is closed (1013).
-    write_timeout: int = 10
+    write_timeout: int = setting("CHATD_WRITE_TIMEOUT", 10)
     # Bytes the transport may hold for one socket's peer, pongs included (1008 past it).
-    socket_buffer_bytes: int = 4 * 1024 * 1024
+    socket_buffer_bytes: int = setting("CHATD_SOCKET_BUFFER_BYTES", 4 * 1024 * 1024)
     # Seconds a connection has to send a request's headers; seconds an idle keep-alive
     # HTTP connection stays open.
-    header_timeout: int = 10
-    keepalive_timeout: int = 5
-    db_pool_size: int = 20
+    header_timeout: int = setting("CHATD_HEADER_TIMEOUT", 10)
+    keepalive_timeout: int = setting("CHATD_KEEPALIVE_TIMEOUT", 5)
+    db_pool_size: int = setting("CHATD_DB_POOL_SIZE", 20)
     # Seconds a database connect or statement may take before it fails as `unavailable`.
-    db_timeout: int = 10
+    db_timeout: int = setting("CHATD_DB_TIMEOUT", 10)
+    # CHATD_LOG_LEVEL and CHATD_LOG_FORMAT: read by log_options (before everything else).
     log_level: str = "info"
     log_format: str = "json"  # or "console"; see chatd/logs.py
     # SIGTERM: seconds to finish the sends in flight and close every socket before exiting.
-    shutdown_grace: int = 10
+    shutdown_grace: int = setting("CHATD_SHUTDOWN_GRACE", 10)
     # Rate limits (None: off). Failed logins count per email and per client address.
-    login_email_rate: Rate | None = LOGIN_EMAIL_RATE
-    login_ip_rate: Rate | None = LOGIN_IP_RATE
-    register_rate: Rate | None = REGISTER_RATE  # per client address
-    message_rate: Rate | None = MESSAGE_RATE  # per user
-    typing_rate: Rate | None = TYPING_RATE  # per user, on top of TypingGate
-    max_sockets_per_user: int | None = MAX_SOCKETS_PER_USER  # oldest closed
-    create_chat_rate: Rate | None = CREATE_CHAT_RATE  # per user
-    add_members_rate: Rate | None = ADD_MEMBERS_RATE  # per user, counting users added
-    groups_per_day: int | None = GROUPS_PER_DAY  # per user
+    login_email_rate: Rate | None = setting("CHATD_LOGIN_EMAIL_RATE", parse_rate("10/15min"), _rate)
+    login_ip_rate: Rate | None = setting("CHATD_LOGIN_IP_RATE", parse_rate("100/15min"), _rate)
+    register_rate: Rate | None = setting(  # per client address
+        "CHATD_REGISTER_RATE", parse_rate("20/h"), _rate
+    )
+    # Per user; its burst is CHATD_MESSAGE_BURST (from_env).
+    message_rate: Rate | None = setting("CHATD_MESSAGE_RATE", parse_rate("10/s", 30), _rate)
+    typing_rate: Rate | None = setting(  # per user, on top of the per-chat TypingGate
+        "CHATD_TYPING_RATE", parse_rate("10/10s"), _rate
+    )
+    max_sockets_per_user: int | None = setting(
+        "CHATD_MAX_SOCKETS_PER_USER", 20, _cap
+    )  # oldest closed
+    create_chat_rate: Rate | None = setting(  # per user, private and group
+        "CHATD_CREATE_CHAT_RATE", parse_rate("60/h"), _rate
+    )
+    add_members_rate: Rate | None = setting(  # per user, counting users added, not calls
+        "CHATD_ADD_MEMBERS_RATE", parse_rate("1000/day"), _rate
+    )
+    # Groups a user creates in any 24 h, counted in the database.
+    groups_per_day: int | None = setting("CHATD_GROUPS_PER_DAY", 100, _cap)
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
-    forwarded_allow_ips: str = "127.0.0.1,::1"
+    forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
-        data_dir = Path(env.get("CHATD_DATA_DIR", DEFAULT_DATA_DIR))
-        dev = _bool(env, "CHATD_DEV")
+        values = {
+            f.name: f.metadata["read"](env, f.metadata["env"], f.default)
+            for f in dataclasses.fields(cls)
+            if "env" in f.metadata
+        }
+        rate = values["message_rate"]
+        if rate is not None and env.get("CHATD_MESSAGE_BURST"):
+            burst = _int(env, "CHATD_MESSAGE_BURST", rate.burst)
+            values["message_rate"] = Rate(rate.count, rate.period, burst)
         secret = env.get("CHATD_SECRET")
         if secret:
-            _check_secret(secret, dev)
-        log_level, log_format = log_options(env)
-        return cls(
-            database_url=env.get("CHATD_DATABASE_URL") or None,
-            secret=secret or _stored_secret(data_dir),
-            dev=dev,
-            redis_url=env.get("CHATD_REDIS_URL") or None,
-            workers=_int(env, "CHATD_WORKERS", 1),
-            host=env.get("CHATD_HOST", "127.0.0.1"),
-            port=_int(env, "CHATD_PORT", 8000),
-            data_dir=data_dir,
-            access_token_ttl=_int(env, "CHATD_ACCESS_TOKEN_TTL", 15 * 60),
-            refresh_token_ttl=_int(env, "CHATD_REFRESH_TOKEN_TTL", 7 * 24 * 3600),
-            send_queue_size=_int(env, "CHATD_SEND_QUEUE_SIZE", 1024),
-            write_timeout=_int(env, "CHATD_WRITE_TIMEOUT", 10),
-            socket_buffer_bytes=_int(env, "CHATD_SOCKET_BUFFER_BYTES", 4 * 1024 * 1024),
-            header_timeout=_int(env, "CHATD_HEADER_TIMEOUT", 10),
-            keepalive_timeout=_int(env, "CHATD_KEEPALIVE_TIMEOUT", 5),
-            ws_deflate=_bool(env, "CHATD_WS_DEFLATE"),
-            allowed_origins=tuple(
-                o.strip().rstrip("/")
-                for o in env.get("CHATD_ALLOWED_ORIGINS", "").split(",")
-                if o.strip()
-            ),
-            db_pool_size=_int(env, "CHATD_DB_POOL_SIZE", 20),
-            db_timeout=_int(env, "CHATD_DB_TIMEOUT", 10),
-            log_level=log_level,
-            log_format=log_format,
-            shutdown_grace=_int(env, "CHATD_SHUTDOWN_GRACE", 10),
-            login_email_rate=_rate(env, "CHATD_LOGIN_EMAIL_RATE", LOGIN_EMAIL_RATE),
-            login_ip_rate=_rate(env, "CHATD_LOGIN_IP_RATE", LOGIN_IP_RATE),
-            register_rate=_rate(env, "CHATD_REGISTER_RATE", REGISTER_RATE),
-            message_rate=_rate(env, "CHATD_MESSAGE_RATE", MESSAGE_RATE, "CHATD_MESSAGE_BURST"),
-            typing_rate=_rate(env, "CHATD_TYPING_RATE", TYPING_RATE),
-            max_sockets_per_user=_cap(env, "CHATD_MAX_SOCKETS_PER_USER", MAX_SOCKETS_PER_USER),
-            create_chat_rate=_rate(env, "CHATD_CREATE_CHAT_RATE", CREATE_CHAT_RATE),
-            add_members_rate=_rate(env, "CHATD_ADD_MEMBERS_RATE", ADD_MEMBERS_RATE),
-            groups_per_day=_cap(env, "CHATD_GROUPS_PER_DAY", GROUPS_PER_DAY),
-            forwarded_allow_ips=env.get("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1").strip(),
-        )
+            _check_secret(secret, values["dev"])
+        values["log_level"], values["log_format"] = log_options(env)
+        return cls(secret=secret or _stored_secret(values["data_dir"]), **values)
 
 
 def log_options(env: Mapping[str, str]) -> tuple[str, str]:
@@ -139,41 +235,6 @@ def log_options(env: Mapping[str, str]) -> tuple[str, str]:
     return level, log_format
 
 
-def _int(env: dict[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
-    if value <= 0:
-        raise SystemExit(f"{name} must be positive, got {value}")
-    return value
-
-
-def _rate(
-    env: dict[str, str], name: str, default: Rate | None, burst_name: str | None = None
-) -> Rate | None:
-    """`name` as a rate ("10/min", "off"); `burst_name`, when given, sets its burst."""
-    raw = env.get(name, "").strip()
-    try:
-        rate = parse_rate(raw) if raw else default
-    except ValueError as exc:
-        raise SystemExit(f"{name}: {exc}") from None
-    if rate is not None and burst_name and env.get(burst_name):
-        rate = Rate(rate.count, rate.period, _int(env, burst_name, rate.burst))
-    return rate
-
-
-def _cap(env: dict[str, str], name: str, default: int | None) -> int | None:
-    """A positive integer, or 0 / off for no cap."""
-    raw = env.get(name, "").strip().lower()
-    if raw in ("0", "off", "none", "unlimited"):
-        return None
-    return _int(env, name, default)
-
-
 def _check_secret(secret: str, dev: bool) -> None:
     """Anyone who knows the signing key can mint tokens for every user: refuse a guessable one."""
     weak = len(secret) < MIN_SECRET_CHARS or secret.strip().lower() in _WEAK_SECRETS
@@ -185,15 +246,6 @@ def _check_secret(secret: str, dev: bool) -> None:
         )
     if weak:
         log.warning("CHATD_SECRET is weak; accepted because CHATD_DEV is set")
-
-
-def _bool(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise SystemExit(f"{name} must be true or false, got {raw!r}")
 
 
 def _stored_secret(data_dir: Path) -> str:

@@ -93,13 +93,14 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
-async def create_pool(database_url: str, size: int, timeout: float = 10) -> asyncpg.Pool:
+def create_pool(database_url: str, size: int, timeout: float = 10) -> asyncpg.Pool:
     """A pool whose connects and statements give up after `timeout` seconds.
 
+    It connects when first awaited (`pool = await create_pool(...)`, or `await pool`).
     Without the bounds, a database that stops answering (rather than refusing) would keep
     a send waiting on its socket for as long as TCP takes to notice.
     """
-    return await asyncpg.create_pool(
+    return asyncpg.create_pool(
         database_url,
         min_size=min(2, size),
         max_size=size,

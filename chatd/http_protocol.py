@@ -17,7 +17,7 @@ connection open for good by sending nothing, or a header byte every few seconds
 - An idle keep-alive connection is closed after uvicorn's `timeout_keep_alive`
   (CHATD_KEEPALIVE_TIMEOUT): that timer is uvicorn's own.
 
-chatd passes its limits to the protocols on uvicorn's Config (`attach_limits`): the
+chatd passes its settings to the protocols on uvicorn's Config (`attach_settings`): the
 Config is what uvicorn hands every protocol it makes, and what it sends to each worker
 process with `--workers N`.
 """
@@ -25,7 +25,6 @@ process with `--workers N`.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -33,6 +32,7 @@ import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from chatd.config import Settings
 from chatd.protocol import BAD_REQUEST, INVALID, ErrorBody, ErrorResponse, encode
 
 MAX_URL_BYTES = 8 * 1024  # a URL this long or longer gets 414
@@ -50,26 +50,18 @@ _REFUSALS = {
 }
 
 
-@dataclass(frozen=True)
-class TransportLimits:
-    """What one connection may hold or take, from Settings (README.md's settings table)."""
-
-    header_timeout: float = 10.0  # CHATD_HEADER_TIMEOUT
-    socket_buffer_bytes: int = 4 * 1024 * 1024  # CHATD_SOCKET_BUFFER_BYTES
-    write_timeout: float = 10.0  # CHATD_WRITE_TIMEOUT
+_SETTINGS = "chatd_settings"
 
 
-_LIMITS = "chatd_transport_limits"
+def attach_settings(config: Config, settings: Settings) -> None:
+    """Give every protocol uvicorn makes from `config` chatd's limits (workers included):
+    CHATD_HEADER_TIMEOUT, CHATD_SOCKET_BUFFER_BYTES and CHATD_WRITE_TIMEOUT."""
+    setattr(config, _SETTINGS, settings)
 
 
-def attach_limits(config: Config, limits: TransportLimits) -> None:
-    """Give every protocol uvicorn makes from `config` chatd's limits (workers included)."""
-    setattr(config, _LIMITS, limits)
-
-
-def limits_of(config: Config) -> TransportLimits:
-    """The limits attached to `config`, or the defaults for a Config chatd did not build."""
-    return getattr(config, _LIMITS, None) or TransportLimits()
+def settings_of(config: Config) -> Settings:
+    """The settings attached to `config`, or the defaults for a Config chatd did not build."""
+    return getattr(config, _SETTINGS, None) or Settings()
 
 
 def peer(client: tuple[str, int] | None) -> str:
@@ -84,7 +76,7 @@ class _Refused(Exception):
 class HttpProtocol(HttpToolsProtocol):
     def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        self.header_timeout = limits_of(config).header_timeout
+        self.header_timeout = settings_of(config).header_timeout
         self.header_timer: asyncio.TimerHandle | None = None
         self.refusal: HTTPStatus | None = None  # answered with this, and closing
         self.url = b""  # uvicorn sets it when a request begins

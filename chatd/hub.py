@@ -1,26 +1,22 @@
 """Who is online, and getting events to them.
 
 The hub keeps every open socket of this process per user. Handlers never talk to
-sockets: they hand an already-encoded event and its recipients to the `Bus`. `LocalBus`
-delivers in-process (one chatd process); `RedisBus` (chatd/redis_bus.py) also reaches
-the users connected to other processes and nodes.
+sockets: they hand an event and its recipients to `publish`, which encodes it once and
+gives the same text to the `Bus`. `LocalBus` delivers in-process (one chatd process);
+`RedisBus` (chatd/redis_bus.py) also reaches the users connected to other processes and
+nodes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from chatd.metrics import EVENTS_DELIVERED, OPEN_SOCKETS, SOCKET_CAP_CLOSES
-from chatd.protocol import CLOSE_POLICY_VIOLATION
-
-if TYPE_CHECKING:
-    from chatd.handlers.messages import MessageWriter
-    from chatd.session import Session
-
+from chatd.protocol import CLOSE_POLICY_VIOLATION, Event, NewMessage, encode_text
 
 # CHATD_MAX_SOCKETS_PER_USER: a new socket wins; the user's oldest one is closed with this.
 SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
@@ -36,15 +32,48 @@ class Outbound:
     message_id: int | None = None
 
 
+def outbound(event: Event) -> Outbound:
+    """`event` encoded once, for every recipient."""
+    message_id = event.data.id if isinstance(event, NewMessage) else None
+    return Outbound(encode_text(event), message_id)
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a socket (chatd.session.Session is the one)."""
+
+    @property
+    def user_id(self) -> uuid.UUID: ...
+
+    @property
+    def id(self) -> str:
+        """Names the socket to other processes (the per-user socket cap)."""
+
+    @property
+    def reading(self) -> bool:
+        """Whether it may still start an action (shutdown waits until none does)."""
+
+    @property
+    def close_reason(self) -> tuple[int, str] | None:
+        """The close code and reason chatd chose, once it chose one."""
+
+    def enqueue(self, event: Outbound) -> None:
+        """Queue an event for the socket; never waits."""
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close the socket once its writer gets to it; it sends nothing more."""
+
+    def check_writer(self, now: float) -> None:
+        """The watchdog's tick (loop time): drop the client if its writer is stuck."""
+
+
 class Hub:
     def __init__(self, max_sockets_per_user: int | None = None) -> None:
         # Per user, oldest socket first (a dict keeps insertion order; values unused).
-        self._sessions: dict[uuid.UUID, dict[Session, None]] = {}
+        self._sockets: dict[uuid.UUID, dict[Subscriber, None]] = {}
         self.max_sockets_per_user = max_sockets_per_user
-        self._quiet: asyncio.Future[None] | None = None  # shutdown: see wait_quiet
 
-    def add(self, session: Session) -> None:
-        self._sessions.setdefault(session.user_id, {})[session] = None
+    def add(self, socket: Subscriber) -> None:
+        self._sockets.setdefault(socket.user_id, {})[socket] = None
         OPEN_SOCKETS.inc()
 
     def enforce_cap(self, user_id: uuid.UUID) -> None:
@@ -54,47 +83,54 @@ class Hub:
         start never evicts a good one. With Redis, RedisBus.admit holds the cap across
         processes and calls this too (alone, when Redis does not answer).
         """
-        sessions = self._sessions.get(user_id, {})
+        sockets = self._sockets.get(user_id, {})
         cap = self.max_sockets_per_user
-        while cap is not None and len(sessions) > cap:
-            self.evict(next(iter(sessions)))
+        while cap is not None and len(sockets) > cap:
+            self.evict(next(iter(sockets)))
 
-    def evict(self, session: Session) -> None:
+    def evict(self, socket: Subscriber) -> None:
         """Close a socket beyond its user's cap; it gets no more events from here on."""
-        self.remove(session)
-        if session.close_reason is None:
+        self.remove(socket)
+        if socket.close_reason is None:
             SOCKET_CAP_CLOSES.inc()
-        session.close_soon(CLOSE_POLICY_VIOLATION, SOCKET_CAP_REASON)
+        socket.close_soon(CLOSE_POLICY_VIOLATION, SOCKET_CAP_REASON)
 
-    def evict_by_id(self, user_id: uuid.UUID, session_id: str) -> None:
+    def evict_by_id(self, user_id: uuid.UUID, socket_id: str) -> None:
         """Another process counted this socket past the user's cap (see RedisBus.admit)."""
-        for session in list(self._sessions.get(user_id, ())):
-            if session.id == session_id:
-                self.evict(session)
+        for socket in list(self._sockets.get(user_id, ())):
+            if socket.id == socket_id:
+                self.evict(socket)
 
-    def remove(self, session: Session) -> None:
-        sessions = self._sessions.get(session.user_id)
-        if sessions is not None and session in sessions:
-            del sessions[session]
+    def remove(self, socket: Subscriber) -> None:
+        sockets = self._sockets.get(socket.user_id)
+        if sockets is not None and socket in sockets:
+            del sockets[socket]
             OPEN_SOCKETS.dec()
-            if not sessions:
-                del self._sessions[session.user_id]
+            if not sockets:
+                del self._sockets[socket.user_id]
 
     def deliver(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:
         """Queue `event` on every socket of every user; never waits on a socket."""
         delivered = 0
         for user_id in user_ids:
-            for session in self._sessions.get(user_id, ()):
-                session.enqueue(event)
+            for socket in self._sockets.get(user_id, ()):
+                socket.enqueue(event)
                 delivered += 1
         if delivered:
             EVENTS_DELIVERED.inc(delivered)
 
+    def sockets(self) -> Iterator[Subscriber]:
+        for sockets in list(self._sockets.values()):
+            yield from list(sockets)
+
     def close_all(self, code: int, reason: str) -> None:
         """Ask every socket to close (they reconnect and resume with sync)."""
-        for sessions in list(self._sessions.values()):
-            for session in list(sessions):
-                session.close_soon(code, reason)
+        for socket in self.sockets():
+            socket.close_soon(code, reason)
+
+    def reading(self) -> bool:
+        """Whether any socket here may still start an action."""
+        return any(socket.reading for socket in self.sockets())
 
     async def watch_writers(self, every: float = 1.0) -> None:
         """Drop clients whose socket has taken no frame for their write timeout.
@@ -105,35 +141,8 @@ class Hub:
         while True:
             await asyncio.sleep(every)
             now = loop.time()
-            stalled = [
-                session
-                for sessions in self._sessions.values()
-                for session in sessions
-                if session.sending_since is not None
-                and now - session.sending_since > session.write_timeout
-            ]
-            for session in stalled:
-                session.stalled()
-
-    async def wait_quiet(self, writer: MessageWriter, deadline: float) -> None:
-        """Shutdown: wait until no socket here reads actions and no send batch is in flight.
-
-        Every session of the process waits on one shared poll (a walk over the sessions
-        every 20 ms), never on one each; `deadline` is on the event loop's clock.
-        """
-        loop = asyncio.get_running_loop()
-        if self._quiet is None:
-            self._quiet = asyncio.ensure_future(self._poll_quiet(writer, deadline))
-        await asyncio.wait((self._quiet,), timeout=max(0.0, deadline - loop.time()))
-
-    async def _poll_quiet(self, writer: MessageWriter, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        while writer.busy or any(
-            session.reading for sessions in self._sessions.values() for session in sessions
-        ):
-            if loop.time() >= deadline:
-                return
-            await asyncio.sleep(0.02)
+            for socket in self.sockets():
+                socket.check_writer(now)
 
 
 class Bus(Protocol):
@@ -146,10 +155,10 @@ class Bus(Protocol):
     async def unwatch(self, user_id: uuid.UUID) -> None:
         """A socket of this user closed here."""
 
-    async def admit(self, session: Session) -> None:
+    async def admit(self, socket: Subscriber) -> None:
         """A new socket works: close its user's oldest sockets past the cap, wherever."""
 
-    async def release(self, session: Session) -> None:
+    async def release(self, socket: Subscriber) -> None:
         """A socket closed: it no longer counts against its user's cap."""
 
     async def start(self) -> None: ...
@@ -158,6 +167,11 @@ class Bus(Protocol):
 
     async def problem(self) -> str | None:
         """Why events cannot cross processes right now, or None when they can."""
+
+
+async def publish(bus: Bus, user_ids: Iterable[uuid.UUID], event: Event) -> None:
+    """Send `event` to every socket of these users: encoded once, the same text to all."""
+    await bus.publish(user_ids, outbound(event))
 
 
 class LocalBus:
@@ -175,10 +189,10 @@ class LocalBus:
     async def unwatch(self, user_id: uuid.UUID) -> None:
         pass
 
-    async def admit(self, session: Session) -> None:
-        self.hub.enforce_cap(session.user_id)
+    async def admit(self, socket: Subscriber) -> None:
+        self.hub.enforce_cap(socket.user_id)
 
-    async def release(self, session: Session) -> None:
+    async def release(self, socket: Subscriber) -> None:
         pass  # the hub forgets it in remove()
 
     async def start(self) -> None:

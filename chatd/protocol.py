@@ -11,13 +11,16 @@ and `invalid`.
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
 
 from chatd.text import looks_empty
+
+T = TypeVar("T")
 
 # --- error codes --------------------------------------------------------------------------
 
@@ -28,9 +31,26 @@ NOT_FOUND = "not_found"  # also for chats that exist but the caller is not in
 FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 UNAUTHORIZED = "unauthorized"
+EMAIL_TAKEN = "email_taken"
+INVALID_CREDENTIALS = "invalid_credentials"
 INTERNAL = "internal"  # a server-side failure; the request may be retried
 UNAVAILABLE = "unavailable"  # the database is unavailable; retry (sends: same client_msg_id)
 DATABASE_UNAVAILABLE_MESSAGE = "the database is unavailable; retry with the same client_msg_id"
+
+# The HTTP status REST answers each code with (the socket sends the code alone).
+HTTP_STATUS = {
+    BAD_REQUEST: 400,
+    UNKNOWN_ACTION: 400,
+    INVALID: 422,
+    NOT_FOUND: 404,
+    FORBIDDEN: 403,
+    RATE_LIMITED: 429,
+    UNAUTHORIZED: 401,
+    EMAIL_TAKEN: 409,
+    INVALID_CREDENTIALS: 401,
+    INTERNAL: 500,
+    UNAVAILABLE: 503,
+}
 
 # --- close codes of /connect (RFC 6455 section 7.4; docs/protocol.md says when each is sent) --
 
@@ -41,19 +61,69 @@ CLOSE_TRY_AGAIN_LATER = 1013  # a client too slow to read, or the database unava
 
 
 class ChatError(Exception):
-    """A failure to report to the client as {"code", "message"}; nothing was changed."""
+    """A failure to report to the client as {"code", "message"}; nothing was changed.
 
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    `status` is the code's HTTP status unless given (a 413 `invalid`, say); `retry_after`
+    is for `rate_limited`: seconds until the same request would be allowed.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: int | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-        self.status = status
+        self.status = status or HTTP_STATUS.get(code, 400)
+        self.retry_after = retry_after
         self.request_id: str | None = None  # echoed in the socket's error frame
-        self.retry_after: float | None = None  # rate_limited: seconds until allowed
+
+
+def no_such_chat() -> ChatError:
+    # The same answer whether the chat does not exist or the caller is not in it.
+    return ChatError(NOT_FOUND, "no such chat")
+
+
+class Created(NamedTuple, Generic[T]):
+    """A handler's result that may be new or found: REST answers 201 when `created`, else
+    200 (the pair's private chat existed, a send was a retry). The socket acks `value`."""
+
+    value: T
+    created: bool = True
 
 
 # Always timezone-aware (UTC); also makes the OpenAPI schema say "format": "date-time".
 Timestamp = Annotated[datetime, Meta(tz=True)]
+# A user's id as the wire carries it. Kept a str (a handler turns it into a UUID, so a
+# malformed one is `invalid`, not a decoding error); the schema says what it must be.
+UserUuid = Annotated[str, Meta(extra_json_schema={"format": "uuid"})]
+
+# --- limits ------------------------------------------------------------------------------
+
+MAX_TEXT_CHARS = 4096
+MAX_GROUP_NAME_CHARS = 100
+MAX_USER_NAME_CHARS = 64
+MIN_PASSWORD_CHARS, MAX_PASSWORD_CHARS = 8, 128
+MAX_USERS_PER_CALL = 1000
+# Keeps a Chat (members included) small enough for one frame in every event that carries it.
+MAX_GROUP_MEMBERS = 1000
+MAX_PAGE_SIZE = 200
+
+# Lengths count characters before stripping; handlers strip, then check again (clean_text).
+Text = Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
+GroupName = Annotated[str, Meta(min_length=1, max_length=MAX_GROUP_NAME_CHARS)]
+UserName = Annotated[str, Meta(min_length=1, max_length=MAX_USER_NAME_CHARS)]
+Password = Annotated[str, Meta(min_length=MIN_PASSWORD_CHARS, max_length=MAX_PASSWORD_CHARS)]
+RequestId = Annotated[str, Meta(max_length=64)]
+Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # PostgreSQL bigint; larger ids cannot exist
+UserIds = Annotated[list[UserUuid], Meta(max_length=MAX_USERS_PER_CALL)]
+ClientMsgId = Annotated[str, Meta(min_length=1, max_length=64)]
+Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+PageSize = Annotated[int, Meta(ge=1, le=MAX_PAGE_SIZE, description="page size")]
 
 # --- shared objects -----------------------------------------------------------------------
 
@@ -62,7 +132,7 @@ class Message(Struct):
     id: int
     chat_id: int
     seq: int
-    sender_uuid: str
+    sender_uuid: UserUuid
     text: str
     timestamp: Timestamp
     read_status: Literal["unread", "read"]
@@ -70,7 +140,7 @@ class Message(Struct):
 
 
 class Member(Struct):
-    user_uuid: str
+    user_uuid: UserUuid
     name: str
 
 
@@ -78,7 +148,7 @@ Role = Literal["owner", "admin", "member"]
 
 
 class ChatMember(Struct):
-    user_uuid: str
+    user_uuid: UserUuid
     name: str
     role: Role  # private chats: both are "member"
 
@@ -115,17 +185,10 @@ def retry_after_ms(seconds: float) -> int:
 
 
 # --- client → server frames ---------------------------------------------------------------
-
-RequestId = Annotated[str, Meta(max_length=64)]
-Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # PostgreSQL bigint; larger ids cannot exist
-MAX_TEXT_CHARS = 4096
-MAX_GROUP_NAME_CHARS = 100
-MAX_USERS_PER_CALL = 1000
-# Keeps a Chat (members included) small enough for one frame in every event that carries it.
-MAX_GROUP_MEMBERS = 1000
-UserIds = Annotated[list[str], Meta(max_length=MAX_USERS_PER_CALL)]
-ClientMsgId = Annotated[str, Meta(min_length=1, max_length=64)]
-Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+#
+# Each action has one handler (chatd/handlers/__init__.py), and most have a REST route too
+# (chatd/rest.py): its path fields come from the URL, the rest from the JSON body (or from
+# the query string, for GET and DELETE).
 
 
 class Action(Struct, tag_field="action", kw_only=True, forbid_unknown_fields=False):
@@ -135,12 +198,12 @@ class Action(Struct, tag_field="action", kw_only=True, forbid_unknown_fields=Fal
 class CreateChat(Action, tag="create_chat"):
     type: Literal["group", "private"]
     user_ids: UserIds
-    name: str | None = None
+    name: GroupName | None = None
 
 
 class ListChats(Action, tag="list_chats"):
-    limit: Annotated[int, Meta(ge=1, le=200)] = 50
-    before: Id | None = None  # next_before of the previous page
+    limit: PageSize = 50
+    before: Annotated[Id | None, Meta(description="next_before of the previous page")] = None
 
 
 class GetChat(Action, tag="get_chat"):
@@ -149,7 +212,7 @@ class GetChat(Action, tag="get_chat"):
 
 class SendMessage(Action, tag="send_message"):
     chat_id: Id
-    text: str
+    text: Text
     client_msg_id: ClientMsgId | None = None
 
 
@@ -172,12 +235,12 @@ class Typing(Action, tag="typing"):
 
 class AddMembers(Action, tag="add_members"):
     chat_id: Id
-    user_ids: Annotated[list[str], Meta(min_length=1, max_length=MAX_USERS_PER_CALL)]
+    user_ids: Annotated[list[UserUuid], Meta(min_length=1, max_length=MAX_USERS_PER_CALL)]
 
 
 class RemoveMember(Action, tag="remove_member"):
     chat_id: Id
-    user_uuid: str
+    user_uuid: UserUuid
 
 
 class LeaveChat(Action, tag="leave_chat"):
@@ -186,12 +249,12 @@ class LeaveChat(Action, tag="leave_chat"):
 
 class RenameChat(Action, tag="rename_chat"):
     chat_id: Id
-    name: str
+    name: GroupName
 
 
 class SetRole(Action, tag="set_role"):
     chat_id: Id
-    user_uuid: str
+    user_uuid: UserUuid
     role: Role  # "owner" hands your ownership over; you become an admin
 
 
@@ -241,7 +304,7 @@ def decode_action(raw: str | bytes) -> ClientAction:
 def refuse_nul(value: Any) -> None:
     """PostgreSQL text cannot hold NUL: refuse it in any string of a decoded frame or body."""
     if _has_nul(value):
-        raise ChatError(INVALID, "strings must not contain NUL (\\u0000) characters", 422)
+        raise ChatError(INVALID, "strings must not contain NUL (\\u0000) characters")
 
 
 def _has_nul(value: Any) -> bool:
@@ -293,6 +356,61 @@ def _tagged(error: ChatError, request_id: str | None) -> ChatError:
     return error
 
 
+# --- REST-only requests ------------------------------------------------------------------
+#
+# Routes with no socket action: accounts and tokens, the user list, history. Like the
+# actions above, each is one Struct with one handler, and its route is a row of rest.py.
+
+
+class Register(Struct, kw_only=True):
+    name: UserName
+    email: str
+    password: Password
+
+
+class Login(Struct, kw_only=True):
+    email: str
+    password: str
+
+
+class Refresh(Struct, kw_only=True):
+    refresh_token: str
+
+
+class GetMe(Struct, kw_only=True):
+    pass
+
+
+class ListUsers(Struct, kw_only=True):
+    q: Annotated[
+        Annotated[str, Meta(max_length=254)] | None,
+        Meta(description="keep users whose name starts with this, or whose email is this"),
+    ] = None
+    limit: PageSize = 50
+    after: Annotated[
+        uuid.UUID | None, Meta(description="the last user_uuid of the previous page")
+    ] = None
+
+
+class GetHistory(Struct, kw_only=True):
+    chat_id: Id
+    page: Annotated[int, Meta(ge=1, le=1_000_000, description="1 = the newest page")] = 1
+    page_size: PageSize = 50
+    before: Annotated[
+        Id | None,
+        Meta(
+            description="keyset cursor: messages with an id below this one; any id works"
+            " (9223372036854775807: the newest page)"
+        ),
+    ] = None
+    limit: Annotated[int, Meta(ge=1, le=MAX_PAGE_SIZE, description="keyset page size")] = 50
+
+
+class ReadChat(Struct, kw_only=True):
+    chat_id: Id
+    up_to: Id  # a message id in this chat
+
+
 # --- server → client frames ---------------------------------------------------------------
 
 
@@ -323,16 +441,16 @@ class ChatCreated(Event, tag="chat_created"):
     data: Chat
 
 
-class ReadReceipt(Struct):
+class MessageReadData(Struct):
     message_id: int
     chat_id: int
 
 
 class MessageRead(Event, tag="message_read"):
-    data: ReadReceipt
+    data: MessageReadData
 
 
-class ReadRange(Struct):
+class MessagesReadData(Struct):
     chat_id: int
     up_to_message_id: int  # every message you sent in the chat with an id up to this one
 
@@ -340,53 +458,72 @@ class ReadRange(Struct):
 class MessagesRead(Event, tag="messages_read"):
     """Instead of many message_read events when over 100 of yours become read at once."""
 
-    data: ReadRange
+    data: MessagesReadData
 
 
-class ReadUpto(Struct):
-    read_upto: dict[int, int]
-
-
-class MembersAdded(Struct):
+class MemberAddedData(Struct):
     chat: Chat  # after the change: new members learn the chat from this
-    user_uuids: list[str]  # who was added
-    by: str
+    user_uuids: list[UserUuid]  # who was added
+    by: UserUuid
 
 
 class MemberAdded(Event, tag="member_added"):
-    data: MembersAdded
+    data: MemberAddedData
 
 
-class MemberLeft(Struct):
+class MemberRemovedData(Struct):
     chat_id: int
-    user_uuid: str
-    by: str  # equal to user_uuid when the member left by themselves
+    user_uuid: UserUuid
+    by: UserUuid  # equal to user_uuid when the member left by themselves
 
 
 class MemberRemoved(Event, tag="member_removed"):
-    data: MemberLeft
+    data: MemberRemovedData
 
 
 class ChatUpdated(Event, tag="chat_updated"):
     data: Chat
 
 
-class ChatGone(Struct):
+class ChatDeletedData(Struct):
     chat_id: int
-    by: str
+    by: UserUuid
 
 
 class ChatDeleted(Event, tag="chat_deleted"):
-    data: ChatGone
+    data: ChatDeletedData
 
 
-class TypingNotice(Struct):
+class TypingData(Struct):
     chat_id: int
-    user_uuid: str
+    user_uuid: UserUuid
 
 
 class TypingEvent(Event, tag="typing"):
-    data: TypingNotice
+    data: TypingData
+
+
+# Every frame the server sends on /connect, for clients that decode them (chatd.client).
+ServerFrame = (
+    UnreadMessages
+    | Ack
+    | Error
+    | NewMessage
+    | ChatCreated
+    | MessageRead
+    | MessagesRead
+    | MemberAdded
+    | MemberRemoved
+    | ChatUpdated
+    | ChatDeleted
+    | TypingEvent
+)
+
+# --- replies -----------------------------------------------------------------------------
+
+
+class ReadUpto(Struct):
+    read_upto: dict[int, int]
 
 
 class ChatPage(Struct):
@@ -405,40 +542,10 @@ class SyncResult(Struct):
     chats: dict[int, SyncedChat]
 
 
-_encoder = msgspec.json.Encoder()
-
-
-def encode(value: Any) -> bytes:
-    return _encoder.encode(value)
-
-
-def encode_text(value: Any) -> str:
-    """Encode a frame once as the str a WebSocket text frame carries."""
-    return _encoder.encode(value).decode()
-
-
-# --- REST bodies --------------------------------------------------------------------------
-
-
-class RegisterRequest(Struct):
-    name: str
-    email: str
-    password: str
-
-
 class RegisterResponse(Struct):
-    user_uuid: str
+    user_uuid: UserUuid
     name: str
     email: str
-
-
-class LoginRequest(Struct):
-    email: str
-    password: str
-
-
-class RefreshRequest(Struct):
-    refresh_token: str
 
 
 class TokenPair(Struct):
@@ -449,7 +556,7 @@ class TokenPair(Struct):
 
 
 class Me(Struct):
-    user_uuid: str
+    user_uuid: UserUuid
     name: str
     email: str
     created_at: Timestamp
@@ -474,35 +581,20 @@ class Readiness(Struct):
     redis: str  # "ok", "not configured", or what is wrong
 
 
-class CreateChatRequest(Struct):
-    type: Literal["group", "private"]
-    user_ids: UserIds
-    name: str | None = None
-
-
-class AddMembersRequest(Struct):
-    user_ids: Annotated[list[str], Meta(min_length=1, max_length=MAX_USERS_PER_CALL)]
-
-
-class RenameChatRequest(Struct):
-    name: str
-
-
-class SetRoleRequest(Struct):
-    role: Role
-
-
-class SendMessageRequest(Struct):
-    text: str
-    client_msg_id: ClientMsgId | None = None
-
-
-class ReadRequest(Struct):
-    up_to: Id  # a message id in this chat
-
-
 class ErrorResponse(Struct):
     error: ErrorBody
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)
+
+
+def encode_text(value: Any) -> str:
+    """Encode a frame once as the str a WebSocket text frame carries."""
+    return _encoder.encode(value).decode()
 
 
 # --- text checks shared by every handler --------------------------------------------------
@@ -517,7 +609,7 @@ def clean_text(value: str, field: str, *, min_len: int, max_len: int) -> str:
     value = value.strip()
     length = 0 if looks_empty(value) else len(value)
     if not min_len <= length <= max_len:
-        raise ChatError(INVALID, f"{field} must be {min_len}..{max_len} characters", 422)
+        raise ChatError(INVALID, f"{field} must be {min_len}..{max_len} characters")
     if "\x00" in value:
-        raise ChatError(INVALID, f"{field} must not contain NUL characters", 422)
+        raise ChatError(INVALID, f"{field} must not contain NUL characters")
     return value

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from chatd.config import Rate, Settings
 from chatd.metrics import RATE_LIMITED
 
 log = logging.getLogger("chatd")
@@ -37,49 +37,6 @@ DEFAULT_MAX_KEYS = 100_000
 REDIS_RETRY_SECONDS = 5.0
 REDIS_TIMEOUT_SECONDS = 1.0
 REDIS_CONNECTIONS = 32
-
-_UNITS = {
-    **dict.fromkeys(("s", "sec", "second"), 1),
-    **dict.fromkeys(("m", "min", "minute"), 60),
-    **dict.fromkeys(("h", "hour"), 3600),
-    **dict.fromkeys(("d", "day"), 86400),
-}
-# The unit's plural ("2days", "15mins") only for the words, so "10/ms" is no rate.
-_RATE = re.compile(r"(\d+)\s*/\s*(\d*)\s*(s|m|h|d|(?:sec|second|min|minute|hour|day)s?)")
-
-
-@dataclass(frozen=True)
-class Rate:
-    """`count` events per `period` seconds, of which up to `burst` may come at once."""
-
-    count: int
-    period: float
-    burst: int
-
-    @property
-    def interval(self) -> float:
-        return self.period / self.count
-
-    def __str__(self) -> str:
-        return f"{self.count}/{self.period:g}s (burst {self.burst})"
-
-
-def parse_rate(text: str, burst: int | None = None) -> Rate | None:
-    """'10/min', '5/s', '100/15min', '20/h', '1000/day' → a Rate; 'off', 'none', '0' → None.
-
-    Without `burst`, the whole `count` may come at once (then one per period/count).
-    """
-    text = text.strip().lower()
-    if text in ("off", "none", "0", "unlimited"):
-        return None
-    match = _RATE.fullmatch(text)
-    unit = _UNITS.get(match.group(3).removesuffix("s") or "s") if match else None
-    if match is None or unit is None:
-        raise ValueError(f"{text!r} is not a rate like 10/min, 5/s, 100/15min, 20/day or off")
-    count, periods = int(match.group(1)), int(match.group(2) or 1)
-    if count <= 0 or periods <= 0:
-        raise ValueError(f"{text!r}: count and period must be positive (or use off)")
-    return Rate(count, float(periods * unit), burst or count)
 
 
 class RateLimiter:
@@ -350,32 +307,69 @@ def _microseconds(seconds: float) -> int:
 class Limits:
     """Every limit of one chatd process, configured by Settings (CHATD_*_RATE).
 
-    With `redis_url`, the buckets are shared by every process and node (RedisBuckets).
+    With CHATD_REDIS_URL, the buckets are shared by every process and node (RedisBuckets).
     """
 
-    def __init__(
-        self,
-        login_email: Rate | None,
-        login_ip: Rate | None,
-        register: Rate | None,
-        message: Rate | None,
-        typing: Rate | None,
-        create_chat: Rate | None = None,
-        add_members: Rate | None = None,
-        groups_per_day: int | None = None,
-        redis_url: str | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         # Counted in the database, not in buckets (chatd/handlers/chats.py).
-        self.groups_per_day = groups_per_day
+        self.groups_per_day = settings.groups_per_day
+        redis_url = settings.redis_url
         self.remote = remote = RedisBuckets(redis_url) if redis_url else None
-        self.login_email = RateLimiter("login_email", login_email, remote=remote)
-        self.login_ip = RateLimiter("login_ip", login_ip, remote=remote)
-        self.register = RateLimiter("register", register, remote=remote)
-        self.message = RateLimiter("message", message, remote=remote)
-        self.typing = RateLimiter("typing", typing, remote=remote)
-        self.create_chat = RateLimiter("create_chat", create_chat, remote=remote)
-        self.add_members = RateLimiter("add_members", add_members, remote=remote)
+        self.login_email = RateLimiter("login_email", settings.login_email_rate, remote=remote)
+        self.login_ip = RateLimiter("login_ip", settings.login_ip_rate, remote=remote)
+        self.register = RateLimiter("register", settings.register_rate, remote=remote)
+        self.message = RateLimiter("message", settings.message_rate, remote=remote)
+        self.typing = RateLimiter("typing", settings.typing_rate, remote=remote)
+        self.create_chat = RateLimiter("create_chat", settings.create_chat_rate, remote=remote)
+        self.add_members = RateLimiter("add_members", settings.add_members_rate, remote=remote)
 
     async def close(self) -> None:
         if self.remote is not None:
             await self.remote.close()
+
+
+TYPING_INTERVAL_SECONDS = 2.0
+
+
+class TypingGate:
+    """Lets through at most one typing event per (user, chat) per interval.
+
+    In this process; with `remote` (CHATD_REDIS_URL) in the whole cluster, falling back
+    to this process's own table while Redis does not answer.
+    """
+
+    def __init__(
+        self, interval: float = TYPING_INTERVAL_SECONDS, remote: RedisBuckets | None = None
+    ) -> None:
+        self.interval = interval
+        self.remote = remote
+        self._last: dict[tuple[uuid.UUID, int], float] = {}
+        self._prune_at = 10_000
+
+    async def claim(self, user_id: uuid.UUID, chat_id: int) -> bool:
+        """True when this event may go out; it then counts as the interval's one event."""
+        if self.remote is not None:
+            claimed = await self.remote.claim(f"typing_chat:{user_id}:{chat_id}", self.interval)
+            if claimed is not None:
+                return claimed
+        now = time.monotonic()
+        key = (user_id, chat_id)
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        if len(self._last) >= self._prune_at:
+            self._forget_before(now - self.interval)
+            self._prune_at = max(10_000, 2 * len(self._last))  # amortised: prune rarely
+        self._last[key] = now
+        return True
+
+    async def release(self, user_id: uuid.UUID, chat_id: int) -> None:
+        """Undo a claim for an event that did not go out."""
+        if self.remote is not None and await self.remote.unclaim(
+            f"typing_chat:{user_id}:{chat_id}"
+        ):
+            return
+        self._last.pop((user_id, chat_id), None)
+
+    def _forget_before(self, cutoff: float) -> None:
+        self._last = {key: at for key, at in self._last.items() if at >= cutoff}

@@ -29,17 +29,13 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import msgspec
 import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
 
-from chatd.hub import Hub, Outbound
+from chatd.hub import Hub, Outbound, Subscriber
 from chatd.protocol import CLOSE_SERVICE_RESTART
-
-if TYPE_CHECKING:
-    from chatd.session import Session
 
 log = logging.getLogger("chatd")
 
@@ -168,14 +164,14 @@ class RedisBus:
 
     # --- the per-user socket cap -------------------------------------------------------------
 
-    async def admit(self, session: Session) -> None:
+    async def admit(self, socket: Subscriber) -> None:
         cap = self.hub.max_sockets_per_user
         if cap is not None:
             try:
                 evicted = await asyncio.wait_for(
                     self._admit(
-                        keys=[sockets_key(session.user_id)],
-                        args=[self._member(session), cap, SOCKETS_TTL_MS],
+                        keys=[sockets_key(socket.user_id)],
+                        args=[self._member(socket), cap, SOCKETS_TTL_MS],
                     ),
                     CAP_TIMEOUT_SECONDS,
                 )
@@ -187,28 +183,28 @@ class RedisBus:
                 )
                 evicted = []
             for member in evicted:
-                origin, _, session_id = member.decode().partition(":")
+                origin, _, socket_id = member.decode().partition(":")
                 if origin == self.origin:
-                    self.hub.evict_by_id(session.user_id, session_id)
+                    self.hub.evict_by_id(socket.user_id, socket_id)
                 else:  # a process that is gone leaves entries nobody answers: harmless
-                    close = Envelope(self.origin, "", None, close=session_id)
-                    self._queue([channel(session.user_id)], self._encode(close))
-        self.hub.enforce_cap(session.user_id)  # this process's share, whatever Redis said
+                    close = Envelope(self.origin, "", None, close=socket_id)
+                    self._queue([channel(socket.user_id)], self._encode(close))
+        self.hub.enforce_cap(socket.user_id)  # this process's share, whatever Redis said
 
-    async def release(self, session: Session) -> None:
+    async def release(self, socket: Subscriber) -> None:
         if self.hub.max_sockets_per_user is None:
             return
         try:
             await asyncio.wait_for(
-                self._publisher.zrem(sockets_key(session.user_id), self._member(session)),
+                self._publisher.zrem(sockets_key(socket.user_id), self._member(socket)),
                 CAP_TIMEOUT_SECONDS,
             )
         except (RedisError, OSError, TimeoutError) as exc:
             # It stays in the set as the oldest entry: the first to be evicted.
-            log.warning("Redis does not answer: socket %s stays counted (%r)", session.id, exc)
+            log.warning("Redis does not answer: socket %s stays counted (%r)", socket.id, exc)
 
-    def _member(self, session: Session) -> str:
-        return f"{self.origin}:{session.id}"
+    def _member(self, socket: Subscriber) -> str:
+        return f"{self.origin}:{socket.id}"
 
     async def _publish_loop(self) -> None:
         backoff = 0.1

@@ -1,28 +1,34 @@
-"""The REST routes: accounts, tokens, users, history and health, each with its SQL, and
-the chat and message routes, which run the same handlers as the socket's actions."""
+"""The REST surface: one table of routes, each naming the request it carries.
+
+A row names a request Struct of chatd/protocol.py (a socket action, or a REST-only
+request), where it lives, and which headers fill a field of it. The request is built from
+the URL's path fields, then from the JSON body (POST, PATCH) or the query string (GET,
+DELETE) for the rest of its fields, then from those headers; and it runs the same handler
+the socket does (chatd/handlers). The Starlette routes and /openapi.json both come from
+this table, so neither can drift from the other.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
-import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+import re
+import types
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
-import asyncpg
 import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chatd import auth
+from chatd.auth import bearer_token
 from chatd.db import is_unavailable
-from chatd.handlers import chats, groups, messages, reads
-from chatd.handlers.base import MESSAGE_COLUMNS, Context, message_from_row, rate_limited
+from chatd.handlers import HANDLERS, REST_HANDLERS, SOCKET_ONLY, handler_for
+from chatd.handlers.base import anonymous, authenticate
 from chatd.metrics import ERRORS
+from chatd.node import Node
 from chatd.openapi import Operation, Param
 from chatd.protocol import (
     BAD_REQUEST,
@@ -30,61 +36,55 @@ from chatd.protocol import (
     INVALID,
     NOT_FOUND,
     TOO_DEEP,
-    UNAUTHORIZED,
     UNAVAILABLE,
     AddMembers,
-    AddMembersRequest,
     Chat,
     ChatError,
     ChatOverview,
     ChatPage,
     CreateChat,
-    CreateChatRequest,
+    Created,
     DeleteChat,
     ErrorBody,
     ErrorResponse,
     GetChat,
+    GetHistory,
+    GetMe,
     GetMessage,
     Health,
     History,
     ListChats,
-    LoginRequest,
+    ListUsers,
+    Login,
     Me,
-    Member,
     Message,
+    ReadChat,
     Readiness,
-    ReadRequest,
     ReadUpto,
-    RefreshRequest,
-    RegisterRequest,
+    Refresh,
+    Register,
     RegisterResponse,
     RemoveMember,
     RenameChat,
-    RenameChatRequest,
     SendMessage,
-    SendMessageRequest,
     SetRole,
-    SetRoleRequest,
     TokenPair,
     UserList,
-    clean_text,
     encode,
     refuse_nul,
     retry_after_ms,
 )
-from chatd.ratelimit import Limits, take_all
-from chatd.text import InvalidEmail, email_key, normalize_email
 
 log = logging.getLogger("chatd")
 
 MAX_BODY_BYTES = 64 * 1024
-MAX_PAGE_SIZE = 200
 MAX_BIGINT = 2**63 - 1
 
 T = TypeVar("T")
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-# --- plumbing ----------------------------------------------------------------------------
+# --- answers -------------------------------------------------------------------------------
 
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -129,6 +129,18 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     return error_response(codes.get(exc.status_code, BAD_REQUEST), exc.detail, exc.status_code)
 
 
+# --- reading a request ---------------------------------------------------------------------
+
+
+def node_of(request: Request) -> Node:
+    return request.app.state.node
+
+
+def client_address(request: Request) -> str:
+    """The client's IP: uvicorn takes it from X-Forwarded-For for CHATD_FORWARDED_ALLOW_IPS."""
+    return request.client.host if request.client else "unknown"
+
+
 async def read_body(request: Request, kind: type[T]) -> T:
     # Refuse a big body as soon as it is announced or read, never after buffering all of it.
     too_big = ChatError(INVALID, "request body exceeds 64 KiB", 413)
@@ -141,600 +153,288 @@ async def read_body(request: Request, kind: type[T]) -> T:
         if size > MAX_BODY_BYTES:
             raise too_big
         chunks.append(chunk)
-    body = b"".join(chunks)
     try:
-        value = msgspec.json.decode(body, type=kind)
+        value = msgspec.json.decode(b"".join(chunks), type=kind)
     except msgspec.ValidationError as exc:
-        raise ChatError(INVALID, str(exc), 422) from None
+        raise ChatError(INVALID, str(exc)) from None
     except msgspec.DecodeError:
-        raise ChatError(BAD_REQUEST, "request body is not valid JSON", 400) from None
+        raise ChatError(BAD_REQUEST, "request body is not valid JSON") from None
     except RecursionError:
-        raise ChatError(BAD_REQUEST, TOO_DEEP, 400) from None
+        raise ChatError(BAD_REQUEST, TOO_DEEP) from None
     refuse_nul(value)
     return value
 
 
-def current_user(request: Request) -> uuid.UUID:
-    token = auth.bearer_token(request.headers.get("authorization"))
-    if token is None:
-        raise ChatError(UNAUTHORIZED, "missing bearer access token", 401)
-    try:
-        return auth.read_token(request.app.state.settings.secret, token, auth.ACCESS)
-    except auth.InvalidToken:
-        raise ChatError(UNAUTHORIZED, "invalid or expired access token", 401) from None
-
-
-def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ChatError(INVALID, f"{name} must be an integer", 422) from None
-    if not low <= value <= high:
-        raise ChatError(INVALID, f"{name} must be {low}..{high}", 422)
-    return value
-
-
-def pool(request: Request) -> asyncpg.Pool:
-    return request.app.state.pool
-
-
-def limits(request: Request) -> Limits:
-    return request.app.state.limits
-
-
-def client_address(request: Request) -> str:
-    """The client's IP: uvicorn takes it from X-Forwarded-For for CHATD_FORWARDED_ALLOW_IPS."""
-    return request.client.host if request.client else "unknown"
-
-
-# --- accounts and tokens -----------------------------------------------------------------
-
-
-def valid_email(raw: str, normalize: Callable[[str], str]) -> str:
-    """`raw` through `normalize` (chatd.text), its refusal as 422 invalid."""
-    try:
-        return normalize(raw)
-    except InvalidEmail as exc:
-        raise ChatError(INVALID, str(exc), 422) from None
-
-
-async def register(request: Request) -> Response:
-    body = await read_body(request, RegisterRequest)
-    name = clean_text(body.name, "name", min_len=1, max_len=64)
-    email = valid_email(body.email, normalize_email)
-    if not 8 <= len(body.password) <= 128:
-        raise ChatError(INVALID, "password must be 8..128 characters", 422)
-    wait = await limits(request).register.take(client_address(request))
-    if wait:
-        raise rate_limited("too many registrations from this address; retry later", wait)
-    password_hash = await auth.hash_password(body.password)
-    user_id = await pool(request).fetchval(
-        "INSERT INTO users (name, email, password_hash) VALUES ($1, $2, $3)"
-        " ON CONFLICT (email) DO NOTHING RETURNING id",
-        name,
-        email,
-        password_hash,
-    )
-    if user_id is None:
-        raise ChatError("email_taken", "a user with this email exists", 409)
-    return json_response(RegisterResponse(user_uuid=str(user_id), name=name, email=email), 201)
-
-
-async def login(request: Request) -> Response:
-    body = await read_body(request, LoginRequest)
-    email = valid_email(body.email, email_key)
-    # Failed attempts count, per email and per address. Each attempt takes its token
-    # before the password is checked (so parallel guesses cannot all slip through) and a
-    # success gives it back. The email's bucket does not depend on the account existing,
-    # and a limited attempt looks at nothing: it tells nobody whether the email is known.
-    attempt = [
-        (limits(request).login_email, email),  # email_key bounds its length
-        (limits(request).login_ip, client_address(request)),
-    ]
-    wait = await take_all(attempt)
-    if wait:
-        raise rate_limited("too many failed logins; retry later", wait)
-    try:
-        row = await pool(request).fetchrow(
-            "SELECT id, password_hash FROM users WHERE email = $1", email
-        )
-        # verify_password runs even for unknown emails, so timing does not tell them apart.
-        verified = await auth.verify_password(row and row["password_hash"], body.password)
-    except BaseException:
-        # The database (or the server) failed, not the password: that attempt is not a guess.
-        for limiter, key in attempt:
-            await limiter.give_back(key)
-        raise
-    if not verified or not row:
-        raise ChatError("invalid_credentials", "wrong email or password", 401)
-    for limiter, key in attempt:
-        await limiter.give_back(key)
-    return json_response(await _issue_pair(request, row["id"], family_id=uuid.uuid4()))
-
-
-async def refresh(request: Request) -> Response:
-    body = await read_body(request, RefreshRequest)
-    settings = request.app.state.settings
-    try:
-        auth.read_token(settings.secret, body.refresh_token, auth.REFRESH)
-    except auth.InvalidToken:
-        raise ChatError(UNAUTHORIZED, "invalid or expired refresh token", 401) from None
-    digest = auth.token_digest(body.refresh_token)
-    async with pool(request).acquire() as conn:
-        spent = await conn.fetchrow(
-            "UPDATE refresh_tokens SET used_at = now()"
-            " WHERE token_hash = $1 AND used_at IS NULL AND expires_at > now()"
-            " RETURNING user_id, family_id",
-            digest,
-        )
-        if spent is None:
-            # A second use means the token leaked: revoke every token refreshed from its login.
-            await conn.execute(
-                "UPDATE refresh_tokens SET used_at = now() WHERE used_at IS NULL AND family_id ="
-                " (SELECT family_id FROM refresh_tokens WHERE token_hash = $1)",
-                digest,
-            )
-            raise ChatError(UNAUTHORIZED, "refresh token already used or revoked", 401)
-    return json_response(await _issue_pair(request, spent["user_id"], spent["family_id"]))
-
-
-async def _issue_pair(request: Request, user_id: uuid.UUID, family_id: uuid.UUID) -> TokenPair:
-    settings = request.app.state.settings
-    refresh_token = auth.issue_token(
-        settings.secret, user_id, auth.REFRESH, settings.refresh_token_ttl
-    )
-    await pool(request).execute(
-        "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at)"
-        " VALUES ($1, $2, $3, $4)",
-        auth.token_digest(refresh_token),
-        user_id,
-        family_id,
-        datetime.now(UTC) + timedelta(seconds=settings.refresh_token_ttl),
-    )
-    return TokenPair(
-        access_token=auth.issue_token(
-            settings.secret, user_id, auth.ACCESS, settings.access_token_ttl
-        ),
-        refresh_token=refresh_token,
-        expires_in=settings.access_token_ttl,
-    )
-
-
-# --- users -------------------------------------------------------------------------------
-
-
-async def me(request: Request) -> Response:
-    user_id = current_user(request)
-    row = await pool(request).fetchrow(
-        "SELECT id, name, email, created_at FROM users WHERE id = $1", user_id
-    )
-    if row is None:
-        raise ChatError(UNAUTHORIZED, "the token's user no longer exists", 401)
-    return json_response(
-        Me(
-            user_uuid=str(row["id"]),
-            name=row["name"],
-            email=row["email"],
-            created_at=row["created_at"],
-        )
-    )
-
-
-# q matches a name by prefix, an email only whole: a prefix search on emails would let
-# any user read every address out, a character at a time.
-_USERS_PAGE = """
-SELECT id, name FROM users
-WHERE ($1::text IS NULL OR lower(name) LIKE $1 || '%' OR email = $4)
-  AND ($2::uuid IS NULL OR (name, id) > (SELECT name, id FROM users WHERE id = $2))
-ORDER BY name, id
-LIMIT $3
-"""
-
-
-async def users_list(request: Request) -> Response:
-    current_user(request)
-    limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
-    q = request.query_params.get("q") or None
-    email = None
-    if q is not None:
-        if len(q) > 254 or "\x00" in q:
-            raise ChatError(INVALID, "q must be at most 254 characters", 422)
-        if "@" in q:
-            with contextlib.suppress(InvalidEmail):  # no account has such an address
-                email = email_key(q)
-        q = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    after = request.query_params.get("after")
-    try:
-        after_id = uuid.UUID(after) if after is not None else None
-    except ValueError:
-        raise ChatError(INVALID, "after must be a user_uuid", 422) from None
-    rows = await pool(request).fetch(_USERS_PAGE, q, after_id, limit, email)
-    return json_response(UserList([Member(user_uuid=str(r["id"]), name=r["name"]) for r in rows]))
-
-
-# --- history -----------------------------------------------------------------------------
-
-_NEWEST_FIRST = f"""
-SELECT {MESSAGE_COLUMNS}
-FROM messages m JOIN chats c ON c.id = m.chat_id
-WHERE m.chat_id = $1 AND m.seq < $2
-ORDER BY m.seq DESC
-LIMIT $3 OFFSET $4
-"""
-
-
-# `before` is a keyset cursor on message ids: "older than this id", whether or not that id
-# is a message of this chat. Within a chat ids grow with seq (a chat's messages are inserted
-# in seq order under its row lock, and ids come from one sequence), so "id < before" is
-# "seq < the seq bound below". The bound is found by primary key when `before` is a
-# message of this chat (the cursor a client normally holds); otherwise by walking the
-# chat's newest messages down to the first older one, no more than a deep page= OFFSET
-# reads; a cursor at or below the chat's first id ("before=1") is answered by that first
-# message alone. COALESCE evaluates each subquery only when those before it found nothing.
-_BELOW_SEQ = """
-SELECT coalesce(
-    (SELECT seq FROM messages WHERE id = $2 AND chat_id = $1),
-    (SELECT 1 WHERE $2 <= (SELECT id FROM messages WHERE chat_id = $1 ORDER BY seq LIMIT 1)),
-    (SELECT seq + 1 FROM messages WHERE chat_id = $1 AND id < $2 ORDER BY seq DESC LIMIT 1),
-    1
-)
-"""
-
-
-async def history(request: Request) -> Response:
-    user_id = current_user(request)
-    chat_id = request.path_params["chat_id"]
+def read_query(request: Request, kind: type[T]) -> T:
+    """The query string as a `kind`: its strings become the fields' types, or `invalid`."""
     params = request.query_params
-    if "before" in params:
-        size = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
-        before = query_int(request, "before", 0, 1, MAX_BIGINT)
-        offset = 0
-    else:
-        size = query_int(request, "page_size", 50, 1, MAX_PAGE_SIZE)
-        page = query_int(request, "page", 1, 1, 1_000_000)
-        offset = (page - 1) * size
-        before = None
-
-    async with pool(request).acquire() as conn:
-        last_seq = None
-        if chat_id <= MAX_BIGINT:
-            last_seq = await conn.fetchval(
-                "SELECT c.last_seq FROM chats c"
-                " JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = $2 WHERE c.id = $1",
-                chat_id,
-                user_id,
-            )
-        if last_seq is None:
-            raise ChatError(NOT_FOUND, "no such chat", 404)
-        below_seq = last_seq + 1
-        if before is not None:
-            below_seq = await conn.fetchval(_BELOW_SEQ, chat_id, before)
-        rows = await conn.fetch(_NEWEST_FIRST, chat_id, below_seq, size + 1, offset)
-
-    page_rows = rows[:size]
-    page_rows.reverse()
-    return json_response(
-        History(messages=[message_from_row(r) for r in page_rows], has_more=len(rows) > size)
-    )
-
-
-# --- chats and messages: the socket's handlers, over HTTP --------------------------------
-
-
-def context(request: Request) -> Context:
-    state = request.app.state
-    return Context(
-        state.pool, state.bus, current_user(request), state.typing_gate, state.writer, state.limits
-    )
-
-
-def path_id(request: Request, name: str) -> int:
-    """An integer path parameter; ids beyond bigint cannot exist."""
-    value = request.path_params[name]
-    if value > MAX_BIGINT:
-        raise ChatError(NOT_FOUND, f"no such {name.removesuffix('_id')}", 404)
+    given = {name: params[name] for name in kind.__struct_fields__ if name in params}
+    try:
+        value = msgspec.convert(given, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ChatError(INVALID, str(exc)) from None
+    refuse_nul(value)
     return value
 
 
-def no_content() -> Response:
-    return Response(status_code=204)
+def path_fields(request: Request, names: tuple[str, ...]) -> dict[str, Any]:
+    """The path's fields; an id beyond PostgreSQL's bigint cannot exist (404)."""
+    fields = {name: request.path_params[name] for name in names}
+    for name, value in fields.items():
+        if isinstance(value, int) and value > MAX_BIGINT:
+            raise ChatError(NOT_FOUND, f"no such {name.removesuffix('_id')}")
+    return fields
 
 
-async def list_chats(request: Request) -> Response:
-    ctx = context(request)
-    action = ListChats(
-        limit=query_int(request, "limit", 50, 1, MAX_PAGE_SIZE),
-        before=query_int(request, "before", 0, 1, MAX_BIGINT) or None,
+def header_fields(
+    request: Request, request_type: type, headers: dict[str, str], fields: dict[str, Any]
+) -> dict[str, Any]:
+    """The fields these headers fill; one also given in the body must agree with it."""
+    filled = {}
+    for header, name in headers.items():
+        raw = request.headers.get(header)
+        if raw is None:
+            continue
+        try:
+            value = msgspec.convert(raw, field_types(request_type)[name])
+        except msgspec.ValidationError as exc:
+            raise ChatError(INVALID, f"{header}: {exc}") from None
+        if fields.get(name) not in (None, value):
+            raise ChatError(INVALID, f"{header} and {name} differ")
+        filled[name] = value
+    return filled
+
+
+def field_types(kind: type) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(kind)}
+
+
+# --- routes --------------------------------------------------------------------------------
+
+_PATH_FIELD = re.compile(r"\{(\w+)(?::\w+)?\}")
+NOT_IN_REQUESTS = {"request_id"}  # the socket's own; REST has no use for it
+
+
+def route(
+    method: str,
+    path: str,
+    request: type,
+    summary: str,
+    response: Any,
+    status: int = 200,
+    *,
+    tag: str,
+    also_ok: tuple[int, ...] = (),
+    headers: dict[str, str] | None = None,
+    auth: bool = True,
+    errors: tuple[int, ...] = (),
+) -> Operation:
+    """The route of `request`: its path fields from `path`, `headers` (header → field) on
+    top of the body (POST, PATCH) or the query string (GET, DELETE) for the rest."""
+    in_path = tuple(_PATH_FIELD.findall(path))
+    rest = [
+        f
+        for f in msgspec.structs.fields(request)
+        if f.name not in in_path and f.name not in NOT_IN_REQUESTS
+    ]
+    body = query = None
+    if rest and method in ("POST", "PATCH", "PUT"):
+        body = _struct(f"{request.__name__}Request", rest)
+    elif rest:
+        query = _struct(f"{request.__name__}Query", rest)
+    headers = headers or {}
+    handler = handler_for(request)
+
+    async def endpoint(http: Request) -> Response:
+        node, peer = node_of(http), client_address(http)
+        if auth:
+            ctx = authenticate(node, bearer_token(http.headers.get("authorization")), peer)
+        else:
+            ctx = anonymous(node, peer)
+        fields: dict[str, Any] = {}
+        if body is not None:
+            fields.update(msgspec.structs.asdict(await read_body(http, body)))
+        if query is not None:
+            fields.update(msgspec.structs.asdict(read_query(http, query)))
+        fields.update(header_fields(http, request, headers, fields))
+        fields.update(path_fields(http, in_path))
+        result = await handler(ctx, request(**fields))
+        if status == 204:
+            return Response(status_code=204)
+        if isinstance(result, Created):
+            return json_response(result.value, status if result.created else 200)
+        return json_response(result, status)
+
+    endpoint.__name__ = endpoint.__qualname__ = handler.__name__  # the operationId
+    return Operation(
+        method,
+        path,
+        endpoint,
+        summary,
+        response,
+        status,
+        also_ok,
+        body=body,
+        query=tuple(_param(f) for f in query_fields(query)),
+        headers=tuple(
+            Param(header, _not_null(field_types(request)[name]), f"the same as {name}")
+            for header, name in headers.items()
+        ),
+        auth=auth,
+        errors=errors,
+        tag=tag,
+        request=request,
     )
-    return json_response(await chats.list_chats(ctx, action))
 
 
-async def create_chat(request: Request) -> Response:
-    ctx = context(request)
-    body = await read_body(request, CreateChatRequest)
-    action = CreateChat(type=body.type, user_ids=body.user_ids, name=body.name)
-    chat, created = await chats.create_or_find_chat(ctx, action)
-    return json_response(chat, 201 if created else 200)
-
-
-async def get_chat(request: Request) -> Response:
-    ctx = context(request)
-    return json_response(await chats.get_chat(ctx, GetChat(chat_id=path_id(request, "chat_id"))))
-
-
-async def rename_chat(request: Request) -> Response:
-    ctx = context(request)
-    body = await read_body(request, RenameChatRequest)
-    action = RenameChat(chat_id=path_id(request, "chat_id"), name=body.name)
-    return json_response(await groups.rename_chat(ctx, action))
-
-
-async def delete_chat(request: Request) -> Response:
-    ctx = context(request)
-    await groups.delete_chat(ctx, DeleteChat(chat_id=path_id(request, "chat_id")))
-    return no_content()
-
-
-async def add_members(request: Request) -> Response:
-    ctx = context(request)
-    body = await read_body(request, AddMembersRequest)
-    action = AddMembers(chat_id=path_id(request, "chat_id"), user_ids=body.user_ids)
-    return json_response(await groups.add_members(ctx, action))
-
-
-async def remove_member(request: Request) -> Response:
-    ctx = context(request)
-    action = RemoveMember(
-        chat_id=path_id(request, "chat_id"), user_uuid=request.path_params["user_uuid"]
+def _struct(name: str, fields: list[msgspec.structs.FieldInfo]) -> type[msgspec.Struct]:
+    """A Struct of some of a request's fields (its body, or its query string)."""
+    return msgspec.defstruct(
+        name,
+        [(f.name, f.type) if f.required else (f.name, f.type, f.default) for f in fields],
+        kw_only=True,
     )
-    await groups.remove_member(ctx, action)
-    return no_content()
 
 
-async def set_role(request: Request) -> Response:
-    ctx = context(request)
-    body = await read_body(request, SetRoleRequest)
-    action = SetRole(
-        chat_id=path_id(request, "chat_id"),
-        user_uuid=request.path_params["user_uuid"],
-        role=body.role,
-    )
-    return json_response(await groups.set_role(ctx, action))
+def query_fields(query: type | None) -> tuple[msgspec.structs.FieldInfo, ...]:
+    return () if query is None else msgspec.structs.fields(query)
 
 
-async def send_message(request: Request) -> Response:
-    ctx = context(request)
-    body = await read_body(request, SendMessageRequest)
-    client_msg_id = body.client_msg_id
-    key = request.headers.get("idempotency-key")
-    if key is not None:
-        if not 1 <= len(key) <= 64:
-            raise ChatError(INVALID, "Idempotency-Key must be 1..64 characters", 422)
-        if client_msg_id is not None and client_msg_id != key:
-            raise ChatError(INVALID, "Idempotency-Key and client_msg_id differ", 422)
-        client_msg_id = key
-    action = SendMessage(
-        chat_id=path_id(request, "chat_id"), text=body.text, client_msg_id=client_msg_id
-    )
-    message, created = await messages.store_message(ctx, action)
-    return json_response(message, 201 if created else 200)
+def _param(field: msgspec.structs.FieldInfo) -> Param:
+    """A query field as an OpenAPI parameter: absent is its null, and its default stands."""
+    kind, description = _not_null(field.type), ""
+    for meta in typing.get_args(field.type)[1:]:
+        if isinstance(meta, msgspec.Meta) and meta.description:
+            description = meta.description
+    default = None if field.default is msgspec.NODEFAULT else field.default
+    return Param(field.name, kind, description, field.required, default)
 
 
-async def get_message(request: Request) -> Response:
-    ctx = context(request)
-    action = GetMessage(message_id=path_id(request, "message_id"))
-    return json_response(await messages.get_message(ctx, action))
-
-
-async def mark_read(request: Request) -> Response:
-    ctx = context(request)
-    body = await read_body(request, ReadRequest)
-    chat_id = path_id(request, "chat_id")
-    return json_response(await reads.read_up_to(ctx, [body.up_to], chat_id=chat_id))
+def _not_null(kind: Any) -> Any:
+    """`kind` without None: Annotated[X | None, m] → Annotated[X, m]; X | None → X."""
+    if typing.get_origin(kind) is Annotated:
+        base, *metas = typing.get_args(kind)
+        return Annotated[(_not_null(base), *metas)]  # type: ignore[valid-type]
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kept = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        return typing.Union[tuple(kept)] if len(kept) > 1 else kept[0]  # noqa: UP007
+    return kind
 
 
 async def readyz(request: Request) -> Response:
     """Readiness for load balancers: the database answers, and Redis when configured."""
-    state = request.app.state
-    try:
-        await asyncio.wait_for(state.pool.fetchval("SELECT 1"), 2)
-        database = "ok"
-    except Exception as exc:
-        database = f"unavailable: {exc!r}"
-    if state.settings.redis_url:
-        redis = await state.bus.problem() or "ok"
-    else:
-        redis = "not configured"
-    ready = database == "ok" and redis in ("ok", "not configured")
-    body = Readiness("ready" if ready else "not ready", database=database, redis=redis)
-    return json_response(body, 200 if ready else 503)
+    readiness = await node_of(request).readiness()
+    return json_response(readiness, 200 if readiness.status == "ready" else 503)
 
 
 async def healthz(request: Request) -> Response:
     return json_response(Health("ok"))
 
 
+TAGS = {
+    "accounts": "Registration, tokens, and who you are",
+    "users": "Finding people",
+    "chats": "Private chats and groups, their members and roles",
+    "messages": "Sending, reading and paging through messages",
+    "health": "For load balancers and orchestrators",
+}
+
+# fmt: off
 OPERATIONS = [
-    Operation(
-        "POST",
-        "/register",
-        register,
-        "Create an account",
-        RegisterResponse,
-        201,
-        body=RegisterRequest,
-        auth=False,
-        errors=(400, 409, 413, 422, 429, 503),
+    # accounts
+    route(
+        "POST", "/register", Register, "Create an account", RegisterResponse, 201,
+        tag="accounts", auth=False, errors=(400, 409, 413, 422, 429, 503),
     ),
-    Operation(
-        "POST",
-        "/login",
-        login,
-        "Log in: get an access and a refresh token",
-        TokenPair,
-        body=LoginRequest,
-        auth=False,
-        errors=(400, 401, 413, 422, 429, 503),
+    route(
+        "POST", "/login", Login, "Log in: get an access and a refresh token", TokenPair,
+        tag="accounts", auth=False, errors=(400, 401, 413, 422, 429, 503),
     ),
-    Operation(
-        "POST",
-        "/token/refresh",
-        refresh,
-        "Trade a refresh token for a new pair (once)",
-        TokenPair,
-        body=RefreshRequest,
-        auth=False,
-        errors=(400, 401, 413, 422, 503),
+    route(
+        "POST", "/token/refresh", Refresh, "Trade a refresh token for a new pair (once)",
+        TokenPair, tag="accounts", auth=False, errors=(400, 401, 413, 422, 503),
     ),
-    Operation("GET", "/me", me, "The caller's account", Me, errors=(503,)),
-    Operation(
-        "GET",
-        "/users_list",
-        users_list,
-        "List users by name, keyset-paginated",
-        UserList,
-        query=(
-            Param("q", str, "keep users whose name starts with this, or whose email is this"),
-            Param("limit", int, "page size, 1..200 (default 50)"),
-            Param("after", uuid.UUID, "the last user_uuid of the previous page"),
-        ),
-        errors=(422, 503),
+    route("GET", "/me", GetMe, "The caller's account", Me, tag="accounts", errors=(503,)),
+    # users
+    route(
+        "GET", "/users_list", ListUsers, "List users by name, keyset-paginated", UserList,
+        tag="users", errors=(422, 503),
     ),
-    Operation(
-        "GET",
-        "/history/{chat_id:int}",
-        history,
-        "A page of a chat's messages",
-        History,
-        query=(
-            Param("page", int, "1 = newest page (default 1)"),
-            Param("page_size", int, "1..200 (default 50)"),
-            Param(
-                "before",
-                int,
-                "keyset cursor: messages with an id below this one; any id works"
-                " (9223372036854775807: the newest page)",
-            ),
-            Param("limit", int, "keyset page size, 1..200 (default 50)"),
-        ),
-        errors=(404, 422, 503),
+    # chats
+    route(
+        "GET", "/chats", ListChats,
+        "The caller's chats, most recent activity first, with unread counts", ChatPage,
+        tag="chats", errors=(422, 503),
     ),
-    Operation(
-        "GET",
-        "/chats",
-        list_chats,
-        "The caller's chats, most recent activity first, with unread counts",
-        ChatPage,
-        query=(
-            Param("limit", int, "page size, 1..200 (default 50)"),
-            Param("before", int, "next_before of the previous page"),
-        ),
-        errors=(422, 503),
+    route(
+        "POST", "/chats", CreateChat,
+        "Create a chat (201), or get the existing private chat of a pair (200)", Chat, 201,
+        tag="chats", also_ok=(200,), errors=(400, 404, 413, 422, 429, 503),
     ),
-    Operation(
-        "POST",
-        "/chats",
-        create_chat,
-        "Create a chat (201), or get the existing private chat of a pair (200)",
-        Chat,
-        201,
-        also_ok=(200,),
-        body=CreateChatRequest,
-        errors=(400, 404, 413, 422, 429, 503),
+    route(
+        "GET", "/chats/{chat_id:int}", GetChat, "One chat, with its members and their roles",
+        ChatOverview, tag="chats", errors=(404, 503),
     ),
-    Operation(
-        "GET",
-        "/chats/{chat_id:int}",
-        get_chat,
-        "One chat, with its members and their roles",
-        ChatOverview,
-        errors=(404, 503),
+    route(
+        "PATCH", "/chats/{chat_id:int}", RenameChat, "Rename a group (admins and the owner)",
+        Chat, tag="chats", errors=(400, 403, 404, 413, 422, 503),
     ),
-    Operation(
-        "PATCH",
-        "/chats/{chat_id:int}",
-        rename_chat,
-        "Rename a group (admins and the owner)",
-        Chat,
-        body=RenameChatRequest,
-        errors=(400, 403, 404, 413, 422, 503),
+    route(
+        "DELETE", "/chats/{chat_id:int}", DeleteChat,
+        "Delete a group and all its messages (owner)", None, 204,
+        tag="chats", errors=(403, 404, 503),
     ),
-    Operation(
-        "DELETE",
-        "/chats/{chat_id:int}",
-        delete_chat,
-        "Delete a group and all its messages (owner)",
-        None,
-        204,
-        errors=(403, 404, 503),
+    route(
+        "POST", "/chats/{chat_id:int}/members", AddMembers,
+        "Add members to a group (admins and the owner)", Chat,
+        tag="chats", errors=(400, 403, 404, 413, 422, 429, 503),
     ),
-    Operation(
-        "POST",
-        "/chats/{chat_id:int}/members",
-        add_members,
-        "Add members to a group (admins and the owner)",
-        Chat,
-        body=AddMembersRequest,
-        errors=(400, 403, 404, 413, 422, 429, 503),
+    route(
+        "DELETE", "/chats/{chat_id:int}/members/{user_uuid}", RemoveMember,
+        "Remove a member (admins and the owner); your own uuid leaves the group", None, 204,
+        tag="chats", errors=(403, 404, 422, 503),
     ),
-    Operation(
-        "DELETE",
-        "/chats/{chat_id:int}/members/{user_uuid}",
-        remove_member,
-        "Remove a member (admins and the owner); your own uuid leaves the group",
-        None,
-        204,
-        errors=(403, 404, 422, 503),
+    route(
+        "PATCH", "/chats/{chat_id:int}/members/{user_uuid}", SetRole,
+        "Change a member's role (owner); role owner hands ownership over", Chat,
+        tag="chats", errors=(400, 403, 404, 413, 422, 503),
     ),
-    Operation(
-        "PATCH",
-        "/chats/{chat_id:int}/members/{user_uuid}",
-        set_role,
-        "Change a member's role (owner); role owner hands ownership over",
-        Chat,
-        body=SetRoleRequest,
-        errors=(400, 403, 404, 413, 422, 503),
-    ),
-    Operation(
-        "POST",
-        "/chats/{chat_id:int}/messages",
-        send_message,
+    # messages
+    route(
+        "POST", "/chats/{chat_id:int}/messages", SendMessage,
         "Send a message (201); a retry with the same client_msg_id returns the original (200)",
-        Message,
-        201,
-        also_ok=(200,),
-        body=SendMessageRequest,
-        headers=(Param("Idempotency-Key", str, "same meaning as client_msg_id (1..64 chars)"),),
-        errors=(400, 404, 413, 422, 429, 503),
+        Message, 201, tag="messages", also_ok=(200,),
+        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 404, 413, 422, 429, 503),
     ),
-    Operation(
-        "GET",
-        "/messages/{message_id:int}",
-        get_message,
-        "One message of a chat you are in",
-        Message,
-        errors=(404, 503),
+    route(
+        "GET", "/messages/{message_id:int}", GetMessage, "One message of a chat you are in",
+        Message, tag="messages", errors=(404, 503),
     ),
-    Operation(
-        "POST",
-        "/chats/{chat_id:int}/read",
-        mark_read,
-        "Move your read pointer up to a message of this chat",
-        ReadUpto,
-        body=ReadRequest,
-        errors=(400, 404, 413, 422, 503),
+    route(
+        "POST", "/chats/{chat_id:int}/read", ReadChat,
+        "Move your read pointer up to a message of this chat", ReadUpto,
+        tag="messages", errors=(400, 404, 413, 422, 503),
     ),
-    Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False),
+    route(
+        "GET", "/history/{chat_id:int}", GetHistory, "A page of a chat's messages", History,
+        tag="messages", errors=(404, 422, 503),
+    ),
+    # health
+    Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False, tag="health"),
     Operation(
-        "GET",
-        "/readyz",
-        readyz,
-        "Readiness: the database (and Redis, when configured) answer",
-        Readiness,
-        also_ok=(503,),
-        auth=False,
+        "GET", "/readyz", readyz, "Readiness: the database (and Redis, when configured) answer",
+        Readiness, also_ok=(503,), auth=False, tag="health",
     ),
 ]
+# fmt: on
+
+
+def _check_routes() -> None:
+    """Every request has a route, or is marked socket-only (chatd/handlers/__init__.py)."""
+    routed = {op.request for op in OPERATIONS}
+    for request_type in [*HANDLERS, *REST_HANDLERS]:
+        if request_type not in routed and request_type not in SOCKET_ONLY:
+            raise RuntimeError(f"{request_type.__name__} has no REST route and is not SOCKET_ONLY")
+
+
+_check_routes()

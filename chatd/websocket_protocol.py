@@ -57,7 +57,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from chatd.http_protocol import limits_of, peer
+from chatd.http_protocol import peer, settings_of
 from chatd.protocol import CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
 
 log = logging.getLogger("chatd")
@@ -77,9 +77,9 @@ def give_up_after(grace: float) -> float:
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        limits = limits_of(config)
-        self.buffer_budget = limits.socket_buffer_bytes
-        self.write_timeout = limits.write_timeout
+        settings = settings_of(config)
+        self.buffer_budget = settings.socket_buffer_bytes
+        self.write_timeout = settings.write_timeout
         self.writes_paused = False  # the transport's buffer is above its high-water mark
         self.stall_timer: asyncio.TimerHandle | None = None
         self.failed = False  # chatd closed the socket here, behind the app's back

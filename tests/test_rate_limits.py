@@ -21,8 +21,8 @@ from chatd import client as client_sdk
 from chatd import hub
 from chatd.bench import main as bench_main
 from chatd.client import Api, ChatdError, Client, Socket
-from chatd.config import Settings
-from chatd.ratelimit import Rate, RateLimiter, RedisBuckets, parse_rate
+from chatd.config import Rate, Settings, parse_rate
+from chatd.ratelimit import RateLimiter, RedisBuckets
 from tests.conftest import PASSWORD, Server, start_server, stop_server
 from tests.test_client import socket_state
 

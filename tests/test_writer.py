@@ -14,9 +14,9 @@ import pytest
 
 from chatd.client import Api, ChatdError
 from chatd.db import create_pool
-from chatd.handlers.messages import MessageWriter
 from chatd.hub import Hub, LocalBus
 from chatd.protocol import ChatError
+from chatd.writer import MessageWriter
 
 
 @pytest.fixture

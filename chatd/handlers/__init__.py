@@ -1,13 +1,19 @@
-"""The dispatcher: each client action maps to one plain async handler `(ctx, action) -> data`.
+"""The handlers: each request maps to one plain async function `(ctx, request) -> reply`.
 
-A handler raises ChatError for anything the client got wrong, and tells other sockets
-about changes only after its transaction has committed. The returned data is the ack.
+A handler runs its own SQL, raises ChatError for anything the client got wrong, and tells
+other sockets about changes only after its transaction has committed. What it returns is
+the socket's ack data, or the REST body (a `Created` is answered 201, or 200 when found).
 
     chats.py     create_chat, list_chats, get_chat
-    messages.py  send_message, get_message, sync
-    reads.py     mark_read and read receipts
+    messages.py  send_message, get_message, sync, and the unread snapshot
+    reads.py     mark_read (and POST /chats/{id}/read)
     groups.py    add_members, remove_member, leave_chat, rename_chat, set_role, delete_chat
     presence.py  typing
+    accounts.py  register, login, refresh, me, users_list (REST only)
+    history.py   history (REST only)
+
+Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
+chatd/rest.py (or its Struct in SOCKET_ONLY).
 """
 
 from __future__ import annotations
@@ -15,17 +21,26 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatd.handlers import chats, groups, messages, presence, reads
+from chatd.handlers import accounts, chats, groups, history, messages, presence, reads
 from chatd.handlers.base import Context
 from chatd.protocol import (
     AddMembers,
+    ClientAction,
     CreateChat,
+    Created,
     DeleteChat,
     GetChat,
+    GetHistory,
+    GetMe,
     GetMessage,
     LeaveChat,
     ListChats,
+    ListUsers,
+    Login,
     MarkRead,
+    ReadChat,
+    Refresh,
+    Register,
     RemoveMember,
     RenameChat,
     SendMessage,
@@ -36,6 +51,7 @@ from chatd.protocol import (
 
 Handler = Callable[[Context, Any], Awaitable[Any]]
 
+# The socket's actions (the ClientAction union), each with its handler.
 HANDLERS: dict[type, Handler] = {
     CreateChat: chats.create_chat,
     ListChats: chats.list_chats,
@@ -53,6 +69,33 @@ HANDLERS: dict[type, Handler] = {
     DeleteChat: groups.delete_chat,
 }
 
+# Requests only REST has: no socket action carries them.
+REST_HANDLERS: dict[type, Handler] = {
+    Register: accounts.register,
+    Login: accounts.login,
+    Refresh: accounts.refresh,
+    GetMe: accounts.me,
+    ListUsers: accounts.users_list,
+    GetHistory: history.history,
+    ReadChat: reads.read_chat,
+}
 
-async def dispatch(ctx: Context, action: Any) -> Any:
-    return await HANDLERS[type(action)](ctx, action)
+# Actions REST has no route for, and why: sync and typing only make sense on a live
+# socket; mark_read's REST form is POST /chats/{id}/read (ReadChat); leave_chat's is
+# DELETE /chats/{id}/members/{your own uuid}.
+SOCKET_ONLY = frozenset({Sync, Typing, MarkRead, LeaveChat})
+
+_missing = set(ClientAction.__args__) ^ set(HANDLERS)
+if _missing:
+    raise RuntimeError(f"actions and handlers differ: {sorted(c.__name__ for c in _missing)}")
+
+
+def handler_for(request_type: type) -> Handler:
+    """The handler of a socket action or a REST-only request."""
+    return HANDLERS.get(request_type) or REST_HANDLERS[request_type]
+
+
+async def dispatch(ctx: Context, action: ClientAction) -> Any:
+    """Run a socket action; return its ack data."""
+    result = await HANDLERS[type(action)](ctx, action)
+    return result.value if isinstance(result, Created) else result

@@ -5,53 +5,55 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
-from chatd.hub import Bus
+from chatd.auth import ACCESS, InvalidToken, read_token
+from chatd.node import Node
 from chatd.protocol import (
     FORBIDDEN,
     INVALID,
-    NOT_FOUND,
-    RATE_LIMITED,
+    UNAUTHORIZED,
     Chat,
     ChatError,
     ChatMember,
-    Message,
     encode,
+    no_such_chat,
 )
-
-if TYPE_CHECKING:
-    from chatd.handlers.messages import MessageWriter
-    from chatd.handlers.presence import TypingGate
-    from chatd.ratelimit import Limits
 
 T = TypeVar("T")
 
+# Who the Context of a public route (register, login, refresh) names: no user has it.
+NOBODY = uuid.UUID(int=0)
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
 class Context:
-    """What a handler may use: the database, the bus, and who is asking."""
+    """What a handler may use: the node, and who is asking from where."""
 
-    pool: asyncpg.Pool
-    bus: Bus
-    user_id: uuid.UUID
-    typing_gate: TypingGate
-    writer: MessageWriter
-    limits: Limits
+    node: Node
+    user_id: uuid.UUID  # NOBODY on public routes
+    peer: str = "unknown"  # the client's address (per-address limits)
 
 
-def rate_limited(message: str, wait: float) -> ChatError:
-    """Slow down: `wait` seconds until the same request would be allowed."""
-    error = ChatError(RATE_LIMITED, message, 429)
-    error.retry_after = wait
-    return error
+def authenticate(node: Node, token: str | None, peer: str) -> Context:
+    """The Context of the user an access token names; `unauthorized` when it names none.
+
+    The one place a socket (chatd/session.py) or a request (chatd/rest.py) becomes a user.
+    """
+    if not token:
+        raise ChatError(UNAUTHORIZED, "missing bearer access token")
+    try:
+        user_id = read_token(node.settings.secret, token, ACCESS)
+    except InvalidToken:
+        raise ChatError(UNAUTHORIZED, "invalid or expired access token") from None
+    return Context(node, user_id, peer)
 
 
-def no_such_chat() -> ChatError:
-    # The same answer whether the chat does not exist or the caller is not in it.
-    return ChatError(NOT_FOUND, "no such chat", 404)
+def anonymous(node: Node, peer: str) -> Context:
+    """The Context of a public route: nobody is signed in."""
+    return Context(node, NOBODY, peer)
 
 
 # --- the chat lock ------------------------------------------------------------------------
@@ -94,36 +96,16 @@ async def lock_group(
     """Lock a group chat the caller has role `at_least` (or higher) in; return that role."""
     chat = await lock_chat(conn, chat_id, user_id)
     if chat["type"] != "group":
-        raise ChatError(FORBIDDEN, "private chats cannot be administered", 403)
+        raise ChatError(FORBIDDEN, "private chats cannot be administered")
     role = await role_of(conn, chat_id, user_id)  # read now that the lock is held
     if role is None:
         raise no_such_chat()
     if ROLE_RANK[role] < ROLE_RANK[at_least]:
-        raise ChatError(FORBIDDEN, f"this needs the {at_least} role or higher", 403)
+        raise ChatError(FORBIDDEN, f"this needs the {at_least} role or higher")
     return role
 
 
-# --- messages as the wire shows them ------------------------------------------------------
-
-# A message is "read" once its seq is at or below the chat's all-read watermark.
-MESSAGE_COLUMNS = """
-    m.id, m.chat_id, m.seq, m.sender_id, m.text, m.created_at, m.client_msg_id,
-    m.seq <= c.read_seq AS is_read
-"""
-
-
-def message_from_row(row: asyncpg.Record) -> Message:
-    return Message(
-        id=row["id"],
-        chat_id=row["chat_id"],
-        seq=row["seq"],
-        sender_uuid=str(row["sender_id"]),
-        text=row["text"],
-        timestamp=row["created_at"],
-        read_status="read" if row["is_read"] else "unread",
-        client_msg_id=row["client_msg_id"],
-    )
-
+# --- replies that fit a frame ----------------------------------------------------------
 
 # Keep replies readable by clients with a 1 MiB frame limit (the websockets default).
 FRAME_BUDGET_BYTES = 768 * 1024
@@ -197,4 +179,4 @@ def parse_user_id(value: str, field: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise ChatError(INVALID, f"{field}: {value[:64]!r} is not a UUID", 422) from None
+        raise ChatError(INVALID, f"{field}: {value[:64]!r} is not a UUID") from None

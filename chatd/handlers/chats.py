@@ -6,78 +6,73 @@ import uuid
 
 import asyncpg
 
+from chatd import metrics
 from chatd.handlers.base import (
     FRAME_BUDGET_BYTES,
-    MESSAGE_COLUMNS,
     Context,
     fetch_chat,
     fetch_members,
     fit_in_frame,
     member_ids,
-    message_from_row,
-    no_such_chat,
     parse_user_ids,
-    rate_limited,
 )
-from chatd.hub import Outbound
-from chatd.metrics import RATE_LIMITED
 from chatd.protocol import (
     INVALID,
     MAX_GROUP_MEMBERS,
     MAX_GROUP_NAME_CHARS,
     NOT_FOUND,
+    RATE_LIMITED,
     Chat,
     ChatCreated,
     ChatError,
     ChatOverview,
     ChatPage,
     CreateChat,
+    Created,
     GetChat,
     ListChats,
     clean_text,
-    encode_text,
+    no_such_chat,
 )
+from chatd.store import MESSAGE_COLUMNS, message_from_row
 
 # --- create_chat --------------------------------------------------------------------------
 
 
-async def create_chat(ctx: Context, action: CreateChat) -> Chat:
-    chat, _ = await create_or_find_chat(ctx, action)
-    return chat
-
-
-async def create_or_find_chat(ctx: Context, action: CreateChat) -> tuple[Chat, bool]:
-    """Return the chat and whether it is new (a private pair's chat may exist already)."""
+async def create_chat(ctx: Context, action: CreateChat) -> Created[Chat]:
+    """Create a chat; a private pair's chat may exist already (created=False)."""
     others = parse_user_ids(action.user_ids, exclude=ctx.user_id)
     if action.type == "private":
         if len(others) != 1:
-            raise ChatError(INVALID, "a private chat needs exactly one other user", 422)
+            raise ChatError(INVALID, "a private chat needs exactly one other user")
         name = None
     else:
         if action.name is None:
-            raise ChatError(INVALID, "a group chat needs a name", 422)
+            raise ChatError(INVALID, "a group chat needs a name")
         name = clean_text(action.name, "name", min_len=1, max_len=MAX_GROUP_NAME_CHARS)
         if len(others) + 1 > MAX_GROUP_MEMBERS:
-            raise ChatError(INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members", 422)
+            raise ChatError(INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members")
 
     # Counted before anything is stored, given back when nothing was (a private chat that
     # exists already, a refusal, a failure): one chat, and every other user put into it.
-    me = str(ctx.user_id)
-    wait = await ctx.limits.create_chat.take(me)
+    me, limits = str(ctx.user_id), ctx.node.limits
+    wait = await limits.create_chat.take(me)
     if wait:
-        raise rate_limited("too many chats created; slow down", wait)
-    wait = await ctx.limits.add_members.take(me, len(others))
+        raise ChatError(RATE_LIMITED, "too many chats created; slow down", retry_after=wait)
+    wait = await limits.add_members.take(me, len(others))
     if wait:
-        await ctx.limits.create_chat.give_back(me)
-        raise rate_limited("too many members added to chats; slow down", wait)
+        await limits.create_chat.give_back(me)
+        raise ChatError(
+            RATE_LIMITED, "too many members added to chats; slow down", retry_after=wait
+        )
     stored = False
     try:
-        async with ctx.pool.acquire() as conn, conn.transaction():
+        async with ctx.node.pool.acquire() as conn, conn.transaction():
             await require_users(conn, others)
             if action.type == "private":
                 chat_id, created = await _private_chat(conn, ctx.user_id, others[0])
             else:
-                await count_group_creation(conn, ctx.user_id, ctx.limits.groups_per_day)
+                await count_group_creation(conn, ctx.user_id, limits.groups_per_day)
                 chat_id = await conn.fetchval(
                     "INSERT INTO chats (type, name) VALUES ('group', $1) RETURNING id", name
                 )
@@ -88,12 +83,12 @@ async def create_or_find_chat(ctx: Context, action: CreateChat) -> tuple[Chat, b
         stored = created  # committed
     finally:
         if not stored:
-            await ctx.limits.create_chat.give_back(me)
-            await ctx.limits.add_members.give_back(me, len(others))
+            await limits.create_chat.give_back(me)
+            await limits.add_members.give_back(me, len(others))
 
     if created:
-        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatCreated(chat))))
-    return chat, created
+        await ctx.node.publish(member_ids(chat), ChatCreated(chat))
+    return Created(chat, created)
 
 
 # One user's group creations are counted one at a time (their users row is the lock; NO
@@ -122,9 +117,10 @@ async def count_group_creation(
     await conn.execute(_LOCK_CREATOR, user_id)
     today = await conn.fetchrow(_GROUPS_TODAY, user_id)
     if today["n"] >= per_day:
-        RATE_LIMITED.labels("groups_per_day").inc()
-        raise rate_limited(
-            f"at most {per_day} groups a day; retry later", max(1.0, float(today["wait"]))
+        metrics.RATE_LIMITED.labels("groups_per_day").inc()
+        wait = max(1.0, float(today["wait"]))
+        raise ChatError(
+            RATE_LIMITED, f"at most {per_day} groups a day; retry later", retry_after=wait
         )
     await conn.execute("INSERT INTO group_creations (user_id) VALUES ($1)", user_id)
 
@@ -132,7 +128,7 @@ async def count_group_creation(
 async def require_users(conn: asyncpg.Connection, user_ids: list[uuid.UUID]) -> None:
     found = await conn.fetchval("SELECT count(*) FROM users WHERE id = ANY($1::uuid[])", user_ids)
     if found != len(user_ids):
-        raise ChatError(NOT_FOUND, "one of user_ids is not a user", 404)
+        raise ChatError(NOT_FOUND, "one of user_ids is not a user")
 
 
 async def _private_chat(
@@ -200,7 +196,7 @@ _NO_CURSOR = 2**63 - 1
 
 async def list_chats(ctx: Context, action: ListChats) -> ChatPage:
     before = action.before or _NO_CURSOR
-    async with ctx.pool.acquire() as conn:
+    async with ctx.node.pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(_PAGE, ctx.user_id, before, action.limit + 1)
             chats = await _overviews(conn, rows[: action.limit])
@@ -216,7 +212,7 @@ async def list_chats(ctx: Context, action: ListChats) -> ChatPage:
 
 
 async def get_chat(ctx: Context, action: GetChat) -> ChatOverview:
-    async with ctx.pool.acquire() as conn:
+    async with ctx.node.pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             row = await conn.fetchrow(_ONE, ctx.user_id, action.chat_id)
             if row is None:

@@ -19,36 +19,34 @@ from chatd.handlers.base import (
     member_ids,
     parse_user_id,
     parse_user_ids,
-    rate_limited,
     role_of,
 )
 from chatd.handlers.chats import insert_members, require_users
-from chatd.handlers.reads import advance_read_watermark, publish_read_receipts
-from chatd.hub import Outbound
 from chatd.protocol import (
     FORBIDDEN,
     INVALID,
     MAX_GROUP_MEMBERS,
     MAX_GROUP_NAME_CHARS,
     NOT_FOUND,
+    RATE_LIMITED,
     AddMembers,
     Chat,
     ChatDeleted,
+    ChatDeletedData,
     ChatError,
-    ChatGone,
     ChatUpdated,
     DeleteChat,
     LeaveChat,
     MemberAdded,
-    MemberLeft,
+    MemberAddedData,
     MemberRemoved,
-    MembersAdded,
+    MemberRemovedData,
     RemoveMember,
     RenameChat,
     SetRole,
     clean_text,
-    encode_text,
 )
+from chatd.store import advance_read_watermarks, publish_read_receipts
 
 _BUMP_ACTIVITY = "UPDATE chats SET activity = nextval('chat_activity_seq') WHERE id = $1"
 _DELETE_MEMBER = "DELETE FROM chat_members WHERE chat_id = $1 AND user_id = $2"
@@ -58,13 +56,15 @@ async def add_members(ctx: Context, action: AddMembers) -> Chat:
     """Admins+. Counts every user asked for against CHATD_ADD_MEMBERS_RATE before adding,
     and gives back those not added (members already, or nothing stored)."""
     users = parse_user_ids(action.user_ids)
-    limit, me = ctx.limits.add_members, str(ctx.user_id)
+    limit, me = ctx.node.limits.add_members, str(ctx.user_id)
     wait = await limit.take(me, len(users))
     if wait:
-        raise rate_limited("too many members added to chats; slow down", wait)
+        raise ChatError(
+            RATE_LIMITED, "too many members added to chats; slow down", retry_after=wait
+        )
     added: list[uuid.UUID] = []
     try:
-        async with ctx.pool.acquire() as conn, conn.transaction():
+        async with ctx.node.pool.acquire() as conn, conn.transaction():
             await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
             await require_users(conn, users)
             added = await insert_members(conn, action.chat_id, users)
@@ -73,9 +73,7 @@ async def add_members(ctx: Context, action: AddMembers) -> Chat:
                     "SELECT count(*) FROM chat_members WHERE chat_id = $1", action.chat_id
                 )
                 if size > MAX_GROUP_MEMBERS:  # raising rolls the insert back
-                    raise ChatError(
-                        INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members", 422
-                    )
+                    raise ChatError(INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members")
                 await conn.execute(_BUMP_ACTIVITY, action.chat_id)
             chat = await fetch_chat(conn, action.chat_id)
     except BaseException:
@@ -87,8 +85,8 @@ async def add_members(ctx: Context, action: AddMembers) -> Chat:
             await limit.give_back(me, charged - len(added))
 
     if added:
-        event = MemberAdded(MembersAdded(chat, [str(u) for u in added], by=str(ctx.user_id)))
-        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(event)))
+        data = MemberAddedData(chat, [str(u) for u in added], by=str(ctx.user_id))
+        await ctx.node.publish(member_ids(chat), MemberAdded(data))
     return chat
 
 
@@ -98,23 +96,23 @@ async def remove_member(ctx: Context, action: RemoveMember) -> Chat | None:
     if target == ctx.user_id:
         return await leave_chat(ctx, LeaveChat(chat_id=action.chat_id))
 
-    async with ctx.pool.acquire() as conn, conn.transaction():
+    async with ctx.node.pool.acquire() as conn, conn.transaction():
         my_role = await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
         role = await role_of(conn, action.chat_id, target)
         if role is None:
-            raise ChatError(NOT_FOUND, "no such member in this chat", 404)
+            raise ChatError(NOT_FOUND, "no such member in this chat")
         if role == "owner":
-            raise ChatError(FORBIDDEN, "the owner cannot be removed", 403)
+            raise ChatError(FORBIDDEN, "the owner cannot be removed")
         if role == "admin" and my_role != "owner":
-            raise ChatError(FORBIDDEN, "only the owner can remove an admin", 403)
+            raise ChatError(FORBIDDEN, "only the owner can remove an admin")
         await conn.execute(_DELETE_MEMBER, action.chat_id, target)
         # The removed member may have been the last one holding messages unread.
-        newly_read = await advance_read_watermark(conn, action.chat_id)
+        newly_read = await advance_read_watermarks(conn, [action.chat_id])
         chat = await fetch_chat(conn, action.chat_id)
 
-    event = MemberRemoved(MemberLeft(action.chat_id, str(target), by=str(ctx.user_id)))
-    await ctx.bus.publish([*member_ids(chat), target], Outbound(encode_text(event)))
-    await publish_read_receipts(ctx.bus, newly_read)
+    event = MemberRemoved(MemberRemovedData(action.chat_id, str(target), by=str(ctx.user_id)))
+    await ctx.node.publish([*member_ids(chat), target], event)
+    await publish_read_receipts(ctx.node.bus, newly_read)
     return chat
 
 
@@ -134,7 +132,7 @@ async def leave_chat(ctx: Context, action: LeaveChat) -> None:
     chat_id = action.chat_id
     chat: Chat | None = None
     newly_read: list[asyncpg.Record] = []
-    async with ctx.pool.acquire() as conn, conn.transaction():
+    async with ctx.node.pool.acquire() as conn, conn.transaction():
         my_role = await lock_group(conn, chat_id, ctx.user_id, at_least="member")
         await conn.execute(_DELETE_MEMBER, chat_id, ctx.user_id)
         if await conn.fetchval(
@@ -142,27 +140,26 @@ async def leave_chat(ctx: Context, action: LeaveChat) -> None:
         ):
             if my_role == "owner":
                 await conn.execute(_PROMOTE_HEIR, chat_id)
-            newly_read = await advance_read_watermark(conn, chat_id)
+            newly_read = await advance_read_watermarks(conn, [chat_id])
             chat = await fetch_chat(conn, chat_id)
         else:
             await conn.execute("DELETE FROM chats WHERE id = $1", chat_id)
 
     me_id = str(ctx.user_id)
     if chat is None:
-        gone = ChatDeleted(ChatGone(chat_id, by=me_id))
-        await ctx.bus.publish([ctx.user_id], Outbound(encode_text(gone)))
+        await ctx.node.publish([ctx.user_id], ChatDeleted(ChatDeletedData(chat_id, by=me_id)))
         return None
-    left = MemberRemoved(MemberLeft(chat_id, me_id, by=me_id))
-    await ctx.bus.publish([*member_ids(chat), ctx.user_id], Outbound(encode_text(left)))
+    left = MemberRemoved(MemberRemovedData(chat_id, me_id, by=me_id))
+    await ctx.node.publish([*member_ids(chat), ctx.user_id], left)
     if my_role == "owner":
-        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatUpdated(chat))))
-    await publish_read_receipts(ctx.bus, newly_read)
+        await ctx.node.publish(member_ids(chat), ChatUpdated(chat))
+    await publish_read_receipts(ctx.node.bus, newly_read)
     return None
 
 
 async def rename_chat(ctx: Context, action: RenameChat) -> Chat:
     name = clean_text(action.name, "name", min_len=1, max_len=MAX_GROUP_NAME_CHARS)
-    async with ctx.pool.acquire() as conn, conn.transaction():
+    async with ctx.node.pool.acquire() as conn, conn.transaction():
         await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
         renamed = await conn.execute(
             "UPDATE chats SET name = $2, activity = nextval('chat_activity_seq')"
@@ -172,7 +169,7 @@ async def rename_chat(ctx: Context, action: RenameChat) -> Chat:
         )
         chat = await fetch_chat(conn, action.chat_id)
     if renamed != "UPDATE 0":
-        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatUpdated(chat))))
+        await ctx.node.publish(member_ids(chat), ChatUpdated(chat))
     return chat
 
 
@@ -182,33 +179,33 @@ _SET_ROLE = "UPDATE chat_members SET role = $3 WHERE chat_id = $1 AND user_id = 
 async def set_role(ctx: Context, action: SetRole) -> Chat:
     """Owner only. Making someone "owner" hands the ownership over: you become an admin."""
     target = parse_user_id(action.user_uuid, "user_uuid")
-    async with ctx.pool.acquire() as conn, conn.transaction():
+    async with ctx.node.pool.acquire() as conn, conn.transaction():
         await lock_group(conn, action.chat_id, ctx.user_id, at_least="owner")
         if target == ctx.user_id:
             raise ChatError(
-                INVALID, "you cannot change your own role; make another member owner instead", 422
+                INVALID, "you cannot change your own role; make another member owner instead"
             )
         role = await role_of(conn, action.chat_id, target)
         if role is None:
-            raise ChatError(NOT_FOUND, "no such member in this chat", 404)
+            raise ChatError(NOT_FOUND, "no such member in this chat")
         if role != action.role:
             if action.role == "owner":  # demote first: a chat has one owner (unique index)
                 await conn.execute(_SET_ROLE, action.chat_id, ctx.user_id, "admin")
             await conn.execute(_SET_ROLE, action.chat_id, target, action.role)
         chat = await fetch_chat(conn, action.chat_id)
     if role != action.role:
-        await ctx.bus.publish(member_ids(chat), Outbound(encode_text(ChatUpdated(chat))))
+        await ctx.node.publish(member_ids(chat), ChatUpdated(chat))
     return chat
 
 
 async def delete_chat(ctx: Context, action: DeleteChat) -> None:
     """Owner only; the messages go with the chat (ON DELETE CASCADE)."""
-    async with ctx.pool.acquire() as conn, conn.transaction():
+    async with ctx.node.pool.acquire() as conn, conn.transaction():
         await lock_group(conn, action.chat_id, ctx.user_id, at_least="owner")
         members: list[uuid.UUID] = await conn.fetchval(
             "SELECT array_agg(user_id) FROM chat_members WHERE chat_id = $1", action.chat_id
         )
         await conn.execute("DELETE FROM chats WHERE id = $1", action.chat_id)
-    event = ChatDeleted(ChatGone(action.chat_id, by=str(ctx.user_id)))
-    await ctx.bus.publish(members, Outbound(encode_text(event)))
+    event = ChatDeleted(ChatDeletedData(action.chat_id, by=str(ctx.user_id)))
+    await ctx.node.publish(members, event)
     return None

@@ -1,0 +1,104 @@
+"""The Node: one chatd process, and everything its handlers and sockets share.
+
+A Node owns the settings, the database pool, the hub of this process's sockets, the bus
+that carries events between processes, the MessageWriter, the rate limits and the typing
+gate. The app builds one at start-up and keeps it as `app.state.node`; handlers reach it
+through their Context, sockets through the app.
+
+    node = Node(settings, database_url)   # nothing connected yet
+    await node.start()                    # the pool, the bus, the writers' watchdog
+    ...
+    await node.drain(deadline)            # shutdown: no action in flight any more
+    await node.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterable
+
+import asyncpg
+
+from chatd import metrics
+from chatd.config import Settings
+from chatd.db import create_pool
+from chatd.hub import Bus, Hub, LocalBus, publish
+from chatd.protocol import Event, Readiness
+from chatd.ratelimit import Limits, TypingGate
+from chatd.redis_bus import RedisBus
+from chatd.writer import MessageWriter
+
+# How often shutdown looks for sockets still in an action (one poll for all of them).
+DRAIN_POLL_SECONDS = 0.02
+
+
+class Node:
+    def __init__(self, settings: Settings, database_url: str) -> None:
+        self.settings = settings
+        self.pool: asyncpg.Pool = create_pool(
+            database_url, settings.db_pool_size, settings.db_timeout
+        )
+        self.hub = Hub(settings.max_sockets_per_user)
+        self.bus: Bus = (
+            RedisBus(self.hub, settings.redis_url) if settings.redis_url else LocalBus(self.hub)
+        )
+        self.writer = MessageWriter(self.pool, self.bus)
+        self.limits = Limits(settings)
+        self.typing_gate = TypingGate(remote=self.limits.remote)
+        self._watchdog: asyncio.Task[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        """Connect to the database and the bus; start the stalled-writer watchdog."""
+        await self.pool
+        metrics.watch_pool(self.pool)
+        try:
+            await self.bus.start()
+        except BaseException:
+            await self.pool.close()
+            raise
+        self._watchdog = asyncio.create_task(self.hub.watch_writers())
+
+    async def stop(self) -> None:
+        """Let the send batches in flight commit and fan out, then close everything."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await self.writer.wait_idle(timeout=5)
+        await self.bus.close()
+        await self.limits.close()
+        await self.pool.close()
+
+    async def publish(self, user_ids: Iterable[uuid.UUID], event: Event) -> None:
+        """Send `event` to every socket of these users, on every node (encoded once)."""
+        await publish(self.bus, user_ids, event)
+
+    async def drain(self, deadline: float) -> None:
+        """Shutdown's barrier: return once no socket here can start an action and no send
+        batch is in flight (so every ack and event they cause is queued), or at
+        `deadline` (loop time). Every socket waits on the same poll, never on one each.
+        """
+        loop = asyncio.get_running_loop()
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self._poll_drained(deadline))
+        await asyncio.wait((self._drained,), timeout=max(0.0, deadline - loop.time()))
+
+    async def _poll_drained(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while self.writer.busy or self.hub.reading():
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+
+    async def readiness(self) -> Readiness:
+        """Whether this node can serve: the database answers, and Redis when configured."""
+        try:
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), 2)
+            database = "ok"
+        except Exception as exc:
+            database = f"unavailable: {exc!r}"
+        redis = "not configured"
+        if self.settings.redis_url:
+            redis = await self.bus.problem() or "ok"
+        ready = database == "ok" and redis in ("ok", "not configured")
+        return Readiness("ready" if ready else "not ready", database=database, redis=redis)

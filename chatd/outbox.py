@@ -1,0 +1,141 @@
+"""One socket's outbox, without I/O: what to send next, and when to close.
+
+The hub's events and the socket's own replies go in; the socket's writer asks `next()`
+for what to write: a frame's text, a `Close`, or None (wait for `wakeup`). Nothing here
+awaits or touches a socket, so every rule is plain to test (tests/test_outbox.py);
+chatd/session.py is the asyncio shell around it, as websockets' connection is around
+its sans-I/O protocol.
+
+The rules:
+
+- Bounded: more than `capacity` frames waiting means the client does not read fast
+  enough. The outbox then drops what it holds and closes with 1013 (`on_overflow` is
+  called, so the shell can stop a write stuck on that client).
+- Held around the snapshot: a new socket starts HOLDING. Events wait, in order, while
+  its unread snapshot is read; `release` puts the snapshot first, then the held events it
+  does not already contain.
+- Closing: once a close is chosen nothing more is sent but the close frame, which comes
+  at once (`close`), or after every queued frame (`close_when_flushed`, for shutdown).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from chatd.hub import Outbound
+from chatd.protocol import CLOSE_TRY_AGAIN_LATER
+
+OVERFLOW_REASON = "send queue overflow: client too slow"
+
+
+class State(enum.Enum):
+    HOLDING = "holding"  # the unread snapshot is being read: events wait
+    OPEN = "open"  # frames go out in order
+    CLOSING = "closing"  # a close was chosen: the close frame is next
+    CLOSED = "closed"  # the close frame was handed out: nothing more
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+def _nothing() -> None:
+    pass
+
+
+class Outbox:
+    def __init__(
+        self,
+        capacity: int,
+        wakeup: Callable[[], None] = _nothing,
+        on_overflow: Callable[[], None] = _nothing,
+    ) -> None:
+        """`wakeup` is called when `next()` may have something new; `on_overflow` once,
+        when the outbox overflows."""
+        self.capacity = capacity
+        self._wakeup = wakeup
+        self._on_overflow = on_overflow
+        self.state = State.HOLDING
+        self._frames: deque[str] = deque()
+        self._held: list[Outbound] = []
+        self._close: Close | None = None
+        self._close_when_flushed: Close | None = None
+
+    @property
+    def close_reason(self) -> tuple[int, str] | None:
+        """The close chosen (code, reason), once one is."""
+        return None if self._close is None else (self._close.code, self._close.reason)
+
+    def __len__(self) -> int:
+        """Frames waiting to be written (held events not counted)."""
+        return len(self._frames)
+
+    def enqueue(self, event: Outbound) -> None:
+        """An event for this socket: held while HOLDING, else queued."""
+        if self.state is State.HOLDING:
+            self._held.append(event)
+            if len(self._held) > self.capacity:
+                self._overflow()
+        else:
+            self.push(event.text)
+
+    def push(self, text: str) -> None:
+        """A frame to write after those queued; dropped once closing."""
+        if self.state not in (State.HOLDING, State.OPEN):
+            return
+        if len(self._frames) >= self.capacity:
+            self._overflow()
+            return
+        self._frames.append(text)
+        self._wakeup()
+
+    def release(self, first: str, skip: Collection[int] = ()) -> None:
+        """End the hold: `first` (the snapshot) goes out, then the held events, but for
+        new_message events of the messages in `skip` (the snapshot has them)."""
+        if self.state is not State.HOLDING:
+            return
+        held, self._held = self._held, []
+        self.state = State.OPEN
+        self.push(first)
+        for event in held:
+            if event.message_id is None or event.message_id not in skip:
+                self.push(event.text)
+
+    def close(self, code: int, reason: str) -> None:
+        """Close next: what is queued is dropped. The first close chosen wins."""
+        if self.state in (State.HOLDING, State.OPEN):
+            self._close = Close(code, reason)
+            self.state = State.CLOSING
+            self._frames.clear()
+            self._held = []
+            self._wakeup()
+
+    def close_when_flushed(self, code: int, reason: str) -> None:
+        """Close once every frame queued has been written (shutdown)."""
+        if self._close_when_flushed is None:
+            self._close_when_flushed = Close(code, reason)
+            self._wakeup()
+
+    def next(self) -> str | Close | None:
+        """What the writer writes next: a frame, the close, or None (nothing yet)."""
+        if self.state is State.CLOSING:
+            self.state = State.CLOSED
+            return self._close
+        if self.state is State.CLOSED:
+            return None
+        if self._frames:
+            return self._frames.popleft()
+        if self._close_when_flushed is not None and self.state is State.OPEN:
+            self._close = self._close_when_flushed
+            self.state = State.CLOSED
+            return self._close
+        return None
+
+    def _overflow(self) -> None:
+        self.close(CLOSE_TRY_AGAIN_LATER, OVERFLOW_REASON)
+        self._on_overflow()

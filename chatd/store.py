@@ -1,0 +1,105 @@
+"""What the handlers and the MessageWriter share about stored messages: their columns as
+the wire shows them, and the all-read watermark behind read receipts.
+
+Every write to a chat (messages, read pointers, membership) first locks its chats row,
+so they happen one at a time per chat; the functions here expect that lock to be held.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+import asyncpg
+
+from chatd.hub import Bus, publish
+from chatd.protocol import Message, MessageRead, MessageReadData, MessagesRead, MessagesReadData
+
+# A message is "read" once its seq is at or below the chat's all-read watermark.
+MESSAGE_COLUMNS = """
+    m.id, m.chat_id, m.seq, m.sender_id, m.text, m.created_at, m.client_msg_id,
+    m.seq <= c.read_seq AS is_read
+"""
+
+
+def message_from_row(row: asyncpg.Record) -> Message:
+    """A row of MESSAGE_COLUMNS as the wire shows it."""
+    return Message(
+        id=row["id"],
+        chat_id=row["chat_id"],
+        seq=row["seq"],
+        sender_uuid=str(row["sender_id"]),
+        text=row["text"],
+        timestamp=row["created_at"],
+        read_status="read" if row["is_read"] else "unread",
+        client_msg_id=row["client_msg_id"],
+    )
+
+
+# --- the all-read watermark -----------------------------------------------------------------
+
+# Up to this many messages of one sender becoming read at once get one message_read each;
+# more get a single messages_read range, so a bulk change cannot flood the sender's socket.
+RECEIPTS_ONE_BY_ONE = 100
+
+# Every member's own pointer is at or above their own messages (sending moves it), so
+# "read by everyone but the sender" is simply seq <= min(read_seq) over all members:
+# one index probe per chat on chat_members_read_idx, whatever the group size. One row
+# per (chat, sender) of the messages that just became read by all.
+_ADVANCE_WATERMARKS = """
+WITH target AS (
+    SELECT c.id AS chat_id, c.read_seq AS old_seq,
+           (SELECT min(read_seq) FROM chat_members WHERE chat_id = c.id) AS new_seq
+    FROM chats c
+    WHERE c.id = ANY($1::bigint[])
+), moved AS (
+    UPDATE chats c SET read_seq = target.new_seq
+    FROM target
+    WHERE c.id = target.chat_id AND target.new_seq > target.old_seq
+    RETURNING target.*
+), newly_read AS (
+    SELECT moved.chat_id, moved.new_seq, m.sender_id,
+           count(*) AS n, max(m.id) AS last_id, (array_agg(m.id ORDER BY m.seq))[1:$2] AS ids
+    FROM moved
+    -- OFFSET 0 keeps this a per-chat range scan of messages (chat_id, seq); flattened
+    -- into a join, the planner may scan every message instead.
+    CROSS JOIN LATERAL (
+        SELECT id, seq, sender_id FROM messages
+        WHERE chat_id = moved.chat_id AND seq > moved.old_seq AND seq <= moved.new_seq
+        OFFSET 0
+    ) m
+    GROUP BY moved.chat_id, moved.new_seq, m.sender_id
+)
+SELECT r.chat_id, r.sender_id, r.n, r.last_id, r.ids, r.new_seq AS watermark,
+       EXISTS (
+           SELECT 1 FROM chat_members s WHERE s.chat_id = r.chat_id AND s.user_id = r.sender_id
+       ) AS sender_is_member
+FROM newly_read r
+"""
+
+
+async def advance_read_watermarks(
+    conn: asyncpg.Connection, chat_ids: list[int]
+) -> list[asyncpg.Record]:
+    """Move each chat's all-read watermark up to its members' lowest pointer.
+
+    Returns one row per (chat, sender) of the messages that just became read by all
+    (empty where a watermark did not move); each row also carries the chat's new
+    `watermark`. The caller must hold the chats' locks, so each message is reported once.
+    """
+    return await conn.fetch(_ADVANCE_WATERMARKS, chat_ids, RECEIPTS_ONE_BY_ONE)
+
+
+async def publish_read_receipts(bus: Bus, rows: Iterable[asyncpg.Record]) -> None:
+    """Tell each sender which of their messages became read (rows of advance_read_watermarks)."""
+    for row in rows:
+        if not row["sender_is_member"]:
+            continue  # senders who left hear nothing more from the chat
+        sender: tuple[uuid.UUID] = (row["sender_id"],)
+        chat_id = row["chat_id"]
+        if row["n"] > RECEIPTS_ONE_BY_ONE:
+            data = MessagesReadData(chat_id=chat_id, up_to_message_id=row["last_id"])
+            await publish(bus, sender, MessagesRead(data))
+            continue
+        for message_id in row["ids"]:
+            await publish(bus, sender, MessageRead(MessageReadData(message_id, chat_id)))

@@ -1,0 +1,346 @@
+"""The MessageWriter: every send_message of the process goes through it (group commit).
+
+Sends are not stored one transaction each. The writer collects the sends that arrive
+while it is busy and stores them together: one transaction, a constant number of
+statements and one commit (one WAL flush) for the whole batch. Each sender still gets
+their ack, and every member their new_message, only after that commit. Chats are locked
+in id order, so per-chat seq stays gapless and in commit order, and concurrent batches
+(other processes) cannot deadlock.
+
+A batch goes through four steps: partition (one send per retry key), persist (the
+transaction), announce (new_message and read receipts, in commit order) and settle (each
+sender's answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from chatd.hub import Bus, publish
+from chatd.metrics import MESSAGES_PERSISTED, SEND_BATCH_SIZE, SEND_SECONDS
+from chatd.protocol import INVALID, ChatError, Created, Message, NewMessage, no_such_chat
+from chatd.store import (
+    MESSAGE_COLUMNS,
+    advance_read_watermarks,
+    message_from_row,
+    publish_read_receipts,
+)
+
+_LOCK_CHATS = "SELECT id, read_seq FROM chats WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
+
+# A retry's original, and whether its sender is still a member of the original's chat
+# (read in the same statement: the duplicate path costs no extra query). In a batch this
+# runs with the chats locked, so a removal committed before the lock is seen.
+_FIND_BY_CLIENT_IDS = f"""
+SELECT {MESSAGE_COLUMNS},
+       EXISTS (SELECT 1 FROM chat_members cm
+               WHERE cm.chat_id = m.chat_id AND cm.user_id = k.sender_id) AS sender_is_member
+FROM unnest($1::uuid[], $2::text[]) AS k(sender_id, client_msg_id)
+JOIN messages m ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id
+JOIN chats c ON c.id = m.chat_id
+"""
+
+# Runs with the chats locked, so it sees membership as it is now: a sender removed while
+# waiting for the lock matches no member row and stores nothing. Messages of one chat get
+# the next seqs in the order they came; each sender's pointer moves to their newest.
+_INSERT_MESSAGES = """
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY
+        AS t(chat_id, sender_id, text, client_msg_id, n)
+), accepted AS (
+    SELECT input.*, cm.read_seq AS sender_read_seq,
+           c.last_seq + row_number() OVER (PARTITION BY input.chat_id ORDER BY input.n) AS seq
+    FROM input
+    JOIN chat_members cm ON cm.chat_id = input.chat_id AND cm.user_id = input.sender_id
+    JOIN chats c ON c.id = input.chat_id
+), bumped AS (
+    UPDATE chats c SET last_seq = top.seq, activity = nextval('chat_activity_seq')
+    FROM (SELECT chat_id, max(seq) AS seq FROM accepted GROUP BY chat_id) top
+    WHERE c.id = top.chat_id
+), stored AS (
+    INSERT INTO messages (chat_id, seq, sender_id, text, client_msg_id)
+    SELECT chat_id, seq, sender_id, text, client_msg_id FROM accepted ORDER BY chat_id, seq
+    RETURNING id, chat_id, seq, created_at
+), read_own AS (
+    UPDATE chat_members cm SET read_seq = mine.seq
+    FROM (SELECT chat_id, sender_id, max(seq) AS seq FROM accepted GROUP BY 1, 2) mine
+    WHERE cm.chat_id = mine.chat_id AND cm.user_id = mine.sender_id
+), members AS (
+    SELECT chat_id, array_agg(user_id) AS ids FROM chat_members
+    WHERE chat_id IN (SELECT chat_id FROM accepted)
+    GROUP BY chat_id
+)
+SELECT accepted.n, accepted.sender_read_seq, stored.id, stored.seq, stored.created_at,
+       members.ids AS member_ids
+FROM accepted
+JOIN stored ON stored.chat_id = accepted.chat_id AND stored.seq = accepted.seq
+JOIN members ON members.chat_id = accepted.chat_id
+"""
+
+MAX_BATCH = 256
+MAX_BATCHES_IN_FLIGHT = 2
+# Failures that concern one send of a batch, not all of them: the batch is redone one by one.
+_RETRY_ONE_BY_ONE = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError)
+
+RetryKey = tuple[uuid.UUID, str]  # (sender, client_msg_id)
+
+
+@dataclass(slots=True)
+class PendingSend:
+    user_id: uuid.UUID
+    chat_id: int
+    text: str
+    client_msg_id: str | None
+    done: asyncio.Future[Created[Message]]
+
+    @property
+    def key(self) -> RetryKey | None:
+        return None if self.client_msg_id is None else (self.user_id, self.client_msg_id)
+
+
+@dataclass(slots=True)
+class StoredSend:
+    send: PendingSend
+    message: Message
+    member_ids: list[uuid.UUID]  # the chat's members when it was stored
+
+
+@dataclass(slots=True)
+class Persisted:
+    """What one batch's transaction found and stored."""
+
+    originals: dict[RetryKey, asyncpg.Record] = field(default_factory=dict)  # retries
+    stored: list[StoredSend] = field(default_factory=list)  # in commit (id) order
+    newly_read: list[asyncpg.Record] = field(default_factory=list)  # read receipts to send
+
+
+class MessageWriter:
+    """Stores messages in batches (group commit) and fans each one out after its commit."""
+
+    def __init__(self, pool: asyncpg.Pool, bus: Bus) -> None:
+        self.pool = pool
+        self.bus = bus
+        self._queue: list[PendingSend] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def store(
+        self, user_id: uuid.UUID, chat_id: int, text: str, client_msg_id: str | None
+    ) -> Created[Message]:
+        """Store a message; `created` is False for a retry answered with its original."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append(PendingSend(user_id, chat_id, text, client_msg_id, done))
+        if len(self._running) < MAX_BATCHES_IN_FLIGHT:
+            # A fresh context: the batch serves many sockets, not the one that started it.
+            task = asyncio.create_task(self._drain(), context=contextvars.Context())
+            self._running.add(task)
+        return await done
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Let the batches in flight finish (shutdown): their acks and events go out."""
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=timeout)
+
+    async def original(
+        self, user_id: uuid.UUID, chat_id: int, client_msg_id: str | None
+    ) -> Message | None:
+        """The message already stored for this retry, answered (or refused) as `store`
+        would; None when there is none."""
+        if client_msg_id is None:
+            return None
+        rows = await self.pool.fetch(_FIND_BY_CLIENT_IDS, [user_id], [client_msg_id])
+        return answer_for_original(rows[0], chat_id) if rows else None
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    await self._store_batch(batch)
+                except _RETRY_ONE_BY_ONE:
+                    # A client_msg_id committed meanwhile by another process (or a deadlock
+                    # with one): redo one by one, so only the send concerned is affected.
+                    for send in batch:
+                        await self._store_alone(send)
+                except Exception as exc:
+                    for send in batch:
+                        _settle(send, exception=exc)
+                finally:
+                    requeued = {id(send) for send in self._queue}
+                    for send in batch:  # never leave a sender waiting
+                        if id(send) not in requeued:
+                            _settle(send, exception=RuntimeError("send was not settled"))
+        finally:
+            # No await between the empty-queue check and this: a store() that comes after
+            # sees the right count and starts a new drain.
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    async def _store_alone(self, send: PendingSend) -> None:
+        try:
+            await self._store_batch([send])
+        except _RETRY_ONE_BY_ONE as exc:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(_FIND_BY_CLIENT_IDS, [send.user_id], [send.client_msg_id])
+            _settle_original(send, rows[0]) if rows else _settle(send, exception=exc)
+        except Exception as exc:
+            _settle(send, exception=exc)
+
+    async def _store_batch(self, batch: list[PendingSend]) -> None:
+        started = time.perf_counter()
+        unique, copies = partition(batch)
+        persisted = await self._persist(unique)
+        MESSAGES_PERSISTED.inc(len(persisted.stored))
+        SEND_BATCH_SIZE.observe(len(batch))
+        SEND_SECONDS.observe(time.perf_counter() - started)
+        await self._announce(persisted)
+        self._settle(unique, copies, persisted)
+
+    async def _persist(self, sends: list[PendingSend]) -> Persisted:
+        """One transaction: lock the chats, find retries' originals, store the rest, and
+        move the all-read watermarks the new messages' senders were holding back."""
+        keys = [send.key for send in sends if send.key is not None]
+        done = Persisted()
+        async with self.pool.acquire() as conn, conn.transaction():
+            chat_ids = sorted({send.chat_id for send in sends})
+            watermarks = {r["id"]: r["read_seq"] for r in await conn.fetch(_LOCK_CHATS, chat_ids)}
+            if keys:
+                found = await conn.fetch(
+                    _FIND_BY_CLIENT_IDS, [k[0] for k in keys], [k[1] for k in keys]
+                )
+                done.originals = {(r["sender_id"], r["client_msg_id"]): r for r in found}
+            new = [send for send in sends if send.key not in done.originals]
+            rows = await conn.fetch(
+                _INSERT_MESSAGES,
+                [s.chat_id for s in new],
+                [s.user_id for s in new],
+                [s.text for s in new],
+                [s.client_msg_id for s in new],
+            )
+            # Only senders who were holding a chat's watermark back can move it.
+            holders = {
+                new[row["n"] - 1].chat_id
+                for row in rows
+                if row["sender_read_seq"] <= watermarks[new[row["n"] - 1].chat_id]
+            }
+            if holders:
+                done.newly_read = await advance_read_watermarks(conn, sorted(holders))
+
+        for row in done.newly_read:
+            watermarks[row["chat_id"]] = row["watermark"]
+        for row in sorted(rows, key=lambda r: r["id"]):
+            send = new[row["n"] - 1]
+            message = Message(
+                id=row["id"],
+                chat_id=send.chat_id,
+                seq=row["seq"],
+                sender_uuid=str(send.user_id),
+                text=send.text,
+                timestamp=row["created_at"],
+                read_status="read" if row["seq"] <= watermarks[send.chat_id] else "unread",
+                client_msg_id=send.client_msg_id,
+            )
+            done.stored.append(StoredSend(send, message, row["member_ids"]))
+        return done
+
+    async def _announce(self, persisted: Persisted) -> None:
+        """Committed: tell everyone, in the order the messages were stored."""
+        for stored in persisted.stored:
+            await publish(self.bus, stored.member_ids, NewMessage(stored.message))
+        await publish_read_receipts(self.bus, persisted.newly_read)
+
+    def _settle(
+        self, unique: list[PendingSend], copies: list[PendingSend], persisted: Persisted
+    ) -> None:
+        """Answer every sender; a copy whose twin stored nothing is queued again."""
+        messages = {id(stored.send): stored.message for stored in persisted.stored}
+        for send in unique:
+            original = persisted.originals.get(send.key) if send.key else None
+            if original is not None:
+                _settle_original(send, original)
+            elif id(send) in messages:
+                _settle(send, result=Created(messages[id(send)]))
+            else:
+                _settle(send, exception=no_such_chat())
+        stored_by_key = {
+            send.key: messages[id(send)]
+            for send in unique
+            if send.key is not None and id(send) in messages
+        }
+        for copy in copies:
+            assert copy.key is not None
+            if copy.key in persisted.originals:
+                _settle_original(copy, persisted.originals[copy.key])
+            elif copy.key in stored_by_key:
+                message = stored_by_key[copy.key]
+                if message.chat_id == copy.chat_id:
+                    _settle(copy, result=Created(message, created=False))
+                else:
+                    _settle(copy, exception=_reused_elsewhere())
+            else:  # its twin stored nothing (not a member there): judge it on its own
+                self._queue.append(copy)
+
+
+def partition(batch: list[PendingSend]) -> tuple[list[PendingSend], list[PendingSend]]:
+    """Split a batch into the sends to store and the copies of a retry key among them.
+
+    One send per (sender, client_msg_id) is stored; a retry queued next to its original
+    is answered from what the batch stored for that key.
+    """
+    seen: set[RetryKey] = set()
+    unique: list[PendingSend] = []
+    copies: list[PendingSend] = []
+    for send in batch:
+        key = send.key
+        if key is None or key not in seen:
+            unique.append(send)
+            if key is not None:
+                seen.add(key)
+        else:
+            copies.append(send)
+    return unique, copies
+
+
+def _reused_elsewhere() -> ChatError:
+    return ChatError(INVALID, "client_msg_id was already used in another chat")
+
+
+def _settle(
+    send: PendingSend,
+    result: Created[Message] | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    if send.done.done():  # the sender went away (its socket closed)
+        return
+    if exception is not None:
+        send.done.set_exception(exception)
+    else:
+        send.done.set_result(result)
+
+
+def _settle_original(send: PendingSend, row: asyncpg.Record) -> None:
+    try:
+        _settle(send, result=Created(answer_for_original(row, send.chat_id), created=False))
+    except ChatError as exc:
+        _settle(send, exception=exc)
+
+
+def answer_for_original(row: asyncpg.Record, chat_id: int) -> Message:
+    """What a retry gets: its original (a _FIND_BY_CLIENT_IDS row), or the refusal.
+
+    A sender who is no longer a member of the chat gets `not_found`, as any outsider
+    does: a retry must not show them the message's read status, or that the chat exists.
+    """
+    if row["chat_id"] != chat_id:
+        raise _reused_elsewhere()
+    if not row["sender_is_member"]:
+        raise no_such_chat()
+    return message_from_row(row)
