@@ -113,10 +113,23 @@ MAX_USERS_PER_CALL = 1000
 MAX_GROUP_MEMBERS = 1000
 MAX_PAGE_SIZE = 200
 
-# Lengths count characters before stripping; handlers strip, then check again (clean_text).
-Text = Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
-GroupName = Annotated[str, Meta(min_length=1, max_length=MAX_GROUP_NAME_CHARS)]
-UserName = Annotated[str, Meta(min_length=1, max_length=MAX_USER_NAME_CHARS)]
+
+
+def stripped_text(min_length: int, max_length: int) -> Any:
+    """Text whose length is checked once stripped (clean_text): surrounding whitespace does
+    not count, so the limits are the schema's, not the decoder's."""
+    return Annotated[
+        str,
+        Meta(
+            description=f"{min_length}..{max_length} characters, surrounding whitespace aside",
+            extra_json_schema={"minLength": min_length, "maxLength": max_length},
+        ),
+    ]
+
+
+Text = stripped_text(1, MAX_TEXT_CHARS)
+GroupName = stripped_text(1, MAX_GROUP_NAME_CHARS)
+UserName = stripped_text(1, MAX_USER_NAME_CHARS)
 Password = Annotated[str, Meta(min_length=MIN_PASSWORD_CHARS, max_length=MAX_PASSWORD_CHARS)]
 RequestId = Annotated[str, Meta(max_length=64)]
 Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # PostgreSQL bigint; larger ids cannot exist

@@ -16,6 +16,7 @@ import re
 import types
 import typing
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -187,16 +188,17 @@ def path_fields(request: Request, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def header_fields(
-    request: Request, request_type: type, headers: dict[str, str], fields: dict[str, Any]
+    request: Request, headers: dict[str, tuple[str, Any]], fields: dict[str, Any]
 ) -> dict[str, Any]:
-    """The fields these headers fill; one also given in the body must agree with it."""
+    """The fields these headers fill (header → (field, type)); one that the body gives too
+    must agree with it."""
     filled = {}
-    for header, name in headers.items():
+    for header, (name, kind) in headers.items():
         raw = request.headers.get(header)
         if raw is None:
             continue
         try:
-            value = msgspec.convert(raw, field_types(request_type)[name])
+            value = msgspec.convert(raw, kind)
         except msgspec.ValidationError as exc:
             raise ChatError(INVALID, f"{header}: {exc}") from None
         if fields.get(name) not in (None, value):
@@ -205,14 +207,46 @@ def header_fields(
     return filled
 
 
-def field_types(kind: type) -> dict[str, Any]:
-    return {f.name: f.type for f in msgspec.structs.fields(kind)}
-
-
 # --- routes --------------------------------------------------------------------------------
 
 _PATH_FIELD = re.compile(r"\{(\w+)(?::\w+)?\}")
 NOT_IN_REQUESTS = {"request_id"}  # the socket's own; REST has no use for it
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """Where each field of a request Struct comes from in an HTTP request."""
+
+    request: type
+    in_path: tuple[str, ...]
+    body: type | None  # the generated Struct of the JSON body's fields
+    query: type | None  # the generated Struct of the query string's fields
+    headers: dict[str, tuple[str, Any]]  # header → (field, type)
+
+    @classmethod
+    def of(cls, method: str, path: str, request: type, headers: dict[str, str]) -> RequestShape:
+        in_path = tuple(_PATH_FIELD.findall(path))
+        fields = msgspec.structs.fields(request)
+        rest = [f for f in fields if f.name not in in_path and f.name not in NOT_IN_REQUESTS]
+        body = query = None
+        if rest and method in ("POST", "PATCH", "PUT"):
+            body = _struct(f"{request.__name__}Request", rest)
+        elif rest:
+            query = _struct(f"{request.__name__}Query", rest)
+        types_of = {f.name: f.type for f in fields}
+        typed = {header: (name, types_of[name]) for header, name in headers.items()}
+        return cls(request, in_path, body, query, typed)
+
+    async def read(self, http: Request) -> Any:
+        """The request Struct this HTTP request carries, or ChatError for what is wrong."""
+        fields: dict[str, Any] = {}
+        if self.body is not None:
+            fields.update(msgspec.structs.asdict(await read_body(http, self.body)))
+        if self.query is not None:
+            fields.update(msgspec.structs.asdict(read_query(http, self.query)))
+        fields.update(header_fields(http, self.headers, fields))
+        fields.update(path_fields(http, self.in_path))
+        return self.request(**fields)
 
 
 def route(
@@ -231,18 +265,7 @@ def route(
 ) -> Operation:
     """The route of `request`: its path fields from `path`, `headers` (header → field) on
     top of the body (POST, PATCH) or the query string (GET, DELETE) for the rest."""
-    in_path = tuple(_PATH_FIELD.findall(path))
-    rest = [
-        f
-        for f in msgspec.structs.fields(request)
-        if f.name not in in_path and f.name not in NOT_IN_REQUESTS
-    ]
-    body = query = None
-    if rest and method in ("POST", "PATCH", "PUT"):
-        body = _struct(f"{request.__name__}Request", rest)
-    elif rest:
-        query = _struct(f"{request.__name__}Query", rest)
-    headers = headers or {}
+    shape = RequestShape.of(method, path, request, headers or {})
     handler = handler_for(request)
 
     async def endpoint(http: Request) -> Response:
@@ -251,14 +274,7 @@ def route(
             ctx = authenticate(node, bearer_token(http.headers.get("authorization")), peer)
         else:
             ctx = anonymous(node, peer)
-        fields: dict[str, Any] = {}
-        if body is not None:
-            fields.update(msgspec.structs.asdict(await read_body(http, body)))
-        if query is not None:
-            fields.update(msgspec.structs.asdict(read_query(http, query)))
-        fields.update(header_fields(http, request, headers, fields))
-        fields.update(path_fields(http, in_path))
-        result = await handler(ctx, request(**fields))
+        result = await handler(ctx, await shape.read(http))
         if status == 204:
             return Response(status_code=204)
         if isinstance(result, Created):
@@ -274,11 +290,11 @@ def route(
         response,
         status,
         also_ok,
-        body=body,
-        query=tuple(_param(f) for f in query_fields(query)),
+        body=shape.body,
+        query=tuple(_param(f) for f in query_fields(shape.query)),
         headers=tuple(
-            Param(header, _not_null(field_types(request)[name]), f"the same as {name}")
-            for header, name in headers.items()
+            Param(header, _not_null(kind), f"the same as {name}")
+            for header, (name, kind) in shape.headers.items()
         ),
         auth=auth,
         errors=errors,

@@ -18,6 +18,7 @@ from chatd.protocol import (
     EMAIL_TAKEN,
     INVALID,
     INVALID_CREDENTIALS,
+    MAX_USER_NAME_CHARS,
     RATE_LIMITED,
     UNAUTHORIZED,
     ChatError,
@@ -46,7 +47,7 @@ def valid_email(raw: str, normalize: Callable[[str], str]) -> str:
 
 
 async def register(ctx: Context, action: Register) -> RegisterResponse:
-    name = clean_text(action.name, "name", min_len=1, max_len=64)
+    name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
     email = valid_email(action.email, normalize_email)
     wait = await ctx.node.limits.register.take(ctx.peer)
     if wait:

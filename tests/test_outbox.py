@@ -1,0 +1,162 @@
+"""The socket's Outbox on its own: no socket, no event loop, every rule by hand.
+
+chatd/outbox.py is the sans-I/O part of a socket; tests/test_socket.py, test_slow_consumer.py
+and test_shutdown.py check the same rules end to end through real sockets.
+"""
+
+from __future__ import annotations
+
+from chatd.hub import Outbound
+from chatd.outbox import OVERFLOW_REASON, Close, Outbox, State
+from chatd.protocol import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.wakeups = 0
+        self.overflows = 0
+
+    def wakeup(self) -> None:
+        self.wakeups += 1
+
+    def overflow(self) -> None:
+        self.overflows += 1
+
+
+def outbox(capacity: int = 4) -> tuple[Outbox, Calls]:
+    calls = Calls()
+    return Outbox(capacity, wakeup=calls.wakeup, on_overflow=calls.overflow), calls
+
+
+def drain(box: Outbox) -> list[str | Close]:
+    """Everything the writer would write now, in order."""
+    steps = []
+    while (step := box.next()) is not None:
+        steps.append(step)
+    return steps
+
+
+def message(message_id: int) -> Outbound:
+    return Outbound(f"m{message_id}", message_id)
+
+
+def test_events_wait_for_the_snapshot_then_follow_it_in_order() -> None:
+    box, calls = outbox()
+    assert box.state is State.HOLDING
+    box.enqueue(message(1))
+    box.enqueue(Outbound("typing"))
+    assert drain(box) == [] and calls.wakeups == 0
+    box.release("snapshot")
+    assert box.state is State.OPEN
+    assert drain(box) == ["snapshot", "m1", "typing"]
+    assert calls.wakeups > 0
+
+
+def test_release_skips_the_messages_the_snapshot_holds() -> None:
+    box, _ = outbox()
+    for n in (1, 2, 3):
+        box.enqueue(message(n))
+    box.enqueue(Outbound("receipt"))
+    box.release("snapshot", skip={1, 3})
+    assert drain(box) == ["snapshot", "m2", "receipt"]
+
+
+def test_replies_go_out_while_events_are_held() -> None:
+    box, _ = outbox()
+    box.enqueue(message(1))
+    box.push("ack")
+    assert drain(box) == ["ack"]
+    box.release("snapshot")
+    assert drain(box) == ["snapshot", "m1"]
+
+
+def test_once_open_frames_go_out_in_the_order_they_came() -> None:
+    box, _ = outbox()
+    box.release("snapshot")
+    box.enqueue(message(7))
+    box.push("ack")
+    box.enqueue(Outbound("event"))
+    assert drain(box) == ["snapshot", "m7", "ack", "event"]
+    assert box.next() is None
+    assert len(box) == 0 and box.close_reason is None
+
+
+def test_a_full_outbox_drops_everything_and_closes_1013() -> None:
+    box, calls = outbox(capacity=2)
+    box.release("snapshot")
+    box.push("a")
+    box.push("b")  # one over: snapshot and a are waiting
+    assert calls.overflows == 1
+    assert box.close_reason == (CLOSE_TRY_AGAIN_LATER, OVERFLOW_REASON)
+    assert drain(box) == [Close(CLOSE_TRY_AGAIN_LATER, OVERFLOW_REASON)]
+    box.push("c")
+    box.enqueue(message(1))
+    assert drain(box) == [] and box.state is State.CLOSED
+    assert calls.overflows == 1  # counted once
+
+
+def test_too_many_held_events_overflow_too() -> None:
+    box, calls = outbox(capacity=2)
+    for n in range(3):
+        box.enqueue(message(n))
+    assert calls.overflows == 1 and box.state is State.CLOSING
+    box.release("snapshot")  # too late: nothing is sent but the close
+    assert drain(box) == [Close(CLOSE_TRY_AGAIN_LATER, OVERFLOW_REASON)]
+
+
+def test_close_drops_what_is_queued_and_the_first_close_wins() -> None:
+    box, calls = outbox()
+    box.release("snapshot")
+    box.push("never sent")
+    box.close(1008, "too many sockets")
+    box.close(1013, "too slow")
+    box.push("after the close")
+    assert box.close_reason == (1008, "too many sockets")
+    assert drain(box) == [Close(1008, "too many sockets")]
+    assert box.next() is None
+    assert calls.overflows == 0
+
+
+def test_close_when_flushed_sends_everything_first() -> None:
+    box, _ = outbox()
+    box.release("snapshot")
+    box.push("last ack")
+    box.close_when_flushed(CLOSE_SERVICE_RESTART, "server shutting down")
+    assert box.close_reason is None  # not chosen until the queue is empty
+    box.enqueue(message(9))  # still accepted: a batch in flight fans out to this socket
+    assert drain(box) == [
+        "snapshot",
+        "last ack",
+        "m9",
+        Close(CLOSE_SERVICE_RESTART, "server shutting down"),
+    ]
+    assert box.close_reason == (CLOSE_SERVICE_RESTART, "server shutting down")
+    assert box.state is State.CLOSED
+
+
+def test_a_close_beats_a_pending_flush() -> None:
+    box, _ = outbox()
+    box.release("snapshot")
+    box.push("queued")
+    box.close_when_flushed(CLOSE_SERVICE_RESTART, "server shutting down")
+    box.close(CLOSE_TRY_AGAIN_LATER, "client too slow: not reading")
+    assert drain(box) == [Close(CLOSE_TRY_AGAIN_LATER, "client too slow: not reading")]
+
+
+def test_a_close_while_holding_drops_the_held_events() -> None:
+    box, _ = outbox()
+    box.enqueue(message(1))
+    box.close(1008, "too many sockets")
+    box.release("snapshot")
+    assert drain(box) == [Close(1008, "too many sockets")]
+
+
+def test_wakeup_is_called_for_each_frame_and_for_a_close() -> None:
+    box, calls = outbox()
+    box.release("snapshot")
+    before = calls.wakeups
+    box.push("a")
+    box.enqueue(Outbound("b"))
+    assert calls.wakeups == before + 2
+    box.close(1000, "bye")
+    assert calls.wakeups == before + 3
