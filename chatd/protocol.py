@@ -114,7 +114,6 @@ MAX_GROUP_MEMBERS = 1000
 MAX_PAGE_SIZE = 200
 
 
-
 def stripped_text(min_length: int, max_length: int) -> Any:
     """Text whose length is checked once stripped (clean_text): surrounding whitespace does
     not count, so the limits are the schema's, not the decoder's."""
