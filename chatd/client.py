@@ -326,6 +326,7 @@ class Socket:
 
     @property
     def close_reason(self) -> str | None:
+        """The reason of the close frame received (SOCKET_CAP_REASON, say); None while open."""
         return self.ws.close_reason
 
     async def wait_closed(self, timeout: float | None = 10) -> int | None:
@@ -425,7 +426,7 @@ class Socket:
             pass
         finally:
             self.ws.transport.abort()  # a no-op once the handshake has closed it
-        await asyncio.wait({self._reader})  # its end, without a cancel meant for us lost
+        await asyncio.wait({self._reader})  # raises no reader error, yet lets our cancel in
 
     async def __aenter__(self) -> Socket:
         return self
