@@ -1,5 +1,15 @@
 """A small asyncio client for chatd: REST through httpx, /connect through websockets.
 
+Three layers, each usable on its own:
+
+- `Api`, the REST calls. One httpx.AsyncClient (one connection pool) per Api, made on
+  first use; `await api.aclose()` or `async with Api(...) as api:` releases it.
+- `Socket`, one /connect socket. `request()` sends an action and returns its ack's data;
+  every other frame is an event, taken with `next_event()`, `pending_events()` or
+  `async for event in sock.events()`.
+- `Client`, for bots and scripts. It logs in, keeps its tokens fresh, reconnects with
+  backoff and resumes with `sync`, so `events()` yields every message exactly once.
+
     api = Api("http://127.0.0.1:8000")
     await api.login("alice@example.com", "secret123")
     async with await api.connect() as sock:
@@ -7,14 +17,18 @@
         await sock.request("send_message", chat_id=chat["id"], text="hello")
         event = await sock.next_event("new_message")
 
-The tests use it. `Client` builds on both for bots and scripts: it logs in, keeps its
-tokens fresh, reconnects with backoff and resumes with `sync`, so the caller sees every
-message exactly once:
+Every event is a `Frame`: the frame's JSON object, a plain dict (`event["action"]`,
+`event["data"]`), whose `typed` is the same frame as the chatd.protocol Struct its action
+names (NewMessage, ChatCreated, ...), or None for a frame this client does not know (an
+event a newer server added). `sock.unread` is a Frame too (UnreadMessages).
 
     async with Client("http://127.0.0.1:8000", email="bot@example.com", password="...") as c:
         async for event in c.events():
-            if event["action"] == "new_message" and event["data"]["sender_uuid"] != c.user_uuid:
-                await c.send(event["data"]["chat_id"], "echo: " + event["data"]["text"])
+            match event.typed:
+                case NewMessage(data=message) if message.sender_uuid != c.user_uuid:
+                    await c.send(message.chat_id, "echo: " + message.text)
+
+Replies (`sock.request`, `c.send`, ...) and REST bodies are plain decoded JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import itertools
 import json
 import logging
@@ -31,12 +46,60 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import msgspec
 import websockets
+
+from chatd.protocol import (
+    Ack,
+    ChatCreated,
+    ChatDeleted,
+    ChatUpdated,
+    Error,
+    MemberAdded,
+    MemberRemoved,
+    MessageRead,
+    MessagesRead,
+    NewMessage,
+    TypingEvent,
+    UnreadMessages,
+)
 
 try:
     import httpx
 except ImportError as exc:  # the server does not need it: it comes with the `client` extra
     raise ImportError("chatd.client needs httpx: pip install 'chatd[client]'") from exc
+
+log = logging.getLogger("chatd.client")
+
+CLOSE_POLICY_VIOLATION = 1008  # the server's answer to a missing, invalid or expired token
+CLOSE_ABNORMAL = 1006  # what a connection that died without a close frame reports
+# The 1008 reason when the user opened more sockets than CHATD_MAX_SOCKETS_PER_USER allows.
+SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
+
+# Below the server's idle keep-alive timeout (CHATD_KEEPALIVE_TIMEOUT, 5 s by default), so a
+# pooled connection is not reused at the very moment the server closes it.
+KEEPALIVE_EXPIRY = 4.0
+ABORT_GRACE = 2.0  # seconds Socket.abort gives the closing handshake before cutting the TCP
+
+# Every frame the server sends, told apart by "action".
+# TODO(merge): chatd.protocol.ServerFrame
+ServerFrame = (
+    UnreadMessages
+    | Ack
+    | Error
+    | NewMessage
+    | ChatCreated
+    | MessageRead
+    | MessagesRead
+    | MemberAdded
+    | MemberRemoved
+    | ChatUpdated
+    | ChatDeleted
+    | TypingEvent
+)
+
+_json_decoder = msgspec.json.Decoder()
+_json_encoder = msgspec.json.Encoder()
 
 
 class ChatdError(Exception):
@@ -63,21 +126,97 @@ class ChatdError(Exception):
         )
 
 
+class ConnectionLost(ChatdError):
+    """The socket closed before what was awaited from it came: the reply to a request (which
+    may or may not have been applied), the first frame, or another event."""
+
+    def __init__(self) -> None:
+        super().__init__("connection_lost", "the socket closed")
+
+
+class TokenRefused(ChatdError):
+    """/connect closed with 1008 before its first frame: the access token was refused
+    (missing, invalid or expired), or the Origin was not allowed."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__("unauthorized", reason or "access token refused")
+
+
+class Frame(dict[str, Any]):
+    """One frame from the server: its JSON object, as a dict, plus `typed`.
+
+    `typed` is the same frame as the chatd.protocol Struct its "action" names (NewMessage,
+    ChatCreated, ...), built on first use and kept. It is None for a frame this client cannot
+    read: an action it does not know (an event a newer server added), or another shape.
+    """
+
+    @functools.cached_property
+    def typed(self) -> ServerFrame | None:
+        try:
+            return msgspec.convert(self, ServerFrame)
+        except msgspec.ValidationError:
+            return None
+
+
 class Api:
-    """The REST surface. Methods return the decoded JSON body or raise ChatdError."""
+    """The REST surface. Methods return the decoded JSON body or raise ChatdError.
+
+    All calls go through one httpx.AsyncClient, `http`. Close it with `aclose()` (or use
+    the Api as an async context manager); an Api left open holds only idle connections.
+    """
 
     def __init__(self, base_url: str, access_token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.access_token = access_token
         self.refresh_token: str | None = None
         self.user_uuid: str | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._http_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The HTTP client of the running event loop, made on first use (so only inside one).
+
+        An AsyncClient's connections belong to the loop that opened them, and an Api may
+        outlive its loop (the tests make users in one `asyncio.run` and use them in the
+        next): used from another loop, the Api starts a new client there. The old one is
+        left to the garbage collector, as it cannot be closed from another loop.
+        """
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._http_loop is not loop:
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=30,
+                limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY),
+            )
+            self._http_loop = loop
+        return self._http
+
+    @property
+    def ws_url(self) -> str:
+        """The /connect URL: base_url with ws:// (or wss://)."""
+        return "ws" + self.base_url.removeprefix("http") + "/connect"
+
+    async def aclose(self) -> None:
+        """Close the HTTP client's connections. The Api stays usable: a later call opens a
+        new client."""
+        http, self._http = self._http, None
+        if http is not None and self._http_loop is asyncio.get_running_loop():
+            await http.aclose()
+
+    async def __aenter__(self) -> Api:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request, with the access token unless `headers` has an Authorization;
+        `kwargs` go to httpx. Returns the decoded body (None for 204)."""
         headers = kwargs.pop("headers", {})
         if self.access_token and "Authorization" not in headers:
             headers["Authorization"] = f"Bearer {self.access_token}"
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=30) as http:
-            response = await http.request(method, path, headers=headers, **kwargs)
+        response = await self.http.request(method, path, headers=headers, **kwargs)
         if response.status_code == 204:
             return None
         body = response.json()
@@ -121,92 +260,173 @@ class Api:
     async def chat(self, chat_id: int) -> dict[str, Any]:
         return await self.call("GET", f"/chats/{chat_id}")
 
-    async def connect(self) -> Socket:
-        ws_url = "ws" + self.base_url.removeprefix("http") + "/connect"
-        return await Socket.open(ws_url, self.access_token)
+    async def connect(self, timeout: float = 10) -> Socket:
+        """Open /connect with the current access token; see Socket.open."""
+        return await Socket.open(self.ws_url, self.access_token, timeout)
 
 
 class Socket:
-    """One /connect socket. Replies are matched to requests; other frames queue as events."""
+    """One /connect socket. Replies are matched to requests; every other frame is an event.
+
+    Open one with `Socket.open` (or `Api.connect`). A task reads the socket from then on,
+    so events queue up whether or not anyone is waiting for them. Once the socket has
+    closed, `request` and `next_event` raise ConnectionLost (after the queued events are
+    taken); `closed`, `close_code` and `close_reason` say what happened.
+    """
 
     def __init__(self, ws: websockets.ClientConnection) -> None:
-        self.ws = ws
-        self.unread: dict[str, Any] | None = None  # the first frame, unread_messages
-        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        """Take over an open connection; `Socket.open` is the way to get one."""
+        self.ws = ws  # the websockets connection underneath, for tests that need the wire
+        self.unread: Frame | None = None  # the first frame, unread_messages
+        self._events: asyncio.Queue[Frame | None] = asyncio.Queue()  # None: closed, no more
+        self._pending: dict[str, asyncio.Future[Frame | None]] = {}  # None: no reply will come
         self._ids = itertools.count(1)
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
     async def open(cls, url: str, token: str | None, timeout: float = 10) -> Socket:
+        """Connect and wait for the first frame, the unread snapshot, kept as `unread`.
+
+        The handshake and the first frame get `timeout` seconds each (TimeoutError). A
+        socket closed with 1008 before its first frame raises TokenRefused; closed with
+        anything else, ConnectionLost.
+        """
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        ws = await websockets.connect(url, additional_headers=headers, max_size=None)
+        ws = await websockets.connect(
+            url, additional_headers=headers, max_size=None, open_timeout=timeout
+        )
         sock = cls(ws)
-        first = await asyncio.wait_for(sock._events.get(), timeout)
+        try:
+            first = await sock.next_event(timeout=timeout)
+        except ConnectionLost:
+            if sock.close_code == CLOSE_POLICY_VIOLATION:
+                raise TokenRefused(sock.close_reason) from None
+            raise
+        except BaseException:
+            await sock.abort()
+            raise
         if first.get("action") != "unread_messages":
+            await sock.abort()
             raise ChatdError("protocol", f"expected unread_messages first, got {first}")
         sock.unread = first
         return sock
 
-    async def _read(self) -> None:
-        try:
-            async for raw in self.ws:
-                frame = json.loads(raw)
-                future = self._pending.pop(frame.get("request_id") or "", None)
-                if future is not None and frame.get("action") in ("ack", "error"):
-                    if not future.done():  # its requester may have timed out or gone
-                        future.set_result(frame)
-                else:
-                    self._events.put_nowait(frame)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            for future in self._pending.values():
-                future.cancel()
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """The connection has closed and every frame it brought has been read (some may
+        still wait in the event queue)."""
+        return self._reader.done()
+
+    @property
+    def close_code(self) -> int | None:
+        """The code of the close frame received (or 1006 when none came); None while open."""
+        return self.ws.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        """The reason of the close frame received (SOCKET_CAP_REASON, say); None while open."""
+        return self.ws.close_reason
+
+    async def wait_closed(self, timeout: float | None = 10) -> int | None:
+        """Wait until the socket closes (the server closes it, or the network drops it);
+        return the close code."""
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(self._reader)
+        return self.close_code
+
+    # -- requests ------------------------------------------------------------------------
 
     async def request(self, action: str, timeout: float = 10, **fields: Any) -> Any:
-        """Send an action and return its ack's data; raise ChatdError for an error reply."""
+        """Send an action and return its ack's data.
+
+        Raises ChatdError for an error reply, ConnectionLost when the socket closes before
+        the reply (the action may or may not have been applied), TimeoutError after
+        `timeout` seconds.
+        """
         request_id = f"r{next(self._ids)}"
-        future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        reply = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = reply
         try:
+            if self.closed:  # else the reader, when it ends, answers `reply` with None
+                raise ConnectionLost()
             await self.send({"action": action, "request_id": request_id, **fields})
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
             # cancellation that arrives together with the reply (CPython gh-86296).
             async with asyncio.timeout(timeout):
-                frame = await future
+                frame = await reply
         finally:
             self._pending.pop(request_id, None)
+        if frame is None:
+            raise ConnectionLost()
         if frame["action"] == "error":
             raise ChatdError.from_body(frame["error"])
         return frame["data"]
 
     async def send(self, frame: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(frame))
+        """Send one frame as it is; raises ConnectionLost when the socket has closed."""
+        try:
+            await self.ws.send(_json_encoder.encode(frame).decode())
+        except websockets.ConnectionClosed:
+            raise ConnectionLost() from None
 
-    async def next_event(self, action: str | None = None, timeout: float = 10) -> dict[str, Any]:
-        """Wait for the next event (of `action`, skipping others when given)."""
+    # -- events --------------------------------------------------------------------------
+
+    async def next_event(self, action: str | None = None, timeout: float | None = 10) -> Frame:
+        """The next event; with `action`, the next of that action (others are dropped).
+
+        Raises TimeoutError after `timeout` seconds, and ConnectionLost when the socket
+        has closed and no event is left in the queue.
+        """
         async with asyncio.timeout(timeout):
             while True:
-                event = await self._events.get()
-                if action is None or event.get("action") == action:
-                    return event
+                frame = await self._events.get()
+                if frame is None:
+                    self._events.put_nowait(None)  # the end, for every later reader too
+                    raise ConnectionLost()
+                if action is None or frame.get("action") == action:
+                    return frame
 
-    def pending_events(self) -> list[dict[str, Any]]:
-        """Take every event received so far without waiting."""
-        events = []
+    def pending_events(self) -> list[Frame]:
+        """Take every event received so far, without waiting."""
+        frames = []
         while not self._events.empty():
-            events.append(self._events.get_nowait())
-        return events
+            frame = self._events.get_nowait()
+            if frame is None:
+                self._events.put_nowait(None)
+                break
+            frames.append(frame)
+        return frames
 
-    async def wait_closed(self, timeout: float = 10) -> int | None:
-        """Wait until the server closes the socket; return the close code."""
-        await asyncio.wait_for(asyncio.shield(self._reader), timeout)
-        return self.ws.close_code
+    async def events(self) -> AsyncIterator[Frame]:
+        """Every event in order, until the socket has closed and the queue is empty."""
+        while True:
+            try:
+                frame = await self.next_event(timeout=None)
+            except ConnectionLost:
+                return
+            yield frame
+
+    # -- closing -------------------------------------------------------------------------
 
     async def close(self) -> None:
+        """The closing handshake; returns once the connection is closed and read to the end."""
         await self.ws.close()
         await self._reader
+
+    async def abort(self) -> None:
+        """Close without trusting the peer, which may be gone: the closing handshake gets
+        ABORT_GRACE seconds, then (or at once, if this is cancelled) the TCP connection is
+        cut."""
+        try:
+            async with asyncio.timeout(ABORT_GRACE):
+                await self.ws.close()
+        except (TimeoutError, websockets.WebSocketException, OSError):
+            pass
+        finally:
+            self.ws.transport.abort()  # a no-op once the handshake has closed it
+        await asyncio.wait({self._reader})  # raises no reader error, yet lets our cancel in
 
     async def __aenter__(self) -> Socket:
         return self
@@ -214,28 +434,29 @@ class Socket:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-
-log = logging.getLogger("chatd.client")
-
-CLOSE_POLICY_VIOLATION = 1008  # the server's answer to a missing, invalid or expired token
-CLOSE_ABNORMAL = 1006  # what a connection that died without a close frame reports
-# The 1008 reason when the user opened more sockets than CHATD_MAX_SOCKETS_PER_USER allows.
-SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
-
-
-class ConnectionLost(ChatdError):
-    """The socket dropped before the reply came; the request may or may not have been applied."""
-
-    def __init__(self) -> None:
-        super().__init__("connection_lost", "the socket dropped before the reply")
-
-
-class _TokenRejected(Exception):
-    """/connect closed at once with 1008: the access token was refused."""
-
-    def __init__(self, token: str | None) -> None:
-        super().__init__("access token refused")
-        self.token = token
+    async def _read(self) -> None:
+        """Route each frame: the reply to a pending request, or an event. At the end, tell
+        every waiter that nothing more will come."""
+        try:
+            async for text in self.ws:
+                frame = _frame(text)
+                if frame is None:
+                    log.warning("ignored a frame that is not a JSON object: %.100r", text)
+                    continue
+                if frame.get("action") in ("ack", "error"):
+                    reply = self._pending.pop(frame.get("request_id") or "", None)
+                    if reply is not None:
+                        if not reply.done():  # its requester may have been cancelled
+                            reply.set_result(frame)
+                        continue
+                self._events.put_nowait(frame)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            for reply in self._pending.values():
+                if not reply.done():
+                    reply.set_result(None)
+            self._events.put_nowait(None)
 
 
 class Client:
@@ -272,7 +493,7 @@ class Client:
         # Per chat: the highest seq delivered with nothing missing below it.
         self.held: dict[int, int] = {}
         self._ahead: dict[int, dict[int, dict[str, Any]]] = {}  # received past a gap
-        self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._events: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._socket: Socket | None = None
         self._socket_changed = asyncio.Condition()
         self._gap = asyncio.Event()
@@ -311,6 +532,7 @@ class Client:
             raise self._failure or ChatdError("closed", "the client stopped")
 
     async def close(self) -> None:
+        """Stop: close the socket and the Api's HTTP client; `events()` ends."""
         self._stopped = True
         for task in self._tasks:
             # Cancel until it is done: a cancel can be lost inside a wait that completes at
@@ -324,11 +546,13 @@ class Client:
         self._events.put_nowait(None)
         async with self._socket_changed:
             self._socket_changed.notify_all()
+        await self.api.aclose()
 
     # -- what callers use ---------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Every server event as its frame ({"action", "data"}), until the client closes.
+    async def events(self) -> AsyncIterator[Frame]:
+        """Every server event as a Frame ({"action", "data"}, and `.typed`), until the
+        client closes.
 
         Messages from the unread snapshot and from `sync` come as `new_message` too.
         """
@@ -397,7 +621,7 @@ class Client:
         sock = await self._wait_socket()
         while True:
             try:
-                return await self._ask(sock, action, **fields)
+                return await sock.request(action, self.request_timeout, **fields)
             except ConnectionLost:
                 if not retry:
                     raise
@@ -456,13 +680,15 @@ class Client:
         refused: str | None = None  # an access token /connect turned down with 1008
         try:
             while not self._stopped:
+                token = self.api.access_token
                 try:
                     if refused is not None:
                         await self._renew(refused)
                         refused = None
+                        token = self.api.access_token
                     sock = await self._open()
-                except _TokenRejected as exc:
-                    refused = exc.token
+                except TokenRefused:
+                    refused = token
                     if attempt:
                         await self._backoff(attempt)
                     attempt += 1
@@ -474,7 +700,6 @@ class Client:
                     await self._backoff(attempt)
                     attempt += 1
                     continue
-                token = self.api.access_token
                 try:
                     code, resumed = await self._serve(sock)
                 finally:
@@ -482,7 +707,7 @@ class Client:
                 self.reconnects += 1
                 attempt = 0 if resumed else attempt + 1
                 log.info("socket closed with %s, reconnecting", code)
-                if sock.ws.close_reason == SOCKET_CAP_REASON:
+                if sock.close_reason == SOCKET_CAP_REASON:
                     # Replaced by a newer socket of the same user: no token problem, and
                     # coming straight back would close another one. Give way for a while.
                     await asyncio.sleep(self.backoff_cap)
@@ -507,30 +732,7 @@ class Client:
         )
 
     async def _open(self) -> Socket:
-        token = self.api.access_token
-        url = "ws" + self.api.base_url.removeprefix("http") + "/connect"
-        async with asyncio.timeout(self.request_timeout):  # not wait_for: see Socket.request
-            ws = await websockets.connect(
-                url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None
-            )
-        sock = Socket(ws)
-        first = asyncio.ensure_future(sock._events.get())
-        await asyncio.wait(
-            {first, sock._reader}, timeout=self.request_timeout, return_when="FIRST_COMPLETED"
-        )
-        if not first.done():
-            first.cancel()
-            code = ws.close_code
-            await _abort(sock)
-            if code == CLOSE_POLICY_VIOLATION:
-                raise _TokenRejected(token)
-            raise ConnectionLost()
-        frame = first.result()
-        if frame.get("action") != "unread_messages":
-            await _abort(sock)
-            raise ChatdError("protocol", f"expected unread_messages first, got {frame}")
-        sock.unread = frame
-        return sock
+        return await self.api.connect(self.request_timeout)
 
     async def _serve(self, sock: Socket) -> tuple[int, bool]:
         """Resume on a fresh socket, then follow it until it closes: (close code, resumed)."""
@@ -558,10 +760,10 @@ class Client:
         except (ConnectionLost, TimeoutError) as exc:
             log.info("resume interrupted: %s", exc or type(exc).__name__)
         finally:
-            await _abort(sock)
+            await sock.abort()
             if pump is not None:
                 await pump  # drains what was read before the close
-        return sock.ws.close_code or CLOSE_ABNORMAL, resumed
+        return sock.close_code or CLOSE_ABNORMAL, resumed
 
     async def _set_socket(self, sock: Socket | None) -> None:
         async with self._socket_changed:
@@ -578,26 +780,13 @@ class Client:
             raise self._failure or ChatdError("closed", "the client is closed")
         return self._socket
 
-    async def _ask(self, sock: Socket, action: str, **fields: Any) -> Any:
-        try:
-            return await sock.request(action, timeout=self.request_timeout, **fields)
-        except websockets.ConnectionClosed:
-            raise ConnectionLost() from None
-        except asyncio.CancelledError:
-            # Socket cancels the reply futures of a socket that closed; only a cancellation
-            # of this task itself is a real one.
-            task = asyncio.current_task()
-            if (task is not None and task.cancelling()) or not sock._reader.done():
-                raise
-            raise ConnectionLost() from None
-
     async def _learn_chats(self, sock: Socket) -> None:
         """Give chats not seen before (created or joined while away) their read pointer as
         baseline: what is above it is what arrived for us since."""
         before = None
         while True:
             fields = {"limit": 200} if before is None else {"limit": 200, "before": before}
-            page = await self._ask(sock, "list_chats", **fields)
+            page = await sock.request("list_chats", self.request_timeout, **fields)
             for chat in page["chats"]:
                 self.held.setdefault(chat["id"], chat["read_seq"])
             if not page["has_more"]:
@@ -610,7 +799,9 @@ class Client:
         while todo:
             batch, todo = todo[:1000], todo[1000:]
             chats = {str(chat_id): self.held[chat_id] for chat_id in batch if chat_id in self.held}
-            reply = await self._ask(sock, "sync", chats=chats, limit=self.sync_limit)
+            reply = await sock.request(
+                "sync", self.request_timeout, chats=chats, limit=self.sync_limit
+            )
             for key, entry in reply["chats"].items():
                 chat_id = int(key)
                 if entry.get("error"):
@@ -623,17 +814,10 @@ class Client:
 
     async def _pump(self, sock: Socket) -> None:
         """Handle the socket's events until it closes, then those still queued."""
-        while not sock._reader.done():
-            getter = asyncio.ensure_future(sock._events.get())
-            await asyncio.wait({getter, sock._reader}, return_when="FIRST_COMPLETED")
-            if getter.done():
-                self._handle(getter.result())
-            else:
-                getter.cancel()
-        for frame in sock.pending_events():
+        async for frame in sock.events():
             self._handle(frame)
 
-    def _handle(self, frame: dict[str, Any]) -> None:
+    def _handle(self, frame: Frame) -> None:
         action = frame.get("action")
         data = frame.get("data")
         if action in ("ack", "error"):
@@ -663,7 +847,7 @@ class Client:
             return
         ahead = self._ahead.get(chat_id, {})
         while message is not None:
-            self._events.put_nowait({"action": "new_message", "data": message})
+            self._events.put_nowait(Frame(action="new_message", data=message))
             held += 1
             message = ahead.pop(held + 1, None)
         self.held[chat_id] = held
@@ -703,17 +887,17 @@ def _claims(token: str) -> dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
-async def _abort(sock: Socket) -> None:
-    """Close a socket without waiting on a peer that may be gone."""
-    try:
-        await asyncio.wait_for(sock.close(), 2)
-    except (TimeoutError, websockets.WebSocketException, OSError):
-        sock.ws.transport.abort()
-        await asyncio.wait({sock._reader})  # without swallowing a cancel meant for us
-
-
 def _transient(exc: Exception) -> bool:
     """Worth another attempt: the network, the server restarting, a dropped socket."""
     if isinstance(exc, ChatdError):
         return isinstance(exc, ConnectionLost) or (exc.status or 0) >= 500
     return isinstance(exc, OSError | TimeoutError | websockets.WebSocketException | httpx.HTTPError)
+
+
+def _frame(text: str | bytes) -> Frame | None:
+    """A frame's text as a Frame; None when it is not a JSON object."""
+    try:
+        decoded = _json_decoder.decode(text)
+    except msgspec.DecodeError:
+        return None
+    return Frame(decoded) if isinstance(decoded, dict) else None

@@ -15,6 +15,7 @@ import logging
 import os
 
 from chatd.client import Client
+from chatd.protocol import NewMessage
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,13 +33,11 @@ async def main(args: argparse.Namespace) -> None:
     async with Client(args.url, email=args.email, password=args.password) as bot:
         print(f"echo bot running as {bot.user_uuid}", flush=True)
         async for event in bot.events():
-            if event["action"] != "new_message":
-                continue
-            message = event["data"]
-            if message["sender_uuid"] == bot.user_uuid:
-                continue  # our own replies come back too
-            await bot.send(message["chat_id"], f"echo: {message['text']}")
-            await bot.mark_read(message["id"])
+            match event.typed:
+                # Our own replies come back too: the guard leaves them alone.
+                case NewMessage(data=message) if message.sender_uuid != bot.user_uuid:
+                    await bot.send(message.chat_id, f"echo: {message.text}")
+                    await bot.mark_read(message.id)
 
 
 if __name__ == "__main__":

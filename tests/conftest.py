@@ -228,13 +228,18 @@ UserFactory = Callable[..., Awaitable[Api]]
 
 
 @pytest.fixture
-def make_user(server: Server) -> UserFactory:
-    """Register a fresh user on the session's server and return an Api logged in as them."""
+async def make_user(server: Server) -> AsyncIterator[UserFactory]:
+    """Register a fresh user on the session's server and return an Api logged in as them;
+    each Api's HTTP connections are closed after the test."""
+    made: list[Api] = []
 
     async def make(name: str = "user") -> Api:
-        return await new_user(server, name)
+        made.append(await new_user(server, name))
+        return made[-1]
 
-    return make
+    yield make
+    for api in made:
+        await api.aclose()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 import websockets
 
-from chatd.client import Api, Socket
+from chatd.client import Api, ConnectionLost, Socket
 from tests.conftest import Server, new_user, start_server
 
 CLOSE_SERVICE_RESTART = 1012
@@ -36,7 +36,7 @@ async def keep_sending(sock: Socket, chat_id: int, acked: dict[str, int], sent: 
             message = await sock.request(
                 "send_message", chat_id=chat_id, text="x", client_msg_id=client_msg_id
             )
-        except (websockets.ConnectionClosed, asyncio.CancelledError, TimeoutError):
+        except (ConnectionLost, TimeoutError):  # the socket closed before the ack
             return
         acked[client_msg_id] = message["id"]
 
