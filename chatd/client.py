@@ -49,20 +49,7 @@ from typing import Any
 import msgspec
 import websockets
 
-from chatd.protocol import (
-    Ack,
-    ChatCreated,
-    ChatDeleted,
-    ChatUpdated,
-    Error,
-    MemberAdded,
-    MemberRemoved,
-    MessageRead,
-    MessagesRead,
-    NewMessage,
-    TypingEvent,
-    UnreadMessages,
-)
+from chatd.protocol import ServerFrame
 
 try:
     import httpx
@@ -80,23 +67,6 @@ SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
 # pooled connection is not reused at the very moment the server closes it.
 KEEPALIVE_EXPIRY = 4.0
 ABORT_GRACE = 2.0  # seconds Socket.abort gives the closing handshake before cutting the TCP
-
-# Every frame the server sends, told apart by "action".
-# TODO(merge): chatd.protocol.ServerFrame
-ServerFrame = (
-    UnreadMessages
-    | Ack
-    | Error
-    | NewMessage
-    | ChatCreated
-    | MessageRead
-    | MessagesRead
-    | MemberAdded
-    | MemberRemoved
-    | ChatUpdated
-    | ChatDeleted
-    | TypingEvent
-)
 
 _json_decoder = msgspec.json.Decoder()
 _json_encoder = msgspec.json.Encoder()
