@@ -49,7 +49,7 @@ from typing import Any
 import msgspec
 import websockets
 
-from chatd.protocol import ServerFrame
+from chatd.protocol import CLOSE_POLICY_VIOLATION, ServerFrame
 
 try:
     import httpx
@@ -58,7 +58,6 @@ except ImportError as exc:  # the server does not need it: it comes with the `cl
 
 log = logging.getLogger("chatd.client")
 
-CLOSE_POLICY_VIOLATION = 1008  # the server's answer to a missing, invalid or expired token
 CLOSE_ABNORMAL = 1006  # what a connection that died without a close frame reports
 # The 1008 reason when the user opened more sockets than CHATD_MAX_SOCKETS_PER_USER allows.
 SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
@@ -69,7 +68,6 @@ KEEPALIVE_EXPIRY = 4.0
 ABORT_GRACE = 2.0  # seconds Socket.abort gives the closing handshake before cutting the TCP
 
 _json_decoder = msgspec.json.Decoder()
-_json_encoder = msgspec.json.Encoder()
 
 
 class ChatdError(Exception):
@@ -135,9 +133,18 @@ class Api:
     the Api as an async context manager); an Api left open holds only idle connections.
     """
 
-    def __init__(self, base_url: str, access_token: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        access_token: str | None = None,
+        *,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY,
+    ) -> None:
+        """`keepalive_expiry`: seconds an idle pooled connection is reused; keep it below the
+        idle timeout of the server (CHATD_KEEPALIVE_TIMEOUT) and of any proxy before it."""
         self.base_url = base_url.rstrip("/")
         self.access_token = access_token
+        self.keepalive_expiry = keepalive_expiry
         self.refresh_token: str | None = None
         self.user_uuid: str | None = None
         self._http: httpx.AsyncClient | None = None
@@ -157,7 +164,7 @@ class Api:
             self._http = httpx.AsyncClient(
                 base_url=self.base_url,
                 timeout=30,
-                limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY),
+                limits=httpx.Limits(keepalive_expiry=self.keepalive_expiry),
             )
             self._http_loop = loop
         return self._http
@@ -337,7 +344,8 @@ class Socket:
     async def send(self, frame: dict[str, Any]) -> None:
         """Send one frame as it is; raises ConnectionLost when the socket has closed."""
         try:
-            await self.ws.send(_json_encoder.encode(frame).decode())
+            # json, not msgspec: a lone surrogate goes out escaped, for the server to refuse.
+            await self.ws.send(json.dumps(frame))
         except websockets.ConnectionClosed:
             raise ConnectionLost() from None
 

@@ -1,7 +1,9 @@
 """Settings, read once from the environment (every variable is documented in README.md).
 
-Each setting is one field of `Settings`: its default and its CHATD_* variable are written
-there, once, and `Settings.from_env` reads every variable from that table.
+Each setting is one field of `Settings`, written once with its default and, for most, its
+CHATD_* variable: `Settings.from_env` reads every variable of that table. Read by hand in
+`from_env`: CHATD_SECRET (else one generated into the data folder) and
+CHATD_MESSAGE_BURST (the burst of CHATD_MESSAGE_RATE).
 """
 
 from __future__ import annotations
@@ -140,11 +142,26 @@ def setting(variable: str, default: Any, read: Reader = _int) -> Any:
     return dataclasses.field(default=default, metadata={"env": variable, "read": read})
 
 
-@dataclass(frozen=True)
+def _log_level(env: Env, name: str, default: str) -> str:
+    level = env.get(name, default).lower()
+    if level not in ("debug", "info", "warning", "error", "critical"):
+        raise SystemExit(f"{name} must be debug, info, warning or error, got {level!r}")
+    return level
+
+
+def _log_format(env: Env, name: str, default: str) -> str:
+    """JSON lines by default; console lines in dev mode (CHATD_DEV)."""
+    log_format = env.get(name, "").lower() or ("console" if _bool(env, "CHATD_DEV") else default)
+    if log_format not in ("json", "console"):
+        raise SystemExit(f"{name} must be json or console, got {log_format!r}")
+    return log_format
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    database_url: str | None = setting("CHATD_DATABASE_URL", None, _optional)
     # The signing key of tokens: from CHATD_SECRET, else generated once into data_dir.
-    secret: str = ""
+    secret: str
+    database_url: str | None = setting("CHATD_DATABASE_URL", None, _optional)
     dev: bool = setting("CHATD_DEV", False, _bool)  # development: tolerates a weak secret
     redis_url: str | None = setting("CHATD_REDIS_URL", None, _optional)
     workers: int = setting("CHATD_WORKERS", 1)
@@ -171,9 +188,8 @@ class Settings:
     db_pool_size: int = setting("CHATD_DB_POOL_SIZE", 20)
     # Seconds a database connect or statement may take before it fails as `unavailable`.
     db_timeout: int = setting("CHATD_DB_TIMEOUT", 10)
-    # CHATD_LOG_LEVEL and CHATD_LOG_FORMAT: read by log_options (before everything else).
-    log_level: str = "info"
-    log_format: str = "json"  # or "console"; see chatd/logs.py
+    log_level: str = setting("CHATD_LOG_LEVEL", "info", _log_level)
+    log_format: str = setting("CHATD_LOG_FORMAT", "json", _log_format)  # or "console": logs.py
     # SIGTERM: seconds to finish the sends in flight and close every socket before exiting.
     shutdown_grace: int = setting("CHATD_SHUTDOWN_GRACE", 10)
     # Rate limits (None: off). Failed logins count per email and per client address.
@@ -216,23 +232,19 @@ class Settings:
         secret = env.get("CHATD_SECRET")
         if secret:
             _check_secret(secret, values["dev"])
-        values["log_level"], values["log_format"] = log_options(env)
         return cls(secret=secret or _stored_secret(values["data_dir"]), **values)
 
 
-def log_options(env: Mapping[str, str]) -> tuple[str, str]:
-    """CHATD_LOG_LEVEL and CHATD_LOG_FORMAT: JSON lines by default, console lines in dev mode.
+def _from_env(env: Mapping[str, str], name: str) -> Any:
+    """One Settings field, read from the environment as from_env reads it."""
+    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    return field.metadata["read"](env, field.metadata["env"], field.default)
 
-    Read apart from Settings so logging is set up before reading the rest can warn.
-    """
-    level = env.get("CHATD_LOG_LEVEL", "info").lower()
-    if level not in ("debug", "info", "warning", "error", "critical"):
-        raise SystemExit(f"CHATD_LOG_LEVEL must be debug, info, warning or error, got {level!r}")
-    default_format = "console" if _bool(env, "CHATD_DEV") else "json"
-    log_format = env.get("CHATD_LOG_FORMAT", "").lower() or default_format
-    if log_format not in ("json", "console"):
-        raise SystemExit(f"CHATD_LOG_FORMAT must be json or console, got {log_format!r}")
-    return level, log_format
+
+def log_options(env: Mapping[str, str]) -> tuple[str, str]:
+    """CHATD_LOG_LEVEL and CHATD_LOG_FORMAT, read apart from the rest of Settings so
+    logging is set up before reading the rest can warn."""
+    return _from_env(env, "log_level"), _from_env(env, "log_format")
 
 
 def _check_secret(secret: str, dev: bool) -> None:

@@ -60,8 +60,9 @@ def attach_settings(config: Config, settings: Settings) -> None:
 
 
 def settings_of(config: Config) -> Settings:
-    """The settings attached to `config`, or the defaults for a Config chatd did not build."""
-    return getattr(config, _SETTINGS, None) or Settings()
+    """The settings attached to `config`, or the defaults for a Config chatd did not build
+    (the protocols read only their limits: no secret is needed)."""
+    return getattr(config, _SETTINGS, None) or Settings(secret="")
 
 
 def peer(client: tuple[str, int] | None) -> str:

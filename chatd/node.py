@@ -5,7 +5,7 @@ that carries events between processes, the MessageWriter, the rate limits and th
 gate. The app builds one at start-up and keeps it as `app.state.node`; handlers reach it
 through their Context, sockets through the app.
 
-    node = Node(settings, database_url)   # nothing connected yet
+    node = Node(settings, database_url)   # in a running loop; nothing connected yet
     await node.start()                    # the pool, the bus, the writers' watchdog
     ...
     await node.drain(deadline)            # shutdown: no action in flight any more
@@ -50,12 +50,20 @@ class Node:
         self._drained: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        """Connect to the database and the bus; start the stalled-writer watchdog."""
-        await self.pool
+        """Connect to the database and the bus; start the stalled-writer watchdog.
+
+        When either cannot be reached, what was opened is closed again and the error raised.
+        """
+        try:
+            await self.pool
+        except BaseException:
+            await self.limits.close()
+            raise
         metrics.watch_pool(self.pool)
         try:
-            await self.bus.start()
+            await self.bus.start()  # closes itself when it fails
         except BaseException:
+            await self.limits.close()
             await self.pool.close()
             raise
         self._watchdog = asyncio.create_task(self.hub.watch_writers())

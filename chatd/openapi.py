@@ -155,9 +155,7 @@ def openapi_document(
                     "in": where,
                     "description": p.description,
                     "required": p.required,
-                    "schema": schema[p.type]
-                    if p.default is None
-                    else {**schema[p.type], "default": p.default},
+                    "schema": _param_schema(schema[p.type], p),
                 }
                 for p in group
             ]
@@ -191,6 +189,12 @@ def openapi_document(
             },
         },
     }
+
+
+def _param_schema(schema: dict[str, Any], param: Param) -> dict[str, Any]:
+    """A parameter's schema: its default added; its description is the parameter's own."""
+    schema = {key: value for key, value in schema.items() if key != "description"}
+    return schema if param.default is None else {**schema, "default": param.default}
 
 
 def _unique_id(op: Operation, path: str, taken: set[str]) -> str:

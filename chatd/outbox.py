@@ -71,10 +71,6 @@ class Outbox:
         """The close chosen (code, reason), once one is."""
         return None if self._close is None else (self._close.code, self._close.reason)
 
-    def __len__(self) -> int:
-        """Frames waiting to be written (held events not counted)."""
-        return len(self._frames)
-
     def enqueue(self, event: Outbound) -> None:
         """An event for this socket: held while HOLDING, else queued."""
         if self.state is State.HOLDING:

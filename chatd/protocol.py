@@ -129,7 +129,11 @@ def stripped_text(min_length: int, max_length: int) -> Any:
 Text = stripped_text(1, MAX_TEXT_CHARS)
 GroupName = stripped_text(1, MAX_GROUP_NAME_CHARS)
 UserName = stripped_text(1, MAX_USER_NAME_CHARS)
-Password = Annotated[str, Meta(min_length=MIN_PASSWORD_CHARS, max_length=MAX_PASSWORD_CHARS)]
+# Checked by the register handler, after the name and the email.
+Password = Annotated[
+    str,
+    Meta(extra_json_schema={"minLength": MIN_PASSWORD_CHARS, "maxLength": MAX_PASSWORD_CHARS}),
+]
 RequestId = Annotated[str, Meta(max_length=64)]
 Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # PostgreSQL bigint; larger ids cannot exist
 UserIds = Annotated[list[UserUuid], Meta(max_length=MAX_USERS_PER_CALL)]
@@ -418,7 +422,9 @@ class GetHistory(Struct, kw_only=True):
     limit: Annotated[int, Meta(ge=1, le=MAX_PAGE_SIZE, description="keyset page size")] = 50
 
 
-class ReadChat(Struct, kw_only=True):
+class Read(Struct, kw_only=True):
+    """POST /chats/{chat_id}/read: mark_read in one chat, up to one of its messages."""
+
     chat_id: Id
     up_to: Id  # a message id in this chat
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import types
 import typing
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import msgspec
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from chatd.auth import bearer_token
@@ -30,7 +30,7 @@ from chatd.handlers import HANDLERS, REST_HANDLERS, SOCKET_ONLY, handler_for
 from chatd.handlers.base import anonymous, authenticate
 from chatd.metrics import ERRORS
 from chatd.node import Node
-from chatd.openapi import Operation, Param
+from chatd.openapi import Operation, Param, path_params
 from chatd.protocol import (
     BAD_REQUEST,
     DATABASE_UNAVAILABLE_MESSAGE,
@@ -59,7 +59,7 @@ from chatd.protocol import (
     Login,
     Me,
     Message,
-    ReadChat,
+    Read,
     Readiness,
     ReadUpto,
     Refresh,
@@ -82,7 +82,6 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_BIGINT = 2**63 - 1
 
 T = TypeVar("T")
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 # --- answers -------------------------------------------------------------------------------
@@ -137,9 +136,10 @@ def node_of(request: Request) -> Node:
     return request.app.state.node
 
 
-def client_address(request: Request) -> str:
-    """The client's IP: uvicorn takes it from X-Forwarded-For for CHATD_FORWARDED_ALLOW_IPS."""
-    return request.client.host if request.client else "unknown"
+def client_address(conn: HTTPConnection) -> str:
+    """The client's IP (a request's or a socket's): uvicorn takes it from X-Forwarded-For
+    for the proxies in CHATD_FORWARDED_ALLOW_IPS."""
+    return conn.client.host if conn.client else "unknown"
 
 
 async def read_body(request: Request, kind: type[T]) -> T:
@@ -166,12 +166,29 @@ async def read_body(request: Request, kind: type[T]) -> T:
     return value
 
 
+# How a query string value becomes its field's type: as Python reads an int (so " 5",
+# "+5" and "05" are 5) or a UUID; a string as it is. Never "null" as None.
+_QUERY_TYPES: dict[Any, tuple[Callable[[str], Any], str]] = {
+    int: (int, "an integer"),
+    uuid.UUID: (uuid.UUID, "a UUID"),
+    str: (str, "text"),
+}
+
+
 def read_query(request: Request, kind: type[T]) -> T:
-    """The query string as a `kind`: its strings become the fields' types, or `invalid`."""
-    params = request.query_params
-    given = {name: params[name] for name in kind.__struct_fields__ if name in params}
+    """The query string as a `kind` (a Struct of int, UUID and str fields), or `invalid`."""
+    given = {}
+    for field in msgspec.structs.fields(kind):
+        raw = request.query_params.get(field.name)
+        if raw is None:
+            continue
+        parse, what = _QUERY_TYPES[_base_type(field.type)]
+        try:
+            given[field.name] = parse(raw)
+        except ValueError:
+            raise ChatError(INVALID, f"{field.name} must be {what}") from None
     try:
-        value = msgspec.convert(given, kind, strict=False)
+        value = msgspec.convert(given, kind)  # the bounds and lengths
     except msgspec.ValidationError as exc:
         raise ChatError(INVALID, str(exc)) from None
     refuse_nul(value)
@@ -209,7 +226,6 @@ def header_fields(
 
 # --- routes --------------------------------------------------------------------------------
 
-_PATH_FIELD = re.compile(r"\{(\w+)(?::\w+)?\}")
 NOT_IN_REQUESTS = {"request_id"}  # the socket's own; REST has no use for it
 
 
@@ -225,14 +241,20 @@ class RequestShape:
 
     @classmethod
     def of(cls, method: str, path: str, request: type, headers: dict[str, str]) -> RequestShape:
-        in_path = tuple(_PATH_FIELD.findall(path))
+        in_path = tuple(name for name, _ in path_params(path)[1])
         fields = msgspec.structs.fields(request)
+        unknown = set(in_path) - {f.name for f in fields}
+        if unknown:
+            raise RuntimeError(f"{path}: {request.__name__} has no field {sorted(unknown)}")
         rest = [f for f in fields if f.name not in in_path and f.name not in NOT_IN_REQUESTS]
         body = query = None
         if rest and method in ("POST", "PATCH", "PUT"):
             body = _struct(f"{request.__name__}Request", rest)
         elif rest:
             query = _struct(f"{request.__name__}Query", rest)
+            for f in rest:
+                if _base_type(f.type) not in _QUERY_TYPES:
+                    raise RuntimeError(f"{request.__name__}.{f.name}: no query string form")
         types_of = {f.name: f.type for f in fields}
         typed = {header: (name, types_of[name]) for header, name in headers.items()}
         return cls(request, in_path, body, query, typed)
@@ -262,9 +284,11 @@ def route(
     headers: dict[str, str] | None = None,
     auth: bool = True,
     errors: tuple[int, ...] = (),
+    operation_id: str | None = None,
 ) -> Operation:
     """The route of `request`: its path fields from `path`, `headers` (header → field) on
-    top of the body (POST, PATCH) or the query string (GET, DELETE) for the rest."""
+    top of the body (POST, PATCH) or the query string (GET, DELETE) for the rest. Its
+    operationId is its handler's name unless given."""
     shape = RequestShape.of(method, path, request, headers or {})
     handler = handler_for(request)
 
@@ -281,7 +305,7 @@ def route(
             return json_response(result.value, status if result.created else 200)
         return json_response(result, status)
 
-    endpoint.__name__ = endpoint.__qualname__ = handler.__name__  # the operationId
+    endpoint.__name__ = endpoint.__qualname__ = operation_id or handler.__name__
     return Operation(
         method,
         path,
@@ -307,7 +331,16 @@ def _struct(name: str, fields: list[msgspec.structs.FieldInfo]) -> type[msgspec.
     """A Struct of some of a request's fields (its body, or its query string)."""
     return msgspec.defstruct(
         name,
-        [(f.name, f.type) if f.required else (f.name, f.type, f.default) for f in fields],
+        [
+            (
+                f.name,
+                f.type,
+                msgspec.field(
+                    default=f.default, default_factory=f.default_factory, name=f.encode_name
+                ),
+            )
+            for f in fields
+        ],
         kw_only=True,
     )
 
@@ -324,6 +357,12 @@ def _param(field: msgspec.structs.FieldInfo) -> Param:
             description = meta.description
     default = None if field.default is msgspec.NODEFAULT else field.default
     return Param(field.name, kind, description, field.required, default)
+
+
+def _base_type(kind: Any) -> Any:
+    """int for Annotated[int, Meta(...)] | None, and so on."""
+    kind = _not_null(kind)
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
 
 
 def _not_null(kind: Any) -> Any:
@@ -427,9 +466,9 @@ OPERATIONS = [
         Message, tag="messages", errors=(404, 503),
     ),
     route(
-        "POST", "/chats/{chat_id:int}/read", ReadChat,
+        "POST", "/chats/{chat_id:int}/read", Read,
         "Move your read pointer up to a message of this chat", ReadUpto,
-        tag="messages", errors=(400, 404, 413, 422, 503),
+        tag="messages", errors=(400, 404, 413, 422, 503), operation_id="mark_read",
     ),
     route(
         "GET", "/history/{chat_id:int}", GetHistory, "A page of a chat's messages", History,
@@ -446,11 +485,15 @@ OPERATIONS = [
 
 
 def _check_routes() -> None:
-    """Every request has a route, or is marked socket-only (chatd/handlers/__init__.py)."""
+    """Every request has a route, or is a socket action marked socket-only
+    (chatd/handlers/__init__.py); a socket-only one has none."""
     routed = {op.request for op in OPERATIONS}
     for request_type in [*HANDLERS, *REST_HANDLERS]:
         if request_type not in routed and request_type not in SOCKET_ONLY:
             raise RuntimeError(f"{request_type.__name__} has no REST route and is not SOCKET_ONLY")
+    for request_type in SOCKET_ONLY:
+        if request_type not in HANDLERS or request_type in routed:
+            raise RuntimeError(f"{request_type.__name__} is SOCKET_ONLY: a socket action, no route")
 
 
 _check_routes()

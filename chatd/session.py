@@ -45,6 +45,7 @@ from chatd.protocol import (
     encode_text,
     retry_after_ms,
 )
+from chatd.rest import client_address
 from chatd.websocket_protocol import SERVER_SHUTDOWN, SHUTDOWN_DEADLINE
 
 log = logging.getLogger("chatd")
@@ -62,9 +63,8 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         return
     token = bearer_token(websocket.headers.get("authorization"))
     token = token or websocket.query_params.get("token")
-    peer = websocket.client.host if websocket.client else "unknown"
     try:
-        ctx = authenticate(node, token, peer)
+        ctx = authenticate(node, token, client_address(websocket))
     except ChatError:
         # Accept-then-close: a refused upgrade would show a browser no close code at all.
         reason = "missing, invalid or expired access token"
@@ -93,7 +93,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             await session.close_now(CLOSE_TRY_AGAIN_LATER, "event stream unavailable; retry")
             return
         try:
-            session.start(await unread_snapshot(ctx))
+            session.send_snapshot(await unread_snapshot(ctx))
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
@@ -199,7 +199,7 @@ class Session:
             self._writer_interrupted = True
             self._writer.cancel()
 
-    def start(self, snapshot: UnreadMessages) -> None:
+    def send_snapshot(self, snapshot: UnreadMessages) -> None:
         """Send the unread snapshot first, then the held events it does not contain."""
         self.outbox.release(encode_text(snapshot), {m.id for m in snapshot.data})
 

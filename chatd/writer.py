@@ -226,10 +226,11 @@ class MessageWriter:
                 [s.client_msg_id for s in new],
             )
             # Only senders who were holding a chat's watermark back can move it.
+            chat_of = {row["n"]: new[row["n"] - 1].chat_id for row in rows}
             holders = {
-                new[row["n"] - 1].chat_id
+                chat_of[row["n"]]
                 for row in rows
-                if row["sender_read_seq"] <= watermarks[new[row["n"] - 1].chat_id]
+                if row["sender_read_seq"] <= watermarks[chat_of[row["n"]]]
             }
             if holders:
                 done.newly_read = await advance_read_watermarks(conn, sorted(holders))
@@ -275,12 +276,11 @@ class MessageWriter:
             for send in unique
             if send.key is not None and id(send) in messages
         }
-        for copy in copies:
-            assert copy.key is not None
+        for copy in copies:  # each has a key: partition only copies keyed sends
             if copy.key in persisted.originals:
                 _settle_original(copy, persisted.originals[copy.key])
             elif copy.key in stored_by_key:
-                message = stored_by_key[copy.key]
+                message = stored_by_key[copy.key]  # type: ignore[index]
                 if message.chat_id == copy.chat_id:
                     _settle(copy, result=Created(message, created=False))
                 else:

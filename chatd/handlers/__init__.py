@@ -38,7 +38,7 @@ from chatd.protocol import (
     ListUsers,
     Login,
     MarkRead,
-    ReadChat,
+    Read,
     Refresh,
     Register,
     RemoveMember,
@@ -77,11 +77,11 @@ REST_HANDLERS: dict[type, Handler] = {
     GetMe: accounts.me,
     ListUsers: accounts.users_list,
     GetHistory: history.history,
-    ReadChat: reads.read_chat,
+    Read: reads.read_chat,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live
-# socket; mark_read's REST form is POST /chats/{id}/read (ReadChat); leave_chat's is
+# socket; mark_read's REST form is POST /chats/{id}/read (Read); leave_chat's is
 # DELETE /chats/{id}/members/{your own uuid}.
 SOCKET_ONLY = frozenset({Sync, Typing, MarkRead, LeaveChat})
 

@@ -18,7 +18,9 @@ from chatd.protocol import (
     EMAIL_TAKEN,
     INVALID,
     INVALID_CREDENTIALS,
+    MAX_PASSWORD_CHARS,
     MAX_USER_NAME_CHARS,
+    MIN_PASSWORD_CHARS,
     RATE_LIMITED,
     UNAUTHORIZED,
     ChatError,
@@ -49,6 +51,10 @@ def valid_email(raw: str, normalize: Callable[[str], str]) -> str:
 async def register(ctx: Context, action: Register) -> RegisterResponse:
     name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
     email = valid_email(action.email, normalize_email)
+    if not MIN_PASSWORD_CHARS <= len(action.password) <= MAX_PASSWORD_CHARS:
+        raise ChatError(
+            INVALID, f"password must be {MIN_PASSWORD_CHARS}..{MAX_PASSWORD_CHARS} characters"
+        )
     wait = await ctx.node.limits.register.take(ctx.peer)
     if wait:
         raise ChatError(

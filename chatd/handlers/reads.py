@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncpg
 
 from chatd.handlers.base import Context
-from chatd.protocol import NOT_FOUND, ChatError, MarkRead, ReadChat, ReadUpto
+from chatd.protocol import NOT_FOUND, ChatError, MarkRead, Read, ReadUpto
 from chatd.store import advance_read_watermarks, publish_read_receipts
 
 _MESSAGES_VISIBLE_TO = """
@@ -35,7 +35,7 @@ async def mark_read(ctx: Context, action: MarkRead) -> ReadUpto:
     return await _read_up_to(ctx, action.message_ids)
 
 
-async def read_chat(ctx: Context, action: ReadChat) -> ReadUpto:
+async def read_chat(ctx: Context, action: Read) -> ReadUpto:
     return await _read_up_to(ctx, [action.up_to], chat_id=action.chat_id)
 
 
