@@ -315,7 +315,7 @@ def route(
         status,
         also_ok,
         body=shape.body,
-        query=tuple(_param(f) for f in query_fields(shape.query)),
+        query=tuple(map(_param, msgspec.structs.fields(shape.query))) if shape.query else (),
         headers=tuple(
             Param(header, _not_null(kind), f"the same as {name}")
             for header, (name, kind) in shape.headers.items()
@@ -343,10 +343,6 @@ def _struct(name: str, fields: list[msgspec.structs.FieldInfo]) -> type[msgspec.
         ],
         kw_only=True,
     )
-
-
-def query_fields(query: type | None) -> tuple[msgspec.structs.FieldInfo, ...]:
-    return () if query is None else msgspec.structs.fields(query)
 
 
 def _param(field: msgspec.structs.FieldInfo) -> Param:

@@ -276,17 +276,17 @@ class MessageWriter:
             for send in unique
             if send.key is not None and id(send) in messages
         }
-        for copy in copies:  # each has a key: partition only copies keyed sends
-            if copy.key in persisted.originals:
-                _settle_original(copy, persisted.originals[copy.key])
-            elif copy.key in stored_by_key:
-                message = stored_by_key[copy.key]  # type: ignore[index]
-                if message.chat_id == copy.chat_id:
-                    _settle(copy, result=Created(message, created=False))
-                else:
-                    _settle(copy, exception=_reused_elsewhere())
-            else:  # its twin stored nothing (not a member there): judge it on its own
+        for copy in copies:  # each has a key: partition copies only keyed sends
+            original = persisted.originals.get(copy.key) if copy.key else None
+            message = stored_by_key.get(copy.key)
+            if original is not None:
+                _settle_original(copy, original)
+            elif message is None:  # its twin stored nothing (not a member there): on its own
                 self._queue.append(copy)
+            elif message.chat_id == copy.chat_id:
+                _settle(copy, result=Created(message, created=False))
+            else:
+                _settle(copy, exception=_reused_elsewhere())
 
 
 def partition(batch: list[PendingSend]) -> tuple[list[PendingSend], list[PendingSend]]:
