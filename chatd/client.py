@@ -8,7 +8,8 @@ Three layers, each usable on its own:
   every other frame is an event, taken with `next_event()`, `pending_events()` or
   `async for event in sock.events()`.
 - `Client`, for bots and scripts. It logs in, keeps its tokens fresh, reconnects with
-  backoff and resumes with `sync`, so `events()` yields every message exactly once.
+  backoff and resumes with `sync`, so `events()` yields every message, and every change to
+  a message (edit, delete, reaction, pin), exactly once.
 
     api = Api("http://127.0.0.1:8000")
     await api.login("alice@example.com", "secret123")
@@ -36,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import functools
 import itertools
 import json
@@ -81,6 +83,9 @@ class ChatdError(Exception):
         self.message = message
         self.status = status
         self.retry_after = retry_after  # rate_limited: seconds to wait before trying again
+        # Client.request: the request had gone out on a socket that dropped before its
+        # reply, so this answers a repeat and the first attempt may have been applied.
+        self.resent = False
 
     @classmethod
     def from_body(cls, error: dict[str, Any], status: int | None = None) -> ChatdError:
@@ -437,15 +442,59 @@ class Socket:
             self._events.put_nowait(None)
 
 
+@dataclasses.dataclass
+class ChatCursor:
+    """How far a Client's view of one chat goes: the per-chat version of Telegram's `pts`.
+
+    The view holds every message of the chat up to `seq` (those hidden for this user aside)
+    exactly as the server had them at chat version `version`. A versioned event (a new or
+    updated message, a pin) is applied when it is the next change, `version + 1`; one at
+    or below `version` is already in the view; one further ahead waits for the changes
+    before it, and `sync` fills a gap that stays.
+    """
+
+    seq: int
+    version: int
+    pinned_message_id: int | None
+    chat: dict[str, Any]  # the Chat (CHAT_FIELDS) as last told: name, members, ...
+    # The message event of change `version` is in the view. A delete for everyone of the
+    # pinned message is one change with two events, message_updated and chat_updated, at
+    # the same version: whichever comes second is applied at `version` too.
+    message_at_version: bool = True
+
+
 class Client:
     """A long-lived chatd session for bots and scripts.
 
     It logs in, keeps the token pair fresh (refresh tokens are single-use, so renewals are
     serialised), holds one /connect socket and replaces it after a drop, with jittered and
-    capped exponential backoff. After every (re)connect it resumes: the unread snapshot,
-    then `list_chats` for chats it has not seen, then `sync` of every chat from the highest
-    seq held without a gap. Messages are released to `events()` in seq order per chat and
-    exactly once, whichever of snapshot, sync or the live stream brought them.
+    capped exponential backoff. After every (re)connect it resumes: `list_chats` gives the
+    chats it has not seen their baseline (read pointer and version), then `sync` (the
+    versioned form, `{chat_id: {"seq", "version"}}`) brings every chat up to date.
+
+    `events()` yields each change to a chat's messages exactly once and in the chat's
+    order, whichever of sync or the live stream brought it (see ChatCursor):
+
+    - `new_message` for every message above the baseline, in seq order per chat (live, or
+      from sync; a message deleted for everyone meanwhile comes as its tombstone);
+    - `message_updated` for an edit, a delete for everyone or a reaction change (the whole
+      Message: replace yours); never for a message this client saw hidden;
+    - `message_hidden {chat_id, message_id}` when this user deleted a message for
+      themselves (on any device), once per message;
+    - `chat_updated` for a pin or unpin (the Chat, with its `pinned_message_id` and
+      `version`), and for renames and role changes. A pin change learned from sync comes as
+      a `chat_updated` too: the Chat as this client last heard of it, with the new
+      `pinned_message_id` and the version of the sync answer. A rename seen only in the
+      chat list after a reconnect comes the same way;
+    - `sync_too_long {chat_id, seq, version}`, an event of this client, not of the server:
+      too much changed in that chat while away to replay. Reload the chat's history (and
+      `get_chat` for its pin); the client goes on from `seq` and `version`;
+    - every other server event as it comes.
+
+    A `message_updated` is yielded for any message not known to be hidden, including ones
+    below the baseline that were never yielded as `new_message` (older history an app may
+    show); a message hidden before this Client started, on another device, is not known to
+    be hidden. Ignore updates to messages you do not hold.
     """
 
     def __init__(
@@ -458,7 +507,11 @@ class Client:
         backoff_cap: float = 15.0,
         request_timeout: float = 10.0,
         sync_limit: int = 100,
+        gap_grace: float = 0.5,
     ) -> None:
+        """`sync_limit`: new messages per chat per sync request. `gap_grace`: seconds an
+        event that arrived ahead of its chat's next version waits for the ones before it
+        (events of changes committed back to back may come out of order) before a sync."""
         self.api = Api(base_url)
         self.email = email
         self.password = password
@@ -466,11 +519,17 @@ class Client:
         self.backoff_cap = backoff_cap
         self.request_timeout = request_timeout
         self.sync_limit = sync_limit
+        self.gap_grace = gap_grace
         self.reconnects = 0  # sockets opened after the first one
         self.renewals = 0  # token pairs obtained after the first login
-        # Per chat: the highest seq delivered with nothing missing below it.
-        self.held: dict[int, int] = {}
-        self._ahead: dict[int, dict[int, dict[str, Any]]] = {}  # received past a gap
+        self.syncs = 0  # sync requests sent
+        # Per chat: how far the view goes (read them; the client moves them).
+        self.cursors: dict[int, ChatCursor] = {}
+        # Per chat, by version: versioned events that cannot be applied yet.
+        self._ahead: dict[int, dict[int, list[Frame]]] = {}
+        self._gap_since: dict[int, float] = {}  # loop time each chat's wait began
+        self._unlearned: set[int] = set()  # chats heard of through an event, no baseline yet
+        self._hidden: dict[int, set[int]] = {}  # per chat: ids this user hid, as told
         self._events: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._socket: Socket | None = None
         self._socket_changed = asyncio.Condition()
@@ -485,6 +544,11 @@ class Client:
     @property
     def user_uuid(self) -> str | None:
         return self.api.user_uuid
+
+    @property
+    def held(self) -> dict[int, int]:
+        """Per chat: the highest seq in the view, with nothing missing below it."""
+        return {chat_id: cursor.seq for chat_id, cursor in self.cursors.items()}
 
     @property
     def socket(self) -> Socket | None:
@@ -529,10 +593,11 @@ class Client:
     # -- what callers use ---------------------------------------------------------------
 
     async def events(self) -> AsyncIterator[Frame]:
-        """Every server event as a Frame ({"action", "data"}, and `.typed`), until the
-        client closes.
+        """Every event as a Frame ({"action", "data"}, and `.typed`), until the client
+        closes: each change exactly once, as the class docstring lists.
 
-        Messages from the unread snapshot and from `sync` come as `new_message` too.
+        Messages from `sync` come as `new_message`, changes from it as `message_updated`,
+        `message_hidden` and `chat_updated`, as if they had come live.
         """
         while True:
             event = await self._events.get()
@@ -543,16 +608,108 @@ class Client:
                 return
             yield event
 
-    async def send(self, chat_id: int, text: str, client_msg_id: str | None = None) -> Any:
+    async def send(
+        self,
+        chat_id: int,
+        text: str,
+        client_msg_id: str | None = None,
+        *,
+        reply_to: int | None = None,
+        mentions: Iterable[str] = (),
+    ) -> Any:
         """Send a message and return it. A drop before the ack is retried on the next socket
         with the same client_msg_id, so the message is stored once whatever happened; over
-        the server's message rate limit, it waits as long as the server says, then retries."""
-        fields = {"chat_id": chat_id, "text": text, "client_msg_id": client_msg_id}
+        the server's message rate limit, it waits as long as the server says, then retries.
+
+        `reply_to`: a message of the same chat this one answers; `mentions`: uuids of
+        members it mentions."""
+        fields: dict[str, Any] = {"chat_id": chat_id, "text": text}
         fields["client_msg_id"] = client_msg_id or str(uuid.uuid4())
+        if reply_to is not None:
+            fields["reply_to"] = reply_to
+        if mentions:
+            fields["mentions"] = list(mentions)
+        return await self._paced("send_message", fields)
+
+    async def reply(
+        self,
+        chat_id: int,
+        reply_to: int,
+        text: str,
+        client_msg_id: str | None = None,
+        *,
+        mentions: Iterable[str] = (),
+    ) -> Any:
+        """`send` with `reply_to`: a message answering message `reply_to` of the chat."""
+        return await self.send(chat_id, text, client_msg_id, reply_to=reply_to, mentions=mentions)
+
+    async def forward(self, message_id: int, chat_id: int, client_msg_id: str | None = None) -> Any:
+        """Copy a message you can see into chat `chat_id` as your own new message (with
+        `forwarded_from`); return it. Retried after drops with the same client_msg_id, like
+        `send`, so it is stored once."""
+        fields = {
+            "message_id": message_id,
+            "chat_id": chat_id,
+            "client_msg_id": client_msg_id or str(uuid.uuid4()),
+        }
+        return await self._paced("forward_message", fields)
+
+    async def edit(self, message_id: int, text: str) -> Any:
+        """Change the text of a message you sent; return the Message. Retried after a drop
+        (editing to the same text again changes nothing): do not edit one message from two
+        tasks at once, or a retry may put back the text of the other."""
+        return await self._paced("edit_message", {"message_id": message_id, "text": text})
+
+    async def delete(self, message_id: int, *, for_everyone: bool = True) -> Any:
+        """Delete a message for everyone (the sender, or a group's owner or admins), or for
+        you only (`for_everyone=False`: any member; it is hidden from you). Returns
+        `{chat_id, message_id, for_everyone}`. Retried after drops: deleting again changes
+        nothing. A hidden message is not_found for its hider, so a retried delete for me
+        whose first attempt was applied answers from what this client knows, with
+        `chat_id` None when the message_hidden event has not come yet."""
+        try:
+            fields = {"message_id": message_id, "for_everyone": for_everyone}
+            return await self._paced("delete_message", fields)
+        except ChatdError as exc:
+            if for_everyone or not exc.resent or exc.code != "not_found":
+                raise
+        chat_id = next((c for c, ids in self._hidden.items() if message_id in ids), None)
+        return {"chat_id": chat_id, "message_id": message_id, "for_everyone": False}
+
+    async def react(self, message_id: int, emoji: str) -> Any:
+        """Add your reaction `emoji` (one emoji) to a message; return the Message. A set:
+        reacting twice is one reaction, so it is retried after drops."""
+        return await self._paced("react", {"message_id": message_id, "emoji": emoji})
+
+    async def unreact(self, message_id: int, emoji: str) -> Any:
+        """Take your reaction `emoji` back (a no-op when there is none); return the Message."""
+        return await self._paced("unreact", {"message_id": message_id, "emoji": emoji})
+
+    async def pin(self, message_id: int, chat_id: int | None = None) -> Any:
+        """Pin a message in its chat (groups: owner and admins; private chats: either
+        member); return the Chat. Pinning it again changes nothing, so it is retried."""
+        fields: dict[str, Any] = {"message_id": message_id}
+        if chat_id is not None:
+            fields["chat_id"] = chat_id
+        return await self._paced("pin_message", fields)
+
+    async def unpin(self, chat_id: int) -> Any:
+        """Unpin the chat's pinned message; return the Chat. Retried after drops."""
+        return await self._paced("unpin_message", {"chat_id": chat_id})
+
+    async def edits(self, message_id: int) -> list[dict[str, Any]]:
+        """GET /messages/{id}/edits: the message's earlier texts, oldest first."""
+        return (await self.rest("GET", f"/messages/{message_id}/edits"))["edits"]
+
+    async def _paced(self, action: str, fields: dict[str, Any]) -> Any:
+        """A request retried after drops, and after the wait a rate_limited answer names.
+        An error's `resent` says whether any attempt had gone out on a socket that dropped."""
+        resent = False
         while True:
             try:
-                return await self.request("send_message", retry=True, **fields)
+                return await self.request(action, retry=True, **fields)
             except ChatdError as exc:
+                exc.resent = resent = resent or exc.resent
                 if exc.code != "rate_limited" or exc.retry_after is None:
                     raise
                 await asyncio.sleep(exc.retry_after)
@@ -595,14 +752,20 @@ class Client:
 
     async def request(self, action: str, *, retry: bool = False, **fields: Any) -> Any:
         """Any /connect action; return its ack data. Without `retry` a drop before the reply
-        raises ConnectionLost; with it the same frame is sent again on the next socket."""
+        raises ConnectionLost; with it the same frame is sent again on the next socket (an
+        error answering such a repeat has `resent` set)."""
         sock = await self._wait_socket()
+        resent = False
         while True:
             try:
                 return await sock.request(action, self.request_timeout, **fields)
             except ConnectionLost:
                 if not retry:
                     raise
+            except ChatdError as exc:
+                exc.resent = resent
+                raise
+            resent = True
             sock = await self._wait_socket(old=sock)
 
     # -- tokens -------------------------------------------------------------------------
@@ -713,27 +876,40 @@ class Client:
         return await self.api.connect(self.request_timeout)
 
     async def _serve(self, sock: Socket) -> tuple[int, bool]:
-        """Resume on a fresh socket, then follow it until it closes: (close code, resumed)."""
+        """Resume on a fresh socket, then follow it until it closes: (close code, resumed).
+
+        The unread snapshot is not read: every chat syncs from its baseline, which brings
+        the same messages, and the changes the snapshot cannot tell.
+        """
         resumed = False
         pump: asyncio.Task[None] | None = None
         await self._set_socket(sock)
         try:
-            for message in (sock.unread or {}).get("data", []):
-                self._feed(message)
-            # Before any live event is handled, so a chat's baseline comes from its read
-            # pointer rather than from whichever live message happens to come first.
+            # Before any live event is handled, so a chat's baseline comes from the chat
+            # list rather than from whichever live event happens to come first.
             await self._learn_chats(sock)
             pump = asyncio.create_task(self._pump(sock))
-            await self._sync(sock, list(self.held))
+            await self._sync(sock, list(self.cursors))
             resumed = True
+            loop = asyncio.get_running_loop()
             while not pump.done():
-                gaps = [chat_id for chat_id, ahead in self._ahead.items() if ahead]
-                if gaps:
-                    await self._sync(sock, gaps)
+                if self._unlearned:
+                    await self._learn(sock, sorted(self._unlearned))
+                    continue
+                now = loop.time()
+                due = [c for c, since in self._gap_since.items() if now - since >= self.gap_grace]
+                if due:
+                    for chat_id in due:
+                        self._gap_since[chat_id] = now  # still open after the sync: wait again
+                    await self._sync(sock, due)
                     continue
                 self._gap.clear()
+                wait = min(
+                    (since + self.gap_grace - now for since in self._gap_since.values()),
+                    default=None,
+                )
                 waiter = asyncio.ensure_future(self._gap.wait())
-                await asyncio.wait({waiter, pump}, return_when="FIRST_COMPLETED")
+                await asyncio.wait({waiter, pump}, timeout=wait, return_when="FIRST_COMPLETED")
                 waiter.cancel()
         except (ConnectionLost, TimeoutError) as exc:
             log.info("resume interrupted: %s", exc or type(exc).__name__)
@@ -759,36 +935,125 @@ class Client:
         return self._socket
 
     async def _learn_chats(self, sock: Socket) -> None:
-        """Give chats not seen before (created or joined while away) their read pointer as
-        baseline: what is above it is what arrived for us since."""
+        """Give chats not seen before (created or joined while away) their read pointer and
+        version as baseline: what is above the pointer is what arrived for us since. A chat
+        already held whose name or members changed meanwhile is told as a chat_updated."""
         before = None
         while True:
             fields = {"limit": 200} if before is None else {"limit": 200, "before": before}
             page = await sock.request("list_chats", self.request_timeout, **fields)
             for chat in page["chats"]:
-                self.held.setdefault(chat["id"], chat["read_seq"])
+                self._baseline(chat, chat["read_seq"])
             if not page["has_more"]:
                 return
             before = page["next_before"]
 
+    async def _learn(self, sock: Socket, chat_ids: list[int]) -> None:
+        """Baselines for chats first heard of through an event (joined, or an event that
+        came before chat_created): `get_chat`'s read pointer and version; then sync them."""
+        for chat_id in chat_ids:
+            self._unlearned.discard(chat_id)
+            if chat_id in self.cursors:
+                continue
+            try:
+                chat = await sock.request("get_chat", self.request_timeout, chat_id=chat_id)
+            except ChatdError as exc:
+                if exc.code != "not_found":
+                    raise
+                self._forget(chat_id)  # gone again: its waiting events with it
+                continue
+            self._baseline(chat, chat["read_seq"])
+        await self._sync(sock, chat_ids)
+
+    def _baseline(self, chat: dict[str, Any], seq: int) -> None:
+        """Start a chat's view at `seq` and the Chat's version, unless it has one already;
+        then a held chat's name and members are compared with what the client knew."""
+        chat_id = chat["id"]
+        view = {field: chat[field] for field in CHAT_FIELDS if field in chat}
+        cursor = self.cursors.get(chat_id)
+        if cursor is None:
+            self.cursors[chat_id] = ChatCursor(
+                seq, chat["version"], chat["pinned_message_id"], view
+            )
+            self._unlearned.discard(chat_id)
+            self._drain(chat_id)
+        elif _meta(view) != _meta(cursor.chat):
+            cursor.chat.update(name=view["name"], members=view["members"])
+            self._emit_chat(cursor)
+
     async def _sync(self, sock: Socket, chat_ids: list[int]) -> None:
-        """Sync the chats from what they hold until none has more."""
-        todo = [chat_id for chat_id in chat_ids if chat_id in self.held]
+        """Sync the chats from their cursors until none has more."""
+        todo = [chat_id for chat_id in dict.fromkeys(chat_ids) if chat_id in self.cursors]
         while todo:
             batch, todo = todo[:1000], todo[1000:]
-            chats = {str(chat_id): self.held[chat_id] for chat_id in batch if chat_id in self.held}
+            points = {
+                str(chat_id): {"seq": cursor.seq, "version": cursor.version}
+                for chat_id in batch
+                if (cursor := self.cursors.get(chat_id)) is not None
+            }
+            if not points:
+                continue
+            self.syncs += 1
             reply = await sock.request(
-                "sync", self.request_timeout, chats=chats, limit=self.sync_limit
+                "sync", self.request_timeout, chats=points, limit=self.sync_limit
             )
             for key, entry in reply["chats"].items():
                 chat_id = int(key)
                 if entry.get("error"):
                     self._forget(chat_id)
-                    continue
-                for message in entry["messages"]:
-                    self._feed(message)
-                if entry["has_more"]:
+                elif self._apply_synced(chat_id, entry) and entry["has_more"]:
                     todo.append(chat_id)
+
+    def _apply_synced(self, chat_id: int, entry: dict[str, Any]) -> bool:
+        """Apply one chat's sync answer to its view; False when the chat is not held (any
+        more). The answer was read at its `version`: what live events brought meanwhile is
+        not told twice (a message at or below the cursor's seq, a change at or below its
+        version), and the cursor never moves back."""
+        cursor = self.cursors.get(chat_id)
+        if cursor is None:
+            return False
+        held_version = cursor.version
+        version = entry["version"]
+        if entry.get("too_long"):
+            cursor.seq = max(cursor.seq, entry["seq"])
+            if version > held_version:
+                cursor.version, cursor.message_at_version = version, True
+                cursor.pinned_message_id = entry["pinned_message_id"]
+            data = {
+                "chat_id": chat_id,
+                "seq": cursor.seq,
+                "version": cursor.version,
+                "pinned_message_id": cursor.pinned_message_id,
+            }
+            self._events.put_nowait(Frame(action="sync_too_long", data=data))
+            self._drain(chat_id)
+            return True
+        hidden = self._hidden.get(chat_id, set())
+        for message in entry["messages"]:  # ascending; the ones we hid are not among them
+            if message["seq"] <= cursor.seq:
+                continue  # came live already
+            cursor.seq = message["seq"]
+            if message["id"] not in hidden:
+                self._events.put_nowait(Frame(action="new_message", data=message))
+        cursor.seq = max(cursor.seq, entry["seq"])  # past messages we hid, too
+        for message in entry["updated"]:
+            if message["version"] > held_version and message["id"] not in hidden:
+                self._events.put_nowait(Frame(action="message_updated", data=message))
+        if version > held_version:
+            cursor.version = version
+            cursor.message_at_version = any(
+                m["version"] == version for m in (*entry["messages"], *entry["updated"])
+            )
+        for message_id in entry["hidden"]:
+            self._hide(chat_id, message_id)
+        # With has_more the pin is the chat's latest, not the answer's version's: the last
+        # answer, without has_more, brings it.
+        pinned = entry["pinned_message_id"]
+        if not entry["has_more"] and version >= held_version and pinned != cursor.pinned_message_id:
+            cursor.pinned_message_id = pinned
+            self._emit_chat(cursor)
+        self._drain(chat_id)
+        return True
 
     async def _pump(self, sock: Socket) -> None:
         """Handle the socket's events until it closes, then those still queued."""
@@ -796,45 +1061,156 @@ class Client:
             self._handle(frame)
 
     def _handle(self, frame: Frame) -> None:
+        """One live event: a versioned one goes through its chat's cursor; the others pass,
+        after the client has noted what they tell about the chats it follows."""
         action = frame.get("action")
         data = frame.get("data")
         if action in ("ack", "error"):
             if action == "error":
                 log.warning("error frame without a waiting request: %s", frame.get("error"))
             return
-        if action == "new_message":
-            self._feed(data)
+        if action in VERSIONED_EVENTS and isinstance(data, dict):
+            chat_id = data["id"] if action == "chat_updated" else data["chat_id"]
+            self._ahead.setdefault(chat_id, {}).setdefault(data["version"], []).append(frame)
+            if chat_id in self.cursors:
+                self._drain(chat_id)
+            else:  # before its chat_created, say: wait for a baseline
+                self._unlearned.add(chat_id)
+                self._gap.set()
+            return
+        if action == "message_hidden":
+            self._hide(data["chat_id"], data["message_id"])
             return
         if action == "chat_created":
-            self.held.setdefault(data["id"], 0)
+            self._baseline(data, 0)
+        elif action == "member_added":
+            chat = data["chat"]
+            cursor = self.cursors.get(chat["id"])
+            if cursor is not None:
+                cursor.chat.update(name=chat["name"], members=chat["members"])
+            elif self.user_uuid in data["user_uuids"]:
+                self._unlearned.add(chat["id"])  # the Chat says no seq: ask for one
+                self._gap.set()
         elif action == "chat_deleted" or (
             action == "member_removed" and data.get("user_uuid") == self.user_uuid
         ):
             self._forget(data["chat_id"])
+        elif action == "member_removed" and (cursor := self.cursors.get(data["chat_id"])):
+            members = cursor.chat.get("members", [])
+            cursor.chat["members"] = [m for m in members if m["user_uuid"] != data["user_uuid"]]
         self._events.put_nowait(frame)
 
-    def _feed(self, message: dict[str, Any]) -> None:
-        """Take a message from any source; release it if it is the next of its chat."""
-        chat_id, seq = message["chat_id"], message["seq"]
-        held = self.held.setdefault(chat_id, seq - 1)  # a chat first seen through a message
-        if seq <= held:
-            return  # had it already
-        if seq > held + 1:
-            self._ahead.setdefault(chat_id, {})[seq] = message
-            self._gap.set()
+    def _drain(self, chat_id: int) -> None:
+        """Apply the chat's waiting events in version order, as far as they go; a chat
+        left waiting is noted for a sync after `gap_grace`."""
+        cursor = self.cursors.get(chat_id)
+        waiting = self._ahead.get(chat_id)
+        if cursor is None or waiting is None:
             return
-        ahead = self._ahead.get(chat_id, {})
-        while message is not None:
-            self._events.put_nowait(Frame(action="new_message", data=message))
-            held += 1
-            message = ahead.pop(held + 1, None)
-        self.held[chat_id] = held
-        if not ahead:
+        while waiting:
+            lowest = min(waiting)
+            if lowest > cursor.version + 1:
+                break
+            frames = waiting.pop(lowest)
+            blocked = [frame for frame in frames if not self._apply(cursor, frame)]
+            if blocked:
+                waiting[lowest] = blocked
+                if len(blocked) == len(frames):
+                    break  # nothing moved: the chat waits for a sync
+        if waiting:
+            if chat_id not in self._gap_since:
+                self._gap_since[chat_id] = asyncio.get_running_loop().time()
+                self._gap.set()
+        else:
             self._ahead.pop(chat_id, None)
+            self._gap_since.pop(chat_id, None)
+
+    def _apply(self, cursor: ChatCursor, frame: Frame) -> bool:
+        """Apply one versioned event at or below the cursor's next version: True when it is
+        now in the view (applied, or there already), False when it must wait (it concerns
+        messages the view does not reach yet)."""
+        data = frame["data"]
+        version = data["version"]
+        if frame["action"] == "chat_updated":
+            return self._apply_chat(cursor, frame)
+        if version <= cursor.version and not (
+            version == cursor.version and not cursor.message_at_version
+        ):
+            return True  # had it
+        seq = data["seq"]
+        if frame["action"] == "new_message":
+            if seq > cursor.seq + 1:
+                return False  # messages below it are not in the view yet
+            if seq == cursor.seq + 1:
+                cursor.seq = seq
+                if data["id"] not in self._hidden.get(data["chat_id"], ()):
+                    self._events.put_nowait(frame)
+        else:
+            if seq > cursor.seq:
+                return False  # a change to a message the view does not reach yet
+            if data["id"] not in self._hidden.get(data["chat_id"], ()):
+                self._events.put_nowait(frame)
+        cursor.version, cursor.message_at_version = version, True
+        return True
+
+    def _apply_chat(self, cursor: ChatCursor, frame: Frame) -> bool:
+        """A chat_updated. A pin or unpin is the change of its version; a rename or a role
+        change moves no version, so it is told when it tells something new."""
+        data = frame["data"]
+        version, pinned = data["version"], data["pinned_message_id"]
+        view = {field: data[field] for field in CHAT_FIELDS if field in data}
+        if version == cursor.version + 1:
+            if pinned == cursor.pinned_message_id:
+                return False  # a rename made after change `version`, which has not come
+            cursor.version, cursor.message_at_version = version, False
+            cursor.pinned_message_id = pinned
+            cursor.chat.update(name=view["name"], members=view["members"])
+            self._events.put_nowait(frame)
+        elif version == cursor.version:
+            news = pinned != cursor.pinned_message_id or _meta(view) != _meta(cursor.chat)
+            cursor.pinned_message_id = pinned
+            cursor.chat.update(name=view["name"], members=view["members"])
+            if news:
+                self._events.put_nowait(frame)
+        elif _meta(view) != _meta(cursor.chat):  # a late rename: its pin may be stale
+            cursor.chat.update(name=view["name"], members=view["members"])
+            self._emit_chat(cursor)
+        return True
+
+    def _emit_chat(self, cursor: ChatCursor) -> None:
+        """A chat_updated of the client's view: the Chat as last told, pin and version now."""
+        data = {
+            **cursor.chat,
+            "version": cursor.version,
+            "pinned_message_id": cursor.pinned_message_id,
+        }
+        self._events.put_nowait(Frame(action="chat_updated", data=data))
+
+    def _hide(self, chat_id: int, message_id: int) -> None:
+        """This user hid a message: tell it once, and drop its later changes."""
+        hidden = self._hidden.setdefault(chat_id, set())
+        if message_id not in hidden:
+            hidden.add(message_id)
+            data = {"chat_id": chat_id, "message_id": message_id}
+            self._events.put_nowait(Frame(action="message_hidden", data=data))
 
     def _forget(self, chat_id: int) -> None:
-        self.held.pop(chat_id, None)
+        self.cursors.pop(chat_id, None)
         self._ahead.pop(chat_id, None)
+        self._gap_since.pop(chat_id, None)
+        self._hidden.pop(chat_id, None)
+        self._unlearned.discard(chat_id)
+
+
+# The fields of a Chat (chat_created, chat_updated, member_added's chat; a chat list entry
+# has more), and the events that move a chat's version.
+CHAT_FIELDS = ("id", "type", "name", "created_at", "members", "version", "pinned_message_id")
+VERSIONED_EVENTS = frozenset({"new_message", "message_updated", "chat_updated"})
+
+
+def _meta(chat: dict[str, Any]) -> tuple[Any, Any]:
+    """What a chat_updated may change besides the pin: name and members (with roles)."""
+    return chat.get("name"), chat.get("members")
 
 
 def token_lifetime(token: str, expires_in: object = None) -> float:
