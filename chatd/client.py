@@ -457,10 +457,21 @@ class ChatCursor:
     version: int
     pinned_message_id: int | None
     chat: dict[str, Any]  # the Chat (CHAT_FIELDS) as last told: name, members, ...
-    # The message event of change `version` is in the view. A delete for everyone of the
-    # pinned message is one change with two events, message_updated and chat_updated, at
-    # the same version: whichever comes second is applied at `version` too.
-    message_at_version: bool = True
+    # The version `pinned_message_id` is known as of. A chat_updated of an older version
+    # tells an older pin; one of a later version (even below `version`: the unpin half of
+    # a delete may come after later changes) tells a newer one.
+    pin_version: int = 0
+    # A delete for everyone of the pinned message is one change with two events at one
+    # version: message_updated, then chat_updated with no pin. When an unpin's
+    # chat_updated is applied first, its version is kept here: a message event of that
+    # version is still applied, once, and a sync asks from just below it, in case the
+    # socket dropped before that event came.
+    unpaired: int | None = None
+
+    def sync_point(self) -> dict[str, int]:
+        """The chat's entry in a sync request."""
+        version = self.version if self.unpaired is None else min(self.version, self.unpaired - 1)
+        return {"seq": self.seq, "version": version}
 
 
 class Client:
@@ -973,7 +984,7 @@ class Client:
         cursor = self.cursors.get(chat_id)
         if cursor is None:
             self.cursors[chat_id] = ChatCursor(
-                seq, chat["version"], chat["pinned_message_id"], view
+                seq, chat["version"], chat["pinned_message_id"], view, chat["version"]
             )
             self._unlearned.discard(chat_id)
             self._drain(chat_id)
@@ -987,7 +998,7 @@ class Client:
         while todo:
             batch, todo = todo[:1000], todo[1000:]
             points = {
-                str(chat_id): {"seq": cursor.seq, "version": cursor.version}
+                str(chat_id): cursor.sync_point()
                 for chat_id in batch
                 if (cursor := self.cursors.get(chat_id)) is not None
             }
@@ -1017,8 +1028,9 @@ class Client:
         if entry.get("too_long"):
             cursor.seq = max(cursor.seq, entry["seq"])
             if version > held_version:
-                cursor.version, cursor.message_at_version = version, True
+                cursor.version, cursor.unpaired = version, None
                 cursor.pinned_message_id = entry["pinned_message_id"]
+                cursor.pin_version = version
             data = {
                 "chat_id": chat_id,
                 "seq": cursor.seq,
@@ -1037,21 +1049,22 @@ class Client:
                 self._events.put_nowait(Frame(action="new_message", data=message))
         cursor.seq = max(cursor.seq, entry["seq"])  # past messages we hid, too
         for message in entry["updated"]:
-            if message["version"] > held_version and message["id"] not in hidden:
+            news = message["version"] > held_version or message["version"] == cursor.unpaired
+            if news and message["id"] not in hidden:
                 self._events.put_nowait(Frame(action="message_updated", data=message))
-        if version > held_version:
-            cursor.version = version
-            cursor.message_at_version = any(
-                m["version"] == version for m in (*entry["messages"], *entry["updated"])
-            )
+        cursor.version = max(cursor.version, version)
+        if cursor.unpaired is not None and version >= cursor.unpaired:
+            cursor.unpaired = None  # the answer told the change whole
         for message_id in entry["hidden"]:
             self._hide(chat_id, message_id)
         # With has_more the pin is the chat's latest, not the answer's version's: the last
         # answer, without has_more, brings it.
         pinned = entry["pinned_message_id"]
-        if not entry["has_more"] and version >= held_version and pinned != cursor.pinned_message_id:
-            cursor.pinned_message_id = pinned
-            self._emit_chat(cursor)
+        if not entry["has_more"] and version >= max(held_version, cursor.pin_version):
+            changed = pinned != cursor.pinned_message_id
+            cursor.pinned_message_id, cursor.pin_version = pinned, version
+            if changed:
+                self._emit_chat(cursor)
         self._drain(chat_id)
         return True
 
@@ -1133,11 +1146,14 @@ class Client:
         version = data["version"]
         if frame["action"] == "chat_updated":
             return self._apply_chat(cursor, frame)
-        if version <= cursor.version and not (
-            version == cursor.version and not cursor.message_at_version
-        ):
-            return True  # had it
         seq = data["seq"]
+        if version == cursor.unpaired:  # the message half of an unpin already applied
+            cursor.unpaired = None
+            if seq <= cursor.seq and data["id"] not in self._hidden.get(data["chat_id"], ()):
+                self._events.put_nowait(frame)
+            return True
+        if version <= cursor.version:
+            return True  # had it
         if frame["action"] == "new_message":
             if seq > cursor.seq + 1:
                 return False  # messages below it are not in the view yet
@@ -1150,7 +1166,7 @@ class Client:
                 return False  # a change to a message the view does not reach yet
             if data["id"] not in self._hidden.get(data["chat_id"], ()):
                 self._events.put_nowait(frame)
-        cursor.version, cursor.message_at_version = version, True
+        cursor.version = version
         return True
 
     def _apply_chat(self, cursor: ChatCursor, frame: Frame) -> bool:
@@ -1162,18 +1178,25 @@ class Client:
         if version == cursor.version + 1:
             if pinned == cursor.pinned_message_id:
                 return False  # a rename made after change `version`, which has not come
-            cursor.version, cursor.message_at_version = version, False
-            cursor.pinned_message_id = pinned
+            cursor.version = version
+            # An unpin may be the second event of a delete of the pinned message.
+            cursor.unpaired = version if pinned is None else None
+            cursor.pinned_message_id, cursor.pin_version = pinned, version
             cursor.chat.update(name=view["name"], members=view["members"])
             self._events.put_nowait(frame)
-        elif version == cursor.version:
-            news = pinned != cursor.pinned_message_id or _meta(view) != _meta(cursor.chat)
-            cursor.pinned_message_id = pinned
-            cursor.chat.update(name=view["name"], members=view["members"])
-            if news:
-                self._events.put_nowait(frame)
-        elif _meta(view) != _meta(cursor.chat):  # a late rename: its pin may be stale
-            cursor.chat.update(name=view["name"], members=view["members"])
+            return True
+        # At or below the version held: its pin is news when it is newer than the one
+        # known (the unpin half of a delete), its name and members when they differ.
+        fresh_pin = version >= cursor.pin_version
+        news = (fresh_pin and pinned != cursor.pinned_message_id) or _meta(view) != _meta(
+            cursor.chat
+        )
+        cursor.chat.update(name=view["name"], members=view["members"])
+        if fresh_pin:
+            cursor.pinned_message_id, cursor.pin_version = pinned, version
+        if news and fresh_pin:
+            self._events.put_nowait(frame)
+        elif news:  # a late rename, with a pin older than the one known: tell ours
             self._emit_chat(cursor)
         return True
 
