@@ -45,16 +45,17 @@ class View:
         self.hidden: set[tuple[int, int]] = set()
         self.problems: list[str] = []
         self.too_long: list[dict[str, Any]] = []
-        self.count = 0
+        self.changes: list[str] = []  # the action of every change event, in order
         self._task = asyncio.create_task(self._collect())
 
     async def _collect(self) -> None:
         async for event in self.client.events():
             await self.apply(event)
-            self.count += 1
 
     async def apply(self, event: dict[str, Any]) -> None:
         action, data = event["action"], event.get("data")
+        if action in CHANGES:
+            self.changes.append(action)
         if action == "new_message":
             chat = self.messages.setdefault(data["chat_id"], {})
             if data["id"] in chat:
@@ -99,6 +100,18 @@ class View:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+CHANGES = ("new_message", "message_updated", "message_hidden", "chat_updated")
+
+
+async def eventually(predicate: Any, timeout: float = 10) -> None:
+    """Wait until `predicate()` holds (polling: what it reads has no event to wait on)."""
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the condition never held")
 
 
 def comparable(message: dict[str, Any]) -> dict[str, Any]:
@@ -385,6 +398,113 @@ async def test_a_gap_too_long_to_replay_says_so_and_the_view_recovers(
         await bob.aclose()
     finally:
         await asyncio.to_thread(stop_server, srv)
+
+
+async def test_changes_told_live_and_by_a_sync_in_flight_are_told_once(
+    server: Server, alice: Api, bob: Api
+) -> None:
+    """Changes committed after a resuming sync was asked but before the server read it come
+    twice: live, and in the answer. Here the live events are applied first, then the answer
+    (read at a later version than the one asked from): each change is told once."""
+    async with observed(alice, server.base_url) as (a, view), await bob.connect() as b:
+        chat = await a.create_chat([bob.user_uuid], name="race")
+        chat_id = chat["id"]
+        await a.request("set_role", chat_id=chat_id, user_uuid=bob.user_uuid, role="admin")
+        ids = [(await a.send(chat_id, f"m{n}"))["id"] for n in range(4)]
+        await assert_view_matches(view, alice, [chat_id])
+
+        async def changes() -> int:
+            """A send, a reaction, a delete, a pin, and a hide by Alice on another device:
+            the version they bring the chat to."""
+            await b.request("send_message", chat_id=chat_id, text="in the window")
+            await b.request("react", message_id=ids[0], emoji="🎉")
+            await b.request("delete_message", message_id=ids[1])
+            await alice.call("DELETE", f"/messages/{ids[2]}", params={"for_everyone": "false"})
+            return (await b.request("pin_message", message_id=ids[3]))["version"]
+
+        original_open = a._open
+        raced = asyncio.Event()
+
+        async def racing_open() -> Socket:
+            sock = await original_open()
+            original_request = sock.request
+
+            async def request(action: str, timeout: float = 10, **fields: Any) -> Any:
+                if action != "sync" or raced.is_set():
+                    return await original_request(action, timeout, **fields)
+                raced.set()
+                version = await changes()  # the sync point was taken before these
+                answer = await original_request(action, timeout, **fields)
+                # Their live events are applied first.
+                await eventually(lambda: a.cursors[chat_id].version >= version)
+                entry = answer["chats"][str(chat_id)]
+                assert entry["version"] == version and entry["messages"]  # it carries them
+                return answer
+
+            sock.request = request  # type: ignore[method-assign]
+            return sock
+
+        a._open = racing_open  # type: ignore[method-assign]
+        before = len(view.changes)
+        drop(a)
+        await raced.wait()
+        await assert_view_matches(view, alice, [chat_id])
+        await asyncio.sleep(0.2)  # time for any repeat to show
+        assert sorted(view.changes[before:]) == [
+            "chat_updated",
+            "message_hidden",
+            "message_updated",
+            "message_updated",
+            "new_message",
+        ]
+
+
+async def test_live_events_newer_than_a_sync_answer_wait_for_it(
+    server: Server, alice: Api, bob: Api
+) -> None:
+    """A first connect with unread messages: the chat's baseline is Alice's read pointer,
+    below them. A new message and a reaction to an unread one, committed after the server
+    read the resuming sync, arrive live before its answer is applied: they concern messages
+    the view does not reach yet, so they wait for the answer, then follow it."""
+    async with await bob.connect() as b:
+        chat = await b.request("create_chat", type="private", user_ids=[alice.user_uuid])
+        chat_id = chat["id"]
+        unread = [
+            (await b.request("send_message", chat_id=chat_id, text=f"u{n}"))["id"] for n in range(3)
+        ]
+        client = Client(
+            server.base_url,
+            email=alice.email,  # type: ignore[attr-defined]
+            password=PASSWORD,
+            gap_grace=30,  # no sync for a gap here: the answer alone must close it
+        )
+        original_open = client._open
+        raced = asyncio.Event()
+
+        async def racing_open() -> Socket:
+            sock = await original_open()
+            original_request = sock.request
+
+            async def request(action: str, timeout: float = 10, **fields: Any) -> Any:
+                answer = await original_request(action, timeout, **fields)
+                if action == "sync" and not raced.is_set():
+                    raced.set()
+                    await b.request("send_message", chat_id=chat_id, text="newer")
+                    await b.request("react", message_id=unread[1], emoji="🎉")
+                    # The reaction (sent second, so read second) waits for the answer.
+                    await eventually(lambda: len(client._ahead.get(chat_id, {})) >= 1)
+                return answer
+
+            sock.request = request  # type: ignore[method-assign]
+            return sock
+
+        client._open = racing_open  # type: ignore[method-assign]
+        async with client:
+            view = View(client)
+            await assert_view_matches(view, alice, [chat_id])
+            assert raced.is_set()
+            assert view.changes == ["new_message"] * 4 + ["message_updated"]
+            await view.stop()
 
 
 # --- the cursor, driven by hand -------------------------------------------------------------
