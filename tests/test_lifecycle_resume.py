@@ -354,7 +354,6 @@ async def test_a_view_built_from_events_equals_history_after_drops_in_a_burst(
             await mine
             assert drops >= 3 and a.reconnects >= 3
             await assert_view_matches(view, alice, [chat["id"]])
-            assert a.syncs >= a.reconnects  # (one resume per reconnect at least)
 
 
 async def test_a_gap_too_long_to_replay_says_so_and_the_view_recovers(
@@ -625,11 +624,11 @@ def pair(server: Server) -> Iterator[dict[str, Api]]:
 
 
 @settings(
-    max_examples=25,
+    max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(actions=st.lists(ACTION, min_size=1, max_size=14))
+@given(actions=st.lists(ACTION, min_size=1, max_size=20))
 def test_any_interleaving_of_changes_and_reconnects_ends_in_sync(
     server: Server, pair: dict[str, Api], actions: list[tuple[Any, ...]]
 ) -> None:
