@@ -506,6 +506,30 @@ async def test_live_events_newer_than_a_sync_answer_wait_for_it(
             await view.stop()
 
 
+async def test_a_chat_joined_while_connected_is_followed_from_the_join(
+    server: Server, alice: Api, bob: Api
+) -> None:
+    """Added to a group with history: its events wait for a baseline (get_chat: the read
+    pointer, at the chat's last message when added), then the messages after it come, each
+    once. A change to a message from before the join is told too (an app may show that
+    history), though it never came as new_message."""
+    async with observed(alice, server.base_url) as (a, view), await bob.connect() as b:
+        group = await b.request("create_chat", type="group", name="later", user_ids=[])
+        chat_id = group["id"]
+        old = await b.request("send_message", chat_id=chat_id, text="before you came")
+        await b.request("add_members", chat_id=chat_id, user_ids=[alice.user_uuid])
+        await eventually(lambda: chat_id in a.cursors)
+        assert a.cursors[chat_id].seq == old["seq"]
+        after = await b.request("send_message", chat_id=chat_id, text="after")
+        await b.request("edit_message", message_id=after["id"], text="after, edited")
+        await b.request("react", message_id=old["id"], emoji="👍")
+        await eventually(lambda: len(view.changes) >= 3)
+        await asyncio.sleep(0.2)  # time for any repeat to show
+        assert [m["text"] for m in view.messages[chat_id].values()] == ["after, edited"]
+        assert view.changes == ["new_message", "message_updated", "message_updated"]
+        assert view.problems == [f"message_updated of a message not held: {old['id']}"]
+
+
 # --- the cursor, driven by hand -------------------------------------------------------------
 
 
