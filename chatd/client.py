@@ -481,10 +481,13 @@ class Client:
     serialised), holds one /connect socket and replaces it after a drop, with jittered and
     capped exponential backoff. After every (re)connect it resumes: `list_chats` gives the
     chats it has not seen their baseline (read pointer and version), then `sync` (the
-    versioned form, `{chat_id: {"seq", "version"}}`) brings every chat up to date.
+    versioned form, `{chat_id: {"seq", "version"}}`) brings every chat up to date. A chat
+    joined while connected gets its baseline from `get_chat` (its events wait for it).
 
     `events()` yields each change to a chat's messages exactly once and in the chat's
-    order, whichever of sync or the live stream brought it (see ChatCursor):
+    version order, whichever of sync or the live stream brought it (see ChatCursor; one
+    exception: the chat_updated that unpins a message deleted for everyone may come after
+    a later change when the server's two events of that change were split by it):
 
     - `new_message` for every message above the baseline, in seq order per chat (live, or
       from sync; a message deleted for everyone meanwhile comes as its tombstone);
@@ -497,9 +500,9 @@ class Client:
       a `chat_updated` too: the Chat as this client last heard of it, with the new
       `pinned_message_id` and the version of the sync answer. A rename seen only in the
       chat list after a reconnect comes the same way;
-    - `sync_too_long {chat_id, seq, version}`, an event of this client, not of the server:
-      too much changed in that chat while away to replay. Reload the chat's history (and
-      `get_chat` for its pin); the client goes on from `seq` and `version`;
+    - `sync_too_long {chat_id, seq, version, pinned_message_id}`, an event of this client,
+      not of the server: too much changed in that chat while away to replay. Reload the
+      chat's history; the client goes on from `seq` and `version`;
     - every other server event as it comes.
 
     A `message_updated` is yielded for any message not known to be hidden, including ones
@@ -675,9 +678,9 @@ class Client:
         """Delete a message for everyone (the sender, or a group's owner or admins), or for
         you only (`for_everyone=False`: any member; it is hidden from you). Returns
         `{chat_id, message_id, for_everyone}`. Retried after drops: deleting again changes
-        nothing. A hidden message is not_found for its hider, so a retried delete for me
-        whose first attempt was applied answers from what this client knows, with
-        `chat_id` None when the message_hidden event has not come yet."""
+        nothing (the server acks a repeat). Should a server answer a repeated delete for me
+        with not_found (a hidden message is not_found for its hider in other actions), the
+        ack is made from what this client knows, `chat_id` None if it knows nothing."""
         try:
             fields = {"message_id": message_id, "for_everyone": for_everyone}
             return await self._paced("delete_message", fields)

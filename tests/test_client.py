@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +308,59 @@ async def test_tokens_are_refreshed_past_expiry(short_ttl_server: Server) -> Non
         await events.wait(lambda: len(events.messages()) == 2)
         assert events.messages()[-1]["id"] == again["id"]
         await events.stop()
+
+
+async def test_changes_retried_after_a_lost_ack_apply_once(
+    server: Server, alice: Api, bob: Api
+) -> None:
+    """A react, an edit, a forward and a delete for me whose acks are lost with the socket:
+    each is sent again on the next socket and applied once."""
+    async with client_for(alice, server.base_url) as (a, _), await bob.connect() as b:
+        chat = await a.create_chat([bob.user_uuid], name="retries")
+        other = await a.create_chat([bob.user_uuid], name="elsewhere")
+        message = await a.send(chat["id"], "original")
+        await b.next_event("new_message")
+
+        def lose_the_ack_of(action: str, applied: Callable[[], Awaitable[object]]) -> None:
+            """The next `action` frame reaches the server and is applied (`applied` returns
+            once it has seen that), then the connection dies."""
+            sock = a.socket
+            assert sock is not None
+            original = sock.send
+
+            async def send_then_drop(frame: dict[str, Any]) -> None:
+                if frame.get("action") != action:
+                    return await original(frame)
+                await original({**frame, "request_id": "lost-" + frame["request_id"]})
+                await applied()
+                sock.ws.transport.abort()
+
+            sock.send = send_then_drop  # type: ignore[method-assign]
+
+        lose_the_ack_of("react", lambda: b.next_event("message_updated"))
+        reacted = await a.react(message["id"], "👍")
+        assert reacted["reactions"] == [{"emoji": "👍", "count": 1, "users": [alice.user_uuid]}]
+
+        lose_the_ack_of("edit_message", lambda: b.next_event("message_updated"))
+        assert (await a.edit(message["id"], "edited"))["text"] == "edited"
+        assert [e["text"] for e in await a.edits(message["id"])] == ["original"]
+
+        lose_the_ack_of("forward_message", lambda: b.next_event("new_message"))
+        forwarded = await a.forward(message["id"], other["id"])
+        history = await a.history(other["id"])
+        assert [m["id"] for m in history["messages"]] == [forwarded["id"]]
+
+        async def hidden_for_alice() -> None:
+            while True:
+                try:
+                    await alice.call("GET", f"/messages/{message['id']}")
+                except ChatdError as exc:
+                    assert exc.code == "not_found"
+                    return
+                await asyncio.sleep(0.02)
+
+        lose_the_ack_of("delete_message", hidden_for_alice)
+        hidden = await a.delete(message["id"], for_everyone=False)
+        assert hidden == {"chat_id": chat["id"], "message_id": message["id"], "for_everyone": False}
+        assert a.reconnects == 4
+        assert (await a.history(chat["id"]))["messages"] == []

@@ -24,8 +24,11 @@ from chatd.client import (
 from chatd.protocol import (
     Chat,
     ChatCreated,
+    ChatUpdated,
     Message,
+    MessageHidden,
     MessageRead,
+    MessageUpdated,
     NewMessage,
     TypingEvent,
     UnreadMessages,
@@ -184,6 +187,24 @@ async def test_events_are_dicts_with_a_typed_view(alice: Api, bob: Api) -> None:
         typing = await b.next_event("typing")
         assert isinstance(typing.typed, TypingEvent)
         assert typing.typed.data.user_uuid == alice.user_uuid
+
+
+async def test_changes_to_messages_are_typed(alice: Api, bob: Api) -> None:
+    async with await alice.connect() as a, await bob.connect() as b:
+        chat = await a.request("create_chat", type="group", name="t", user_ids=[bob.user_uuid])
+        sent = await a.request("send_message", chat_id=chat["id"], text="x")
+        await a.request("edit_message", message_id=sent["id"], text="y")
+        updated = await b.next_event("message_updated")
+        assert isinstance(updated.typed, MessageUpdated) and updated.typed.data.text == "y"
+        await a.request("pin_message", message_id=sent["id"])
+        pin = await b.next_event("chat_updated")
+        assert isinstance(pin.typed, ChatUpdated)
+        assert pin.typed.data.pinned_message_id == sent["id"]
+        await b.request("delete_message", message_id=sent["id"], for_everyone=False)
+        hidden = await b.next_event("message_hidden")
+        assert isinstance(hidden.typed, MessageHidden)
+        assert hidden.typed.data.message_id == sent["id"]
+        assert Frame(action="sync_too_long", data={"chat_id": 1}).typed is None  # the client's
 
 
 def test_a_frame_this_client_cannot_read_has_no_typed_view() -> None:
