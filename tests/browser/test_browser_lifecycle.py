@@ -328,6 +328,7 @@ def test_mention_autocomplete_and_the_unread_mention_badge(chromium, server: Ser
     expect(alice.message(f"hey @{bob.name} look at this")).to_have_count(1)
     # A plain "@" that picked nobody mentions nobody.
     alice.send("mail me @ home")
+    expect(alice.message("mail me @ home").locator(".status")).to_have_text(re.compile("✓"))
 
     messages = history(alice, group["id"])
     assert [m["mentions"] for m in messages] == [[bob.uuid], []]
