@@ -200,6 +200,8 @@ class Settings:
     )
     # Per user; its burst is CHATD_MESSAGE_BURST (from_env).
     message_rate: Rate | None = setting("CHATD_MESSAGE_RATE", parse_rate("10/s", 30), _rate)
+    # Per user: edits, deletes, reactions and pins together (sends and forwards are messages).
+    change_rate: Rate | None = setting("CHATD_CHANGE_RATE", parse_rate("10/s", 30), _rate)
     typing_rate: Rate | None = setting(  # per user, on top of the per-chat TypingGate
         "CHATD_TYPING_RATE", parse_rate("10/10s"), _rate
     )
@@ -214,6 +216,8 @@ class Settings:
     )
     # Groups a user creates in any 24 h, counted in the database.
     groups_per_day: int | None = setting("CHATD_GROUPS_PER_DAY", 100, _cap)
+    # A sync that would replay more changes than this in one chat answers too_long.
+    sync_max_changes: int = setting("CHATD_SYNC_MAX_CHANGES", 1000)
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from chatd.text import looks_empty
 
@@ -140,8 +140,27 @@ UserIds = Annotated[list[UserUuid], Meta(max_length=MAX_USERS_PER_CALL)]
 ClientMsgId = Annotated[str, Meta(min_length=1, max_length=64)]
 Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 PageSize = Annotated[int, Meta(ge=1, le=MAX_PAGE_SIZE, description="page size")]
+Version = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+MAX_MENTIONS = 100
+Mentions = Annotated[list[UserUuid], Meta(max_length=MAX_MENTIONS)]
+# One emoji grapheme cluster (handlers check it is one); the schema bounds its length.
+Emoji = Annotated[str, Meta(min_length=1, max_length=32)]
 
 # --- shared objects -----------------------------------------------------------------------
+
+
+class Reaction(Struct):
+    emoji: str
+    count: int
+    users: list[UserUuid]  # the newest 20 who reacted with it, newest first
+
+
+class ForwardedFrom(Struct):
+    """Who wrote a forwarded message, and when; never which chat it came from."""
+
+    sender_uuid: UserUuid
+    sender_name: str
+    timestamp: Timestamp
 
 
 class Message(Struct):
@@ -149,10 +168,17 @@ class Message(Struct):
     chat_id: int
     seq: int
     sender_uuid: UserUuid
-    text: str
+    text: str  # "" once deleted for everyone
     timestamp: Timestamp
     read_status: Literal["unread", "read"]
     client_msg_id: str | None
+    edited_at: Timestamp | None  # the last edit's time
+    deleted: bool  # deleted for everyone: a tombstone that keeps its id and seq
+    reply_to: int | None  # a message id of the same chat
+    mentions: list[UserUuid]
+    forwarded_from: ForwardedFrom | None
+    reactions: list[Reaction]  # in the order each emoji was first used
+    version: int  # the chat's version at this message's last change
 
 
 class Member(Struct):
@@ -175,6 +201,10 @@ class Chat(Struct):
     name: str | None
     created_at: Timestamp
     members: list[ChatMember]  # in join order
+    # The chat's change counter: +1 for every new, edited, deleted or reacted message, and
+    # every pin or unpin.
+    version: int
+    pinned_message_id: int | None
 
 
 class ChatOverview(Chat):
@@ -184,7 +214,9 @@ class ChatOverview(Chat):
     last_seq: int  # seq of the newest message; 0 when there is none
     read_upto: int | None  # message id of the caller's read pointer; null before any read
     read_seq: int  # seq of the caller's read pointer
-    unread_count: int  # messages from others above the read pointer (= last_seq - read_seq)
+    # Messages from others above the read pointer, those deleted or hidden from you aside.
+    unread_count: int
+    unread_mentions: int  # of those, the ones that mention you
     role: Role  # the caller's role
 
 
@@ -230,6 +262,52 @@ class SendMessage(Action, tag="send_message"):
     chat_id: Id
     text: Text
     client_msg_id: ClientMsgId | None = None
+    reply_to: Annotated[Id | None, Meta(description="a message of the same chat")] = None
+    mentions: Annotated[Mentions, Meta(description="members of the chat")] = []
+
+
+class EditMessage(Action, tag="edit_message"):
+    """Change the text of a message you sent; the old text is kept (GET .../edits)."""
+
+    message_id: Id
+    text: Text
+
+
+class DeleteMessage(Action, tag="delete_message"):
+    """For everyone: the sender, or a group's owner or admins. For me: any member."""
+
+    message_id: Id
+    for_everyone: bool = True
+
+
+class React(Action, tag="react"):
+    message_id: Id
+    emoji: Emoji
+
+
+class Unreact(Action, tag="unreact"):
+    message_id: Id
+    emoji: Emoji
+
+
+class ForwardMessage(Action, tag="forward_message"):
+    """Copy a message you can see into a chat of yours, as your own new message."""
+
+    message_id: Id
+    chat_id: Id  # where to
+    client_msg_id: ClientMsgId | None = None
+
+
+class PinMessage(Action, tag="pin_message"):
+    """Pin a message of its chat (groups: owner and admins; private chats: either member)."""
+
+    message_id: Id
+    # REST fills it from the path; when given, the message must be of this chat.
+    chat_id: Id | None = None
+
+
+class UnpinMessage(Action, tag="unpin_message"):
+    chat_id: Id
 
 
 class GetMessage(Action, tag="get_message"):
@@ -240,9 +318,16 @@ class MarkRead(Action, tag="mark_read"):
     message_ids: Annotated[list[Id], Meta(min_length=1, max_length=1000)]
 
 
+class SyncPoint(Struct, forbid_unknown_fields=False):
+    seq: Seq  # the last seq you hold
+    version: Version  # the chat version you hold
+
+
 class Sync(Action, tag="sync"):
-    chats: Annotated[dict[Id, Seq], Meta(min_length=1, max_length=1000)]  # chat id → last seq seen
-    limit: Annotated[int, Meta(ge=1, le=500)] = 100  # per chat
+    # chat id → the last seq seen (the old form: new messages only), or a SyncPoint (new
+    # messages, and the changes to those you hold).
+    chats: Annotated[dict[Id, Seq | SyncPoint], Meta(min_length=1, max_length=1000)]
+    limit: Annotated[int, Meta(ge=1, le=500)] = 100  # new messages per chat
 
 
 class Typing(Action, tag="typing"):
@@ -284,6 +369,13 @@ ClientAction = (
     | GetChat
     | SendMessage
     | GetMessage
+    | EditMessage
+    | DeleteMessage
+    | React
+    | Unreact
+    | ForwardMessage
+    | PinMessage
+    | UnpinMessage
     | MarkRead
     | Sync
     | Typing
@@ -422,6 +514,12 @@ class GetHistory(Struct, kw_only=True):
     limit: Annotated[int, Meta(ge=1, le=MAX_PAGE_SIZE, description="keyset page size")] = 50
 
 
+class GetEdits(Struct, kw_only=True):
+    """GET /messages/{message_id}/edits: a message's earlier texts."""
+
+    message_id: Id
+
+
 class Read(Struct, kw_only=True):
     """POST /chats/{chat_id}/read: mark_read in one chat, up to one of its messages."""
 
@@ -453,6 +551,23 @@ class Error(Event, tag="error"):
 
 class NewMessage(Event, tag="new_message"):
     data: Message
+
+
+class MessageUpdated(Event, tag="message_updated"):
+    """An edit, a delete for everyone or a reaction change: the whole message as it is now."""
+
+    data: Message
+
+
+class MessageHiddenData(Struct):
+    chat_id: int
+    message_id: int
+
+
+class MessageHidden(Event, tag="message_hidden"):
+    """You deleted a message for yourself (sent to your own sockets only)."""
+
+    data: MessageHiddenData
 
 
 class ChatCreated(Event, tag="chat_created"):
@@ -527,6 +642,8 @@ ServerFrame = (
     | Ack
     | Error
     | NewMessage
+    | MessageUpdated
+    | MessageHidden
     | ChatCreated
     | MessageRead
     | MessagesRead
@@ -551,9 +668,26 @@ class ChatPage(Struct):
 
 
 class SyncedChat(Struct):
-    messages: list[Message]  # seq above the one you gave, ascending
-    has_more: bool  # more remain: sync again from the last seq you got
+    """A chat's answer to sync.
+
+    The old form (you gave a seq) answers `messages`, `has_more` and `error` alone. The
+    new form (a SyncPoint) also answers the rest: apply `messages`, `updated` and
+    `hidden`, take `pinned_message_id`, store `seq` and `version`, and you are exactly
+    in sync with the chat at `version`.
+    """
+
+    messages: list[Message]  # seq above the one you gave, ascending (none you hid)
+    has_more: bool  # more remain: sync again (from `seq` and `version` in the new form)
     error: str | None = None  # "not_found": you are not (or no longer) in this chat
+    # at or below your seq, changed since your version: replace yours
+    updated: list[Message] | UnsetType = UNSET
+    hidden: list[int] | UnsetType = UNSET  # ids you hid at or since your version: drop them
+    pinned_message_id: int | UnsetType | None = UNSET
+    seq: int | UnsetType = UNSET  # the seq this answer brings you to
+    version: int | UnsetType = UNSET  # the version this answer brings you to
+    # Too many changes to replay: refetch the history you keep, then sync from `seq` and
+    # `version` (messages, updated and hidden are empty).
+    too_long: bool | UnsetType = UNSET
 
 
 class SyncResult(Struct):
@@ -587,6 +721,21 @@ class UserList(Struct):
 class History(Struct):
     messages: list[Message]
     has_more: bool
+
+
+class Edit(Struct):
+    text: str  # the text as it was
+    timestamp: Timestamp  # when it was written (sent, or the edit that wrote it)
+
+
+class EditList(Struct):
+    edits: list[Edit]  # oldest first; the message itself holds the current text
+
+
+class DeletedMessage(Struct):
+    chat_id: int
+    message_id: int
+    for_everyone: bool
 
 
 class Health(Struct):

@@ -319,6 +319,7 @@ class Limits:
         self.login_ip = RateLimiter("login_ip", settings.login_ip_rate, remote=remote)
         self.register = RateLimiter("register", settings.register_rate, remote=remote)
         self.message = RateLimiter("message", settings.message_rate, remote=remote)
+        self.change = RateLimiter("change", settings.change_rate, remote=remote)
         self.typing = RateLimiter("typing", settings.typing_rate, remote=remote)
         self.create_chat = RateLimiter("create_chat", settings.create_chat_rate, remote=remote)
         self.add_members = RateLimiter("add_members", settings.add_members_rate, remote=remote)

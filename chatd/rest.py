@@ -46,9 +46,15 @@ from chatd.protocol import (
     CreateChat,
     Created,
     DeleteChat,
+    DeletedMessage,
+    DeleteMessage,
+    EditList,
+    EditMessage,
     ErrorBody,
     ErrorResponse,
+    ForwardMessage,
     GetChat,
+    GetEdits,
     GetHistory,
     GetMe,
     GetMessage,
@@ -59,6 +65,8 @@ from chatd.protocol import (
     Login,
     Me,
     Message,
+    PinMessage,
+    React,
     Read,
     Readiness,
     ReadUpto,
@@ -70,6 +78,8 @@ from chatd.protocol import (
     SendMessage,
     SetRole,
     TokenPair,
+    UnpinMessage,
+    Unreact,
     UserList,
     encode,
     refuse_nul,
@@ -167,8 +177,17 @@ async def read_body(request: Request, kind: type[T]) -> T:
 
 
 # How a query string value becomes its field's type: as Python reads an int (so " 5",
-# "+5" and "05" are 5) or a UUID; a string as it is. Never "null" as None.
+# "+5" and "05" are 5) or a UUID; a bool from true/false/1/0; a string as it is. Never
+# "null" as None.
+def _bool(raw: str) -> bool:
+    value = {"true": True, "1": True, "false": False, "0": False}.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(raw)
+    return value
+
+
 _QUERY_TYPES: dict[Any, tuple[Callable[[str], Any], str]] = {
+    bool: (_bool, "true or false"),
     int: (int, "an integer"),
     uuid.UUID: (uuid.UUID, "a UUID"),
     str: (str, "text"),
@@ -460,6 +479,46 @@ OPERATIONS = [
     route(
         "GET", "/messages/{message_id:int}", GetMessage, "One message of a chat you are in",
         Message, tag="messages", errors=(404, 503),
+    ),
+    route(
+        "PATCH", "/messages/{message_id:int}", EditMessage,
+        "Edit your message's text (the old text is kept)", Message,
+        tag="messages", errors=(400, 403, 404, 413, 422, 429, 503),
+    ),
+    route(
+        "DELETE", "/messages/{message_id:int}", DeleteMessage,
+        "Delete a message for everyone (sender, group owner or admins) or for you only",
+        DeletedMessage, tag="messages", errors=(403, 404, 422, 429, 503),
+    ),
+    route(
+        "GET", "/messages/{message_id:int}/edits", GetEdits,
+        "A message's earlier texts, oldest first", EditList, tag="messages", errors=(404, 503),
+    ),
+    route(
+        "PUT", "/messages/{message_id:int}/reactions/{emoji}", React,
+        "React with an emoji (again: no change)", Message,
+        tag="messages", errors=(404, 422, 429, 503),
+    ),
+    route(
+        "DELETE", "/messages/{message_id:int}/reactions/{emoji}", Unreact,
+        "Take your reaction back (none there: no change)", Message,
+        tag="messages", errors=(404, 422, 429, 503),
+    ),
+    route(
+        "POST", "/messages/{message_id:int}/forward", ForwardMessage,
+        "Forward a message to a chat of yours (201); a retry with the same client_msg_id"
+        " returns the copy (200)", Message, 201, tag="messages", also_ok=(200,),
+        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 404, 413, 422, 429, 503),
+    ),
+    route(
+        "PUT", "/chats/{chat_id:int}/pin", PinMessage,
+        "Pin a message (groups: owner and admins)", Chat,
+        tag="chats", errors=(400, 403, 404, 413, 422, 429, 503),
+    ),
+    route(
+        "DELETE", "/chats/{chat_id:int}/pin", UnpinMessage,
+        "Unpin the pinned message (groups: owner and admins)", Chat,
+        tag="chats", errors=(403, 404, 429, 503),
     ),
     route(
         "POST", "/chats/{chat_id:int}/read", Read,

@@ -11,19 +11,33 @@ import uuid
 from collections.abc import Iterable
 
 import asyncpg
+import msgspec
 
 from chatd.hub import Bus, publish
-from chatd.protocol import Message, MessageRead, MessageReadData, MessagesRead, MessagesReadData
+from chatd.protocol import (
+    ForwardedFrom,
+    Message,
+    MessageRead,
+    MessageReadData,
+    MessagesRead,
+    MessagesReadData,
+    Reaction,
+)
 
 # A message is "read" once its seq is at or below the chat's all-read watermark.
 MESSAGE_COLUMNS = """
     m.id, m.chat_id, m.seq, m.sender_id, m.text, m.created_at, m.client_msg_id,
-    m.seq <= c.read_seq AS is_read
+    m.seq <= c.read_seq AS is_read,
+    m.version, m.edited_at, m.deleted, m.reply_to, m.mentions, m.forwarded_from, m.reactions
 """
+
+_reactions = msgspec.json.Decoder(list[Reaction])
+_forwarded = msgspec.json.Decoder(ForwardedFrom)
 
 
 def message_from_row(row: asyncpg.Record) -> Message:
     """A row of MESSAGE_COLUMNS as the wire shows it."""
+    mentions, forwarded, reactions = row["mentions"], row["forwarded_from"], row["reactions"]
     return Message(
         id=row["id"],
         chat_id=row["chat_id"],
@@ -33,7 +47,20 @@ def message_from_row(row: asyncpg.Record) -> Message:
         timestamp=row["created_at"],
         read_status="read" if row["is_read"] else "unread",
         client_msg_id=row["client_msg_id"],
+        edited_at=row["edited_at"],
+        deleted=row["deleted"],
+        reply_to=row["reply_to"],
+        mentions=[str(user_id) for user_id in mentions] if mentions else [],
+        forwarded_from=_forwarded.decode(forwarded) if forwarded else None,
+        reactions=_reactions.decode(reactions) if reactions else [],
+        version=row["version"],
     )
+
+
+# Clauses for the caller's view of messages `m`: $1 is always the caller.
+NOT_HIDDEN = """NOT EXISTS (
+    SELECT 1 FROM hidden_messages h WHERE h.user_id = $1 AND h.chat_id = m.chat_id AND h.seq = m.seq
+)"""
 
 
 # --- the all-read watermark -----------------------------------------------------------------
@@ -66,6 +93,7 @@ WITH target AS (
     CROSS JOIN LATERAL (
         SELECT id, seq, sender_id FROM messages
         WHERE chat_id = moved.chat_id AND seq > moved.old_seq AND seq <= moved.new_seq
+          AND NOT deleted  -- no receipts for messages deleted for everyone
         OFFSET 0
     ) m
     GROUP BY moved.chat_id, moved.new_seq, m.sender_id

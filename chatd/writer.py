@@ -21,10 +21,19 @@ import uuid
 from dataclasses import dataclass, field
 
 import asyncpg
+import msgspec
 
 from chatd.hub import Bus, publish
 from chatd.metrics import MESSAGES_PERSISTED, SEND_BATCH_SIZE, SEND_SECONDS
-from chatd.protocol import INVALID, ChatError, Created, Message, NewMessage, no_such_chat
+from chatd.protocol import (
+    INVALID,
+    ChatError,
+    Created,
+    ForwardedFrom,
+    Message,
+    NewMessage,
+    no_such_chat,
+)
 from chatd.store import (
     MESSAGE_COLUMNS,
     advance_read_watermarks,
@@ -51,22 +60,37 @@ JOIN chats c ON c.id = m.chat_id
 # the next seqs in the order they came; each sender's pointer moves to their newest.
 _INSERT_MESSAGES = """
 WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY
-        AS t(chat_id, sender_id, text, client_msg_id, n)
+    SELECT * FROM unnest(
+        $1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[]
+    ) WITH ORDINALITY
+        AS t(chat_id, sender_id, text, client_msg_id, reply_to, mentions, forwarded, n)
 ), accepted AS (
     SELECT input.*, cm.read_seq AS sender_read_seq,
-           c.last_seq + row_number() OVER (PARTITION BY input.chat_id ORDER BY input.n) AS seq
+           c.last_seq + row_number() OVER (PARTITION BY input.chat_id ORDER BY input.n) AS seq,
+           c.version + row_number() OVER (PARTITION BY input.chat_id ORDER BY input.n) AS version
     FROM input
     JOIN chat_members cm ON cm.chat_id = input.chat_id AND cm.user_id = input.sender_id
     JOIN chats c ON c.id = input.chat_id
 ), bumped AS (
-    UPDATE chats c SET last_seq = top.seq, activity = nextval('chat_activity_seq')
-    FROM (SELECT chat_id, max(seq) AS seq FROM accepted GROUP BY chat_id) top
+    UPDATE chats c
+    SET last_seq = top.seq, version = top.version, activity = nextval('chat_activity_seq')
+    FROM (
+        SELECT chat_id, max(seq) AS seq, max(version) AS version FROM accepted GROUP BY chat_id
+    ) top
     WHERE c.id = top.chat_id
 ), stored AS (
-    INSERT INTO messages (chat_id, seq, sender_id, text, client_msg_id)
-    SELECT chat_id, seq, sender_id, text, client_msg_id FROM accepted ORDER BY chat_id, seq
+    INSERT INTO messages (
+        chat_id, seq, sender_id, text, client_msg_id, version, reply_to, mentions, forwarded_from
+    )
+    SELECT chat_id, seq, sender_id, text, client_msg_id, version, reply_to,
+           mentions::uuid[], forwarded::jsonb
+    FROM accepted ORDER BY chat_id, seq
     RETURNING id, chat_id, seq, created_at
+), mentioned AS (
+    INSERT INTO mentions (user_id, chat_id, seq)
+    SELECT DISTINCT mentioned.id, chat_id, seq
+    FROM accepted CROSS JOIN unnest(accepted.mentions::uuid[]) AS mentioned(id)
+    WHERE accepted.mentions IS NOT NULL
 ), read_own AS (
     UPDATE chat_members cm SET read_seq = mine.seq
     FROM (SELECT chat_id, sender_id, max(seq) AS seq FROM accepted GROUP BY 1, 2) mine
@@ -76,8 +100,8 @@ WITH input AS (
     WHERE chat_id IN (SELECT chat_id FROM accepted)
     GROUP BY chat_id
 )
-SELECT accepted.n, accepted.sender_read_seq, stored.id, stored.seq, stored.created_at,
-       members.ids AS member_ids
+SELECT accepted.n, accepted.sender_read_seq, accepted.version, stored.id, stored.seq,
+       stored.created_at, members.ids AS member_ids
 FROM accepted
 JOIN stored ON stored.chat_id = accepted.chat_id AND stored.seq = accepted.seq
 JOIN members ON members.chat_id = accepted.chat_id
@@ -91,12 +115,29 @@ _RETRY_ONE_BY_ONE = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError
 RetryKey = tuple[uuid.UUID, str]  # (sender, client_msg_id)
 
 
+@dataclass(slots=True, frozen=True)
+class Extras:
+    """What a send may carry beside its text (the handler has checked it)."""
+
+    reply_to: int | None = None
+    mentions: tuple[uuid.UUID, ...] = ()
+    forwarded_from: ForwardedFrom | None = None
+
+    def mentions_literal(self) -> str | None:
+        """The mentions as a PostgreSQL array literal (NULL: none), for the batch's unnest."""
+        return "{" + ",".join(map(str, self.mentions)) + "}" if self.mentions else None
+
+
+NO_EXTRAS = Extras()
+
+
 @dataclass(slots=True)
 class PendingSend:
     user_id: uuid.UUID
     chat_id: int
     text: str
     client_msg_id: str | None
+    extras: Extras
     done: asyncio.Future[Created[Message]]
 
     @property
@@ -130,11 +171,16 @@ class MessageWriter:
         self._running: set[asyncio.Task[None]] = set()
 
     async def store(
-        self, user_id: uuid.UUID, chat_id: int, text: str, client_msg_id: str | None
+        self,
+        user_id: uuid.UUID,
+        chat_id: int,
+        text: str,
+        client_msg_id: str | None,
+        extras: Extras = NO_EXTRAS,
     ) -> Created[Message]:
         """Store a message; `created` is False for a retry answered with its original."""
         done = asyncio.get_running_loop().create_future()
-        self._queue.append(PendingSend(user_id, chat_id, text, client_msg_id, done))
+        self._queue.append(PendingSend(user_id, chat_id, text, client_msg_id, extras, done))
         if len(self._running) < MAX_BATCHES_IN_FLIGHT:
             # A fresh context: the batch serves many sockets, not the one that started it.
             task = asyncio.create_task(self._drain(), context=contextvars.Context())
@@ -224,6 +270,9 @@ class MessageWriter:
                 [s.user_id for s in new],
                 [s.text for s in new],
                 [s.client_msg_id for s in new],
+                [s.extras.reply_to for s in new],
+                [s.extras.mentions_literal() for s in new],
+                [_forwarded_json(s.extras.forwarded_from) for s in new],
             )
             # Only senders who were holding a chat's watermark back can move it.
             chat_of = {row["n"]: new[row["n"] - 1].chat_id for row in rows}
@@ -248,6 +297,13 @@ class MessageWriter:
                 timestamp=row["created_at"],
                 read_status="read" if row["seq"] <= watermarks[send.chat_id] else "unread",
                 client_msg_id=send.client_msg_id,
+                edited_at=None,
+                deleted=False,
+                reply_to=send.extras.reply_to,
+                mentions=[str(user_id) for user_id in send.extras.mentions],
+                forwarded_from=send.extras.forwarded_from,
+                reactions=[],
+                version=row["version"],
             )
             done.stored.append(StoredSend(send, message, row["member_ids"]))
         return done
@@ -307,6 +363,10 @@ def partition(batch: list[PendingSend]) -> tuple[list[PendingSend], list[Pending
         else:
             copies.append(send)
     return unique, copies
+
+
+def _forwarded_json(forwarded: ForwardedFrom | None) -> str | None:
+    return None if forwarded is None else msgspec.json.encode(forwarded).decode()
 
 
 def _reused_elsewhere() -> ChatError:

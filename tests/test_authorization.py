@@ -53,7 +53,8 @@ class Ids:
     """What a request points at."""
 
     chat_id: int
-    message_id: int
+    message_id: int  # the member's
+    owners_message_id: int  # the owner's: the member may not delete it for everyone
     target_uuid: str  # a plain member of the chat, for the member-management rows
     other_uuid: str  # a user who is not in the chat, for add_members and create_chat
 
@@ -94,6 +95,15 @@ SOCKET_MATRIX: dict[str, Row] = {
         FORBIDDEN,
     ),
     "delete_chat": Row(lambda i: {"chat_id": i.chat_id}, NF, NF, FORBIDDEN),
+    "edit_message": Row(lambda i: {"message_id": i.message_id, "text": "y"}, NF, NF, OK),
+    "delete_message": Row(lambda i: {"message_id": i.owners_message_id}, NF, NF, FORBIDDEN),
+    "react": Row(lambda i: {"message_id": i.message_id, "emoji": "👍"}, NF, NF, OK),
+    "unreact": Row(lambda i: {"message_id": i.message_id, "emoji": "👍"}, NF, NF, OK),
+    "forward_message": Row(
+        lambda i: {"message_id": i.owners_message_id, "chat_id": i.chat_id}, NF, NF, OK
+    ),
+    "pin_message": Row(lambda i: {"message_id": i.message_id}, NF, NF, FORBIDDEN),
+    "unpin_message": Row(lambda i: {"chat_id": i.chat_id}, NF, NF, FORBIDDEN),
 }
 
 # Routes anyone may call: no token is needed, and a bad one is not looked at.
@@ -141,6 +151,30 @@ REST_MATRIX: dict[str, Row] = {
     ),
     "POST /chats/{chat_id:int}/read": Row(
         lambda i: (f"/chats/{i.chat_id}/read", {"up_to": i.message_id}), NF, NF, OK
+    ),
+    "PATCH /messages/{message_id:int}": Row(
+        lambda i: (f"/messages/{i.message_id}", {"text": "y"}), NF, NF, OK
+    ),
+    "DELETE /messages/{message_id:int}": Row(
+        lambda i: (f"/messages/{i.owners_message_id}?for_everyone=true", None), NF, NF, FORBIDDEN
+    ),
+    "GET /messages/{message_id:int}/edits": Row(
+        lambda i: (f"/messages/{i.message_id}/edits", None), NF, NF, OK
+    ),
+    "PUT /messages/{message_id:int}/reactions/{emoji}": Row(
+        lambda i: (f"/messages/{i.message_id}/reactions/%F0%9F%91%8D", None), NF, NF, OK
+    ),
+    "DELETE /messages/{message_id:int}/reactions/{emoji}": Row(
+        lambda i: (f"/messages/{i.message_id}/reactions/%F0%9F%91%8D", None), NF, NF, OK
+    ),
+    "POST /messages/{message_id:int}/forward": Row(
+        lambda i: (f"/messages/{i.owners_message_id}/forward", {"chat_id": i.chat_id}), NF, NF, OK
+    ),
+    "PUT /chats/{chat_id:int}/pin": Row(
+        lambda i: (f"/chats/{i.chat_id}/pin", {"message_id": i.message_id}), NF, NF, FORBIDDEN
+    ),
+    "DELETE /chats/{chat_id:int}/pin": Row(
+        lambda i: (f"/chats/{i.chat_id}/pin", None), NF, NF, FORBIDDEN
     ),
 }
 
@@ -246,13 +280,19 @@ async def make_scene(cast: Cast) -> Ids:
         },
     )
     message = await cast.member.call("POST", f"/chats/{chat['id']}/messages", json={"text": "x"})
+    owners = await cast.owner.call("POST", f"/chats/{chat['id']}/messages", json={"text": "o"})
     await cast.owner.call("DELETE", f"/chats/{chat['id']}/members/{cast.removed.user_uuid}")
-    return Ids(chat["id"], message["id"], cast.target.user_uuid, cast.other.user_uuid)
+    return Ids(chat["id"], message["id"], owners["id"], cast.target.user_uuid, cast.other.user_uuid)
 
 
 def missing(ids: Ids) -> Ids:
     """The same request, about a chat and a message that do not exist."""
-    return replace(ids, chat_id=2**62 + ids.chat_id, message_id=2**62 + ids.message_id)
+    return replace(
+        ids,
+        chat_id=2**62 + ids.chat_id,
+        message_id=2**62 + ids.message_id,
+        owners_message_id=2**62 + ids.owners_message_id,
+    )
 
 
 async def chat_state(cast: Cast, ids: Ids) -> Any:

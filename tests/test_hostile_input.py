@@ -305,6 +305,9 @@ def valid_socket_value(world: World, name: str) -> Any:
         "chats": {str(world.chat_id): 0},
         "limit": 10,
         "request_id": "h",
+        "emoji": "👍",
+        "for_everyone": False,
+        "mentions": [],
     }
     return values.get(name, OMIT)
 
@@ -483,6 +486,8 @@ def valid_rest_value(world: World, name: str) -> Any:
         "path:chat_id": str(world.chat_id),
         "path:message_id": str(world.message_id),
         "path:user_uuid": world.other.user_uuid,
+        "path:emoji": quote("👍"),
+        "query:for_everyone": "false",
         "header:Idempotency-Key": str(uuid.uuid4()).encode(),
         "body.name": "Hostile",
         "body.email": f"hostile-{uuid.uuid4().hex[:10]}@example.com",
@@ -492,6 +497,8 @@ def valid_rest_value(world: World, name: str) -> Any:
         "body.role": "member",
         "body.text": "hello",
         "body.up_to": world.message_id,
+        "body.chat_id": world.chat_id,
+        "body.message_id": world.message_id,
         "body.refresh_token": "not.a.token",
     }
     return values.get(name, OMIT)

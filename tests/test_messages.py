@@ -30,6 +30,13 @@ async def test_message_reaches_every_socket_sender_included(alice: Api, bob: Api
             "timestamp",
             "read_status",
             "client_msg_id",
+            "edited_at",
+            "deleted",
+            "reply_to",
+            "mentions",
+            "forwarded_from",
+            "reactions",
+            "version",
         }
         assert message["text"] == "hello"
         assert message["seq"] == 1

@@ -85,14 +85,17 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "register", "login", "refresh", "me", "users_list", "history", "list_chats",
         "create_chat", "get_chat", "rename_chat", "delete_chat", "add_members",
         "remove_member", "set_role", "send_message", "get_message", "mark_read",
-        "healthz", "readyz",
+        "healthz", "readyz", "edit_message", "delete_message", "list_edits", "react",
+        "unreact", "forward_message", "pin_message", "unpin_message",
     }  # fmt: skip
     assert set(document["components"]["schemas"]) == {
         "AddMembersRequest", "Chat", "ChatMember", "ChatOverview", "ChatPage",
         "CreateChatRequest", "ErrorBody", "ErrorResponse", "Health", "History",
         "LoginRequest", "Me", "Member", "Message", "ReadRequest", "ReadUpto", "Readiness",
         "RefreshRequest", "RegisterRequest", "RegisterResponse", "RenameChatRequest",
-        "SendMessageRequest", "SetRoleRequest", "TokenPair", "UserList",
+        "SendMessageRequest", "SetRoleRequest", "TokenPair", "UserList", "DeletedMessage",
+        "Edit", "EditList", "EditMessageRequest", "ForwardMessageRequest", "ForwardedFrom",
+        "PinMessageRequest", "Reaction",
     }  # fmt: skip
 
 

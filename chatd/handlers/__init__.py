@@ -6,6 +6,8 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
 
     chats.py     create_chat, list_chats, get_chat
     messages.py  send_message, get_message, sync, and the unread snapshot
+    changes.py   edit_message, delete_message, react, unreact, forward_message,
+                 pin_message, unpin_message, and a message's earlier texts
     reads.py     mark_read (and POST /chats/{id}/read)
     groups.py    add_members, remove_member, leave_chat, rename_chat, set_role, delete_chat
     presence.py  typing
@@ -21,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatd.handlers import accounts, chats, groups, history, messages, presence, reads
+from chatd.handlers import accounts, changes, chats, groups, history, messages, presence, reads
 from chatd.handlers.base import Context
 from chatd.protocol import (
     AddMembers,
@@ -29,7 +31,11 @@ from chatd.protocol import (
     CreateChat,
     Created,
     DeleteChat,
+    DeleteMessage,
+    EditMessage,
+    ForwardMessage,
     GetChat,
+    GetEdits,
     GetHistory,
     GetMe,
     GetMessage,
@@ -38,6 +44,8 @@ from chatd.protocol import (
     ListUsers,
     Login,
     MarkRead,
+    PinMessage,
+    React,
     Read,
     Refresh,
     Register,
@@ -47,6 +55,8 @@ from chatd.protocol import (
     SetRole,
     Sync,
     Typing,
+    UnpinMessage,
+    Unreact,
 )
 
 Handler = Callable[[Context, Any], Awaitable[Any]]
@@ -58,6 +68,13 @@ HANDLERS: dict[type, Handler] = {
     GetChat: chats.get_chat,
     SendMessage: messages.send_message,
     GetMessage: messages.get_message,
+    EditMessage: changes.edit_message,
+    DeleteMessage: changes.delete_message,
+    React: changes.react,
+    Unreact: changes.unreact,
+    ForwardMessage: changes.forward_message,
+    PinMessage: changes.pin_message,
+    UnpinMessage: changes.unpin_message,
     Sync: messages.sync,
     MarkRead: reads.mark_read,
     Typing: presence.typing,
@@ -77,6 +94,7 @@ REST_HANDLERS: dict[type, Handler] = {
     GetMe: accounts.me,
     ListUsers: accounts.users_list,
     GetHistory: history.history,
+    GetEdits: changes.list_edits,
     Read: reads.read_chat,
 }
 

@@ -63,7 +63,7 @@ def anonymous(node: Node, peer: str) -> Context:
 # non-members from queueing on the lock, but its membership row was read *before* any wait
 # for the lock: what a handler decides on must be read again by a later statement.
 _LOCK_CHAT = """
-SELECT c.type, c.last_seq, c.read_seq
+SELECT c.type, c.last_seq, c.read_seq, c.version, c.pinned_message_id
 FROM chats c
 WHERE c.id = $1 AND EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1 AND user_id = $2)
 FOR UPDATE OF c
@@ -75,7 +75,8 @@ ROLE_RANK = {"member": 0, "admin": 1, "owner": 2}
 
 
 async def lock_chat(conn: asyncpg.Connection, chat_id: int, user_id: uuid.UUID) -> asyncpg.Record:
-    """Lock the chat for this transaction; return its type, last_seq and read_seq.
+    """Lock the chat for this transaction; return its type, last_seq, read_seq, version and
+    pinned_message_id.
 
     Raises not_found when the chat does not exist or the caller is not a member. The
     membership may change while we wait for the lock: re-check it before relying on it.
@@ -149,7 +150,8 @@ async def fetch_members(
 
 async def fetch_chat(conn: asyncpg.Connection, chat_id: int) -> Chat:
     chat = await conn.fetchrow(
-        "SELECT id, type, name, created_at FROM chats WHERE id = $1", chat_id
+        "SELECT id, type, name, created_at, version, pinned_message_id FROM chats WHERE id = $1",
+        chat_id,
     )
     members = await fetch_members(conn, [chat_id])
     return Chat(
@@ -158,6 +160,8 @@ async def fetch_chat(conn: asyncpg.Connection, chat_id: int) -> Chat:
         name=chat["name"],
         created_at=chat["created_at"],
         members=members[chat_id],
+        version=chat["version"],
+        pinned_message_id=chat["pinned_message_id"],
     )
 
 

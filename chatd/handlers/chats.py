@@ -34,7 +34,7 @@ from chatd.protocol import (
     clean_text,
     no_such_chat,
 )
-from chatd.store import MESSAGE_COLUMNS, message_from_row
+from chatd.store import MESSAGE_COLUMNS, NOT_HIDDEN, message_from_row
 
 # --- create_chat --------------------------------------------------------------------------
 
@@ -170,11 +170,24 @@ async def insert_members(
 
 # --- the chat list ------------------------------------------------------------------------
 
-# unread_count is last_seq - read_seq: sending moves the sender's pointer to their own
-# message, so every message above a pointer is someone else's. No COUNT, however big.
+# unread_count starts from last_seq - read_seq: sending moves the sender's pointer to
+# their own message, so every message above a pointer is someone else's. From that go the
+# ones deleted for everyone and those the caller hid: both few, each found by an index
+# range above the pointer. No COUNT over the messages themselves, however many.
 _OVERVIEW = """
-SELECT c.id, c.type, c.name, c.created_at, c.last_seq, c.activity,
-       cm.read_seq, cm.role, rm.id AS read_upto
+SELECT c.id, c.type, c.name, c.created_at, c.last_seq, c.activity, c.version,
+       c.pinned_message_id, cm.read_seq, cm.role, rm.id AS read_upto,
+       c.last_seq - cm.read_seq
+         - (SELECT count(*) FROM messages d
+            WHERE d.chat_id = c.id AND d.deleted AND d.seq > cm.read_seq)
+         - (SELECT count(*) FROM hidden_messages h JOIN messages hm ON hm.id = h.message_id
+            WHERE h.user_id = $1 AND h.chat_id = c.id AND h.seq > cm.read_seq
+              AND NOT hm.deleted) AS unread_count,
+       (SELECT count(*) FROM mentions mn
+        WHERE mn.user_id = $1 AND mn.chat_id = c.id AND mn.seq > cm.read_seq
+          AND NOT EXISTS (SELECT 1 FROM hidden_messages h
+                          WHERE h.user_id = $1 AND h.chat_id = c.id AND h.seq = mn.seq))
+           AS unread_mentions
 FROM chat_members cm
 JOIN chats c ON c.id = cm.chat_id
 LEFT JOIN messages rm ON rm.chat_id = cm.chat_id AND rm.seq = cm.read_seq
@@ -184,11 +197,17 @@ WHERE cm.user_id = $1
 _PAGE = _OVERVIEW + " AND c.activity < $2 ORDER BY c.activity DESC LIMIT $3"
 _ONE = _OVERVIEW + " AND c.id = $2"
 
+# Each chat's newest message the caller did not hide.
 _LAST_MESSAGES = f"""
 SELECT {MESSAGE_COLUMNS}
-FROM unnest($1::bigint[], $2::bigint[]) AS last(chat_id, seq)
-JOIN messages m ON m.chat_id = last.chat_id AND m.seq = last.seq
-JOIN chats c ON c.id = m.chat_id
+FROM unnest($2::bigint[]) AS last(chat_id)
+JOIN chats c ON c.id = last.chat_id
+CROSS JOIN LATERAL (
+    SELECT * FROM messages m
+    WHERE m.chat_id = last.chat_id AND {NOT_HIDDEN}
+    ORDER BY m.seq DESC
+    LIMIT 1
+) m
 """
 
 _NO_CURSOR = 2**63 - 1
@@ -199,7 +218,7 @@ async def list_chats(ctx: Context, action: ListChats) -> ChatPage:
     async with ctx.node.pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(_PAGE, ctx.user_id, before, action.limit + 1)
-            chats = await _overviews(conn, rows[: action.limit])
+            chats = await _overviews(conn, ctx.user_id, rows[: action.limit])
     # Big groups make big entries: a page ends early rather than outgrow a client's frame.
     fitting, _ = fit_in_frame(chats, FRAME_BUDGET_BYTES)
     chats = fitting or chats[:1]
@@ -217,22 +236,20 @@ async def get_chat(ctx: Context, action: GetChat) -> ChatOverview:
             row = await conn.fetchrow(_ONE, ctx.user_id, action.chat_id)
             if row is None:
                 raise no_such_chat()
-            (chat,) = await _overviews(conn, [row])
+            (chat,) = await _overviews(conn, ctx.user_id, [row])
     return chat
 
 
-async def _overviews(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> list[ChatOverview]:
+async def _overviews(
+    conn: asyncpg.Connection, user_id: uuid.UUID, rows: list[asyncpg.Record]
+) -> list[ChatOverview]:
     """Three queries for a whole page: the chats, their members, their last messages."""
     chat_ids = [row["id"] for row in rows]
     members = await fetch_members(conn, chat_ids)
-    with_messages = [row for row in rows if row["last_seq"] > 0]
+    with_messages = [row["id"] for row in rows if row["last_seq"] > 0]
     last_messages = {
         m["chat_id"]: message_from_row(m)
-        for m in await conn.fetch(
-            _LAST_MESSAGES,
-            [row["id"] for row in with_messages],
-            [row["last_seq"] for row in with_messages],
-        )
+        for m in await conn.fetch(_LAST_MESSAGES, user_id, with_messages)
     }
     return [
         ChatOverview(
@@ -245,8 +262,11 @@ async def _overviews(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> li
             last_seq=row["last_seq"],
             read_upto=row["read_upto"],
             read_seq=row["read_seq"],
-            unread_count=row["last_seq"] - row["read_seq"],
+            unread_count=row["unread_count"],
+            unread_mentions=row["unread_mentions"],
             role=row["role"],
+            version=row["version"],
+            pinned_message_id=row["pinned_message_id"],
         )
         for row in rows
     ]

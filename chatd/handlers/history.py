@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from chatd.handlers.base import Context
 from chatd.protocol import GetHistory, History, no_such_chat
-from chatd.store import MESSAGE_COLUMNS, message_from_row
+from chatd.store import MESSAGE_COLUMNS, NOT_HIDDEN, message_from_row
 
 _LAST_SEQ = """
 SELECT c.last_seq FROM chats c
@@ -16,12 +16,13 @@ JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = $2
 WHERE c.id = $1
 """
 
+# The messages the caller hid are left out.
 _NEWEST_FIRST = f"""
 SELECT {MESSAGE_COLUMNS}
 FROM messages m JOIN chats c ON c.id = m.chat_id
-WHERE m.chat_id = $1 AND m.seq < $2
+WHERE m.chat_id = $2 AND m.seq < $3 AND {NOT_HIDDEN}
 ORDER BY m.seq DESC
-LIMIT $3 OFFSET $4
+LIMIT $4 OFFSET $5
 """
 
 # `before` is a keyset cursor on message ids: "older than this id", whether or not that id
@@ -54,7 +55,9 @@ async def history(ctx: Context, action: GetHistory) -> History:
         below_seq = last_seq + 1
         if action.before is not None:
             below_seq = await conn.fetchval(_BELOW_SEQ, action.chat_id, action.before)
-        rows = await conn.fetch(_NEWEST_FIRST, action.chat_id, below_seq, size + 1, offset)
+        rows = await conn.fetch(
+            _NEWEST_FIRST, ctx.user_id, action.chat_id, below_seq, size + 1, offset
+        )
 
     page = rows[:size]
     page.reverse()

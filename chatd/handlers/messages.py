@@ -6,7 +6,9 @@ Sends are stored by the node's MessageWriter (chatd/writer.py), in batches.
 
 from __future__ import annotations
 
-from chatd.handlers.base import FRAME_BUDGET_BYTES, Context, fit_in_frame
+import asyncpg
+
+from chatd.handlers.base import FRAME_BUDGET_BYTES, Context, fit_in_frame, parse_user_ids
 from chatd.protocol import (
     INVALID,
     MAX_TEXT_CHARS,
@@ -22,16 +24,66 @@ from chatd.protocol import (
     SyncResult,
     UnreadMessages,
     clean_text,
+    encode,
+    no_such_chat,
 )
-from chatd.store import MESSAGE_COLUMNS, message_from_row
+from chatd.store import MESSAGE_COLUMNS, NOT_HIDDEN, message_from_row
+from chatd.writer import NO_EXTRAS, Extras
 
 # --- send_message -----------------------------------------------------------------------
+
+# Whether the caller is a member, what reply_to is in this chat (NULL: not a message of
+# it), and how many of the mentioned users are members. Only for sends that carry them.
+_CHECK_EXTRAS = """
+SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1 AND user_id = $2) AS is_member,
+       (SELECT deleted FROM messages WHERE id = $3 AND chat_id = $1) AS reply_deleted,
+       (SELECT count(*) FROM chat_members WHERE chat_id = $1 AND user_id = ANY($4::uuid[]))
+           AS mentioned
+"""
 
 
 async def send_message(ctx: Context, action: SendMessage) -> Created[Message]:
     """Store and fan out a message; a retry (same client_msg_id) gets the original back."""
     text = clean_text(action.text, "text", min_len=1, max_len=MAX_TEXT_CHARS)
-    client_msg_id = action.client_msg_id
+    extras = NO_EXTRAS
+    if action.reply_to is not None or action.mentions:
+        try:
+            extras = await _checked_extras(ctx, action)
+        except ChatError:
+            # A retry whose reply_to was deleted since, say: its original is the answer.
+            original = await retried(ctx, action.chat_id, action.client_msg_id)
+            if original is None:
+                raise
+            return original
+    return await store_message(ctx, action.chat_id, text, action.client_msg_id, extras)
+
+
+async def _checked_extras(ctx: Context, action: SendMessage) -> Extras:
+    mentions = tuple(parse_user_ids(action.mentions))
+    row = await ctx.node.pool.fetchrow(
+        _CHECK_EXTRAS, action.chat_id, ctx.user_id, action.reply_to, list(mentions)
+    )
+    if not row["is_member"]:
+        raise no_such_chat()
+    if action.reply_to is not None and row["reply_deleted"] is None:
+        raise ChatError(INVALID, "reply_to is not a message of this chat")
+    if row["reply_deleted"]:
+        raise ChatError(INVALID, "reply_to is a deleted message")
+    if row["mentioned"] != len(mentions):
+        raise ChatError(INVALID, "mentions must be members of the chat")
+    return Extras(reply_to=action.reply_to, mentions=mentions)
+
+
+async def retried(ctx: Context, chat_id: int, client_msg_id: str | None) -> Created[Message] | None:
+    """The message a send with this client_msg_id stored before, if any (as a retry)."""
+    original = await ctx.node.writer.original(ctx.user_id, chat_id, client_msg_id)
+    return None if original is None else Created(original, created=False)
+
+
+async def store_message(
+    ctx: Context, chat_id: int, text: str, client_msg_id: str | None, extras: Extras
+) -> Created[Message]:
+    """A send or a forward: rate-limited per user, stored once per client_msg_id."""
     if client_msg_id is not None and "\x00" in client_msg_id:
         raise ChatError(INVALID, "client_msg_id must not contain NUL characters")
     writer = ctx.node.writer
@@ -40,12 +92,12 @@ async def send_message(ctx: Context, action: SendMessage) -> Created[Message]:
     if wait:
         # A retry of a stored message is answered even now: it stores nothing. Looked up
         # only when refused, so a normal send costs no extra query.
-        original = await writer.original(ctx.user_id, action.chat_id, client_msg_id)
+        original = await retried(ctx, chat_id, client_msg_id)
         if original is not None:
-            return Created(original, created=False)
+            return original
         raise ChatError(RATE_LIMITED, "too many messages; slow down", retry_after=wait)
     try:
-        stored = await writer.store(ctx.user_id, action.chat_id, text, client_msg_id)
+        stored = await writer.store(ctx.user_id, chat_id, text, client_msg_id, extras)
     except BaseException:
         await limit.give_back(key)  # refused or failed: the retry must not pay twice
         raise
@@ -56,19 +108,26 @@ async def send_message(ctx: Context, action: SendMessage) -> Created[Message]:
 
 # --- get_message --------------------------------------------------------------------------
 
-_VISIBLE_MESSAGE = f"""
+# A message of a chat the caller is in, unless they hid it.
+VISIBLE_MESSAGE = f"""
 SELECT {MESSAGE_COLUMNS}
 FROM messages m
 JOIN chats c ON c.id = m.chat_id
-JOIN chat_members cm ON cm.chat_id = m.chat_id AND cm.user_id = $2
-WHERE m.id = $1
+JOIN chat_members cm ON cm.chat_id = m.chat_id AND cm.user_id = $1
+WHERE m.id = $2 AND {NOT_HIDDEN}
 """
 
 
+def no_such_message() -> ChatError:
+    # The same answer whether the message does not exist, is in a chat the caller is not
+    # in, or was hidden by the caller.
+    return ChatError(NOT_FOUND, "no such message")
+
+
 async def get_message(ctx: Context, action: GetMessage) -> Message:
-    row = await ctx.node.pool.fetchrow(_VISIBLE_MESSAGE, action.message_id, ctx.user_id)
+    row = await ctx.node.pool.fetchrow(VISIBLE_MESSAGE, ctx.user_id, action.message_id)
     if row is None:
-        raise ChatError(NOT_FOUND, "no such message")
+        raise no_such_message()
     return message_from_row(row)
 
 
@@ -76,25 +135,56 @@ async def get_message(ctx: Context, action: GetMessage) -> Message:
 
 # The caller's chats among those asked, with how far each goes.
 _SYNC_CHATS = """
-SELECT c.id, c.last_seq
+SELECT c.id, c.last_seq, c.version, c.pinned_message_id
 FROM chats c JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = $1
 WHERE c.id = ANY($2::bigint[])
 """
 
-# The messages after each given seq, chat by chat in the order asked, at most $3 per chat
-# and $4 in all: no more than a reply can carry is ever read.
+# The messages after each given seq that the caller did not hide, chat by chat in the
+# order asked, at most $4 per chat (one more than a page: is there more?) and $5 in all:
+# no more than a reply can carry is ever read.
 _SYNC_MESSAGES = f"""
-SELECT {MESSAGE_COLUMNS}
-FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS want(chat_id, after_seq, n)
+SELECT want.n, {MESSAGE_COLUMNS}
+FROM unnest($2::bigint[], $3::bigint[]) WITH ORDINALITY AS want(chat_id, after_seq, n)
+JOIN chats c ON c.id = want.chat_id
+CROSS JOIN LATERAL (
+    SELECT * FROM messages m
+    WHERE m.chat_id = want.chat_id AND m.seq > want.after_seq AND {NOT_HIDDEN}
+    ORDER BY m.seq
+    LIMIT $4
+) m
+ORDER BY want.n, m.seq
+LIMIT $5
+"""
+
+# The new form: messages at or below the client's seq changed since its version, at most
+# $5 per chat (more is too_long) and $6 in all, in version order.
+_SYNC_UPDATED = f"""
+SELECT want.n, {MESSAGE_COLUMNS}, NOT {NOT_HIDDEN} AS hidden
+FROM unnest($2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY
+    AS want(chat_id, upto_seq, after_version, n)
 JOIN chats c ON c.id = want.chat_id
 CROSS JOIN LATERAL (
     SELECT * FROM messages
-    WHERE chat_id = want.chat_id AND seq > want.after_seq
-    ORDER BY seq
-    LIMIT $3
+    WHERE chat_id = want.chat_id AND version > want.after_version AND seq <= want.upto_seq
+    ORDER BY version
+    LIMIT $5
 ) m
-ORDER BY want.n, m.seq
-LIMIT $4
+ORDER BY want.n, m.version
+LIMIT $6
+"""
+
+# What the caller hid at or since each version (a hide changes no version: one made at
+# exactly the client's version may be news to it). At most $4 per chat.
+_SYNC_HIDDEN = """
+SELECT want.chat_id, h.message_id
+FROM unnest($2::bigint[], $3::bigint[]) AS want(chat_id, from_version)
+CROSS JOIN LATERAL (
+    SELECT message_id, seq FROM hidden_messages
+    WHERE user_id = $1 AND chat_id = want.chat_id AND version >= want.from_version
+    ORDER BY seq
+    LIMIT $4
+) h
 """
 
 # A message is at least ~200 bytes of JSON, so a full reply never holds more than this.
@@ -102,42 +192,148 @@ SYNC_MAX_MESSAGES = FRAME_BUDGET_BYTES // 200
 
 
 async def sync(ctx: Context, action: Sync) -> SyncResult:
-    """Messages after each given seq, so a reconnecting client misses nothing.
+    """What a reconnecting client missed, chat by chat, so it misses nothing.
 
-    Missed messages come per chat in seq order, at most `limit` per chat; `has_more` says
-    to sync that chat again from the last seq received. The reply stays under a frame
-    budget: chats that did not fit come back short or empty, with has_more.
+    Old form (a seq): the new messages after it. New form (a SyncPoint): those, and the
+    changes since its version to the messages it holds. Per chat, at most `limit` new
+    messages in seq order; `has_more` says to sync again from the answer's seq (and
+    version). The reply stays under a frame budget: the changes of a chat come whole or
+    not at all (deferred with has_more; too_long when they could never fit), and new
+    messages come as many as fit. Read in one snapshot, so every part agrees.
     """
+    max_changes = ctx.node.settings.sync_max_changes
+    points = {
+        chat_id: (point, None) if isinstance(point, int) else (point.seq, point.version)
+        for chat_id, point in action.chats.items()
+    }
     async with ctx.node.pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            last_seqs = {
-                row["id"]: row["last_seq"]
+            chats = {
+                row["id"]: row
                 for row in await conn.fetch(_SYNC_CHATS, ctx.user_id, list(action.chats))
             }
+            versioned = [
+                (c, seq, version)
+                for c, (seq, version) in points.items()
+                if c in chats and version is not None and version < chats[c]["version"]
+            ]
+            changed = await conn.fetch(
+                _SYNC_UPDATED,
+                ctx.user_id,
+                [c for c, _, _ in versioned],
+                [seq for _, seq, _ in versioned],
+                [version for _, _, version in versioned],
+                max_changes + 1,
+                SYNC_MAX_MESSAGES,
+            )
+            hidden_rows = await conn.fetch(
+                _SYNC_HIDDEN,
+                ctx.user_id,
+                [c for c, (_, v) in points.items() if c in chats and v is not None],
+                [v for c, (_, v) in points.items() if c in chats and v is not None],
+                max_changes + 1,
+            )
             wanted = [
-                (c, after) for c, after in action.chats.items() if last_seqs.get(c, 0) > after
+                (c, seq)
+                for c, (seq, _) in points.items()
+                if c in chats and chats[c]["last_seq"] > seq
             ]
             rows = await conn.fetch(
                 _SYNC_MESSAGES,
+                ctx.user_id,
                 [chat_id for chat_id, _ in wanted],
-                [after for _, after in wanted],
-                action.limit,
+                [seq for _, seq in wanted],
+                action.limit + 1,
                 SYNC_MAX_MESSAGES,
             )
 
-    found: dict[int, list[Message]] = {}
+    updated: dict[int, list[asyncpg.Record]] = {}
+    for row in changed:
+        updated.setdefault(row["chat_id"], []).append(row)
+    # Chats whose changes the row limit cut (the last one read, and those after it) wait.
+    cut_from = changed[-1]["n"] if len(changed) >= SYNC_MAX_MESSAGES else len(versioned) + 1
+    deferred = {c for n, (c, _, _) in enumerate(versioned, 1) if n >= cut_from}
+    hidden: dict[int, list[int]] = {}
+    for row in hidden_rows:
+        hidden.setdefault(row["chat_id"], []).append(row["message_id"])
+    found: dict[int, list[asyncpg.Record]] = {}
     for row in rows:
-        found.setdefault(row["chat_id"], []).append(message_from_row(row))
+        found.setdefault(row["chat_id"], []).append(row)
+    # Chats the row limit may have cut (the last one read, and those after it) have more.
+    cut = (
+        {c for n, (c, _) in enumerate(wanted, 1) if n >= rows[-1]["n"]}
+        if (len(rows) >= SYNC_MAX_MESSAGES)
+        else set()
+    )
+
     result: dict[int, SyncedChat] = {}
     budget = FRAME_BUDGET_BYTES
-    for chat_id, after in action.chats.items():
-        if chat_id not in last_seqs:
+    for chat_id, (after_seq, after_version) in points.items():
+        chat = chats.get(chat_id)
+        if chat is None:
             result[chat_id] = SyncedChat(messages=[], has_more=False, error=NOT_FOUND)
             continue
-        taken, budget = fit_in_frame(found.get(chat_id, ()), budget)
-        reached = taken[-1].seq if taken else after
-        result[chat_id] = SyncedChat(messages=taken, has_more=reached < last_seqs[chat_id])
+        new = found.get(chat_id, [])
+        if after_version is None:
+            taken, budget, more = _take_new(new, action.limit, budget)
+            result[chat_id] = SyncedChat(messages=taken, has_more=more or chat_id in cut)
+            continue
+        changes = updated.get(chat_id, [])
+        hides = hidden.get(chat_id, [])
+        if len(changes) > max_changes or len(hides) > max_changes:
+            result[chat_id] = _too_long(chat)
+            continue
+        entry = SyncedChat(
+            messages=[],
+            updated=[message_from_row(r) for r in changes if not r["hidden"]],
+            hidden=hides,
+            pinned_message_id=chat["pinned_message_id"],
+            seq=after_seq,
+            version=chat["version"],
+            has_more=False,
+            too_long=False,
+        )
+        size = len(encode(entry))
+        if size > FRAME_BUDGET_BYTES:
+            result[chat_id] = _too_long(chat)
+            continue
+        if chat_id in deferred or size > budget:
+            # Not this time: the changes come whole or not at all. Sync again from here.
+            entry.updated, entry.hidden = [], []
+            entry.version, entry.has_more = after_version, True
+            result[chat_id] = entry
+            continue
+        entry.messages, budget, more = _take_new(new, action.limit, budget - size)
+        entry.has_more = more or chat_id in cut
+        if entry.messages:
+            entry.seq = entry.messages[-1].seq
+        if not entry.has_more:
+            entry.seq = max(after_seq, chat["last_seq"])  # what is left, you hid
+        result[chat_id] = entry
     return SyncResult(chats=result)
+
+
+def _take_new(
+    rows: list[asyncpg.Record], limit: int, budget: int
+) -> tuple[list[Message], int, bool]:
+    """The first `limit` new messages, as many as fit `budget`: (them, the budget left,
+    whether more remain)."""
+    taken, budget = fit_in_frame(map(message_from_row, rows[:limit]), budget)
+    return taken, budget, len(taken) < len(rows)
+
+
+def _too_long(chat: asyncpg.Record) -> SyncedChat:
+    """Too many changes to replay: the client refetches, then syncs from here."""
+    return SyncedChat(
+        messages=[],
+        updated=[],
+        hidden=[],
+        pinned_message_id=chat["pinned_message_id"],
+        seq=chat["last_seq"],
+        version=chat["version"],
+        has_more=False,
+        too_long=True,
+    )
 
 
 # --- the unread snapshot ------------------------------------------------------------------
@@ -151,9 +347,10 @@ SELECT {MESSAGE_COLUMNS}
 FROM chat_members cm
 JOIN chats c ON c.id = cm.chat_id AND c.last_seq > cm.read_seq
 CROSS JOIN LATERAL (
-    SELECT * FROM messages
-    WHERE chat_id = cm.chat_id AND seq > cm.read_seq AND sender_id <> $1
-    ORDER BY seq
+    SELECT * FROM messages m
+    WHERE m.chat_id = cm.chat_id AND m.seq > cm.read_seq AND m.sender_id <> $1
+      AND NOT m.deleted AND {NOT_HIDDEN}
+    ORDER BY m.seq
     LIMIT $2
 ) m
 WHERE cm.user_id = $1
