@@ -804,7 +804,7 @@ function messageItem(m, chat, pending = false) {
     meta.append(edited);
   }
   meta.append(el("time", "time", pending ? "" : formatTime(m.timestamp)));
-  if (mine) {
+  if (mine && !m.deleted) {
     let mark = "✓";
     let label = "Sent";
     if (pending) [mark, label] = ["…", "Sending"];
@@ -1120,12 +1120,14 @@ function openMenu(m, anchor) {
   menu.replaceChildren(...menuItems(m));
   menu.dataset.messageId = m.id;
   menu.hidden = false;
-  // Below the button, or above it when there is no room; kept inside the window.
+  // Below the button, or above it when there is no room; opening away from the bubble
+  // (the button sits left of your own messages, right of others'); kept inside the window.
   const at = anchor.getBoundingClientRect();
   const { width, height } = menu.getBoundingClientRect();
   const top = at.bottom + height > innerHeight ? Math.max(4, at.top - height) : at.bottom;
+  const left = m.sender_uuid === state.me.user_uuid ? at.right - width : at.left;
   menu.style.top = `${top}px`;
-  menu.style.left = `${Math.max(4, Math.min(at.right - width, innerWidth - width - 4))}px`;
+  menu.style.left = `${Math.max(4, Math.min(left, innerWidth - width - 4))}px`;
   const first = menu.querySelector("button");
   if (first) first.focus();
 }

@@ -18,6 +18,7 @@ from playwright import sync_api
 
 from tests.browser.test_browser_chat import (
     ARGS,
+    ARTIFACTS,
     CHROMIUM,
     SOCKET_SPY,
     log_in,
@@ -300,6 +301,25 @@ def test_reactions_count_and_toggle(pair) -> None:
     # And his 🎉 too: no chip is left with a zero count.
     bubble_b.locator(".reaction", has_text="🎉").click()
     expect(bubble_a.locator(".reaction")).to_have_text(["👍 1"])
+
+    # A picture of the features together: a reply, an edit, a tombstone, reactions, a pin.
+    bob.menu(bubble_b, "Reply")
+    bob.send("see you there")
+    alice.menu(bubble_a, "Pin")
+    alice.send("typo")
+    alice.composer().press("ArrowUp")
+    alice.composer().fill("no typo")
+    alice.composer().press("Enter")
+    alice.send("never mind")
+    alice.menu(alice.message("never mind"), "Delete for everyone")
+    expect(alice.page.locator("#messages .message.deleted")).to_have_count(1)
+    expect(alice.message("no typo").locator(".edited")).to_be_visible()
+    expect(alice.page.locator("#pin-text")).to_have_text("lunch?")
+    alice.message("see you there").hover()
+    alice.message("see you there").locator(".menu-button").click()
+    ARTIFACTS.mkdir(exist_ok=True)
+    alice.page.screenshot(path=str(ARTIFACTS / "chat-lifecycle.png"))
+    alice.page.keyboard.press("Escape")
 
 
 def test_mention_autocomplete_and_the_unread_mention_badge(chromium, server: Server) -> None:
