@@ -362,6 +362,14 @@ def test_mention_autocomplete_and_the_unread_mention_badge(chromium, server: Ser
     (carols,) = [c for c in carol.get("/chats").json()["chats"] if c["id"] == group["id"]]
     assert carols["unread_mentions"] == 0
     assert carols["unread_count"] == 2
+    # A message deleted for everyone is no longer unread.
+    alice.menu(alice.message("mail me @ home"), "Delete for everyone")
+    expect(item.locator(".badge:not(.mention-badge)")).to_have_text("1")
+    expect(item.locator(".mention-badge")).to_have_attribute("aria-label", "1 unread mention")
+    # After a reload the counts come from the server's chat list, and agree.
+    bob.page.reload()
+    expect(item.locator(".mention-badge")).to_have_attribute("aria-label", "1 unread mention")
+    expect(item.locator(".badge:not(.mention-badge)")).to_have_text("1")
     # Reading the chat clears the badge; the mention stands out in it.
     item.click()
     expect(bob.message(f"hey @{bob.name} look at this")).to_have_class(re.compile("mentions-me"))
