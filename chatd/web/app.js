@@ -1057,8 +1057,10 @@ function startEdit(m) {
   input.setSelectionRange(input.value.length, input.value.length);
 }
 
-// ↑ in an empty composer edits your newest message, as in most messengers.
+// ↑ in an empty composer edits your newest message, as in most messengers. Not while one
+// is still on its way: that one is the newest, and it cannot be edited yet.
 function editLast() {
+  for (const out of state.outbox.values()) if (out.chat_id === state.current) return;
   const me = state.me.user_uuid;
   const last = sortedMessages(state.current)
     .filter((m) => m.sender_uuid === me && !m.deleted)
@@ -1096,6 +1098,8 @@ function menuItems(m) {
   const items = [];
   if (!m.deleted) {
     const quick = el("div", "quick-reactions");
+    quick.setAttribute("role", "group");
+    quick.setAttribute("aria-label", "Quick reactions");
     for (const emoji of QUICK_REACTIONS) {
       const item = menuItem(emoji, () => react(m, emoji), "menu-item emoji");
       item.setAttribute("aria-label", `React ${emoji}`);

@@ -307,6 +307,7 @@ def test_reactions_count_and_toggle(pair) -> None:
     bob.send("see you there")
     alice.menu(bubble_a, "Pin")
     alice.send("typo")
+    expect(alice.message("typo").locator(".status")).to_have_text(re.compile("✓"))
     alice.composer().press("ArrowUp")
     alice.composer().fill("no typo")
     alice.composer().press("Enter")
