@@ -298,6 +298,27 @@ async def test_emoji_sequences_are_one_emoji(alice: Api, bob: Api, emoji: str) -
     assert removed["reactions"] == []
 
 
+async def test_an_emoji_with_or_without_its_variation_selector_is_one_reaction(
+    alice: Api, bob: Api
+) -> None:
+    async with await alice.connect() as a, await bob.connect() as b:
+        chat = await group(a, bob)
+        sent = await a.request("send_message", chat_id=chat["id"], text="x")
+        await a.request("react", message_id=sent["id"], emoji="\u2764\ufe0f")
+        same = await a.request("react", message_id=sent["id"], emoji="\u2764")
+        assert same["reactions"] == [
+            {"emoji": "\u2764\ufe0f", "count": 1, "users": [alice.user_uuid]}
+        ]
+        both = await b.request("react", message_id=sent["id"], emoji="\u2764")
+        assert both["reactions"][0]["count"] == 2
+        gone = await b.request("unreact", message_id=sent["id"], emoji="\u2764\ufe0f")
+        assert gone["reactions"][0]["count"] == 1
+        # A skin tone alone is a component, not an emoji.
+        assert await error_code(a, "react", message_id=sent["id"], emoji="\U0001f3fd") == (
+            "invalid"
+        )
+
+
 async def test_reaction_limits(alice: Api, bob: Api) -> None:
     many = "😀😁😂🤣😃😄😅😆😉😊😋😎😍😘🥰😗😙😚🙂🤗🤩"
     async with await alice.connect() as a, await bob.connect() as b:

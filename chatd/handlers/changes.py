@@ -280,11 +280,22 @@ RETURNING {MESSAGE_COLUMNS}
 """
 
 
+# Every emoji Unicode lists, in its fully-qualified form (what keyboards send), keyed by
+# the emoji without its variation selectors: "❤" and "❤️" are one reaction, stored as "❤️".
+_FULLY_QUALIFIED = {
+    key.replace("\ufe0f", ""): key
+    for key, data in emoji_data.EMOJI_DATA.items()
+    if data["status"] == emoji_data.STATUS["fully_qualified"]
+}
+
+
 def one_emoji(value: str) -> str:
-    """`value` when it is one emoji (a single grapheme cluster, as Unicode lists them)."""
-    if not emoji_data.is_emoji(value):
+    """`value`'s fully-qualified form when it is one emoji (a ZWJ sequence, a flag, a
+    keycap, a skin tone on its base: one grapheme cluster), else `invalid`."""
+    canonical = _FULLY_QUALIFIED.get(value.replace("\ufe0f", ""))
+    if canonical is None:
         raise ChatError(INVALID, "emoji must be a single emoji")
-    return value
+    return canonical
 
 
 async def react(ctx: Context, action: React) -> Message:

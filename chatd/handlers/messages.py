@@ -201,7 +201,8 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
     not at all (deferred with has_more; too_long when they could never fit), and new
     messages come as many as fit. Read in one snapshot, so every part agrees.
     """
-    max_changes = ctx.node.settings.sync_max_changes
+    # Below the reply's row limit, so the first chat's changes are never cut by it.
+    max_changes = min(ctx.node.settings.sync_max_changes, SYNC_MAX_MESSAGES - 1)
     points = {
         chat_id: (point, None) if isinstance(point, int) else (point.seq, point.version)
         for chat_id, point in action.chats.items()

@@ -6,6 +6,8 @@ const BASE = new URL(".", location.href); // where chatd lives (works under a pa
 const HISTORY_PAGE = 50;
 const TYPING_SEND_EVERY = 2000; // the server forwards at most one per 2 s
 const TYPING_SHOW_FOR = 5000;
+const QUICK_REACTIONS = ["👍", "❤️", "😂", "😮", "😢", "🙏"];
+const JUMP_MAX_PAGES = 20; // how far back a jump to a quoted message may load history
 
 const $ = (id) => document.getElementById(id);
 
@@ -30,7 +32,9 @@ const state = {
   chats: new Map(), // chat id -> ChatOverview-like object
   msgs: new Map(), // chat id -> {byId: Map, hasMore, loaded, loading}
   seen: new Map(), // chat id -> highest seq held without a gap (for sync)
-  outbox: new Map(), // client_msg_id -> {chat_id, text}
+  versions: new Map(), // chat id -> {at: version applied without a gap, ahead: Set of later ones}
+  quotes: new Map(), // message id -> Message fetched to show a quote or the pin (null: loading)
+  outbox: new Map(), // client_msg_id -> {chat_id, text, reply_to, mentions}
   typing: new Map(), // chat id -> Map(user uuid -> timeout)
   current: null, // open chat id
   ws: null,
@@ -41,6 +45,10 @@ const state = {
   reconnectTimer: null,
   refreshTimer: null,
   lastTypingSent: 0,
+  editing: null, // id of the message the composer is editing
+  replyTo: null, // id of the message the composer answers
+  mentionPicks: new Map(), // user uuid -> name, picked in the composer since the last send
+  highlight: null, // {id, until}: the message a jump landed on
 };
 
 // --- tokens -----------------------------------------------------------------------------
@@ -261,11 +269,18 @@ async function onConnected(snapshot) {
   markReadIfVisible();
 }
 
+// The sync point of a chat: the new form {seq, version} once its version is known.
+function syncPoint(chatId) {
+  const seq = state.seen.get(chatId) || 0;
+  const v = state.versions.get(chatId);
+  return v ? { seq, version: v.at } : seq;
+}
+
 async function syncChats(ids) {
   let todo = ids.filter((id) => state.chats.has(id) || state.seen.has(id));
   while (todo.length) {
     const chats = {};
-    for (const id of todo.slice(0, 1000)) chats[id] = state.seen.get(id) || 0;
+    for (const id of todo.slice(0, 1000)) chats[id] = syncPoint(id);
     const reply = await request("sync", { chats, limit: 200 });
     const again = [];
     for (const [key, entry] of Object.entries(reply.chats)) {
@@ -274,22 +289,76 @@ async function syncChats(ids) {
         removeChat(id);
         continue;
       }
-      for (const m of entry.messages) addMessage(m);
+      if (entry.too_long) restartChat(id, entry);
+      else applySynced(id, entry);
       if (entry.has_more) again.push(id);
     }
     todo = [...again, ...todo.slice(1000)];
   }
 }
 
+function applySynced(chatId, entry) {
+  for (const m of entry.messages) addMessage(m);
+  for (const m of entry.updated || []) applyUpdate(m);
+  for (const id of entry.hidden || []) hideMessage(chatId, id);
+  if (state.chats.has(chatId) && entry.pinned_message_id !== undefined) {
+    upsertChat({ id: chatId, pinned_message_id: entry.pinned_message_id });
+  }
+  // The answer's seq covers messages hidden from us, which never arrive.
+  if (entry.seq > (state.seen.get(chatId) || 0)) state.seen.set(chatId, entry.seq);
+  advanceSeen(chatId);
+  if (typeof entry.version === "number") setVersion(chatId, entry.version);
+}
+
+// Too much changed while we were away: drop what we hold of the chat and load it afresh.
+function restartChat(chatId, entry) {
+  const s = store(chatId);
+  s.byId.clear();
+  s.loaded = false;
+  s.hasMore = true;
+  state.seen.set(chatId, entry.seq);
+  state.versions.set(chatId, { at: entry.version, ahead: new Set() });
+  if (chatId === state.current) loadHistory(chatId, false);
+}
+
+// Chat versions: every change to a chat's messages has the next version. Events may come
+// out of order, so `at` only moves over versions seen without a gap; a gap that stays is
+// filled by a sync.
+function noteVersion(chatId, version) {
+  const v = state.versions.get(chatId);
+  if (!v || typeof version !== "number" || version <= v.at) return;
+  v.ahead.add(version);
+  while (v.ahead.delete(v.at + 1)) v.at += 1;
+  if (v.ahead.size) syncSoon(chatId);
+}
+
+// Everything up to `version` is applied (a sync answer, or a chat first seen).
+function setVersion(chatId, version) {
+  let v = state.versions.get(chatId);
+  if (!v) state.versions.set(chatId, (v = { at: version, ahead: new Set() }));
+  v.at = Math.max(v.at, version);
+  for (const x of v.ahead) if (x <= v.at) v.ahead.delete(x);
+  while (v.ahead.delete(v.at + 1)) v.at += 1;
+}
+
+function hasGap(chatId) {
+  const v = state.versions.get(chatId);
+  if (v && v.ahead.size) return true;
+  const seen = state.seen.get(chatId) || 0;
+  for (const m of store(chatId).byId.values()) if (m.seq > seen) return true;
+  return false;
+}
+
 let syncQueued = null;
 function syncSoon(chatId) {
-  // A seq gap: fill it with a sync shortly (several gaps share one call).
+  // A seq or version gap: fill it with a sync shortly (several gaps share one call), unless
+  // what was missing arrived meanwhile.
   if (!syncQueued) {
     syncQueued = new Set();
     setTimeout(() => {
-      const ids = [...syncQueued];
+      const ids = [...syncQueued].filter(hasGap);
       syncQueued = null;
-      if (state.wsReady) syncChats(ids).catch(() => {});
+      if (state.wsReady && ids.length) syncChats(ids).catch(() => {});
     }, 300);
   }
   syncQueued.add(chatId);
@@ -319,6 +388,13 @@ function handleFrame(frame) {
       clearTyping(d.chat_id, d.sender_uuid);
       markReadIfVisible();
       return;
+    case "message_updated":
+      noteVersion(d.chat_id, d.version);
+      applyUpdate(d);
+      return;
+    case "message_hidden":
+      hideMessage(d.chat_id, d.message_id);
+      return;
     case "chat_created":
       upsertChat({ ...d, last_message: null, last_seq: 0, read_seq: 0, unread_count: 0 });
       return;
@@ -339,9 +415,14 @@ function handleFrame(frame) {
         if (chat) upsertChat({ id: d.chat_id, members: chat.members.filter((u) => u.user_uuid !== d.user_uuid) });
       }
       return;
-    case "chat_updated":
+    case "chat_updated": {
+      // Pins change the chat's version; renames and roles do not.
+      const chat = state.chats.get(d.id);
+      const pinChanged = chat && chat.pinned_message_id !== d.pinned_message_id;
       upsertChat(d);
+      if (pinChanged) noteVersion(d.id, d.version);
       return;
+    }
     case "chat_deleted":
       removeChat(d.chat_id);
       return;
@@ -376,6 +457,16 @@ function advanceSeen(chatId) {
   return seen;
 }
 
+// Replace a message we hold with a newer state of it (an edit, a delete, reactions).
+// A read receipt never goes back to unread.
+function replaceMessage(known, m) {
+  if ((m.version || 0) < (known.version || 0)) return false;
+  const read = known.read_status === "read";
+  Object.assign(known, m);
+  if (read) known.read_status = "read";
+  return true;
+}
+
 // Add a message from any source (live, snapshot, sync, history, ack). Returns false for a
 // message we already hold: the same id is one message, whatever the path it came by.
 function addMessage(m, fromHistory = false) {
@@ -386,11 +477,13 @@ function addMessage(m, fromHistory = false) {
   const known = s.byId.get(m.id);
   if (known) {
     if (m.read_status === "read") known.read_status = "read";
+    replaceMessage(known, m);
     if (m.chat_id === state.current) renderMessages();
     return false;
   }
   s.byId.set(m.id, { ...m });
   if (!fromHistory) {
+    noteVersion(m.chat_id, m.version);
     const seen = advanceSeen(m.chat_id);
     if (m.seq > seen && state.chats.has(m.chat_id)) syncSoon(m.chat_id);
   }
@@ -406,6 +499,39 @@ function addMessage(m, fromHistory = false) {
   }
   if (m.chat_id === state.current) renderMessages();
   return true;
+}
+
+// A message changed (message_updated, a sync's `updated`, an ack): replace the copy we
+// hold; one we do not hold is not fetched.
+function applyUpdate(m) {
+  const known = store(m.chat_id).byId.get(m.id);
+  if (known) replaceMessage(known, m);
+  const quoted = state.quotes.get(m.id);
+  if (quoted) replaceMessage(quoted, m);
+  const chat = state.chats.get(m.chat_id);
+  if (chat && chat.last_message && chat.last_message.id === m.id) replaceMessage(chat.last_message, m);
+  if (m.deleted) {
+    if (state.editing === m.id || state.replyTo === m.id) clearComposeMode();
+    if (chat && countedInBase(chat, m)) fetchChat(m.chat_id);
+  }
+  if (chat) renderChatList();
+  if (m.chat_id === state.current) renderMessages();
+}
+
+// The message was deleted for us only: it goes, from this chat and from its preview.
+function hideMessage(chatId, messageId) {
+  const s = store(chatId);
+  const m = s.byId.get(messageId);
+  s.byId.delete(messageId);
+  if (state.editing === messageId || state.replyTo === messageId) clearComposeMode();
+  const chat = state.chats.get(chatId);
+  if (chat) {
+    const wasLast = chat.last_message && chat.last_message.id === messageId;
+    if (wasLast) chat.last_message = null; // the server tells which message is last now
+    if (wasLast || (m && countedInBase(chat, m))) fetchChat(chatId);
+    renderChatList();
+  }
+  if (chatId === state.current) renderMessages();
 }
 
 function setRead(chatId, test) {
@@ -433,7 +559,16 @@ function upsertChat(data) {
     if (k === "last_seq" || k === "read_seq") chat[k] = Math.max(chat[k] || 0, v);
     else if (k === "last_message") {
       if (v && (!chat.last_message || v.seq >= chat.last_message.seq)) chat.last_message = v;
-    } else if (k !== "unread_count") chat[k] = v;
+    } else if (k !== "unread_count" && k !== "unread_mentions") chat[k] = v;
+  }
+  if (data.unread_count !== undefined) {
+    // The server's exact counts as of its last_seq; later messages are counted as they come.
+    chat.base = {
+      last_seq: data.last_seq || 0,
+      read_seq: data.read_seq || 0,
+      unread: data.unread_count,
+      mentions: data.unread_mentions || 0,
+    };
   }
   chat.active = Math.max(
     chat.active || 0,
@@ -441,6 +576,7 @@ function upsertChat(data) {
     chat.last_message ? Date.parse(chat.last_message.timestamp) || 0 : 0,
   );
   state.chats.set(data.id, chat);
+  if (typeof data.version === "number" && !state.versions.has(data.id)) setVersion(data.id, data.version);
   // Messages up to the server's last_seq come from /history when the chat is opened; sync
   // only has to fetch what comes after.
   const seen = state.seen.get(data.id) || 0;
@@ -454,6 +590,7 @@ function removeChat(chatId) {
   state.chats.delete(chatId);
   state.msgs.delete(chatId);
   state.seen.delete(chatId);
+  state.versions.delete(chatId);
   if (state.current === chatId) openChat(null);
   renderChatList();
 }
@@ -492,11 +629,61 @@ function memberName(chatId, uuid) {
   return member ? member.name : "Someone";
 }
 
+function myRole(chat) {
+  if (!chat) return null;
+  if (chat.role) return chat.role;
+  const me = (chat.members || []).find((u) => u.user_uuid === state.me.user_uuid);
+  return me ? me.role : null;
+}
+
+function isAdmin(chat) {
+  const role = myRole(chat);
+  return role === "owner" || role === "admin";
+}
+
+function mentionsMe(m) {
+  return !m.deleted && (m.mentions || []).includes(state.me.user_uuid);
+}
+
+const NO_BASE = { last_seq: 0, read_seq: 0, unread: 0, mentions: 0 };
+
+// Whether the server's last counts included this message as unread: a change to it (a
+// delete, a hide) makes them stale.
+function countedInBase(chat, m) {
+  const base = chat.base || NO_BASE;
+  return m.sender_uuid !== state.me.user_uuid && m.seq > (chat.read_seq || 0) && m.seq <= base.last_seq;
+}
+
+// Unread messages and mentions: the server's counts up to its last_seq (deleted and hidden
+// messages left out), then the messages we hold above it, counted here.
 function unread(chat) {
-  return Math.max(0, (chat.last_seq || 0) - (chat.read_seq || 0));
+  const base = chat.base || NO_BASE;
+  const readSeq = chat.read_seq || 0;
+  let count = 0;
+  let mentions = 0;
+  if (readSeq <= base.read_seq) {
+    count = base.unread;
+    mentions = base.mentions;
+  } else if (readSeq < base.last_seq) {
+    // Read part of the way since (this page always reads to the newest): at most what is left.
+    count = Math.min(base.unread, base.last_seq - readSeq);
+    mentions = Math.min(base.mentions, count);
+  }
+  const from = Math.max(readSeq, base.last_seq);
+  for (const m of store(chat.id).byId.values()) {
+    if (m.seq <= from || m.deleted || m.sender_uuid === state.me.user_uuid) continue;
+    count += 1;
+    if (mentionsMe(m)) mentions += 1;
+  }
+  return { count, mentions };
 }
 
 // --- rendering --------------------------------------------------------------------------
+
+function previewText(m) {
+  if (m.deleted) return "message deleted";
+  return `${m.sender_uuid === state.me.user_uuid ? "You: " : ""}${m.text}`;
+}
 
 function renderChatList() {
   const list = $("chat-list");
@@ -510,17 +697,20 @@ function renderChatList() {
       if (chat.id === state.current) button.setAttribute("aria-current", "true");
       const top = el("span", "chat-item-top");
       top.append(el("span", "chat-name", chatTitle(chat)));
-      const count = unread(chat);
+      const { count, mentions } = unread(chat);
+      if (mentions > 0) {
+        const at = el("span", "badge mention-badge", "@");
+        at.title = `${mentions} unread ${mentions === 1 ? "mention" : "mentions"}`;
+        at.setAttribute("aria-label", at.title);
+        top.append(at);
+      }
       if (count > 0) {
         const badge = el("span", "badge", count > 99 ? "99+" : count);
         badge.setAttribute("aria-label", `${count} unread`);
         top.append(badge);
       }
       const last = chat.last_message;
-      const preview = last
-        ? `${last.sender_uuid === state.me.user_uuid ? "You: " : ""}${last.text}`
-        : "No messages yet";
-      button.append(top, el("span", "chat-preview", preview));
+      button.append(top, el("span", "chat-preview", last ? previewText(last) : "No messages yet"));
       button.addEventListener("click", () => openChat(chat.id));
       li.append(button);
       return li;
@@ -538,15 +728,83 @@ function formatTime(ts) {
     : d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
 }
 
+// A message of the chat by id: held, or fetched once to show a quote or the pinned banner
+// (undefined until it arrives, null when it cannot be had).
+function lookupMessage(chatId, id) {
+  const held = store(chatId).byId.get(id);
+  if (held) return held;
+  if (state.quotes.has(id)) return state.quotes.get(id) || undefined;
+  state.quotes.set(id, null);
+  api("GET", `messages/${id}`)
+    .then((m) => state.quotes.set(id, m))
+    .catch(() => state.quotes.set(id, { id, chat_id: chatId, missing: true }))
+    .finally(() => {
+      if (chatId === state.current) {
+        renderMessages();
+        renderPinBanner();
+      }
+    });
+  return undefined;
+}
+
+function snippet(m) {
+  if (!m) return "…";
+  if (m.missing) return "message unavailable";
+  if (m.deleted) return "message deleted";
+  return m.text.length > 120 ? `${m.text.slice(0, 120)}…` : m.text;
+}
+
+function quoteBlock(chatId, replyTo) {
+  const original = lookupMessage(chatId, replyTo);
+  const quote = el("button", "quote");
+  quote.type = "button";
+  quote.dataset.replyTo = replyTo;
+  quote.title = "Show the original message";
+  if (original && !original.missing) quote.append(el("span", "quote-name", memberName(chatId, original.sender_uuid)));
+  quote.append(el("span", "quote-text", snippet(original)));
+  quote.addEventListener("click", () => jumpTo(chatId, replyTo));
+  return quote;
+}
+
+function reactionBar(m) {
+  const bar = el("div", "reactions");
+  for (const r of m.reactions || []) {
+    const mine = r.users.includes(state.me.user_uuid);
+    const button = el("button", "reaction", `${r.emoji} ${r.count}`);
+    button.type = "button";
+    button.dataset.emoji = r.emoji;
+    button.setAttribute("aria-pressed", String(mine));
+    button.title = mine ? "Take your reaction back" : "React with this too";
+    button.addEventListener("click", () => toggleReaction(m, r.emoji, mine));
+    bar.append(button);
+  }
+  return bar;
+}
+
 function messageItem(m, chat, pending = false) {
   const mine = m.sender_uuid === state.me.user_uuid;
   const li = el("li", mine ? "message mine" : "message");
   if (m.id) li.dataset.messageId = m.id;
+  if (m.deleted) li.classList.add("deleted");
+  if (mentionsMe(m)) li.classList.add("mentions-me");
+  if (state.highlight && state.highlight.id === m.id) li.classList.add("highlight");
   if (!mine && chat && chat.type === "group") li.append(el("span", "sender", memberName(m.chat_id, m.sender_uuid)));
-  li.append(el("span", "text", m.text));
+  if (m.deleted) {
+    li.append(el("span", "text tombstone", "message deleted"));
+  } else {
+    if (m.forwarded_from) li.append(el("span", "forwarded", `Forwarded from ${m.forwarded_from.sender_name}`));
+    if (m.reply_to) li.append(quoteBlock(m.chat_id, m.reply_to));
+    li.append(el("span", "text", m.text));
+    if (m.reactions && m.reactions.length) li.append(reactionBar(m));
+  }
   const meta = el("span", "meta");
+  if (m.edited_at && !m.deleted) {
+    const edited = el("span", "edited", "edited");
+    edited.title = `Edited ${formatTime(m.edited_at)}`;
+    meta.append(edited);
+  }
   meta.append(el("time", "time", pending ? "" : formatTime(m.timestamp)));
-  if (mine) {
+  if (mine && !m.deleted) {
     let mark = "✓";
     let label = "Sent";
     if (pending) [mark, label] = ["…", "Sending"];
@@ -558,6 +816,18 @@ function messageItem(m, chat, pending = false) {
     meta.append(status);
   }
   li.append(meta);
+  if (!pending) {
+    const more = el("button", "menu-button", "⋯");
+    more.type = "button";
+    more.title = "Message actions";
+    more.setAttribute("aria-label", "Message actions");
+    more.setAttribute("aria-haspopup", "menu");
+    more.addEventListener("click", (e) => {
+      e.stopPropagation();
+      openMenu(m, more);
+    });
+    li.append(more);
+  }
   return li;
 }
 
@@ -580,17 +850,36 @@ function renderMessages() {
   const s = store(chatId);
   $("history-state").textContent = s.loading ? "Loading…" : s.loaded && !s.hasMore ? "Start of the conversation" : "";
   if (atBottom) scroller.scrollTop = scroller.scrollHeight;
+  renderPinBanner();
 }
 
 function renderChatHeader() {
   const chat = state.chats.get(state.current);
   $("chat-title").textContent = chat ? chatTitle(chat) : "Pick a chat";
   renderTyping();
+  renderPinBanner();
+}
+
+function renderPinBanner() {
+  const banner = $("pin-banner");
+  const chat = state.chats.get(state.current);
+  const id = chat && chat.pinned_message_id;
+  banner.hidden = !id;
+  if (!id) return;
+  banner.dataset.messageId = id;
+  $("pin-text").textContent = snippet(lookupMessage(chat.id, id));
 }
 
 // --- opening a chat, history, reading ---------------------------------------------------
 
 async function openChat(chatId) {
+  if (chatId !== state.current) {
+    clearComposeMode();
+    state.mentionPicks.clear();
+    state.highlight = null;
+  }
+  closeMenu();
+  hideMentions();
   state.current = chatId;
   document.body.classList.toggle("in-chat", chatId !== null);
   $("composer").hidden = chatId === null;
@@ -660,7 +949,10 @@ function markReadIfVisible() {
 // --- sending and typing -----------------------------------------------------------------
 
 function sendOut(client_msg_id, out) {
-  request("send_message", { chat_id: out.chat_id, text: out.text, client_msg_id })
+  const fields = { chat_id: out.chat_id, text: out.text, client_msg_id };
+  if (out.reply_to) fields.reply_to = out.reply_to;
+  if (out.mentions && out.mentions.length) fields.mentions = out.mentions;
+  request("send_message", fields)
     .then((m) => addMessage(m))
     .catch((err) => {
       if (err.code === "rate_limited") {
@@ -678,22 +970,368 @@ function sendOut(client_msg_id, out) {
     });
 }
 
+// The members picked with @ whose "@Name" is still in the text.
+function pickedMentions(text) {
+  return [...state.mentionPicks].filter(([, name]) => text.includes(`@${name}`)).map(([uuid]) => uuid);
+}
+
 function send() {
   const input = $("message-input");
   const text = input.value.trim();
+  if (state.editing !== null) {
+    saveEdit(text);
+    return;
+  }
   if (!text || state.current === null) return;
   const client_msg_id = randomId();
   const out = { chat_id: state.current, text, timestamp: new Date().toISOString() };
+  if (state.replyTo !== null) out.reply_to = state.replyTo;
+  const mentions = pickedMentions(text);
+  if (mentions.length) out.mentions = mentions;
   state.outbox.set(client_msg_id, out);
   input.value = "";
+  state.mentionPicks.clear();
+  clearComposeMode();
   autoGrow();
   renderMessages();
   $("messages-scroll").scrollTop = $("messages-scroll").scrollHeight;
   if (state.wsReady) sendOut(client_msg_id, out);
 }
 
+// A short message about something that did not work (an action refused, not connected).
+let noticeTimer = null;
+function notify(text) {
+  const node = $("notice");
+  node.textContent = text;
+  node.hidden = false;
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => {
+    node.hidden = true;
+  }, 5000);
+}
+
+// Run an action on the socket; a refusal is shown, not thrown.
+async function act(action, fields) {
+  try {
+    return await request(action, fields);
+  } catch (err) {
+    notify(`Could not ${action.replace(/_/g, " ")}: ${err.message}`);
+    return null;
+  }
+}
+
+// --- editing and replying: the bar above the composer -----------------------------------
+
+function showComposeBar(label, m) {
+  $("compose-bar-label").textContent = label;
+  $("compose-bar-text").textContent = snippet(m);
+  $("compose-bar").hidden = false;
+}
+
+function clearComposeMode() {
+  const wasEditing = state.editing !== null;
+  state.editing = null;
+  state.replyTo = null;
+  $("compose-bar").hidden = true;
+  if (wasEditing) {
+    $("message-input").value = "";
+    autoGrow();
+  }
+}
+
+function startReply(m) {
+  clearComposeMode();
+  state.replyTo = m.id;
+  showComposeBar(`Reply to ${memberName(m.chat_id, m.sender_uuid)}`, m);
+  $("message-input").focus();
+}
+
+function startEdit(m) {
+  clearComposeMode();
+  state.editing = m.id;
+  showComposeBar("Edit message", m);
+  const input = $("message-input");
+  input.value = m.text;
+  autoGrow();
+  input.focus();
+  input.setSelectionRange(input.value.length, input.value.length);
+}
+
+// ↑ in an empty composer edits your newest message, as in most messengers. Not while one
+// is still on its way: that one is the newest, and it cannot be edited yet.
+function editLast() {
+  for (const out of state.outbox.values()) if (out.chat_id === state.current) return;
+  const me = state.me.user_uuid;
+  const last = sortedMessages(state.current)
+    .filter((m) => m.sender_uuid === me && !m.deleted)
+    .at(-1);
+  if (last) startEdit(last);
+}
+
+async function saveEdit(text) {
+  const id = state.editing;
+  const m = store(state.current).byId.get(id);
+  clearComposeMode();
+  if (!m || !text || text === m.text) return;
+  const updated = await act("edit_message", { message_id: id, text });
+  if (updated) applyUpdate(updated);
+}
+
+// --- message actions --------------------------------------------------------------------
+
+function menuItem(label, onChoose, className) {
+  const button = el("button", className || "menu-item", label);
+  button.type = "button";
+  button.setAttribute("role", "menuitem");
+  button.addEventListener("click", (e) => {
+    e.stopPropagation();
+    closeMenu();
+    onChoose();
+  });
+  return button;
+}
+
+function menuItems(m) {
+  const chat = state.chats.get(m.chat_id);
+  const mine = m.sender_uuid === state.me.user_uuid;
+  const canPin = chat && (chat.type === "private" || isAdmin(chat));
+  const items = [];
+  if (!m.deleted) {
+    const quick = el("div", "quick-reactions");
+    quick.setAttribute("role", "group");
+    quick.setAttribute("aria-label", "Quick reactions");
+    for (const emoji of QUICK_REACTIONS) {
+      const item = menuItem(emoji, () => react(m, emoji), "menu-item emoji");
+      item.setAttribute("aria-label", `React ${emoji}`);
+      quick.append(item);
+    }
+    items.push(quick, menuItem("Other reaction…", () => reactWithAny(m)));
+    items.push(menuItem("Reply", () => startReply(m)));
+    if (mine) items.push(menuItem("Edit", () => startEdit(m)));
+    if (canPin && chat.pinned_message_id === m.id) items.push(menuItem("Unpin", () => unpin(m.chat_id)));
+    else if (canPin) items.push(menuItem("Pin", () => pin(m)));
+    items.push(menuItem("Forward…", () => openForward(m)));
+  }
+  items.push(menuItem("Delete for me", () => deleteMessage(m, false)));
+  if (!m.deleted && (mine || (chat && chat.type === "group" && isAdmin(chat)))) {
+    items.push(menuItem("Delete for everyone", () => deleteMessage(m, true), "menu-item danger"));
+  }
+  return items;
+}
+
+function openMenu(m, anchor) {
+  const menu = $("message-menu");
+  menu.replaceChildren(...menuItems(m));
+  menu.dataset.messageId = m.id;
+  menu.hidden = false;
+  // Below the button, or above it when there is no room; opening away from the bubble
+  // (the button sits left of your own messages, right of others'); kept inside the window.
+  const at = anchor.getBoundingClientRect();
+  const { width, height } = menu.getBoundingClientRect();
+  const top = at.bottom + height > innerHeight ? Math.max(4, at.top - height) : at.bottom;
+  const left = m.sender_uuid === state.me.user_uuid ? at.right - width : at.left;
+  menu.style.top = `${top}px`;
+  menu.style.left = `${Math.max(4, Math.min(left, innerWidth - width - 4))}px`;
+  const first = menu.querySelector("button");
+  if (first) first.focus();
+}
+
+function closeMenu() {
+  $("message-menu").hidden = true;
+}
+
+async function react(m, emoji) {
+  const updated = await act("react", { message_id: m.id, emoji });
+  if (updated) applyUpdate(updated);
+}
+
+function reactWithAny(m) {
+  const emoji = (prompt("React with which emoji?") || "").trim();
+  if (emoji) react(m, emoji);
+}
+
+async function toggleReaction(m, emoji, mine) {
+  const updated = await act(mine ? "unreact" : "react", { message_id: m.id, emoji });
+  if (updated) applyUpdate(updated);
+}
+
+async function deleteMessage(m, forEveryone) {
+  const question = forEveryone
+    ? "Delete this message for everyone in the chat?"
+    : "Delete this message for you? The others still see it.";
+  if (!confirm(question)) return;
+  const done = await act("delete_message", { message_id: m.id, for_everyone: forEveryone });
+  if (done && !forEveryone) hideMessage(m.chat_id, m.id);
+}
+
+async function pin(m) {
+  const chat = await act("pin_message", { message_id: m.id, chat_id: m.chat_id });
+  if (chat) upsertChat(chat);
+}
+
+async function unpin(chatId) {
+  const chat = await act("unpin_message", { chat_id: chatId });
+  if (chat) upsertChat(chat);
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// Scroll to a message of the open chat and flash it, loading older pages until it is held.
+async function jumpTo(chatId, id) {
+  const s = store(chatId);
+  for (let pages = 0; !s.byId.has(id) && pages < JUMP_MAX_PAGES; pages++) {
+    if (state.current !== chatId) return;
+    if (s.loading) await sleep(100);
+    else if (!s.hasMore) break;
+    else await loadHistory(chatId, true);
+  }
+  if (state.current !== chatId) return;
+  if (!s.byId.has(id)) {
+    notify("That message is not available.");
+    return;
+  }
+  state.highlight = { id };
+  renderMessages();
+  const li = $("messages").querySelector(`[data-message-id="${id}"]`);
+  if (li) li.scrollIntoView({ block: "center" });
+  setTimeout(() => {
+    if (state.highlight && state.highlight.id === id) {
+      state.highlight = null;
+      if (state.current === chatId) renderMessages();
+    }
+  }, 2000);
+}
+
+// --- forwarding -------------------------------------------------------------------------
+
+let forwarding = null; // the message being forwarded
+
+function openForward(m) {
+  forwarding = m;
+  $("forward-error").textContent = "";
+  const chats = [...state.chats.values()].sort((a, b) => b.active - a.active || b.id - a.id);
+  $("forward-list").replaceChildren(
+    ...chats.map((chat) => {
+      const li = el("li");
+      const button = el("button", "forward-target", chatTitle(chat));
+      button.type = "button";
+      button.dataset.chatId = chat.id;
+      button.addEventListener("click", () => forwardTo(chat.id));
+      li.append(button);
+      return li;
+    }),
+  );
+  $("forward-dialog").showModal();
+}
+
+async function forwardTo(chatId) {
+  const m = forwarding;
+  if (!m) return;
+  try {
+    const copy = await request("forward_message", { message_id: m.id, chat_id: chatId, client_msg_id: randomId() });
+    addMessage(copy);
+    $("forward-dialog").close();
+    forwarding = null;
+    openChat(chatId);
+  } catch (err) {
+    $("forward-error").textContent = err.message;
+  }
+}
+
+// --- @-mentions -------------------------------------------------------------------------
+
+const mentionState = { matches: [], active: 0, start: 0 };
+
+// The "@query" just before the caret, if the caret is in one.
+function mentionQuery() {
+  const input = $("message-input");
+  const before = input.value.slice(0, input.selectionStart);
+  const match = /(?:^|\s)@([^\s@]{0,32})$/u.exec(before);
+  return match ? { query: match[1], start: before.length - match[1].length - 1 } : null;
+}
+
+function updateMentions() {
+  const found = state.current === null ? null : mentionQuery();
+  const chat = state.chats.get(state.current);
+  if (!found || !chat) {
+    hideMentions();
+    return;
+  }
+  const q = found.query.toLowerCase();
+  mentionState.matches = (chat.members || [])
+    .filter((u) => u.user_uuid !== state.me.user_uuid)
+    .filter((u) => u.name.toLowerCase().split(/\s+/).some((word) => word.startsWith(q)) || u.name.toLowerCase().startsWith(q))
+    .slice(0, 8);
+  mentionState.start = found.start;
+  mentionState.active = 0;
+  renderMentions();
+}
+
+function renderMentions() {
+  const list = $("mention-list");
+  list.hidden = mentionState.matches.length === 0;
+  list.replaceChildren(
+    ...mentionState.matches.map((u, i) => {
+      const li = el("li", "mention-option", u.name);
+      li.id = `mention-${i}`;
+      li.setAttribute("role", "option");
+      li.setAttribute("aria-selected", String(i === mentionState.active));
+      // mousedown, not click: the textarea must keep its focus and caret.
+      li.addEventListener("mousedown", (e) => {
+        e.preventDefault();
+        chooseMention(u);
+      });
+      return li;
+    }),
+  );
+  $("message-input").setAttribute("aria-activedescendant", list.hidden ? "" : `mention-${mentionState.active}`);
+}
+
+function hideMentions() {
+  mentionState.matches = [];
+  $("mention-list").hidden = true;
+  $("message-input").removeAttribute("aria-activedescendant");
+}
+
+function mentionsOpen() {
+  return !$("mention-list").hidden;
+}
+
+function chooseMention(user) {
+  const input = $("message-input");
+  const end = input.selectionStart;
+  const insert = `@${user.name} `;
+  input.value = input.value.slice(0, mentionState.start) + insert + input.value.slice(end);
+  const caret = mentionState.start + insert.length;
+  input.setSelectionRange(caret, caret);
+  state.mentionPicks.set(user.user_uuid, user.name);
+  hideMentions();
+  autoGrow();
+}
+
+// Keys of the mention list; true when the key was its own.
+function mentionKey(e) {
+  if (!mentionsOpen()) return false;
+  const n = mentionState.matches.length;
+  if (e.key === "ArrowDown" || e.key === "ArrowUp") {
+    mentionState.active = (mentionState.active + (e.key === "ArrowDown" ? 1 : n - 1)) % n;
+    renderMentions();
+  } else if (e.key === "Enter" || e.key === "Tab") {
+    chooseMention(mentionState.matches[mentionState.active]);
+  } else if (e.key === "Escape") {
+    hideMentions();
+  } else {
+    return false;
+  }
+  e.preventDefault();
+  return true;
+}
+
 function onTypingInput() {
   autoGrow();
+  updateMentions();
   const now = Date.now();
   if (state.current === null || !$("message-input").value.trim()) return;
   if (now - state.lastTypingSent < TYPING_SEND_EVERY) return;
@@ -868,7 +1506,11 @@ function logout(message = "") {
   clearTimeout(state.refreshTimer);
   clearTimeout(state.reconnectTimer);
   sessionStorage.removeItem("chatd.auth");
-  for (const key of ["chats", "msgs", "seen", "outbox", "typing"]) state[key].clear();
+  for (const key of ["chats", "msgs", "seen", "versions", "quotes", "outbox", "typing", "mentionPicks"]) {
+    state[key].clear();
+  }
+  clearComposeMode();
+  closeMenu();
   state.current = null;
   setConnStatus("");
   showAuth(message);
@@ -887,12 +1529,36 @@ function init() {
   });
   const input = $("message-input");
   input.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    if (e.isComposing || mentionKey(e)) return;
+    if (e.key === "Enter" && !e.shiftKey) {
       e.preventDefault();
       send();
+    } else if (e.key === "ArrowUp" && !input.value && state.current !== null) {
+      e.preventDefault();
+      editLast();
+    } else if (e.key === "Escape" && (state.editing !== null || state.replyTo !== null)) {
+      e.preventDefault();
+      clearComposeMode();
     }
   });
   input.addEventListener("input", onTypingInput);
+  input.addEventListener("blur", hideMentions);
+  $("compose-bar-cancel").addEventListener("click", clearComposeMode);
+  $("pin-banner").addEventListener("click", () => {
+    const chat = state.chats.get(state.current);
+    if (chat && chat.pinned_message_id) jumpTo(chat.id, chat.pinned_message_id);
+  });
+  document.addEventListener("click", (e) => {
+    if (!$("message-menu").contains(e.target)) closeMenu();
+  });
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && !$("message-menu").hidden) {
+      closeMenu();
+      input.focus();
+    }
+  });
+  $("messages-scroll").addEventListener("scroll", closeMenu);
+  $("forward-cancel").addEventListener("click", () => $("forward-dialog").close());
   $("messages-scroll").addEventListener("scroll", () => {
     const chatId = state.current;
     if ($("messages-scroll").scrollTop < 80 && chatId !== null && store(chatId).loaded) {
