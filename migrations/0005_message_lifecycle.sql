@@ -11,6 +11,7 @@ ALTER TABLE chats
 
 ALTER TABLE messages
     ADD COLUMN version bigint NOT NULL DEFAULT 0,   -- the chat's version at its last change
+    ADD COLUMN changed boolean NOT NULL DEFAULT false,  -- edited, deleted or reacted since sent
     ADD COLUMN edited_at timestamptz,
     ADD COLUMN deleted boolean NOT NULL DEFAULT false,  -- for everyone: text '' and no extras
     ADD COLUMN reply_to bigint,
@@ -19,8 +20,10 @@ ALTER TABLE messages
     -- The wire's reactions list, rebuilt from message_reactions on each change, so reading
     -- a message never aggregates. NULL: none.
     ADD COLUMN reactions jsonb;
--- sync: the messages of a chat changed since a version.
-CREATE INDEX messages_version_idx ON messages (chat_id, version);
+-- sync: the messages of a chat changed since a version. Only changed messages are in it:
+-- a message a client holds (seq <= its seq) was sent at or before its version, so only a
+-- change can put it above; and a send adds no entry, which keeps sends as cheap as before.
+CREATE INDEX messages_changed_idx ON messages (chat_id, version) WHERE changed;
 -- unread counts subtract the deleted messages above a read pointer: few, found directly.
 CREATE INDEX messages_deleted_idx ON messages (chat_id, seq) WHERE deleted;
 

@@ -124,7 +124,8 @@ SELECT id, text, coalesce(edited_at, created_at) FROM messages WHERE id = $1
 """
 
 _EDIT = f"""
-UPDATE messages m SET text = $2, edited_at = clock_timestamp(), version = $3
+UPDATE messages m
+SET text = $2, edited_at = clock_timestamp(), version = $3, changed = true
 FROM chats c
 WHERE m.id = $1 AND c.id = m.chat_id
 RETURNING {MESSAGE_COLUMNS}
@@ -184,7 +185,7 @@ WITH edits AS (
     DELETE FROM mentions WHERE chat_id = $3 AND seq = $4
 )
 UPDATE messages m
-SET text = '', deleted = true, version = $2, edited_at = NULL, reply_to = NULL,
+SET text = '', deleted = true, version = $2, changed = true, edited_at = NULL, reply_to = NULL,
     mentions = NULL, forwarded_from = NULL, reactions = NULL
 FROM chats c
 WHERE m.id = $1 AND c.id = m.chat_id
@@ -262,7 +263,7 @@ FROM message_reactions WHERE message_id = $1
 # The wire's reactions list, rebuilt from the rows: each emoji in the order it was first
 # used, with its count and its newest 20 users.
 _REBUILD_REACTIONS = f"""
-UPDATE messages m SET version = $2, reactions = (
+UPDATE messages m SET version = $2, changed = true, reactions = (
     SELECT jsonb_agg(
         jsonb_build_object('emoji', r.emoji, 'count', r.n, 'users', r.users)
         ORDER BY r.first_at, r.emoji

@@ -158,7 +158,9 @@ LIMIT $5
 """
 
 # The new form: messages at or below the client's seq changed since its version, at most
-# $5 per chat (more is too_long) and $6 in all, in version order.
+# $5 per chat (more is too_long) and $6 in all, in version order. A message the client
+# holds was sent at or before its version: only a change (`changed`, a partial index) can
+# have put it above.
 _SYNC_UPDATED = f"""
 SELECT want.n, {MESSAGE_COLUMNS}, NOT {NOT_HIDDEN} AS hidden
 FROM unnest($2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY
@@ -166,7 +168,8 @@ FROM unnest($2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY
 JOIN chats c ON c.id = want.chat_id
 CROSS JOIN LATERAL (
     SELECT * FROM messages
-    WHERE chat_id = want.chat_id AND version > want.after_version AND seq <= want.upto_seq
+    WHERE chat_id = want.chat_id AND changed
+      AND version > want.after_version AND seq <= want.upto_seq
     ORDER BY version
     LIMIT $5
 ) m
