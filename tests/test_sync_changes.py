@@ -283,3 +283,16 @@ async def test_changes_too_big_for_this_frame_wait_for_the_next_sync(alice: Api,
             await view.sync(b)
             messages, _ = await server_view(bob, chat_id)
             assert comparable(view.messages) == comparable(messages)
+
+
+async def test_an_old_form_client_moves_to_versions_from_zero(alice: Api, bob: Api) -> None:
+    # A client that held messages by seq alone asks {seq, version: 0}: it gets only the
+    # messages it holds that changed since they were sent, not all of them again.
+    async with await alice.connect() as a, await bob.connect() as b:
+        chat = await group(a, bob)
+        sent = [await a.request("send_message", chat_id=chat["id"], text=f"{n}") for n in range(5)]
+        await a.request("edit_message", message_id=sent[3]["id"], text="three")
+        reply = await b.request("sync", chats={str(chat["id"]): {"seq": 5, "version": 0}})
+    entry = reply["chats"][str(chat["id"])]
+    assert [m["text"] for m in entry["updated"]] == ["three"]
+    assert (entry["messages"], entry["seq"], entry["version"]) == ([], 5, 6)
