@@ -1,6 +1,8 @@
 """Passwords (argon2id) and tokens (HS256 JWTs with a pinned algorithm, expiry and type).
 
-Access tokens are checked without touching the database. Refresh tokens are also JWTs,
+Both kinds name the session (one login) they belong to in the `sid` claim. An access
+token's signature is checked here without the database; whether its session is still
+live is the SessionCache's question (chatd/revocations.py). Refresh tokens are also JWTs,
 but each one is recorded (as a SHA-256 hash) so it can be spent exactly once.
 """
 
@@ -12,6 +14,7 @@ import math
 import secrets
 import time
 import uuid
+from typing import NamedTuple
 
 import jwt
 from argon2 import PasswordHasher
@@ -49,21 +52,30 @@ class InvalidToken(Exception):
     """The token is missing, malformed, badly signed, expired or of the wrong type."""
 
 
-def issue_token(secret: str, user_id: uuid.UUID, kind: str, ttl: int) -> str:
-    """A signed token of `kind` for the user that is valid for at least `ttl` seconds."""
+class Claims(NamedTuple):
+    user_id: uuid.UUID
+    session_id: uuid.UUID | None  # None: a token minted before sessions existed
+
+
+def issue_token(
+    secret: str, user_id: uuid.UUID, kind: str, ttl: int, session_id: uuid.UUID | None = None
+) -> str:
+    """A signed token of `kind` for the user's session, valid for at least `ttl` seconds."""
     now = time.time()
     # exp is whole seconds and a token is valid while now < exp: rounding it down would
     # cut up to a second off every token, and a 2-second token could live barely one.
     # Rounded up, it lives ttl to ttl + 1 seconds, so `expires_in` holds.
     exp = math.ceil(now + ttl)
     claims = {"sub": str(user_id), "typ": kind, "iat": int(now), "exp": exp}
+    if session_id is not None:
+        claims["sid"] = str(session_id)
     if kind == REFRESH:
         claims["jti"] = secrets.token_urlsafe(16)
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def read_token(secret: str, token: str, kind: str) -> uuid.UUID:
-    """Return the user id a valid token of `kind` names, or raise InvalidToken."""
+def read_token(secret: str, token: str, kind: str) -> Claims:
+    """Return the user and session a valid token of `kind` names, or raise InvalidToken."""
     try:
         claims = jwt.decode(
             token,
@@ -73,7 +85,8 @@ def read_token(secret: str, token: str, kind: str) -> uuid.UUID:
         )
         if claims["typ"] != kind:
             raise InvalidToken(f"not an {kind} token")
-        return uuid.UUID(claims["sub"])
+        sid = claims.get("sid")
+        return Claims(uuid.UUID(claims["sub"]), uuid.UUID(str(sid)) if sid is not None else None)
     except (jwt.PyJWTError, ValueError, TypeError) as exc:
         raise InvalidToken(str(exc)) from None
 

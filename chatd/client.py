@@ -230,6 +230,25 @@ class Api:
     async def me(self) -> dict[str, Any]:
         return await self.call("GET", "/me")
 
+    async def update_me(self, **fields: Any) -> dict[str, Any]:
+        """PATCH /me: `name=`."""
+        return await self.call("PATCH", "/me", json=fields)
+
+    async def change_password(self, current: str, new: str) -> None:
+        """Change the password; every other session of the account is signed out."""
+        await self.call("POST", "/me/password", json={"current": current, "new": new})
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        return (await self.call("GET", "/me/sessions"))["sessions"]
+
+    async def revoke_session(self, session_id: str) -> None:
+        await self.call("DELETE", f"/me/sessions/{session_id}")
+
+    async def logout(self) -> None:
+        """Sign this session out; the Api forgets its tokens."""
+        await self.call("POST", "/logout")
+        self.access_token = self.refresh_token = None
+
     async def users(self, **params: Any) -> list[dict[str, Any]]:
         return (await self.call("GET", "/users_list", params=params))["users"]
 

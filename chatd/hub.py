@@ -17,9 +17,13 @@ from typing import Protocol
 
 from chatd.metrics import EVENTS_DELIVERED, OPEN_SOCKETS, SOCKET_CAP_CLOSES
 from chatd.protocol import CLOSE_POLICY_VIOLATION, Event, NewMessage, encode_text
+from chatd.revocations import Revocation, SessionCache
 
 # CHATD_MAX_SOCKETS_PER_USER: a new socket wins; the user's oldest one is closed with this.
 SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
+# The socket's session was revoked (logout, DELETE /me/sessions/{id}, a password change,
+# an account disabled or deleted): closed with 1008.
+SESSION_REVOKED_REASON = "session revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,10 @@ class Subscriber(Protocol):
         """Names the socket to other processes (the per-user socket cap)."""
 
     @property
+    def session_id(self) -> uuid.UUID | None:
+        """The login session its access token belongs to."""
+
+    @property
     def reading(self) -> bool:
         """Whether it may still start an action (shutdown waits until none does)."""
 
@@ -67,10 +75,32 @@ class Subscriber(Protocol):
 
 
 class Hub:
-    def __init__(self, max_sockets_per_user: int | None = None) -> None:
+    def __init__(
+        self, max_sockets_per_user: int | None = None, sessions: SessionCache | None = None
+    ) -> None:
         # Per user, oldest socket first (a dict keeps insertion order; values unused).
         self._sockets: dict[uuid.UUID, dict[Subscriber, None]] = {}
         self.max_sockets_per_user = max_sockets_per_user
+        self.sessions = sessions  # the process's cache of live sessions, told of revocations
+
+    def revoke(self, revocation: Revocation) -> None:
+        """Sessions were revoked (here or on another process): close their sockets here
+        with 1008 and forget them as live."""
+        if self.sessions is not None:
+            self.sessions.revoked(revocation)
+        for socket in list(self._sockets.get(revocation.user_id, ())):
+            if revocation.covers(socket.user_id, socket.session_id):
+                self.remove(socket)
+                socket.close_soon(CLOSE_POLICY_VIOLATION, SESSION_REVOKED_REASON)
+
+    def revocations_lost(self) -> None:
+        """Revocations may be missed until revocations_heard: ask the database meanwhile."""
+        if self.sessions is not None:
+            self.sessions.suspend()
+
+    def revocations_heard(self) -> None:
+        if self.sessions is not None:
+            self.sessions.resume()
 
     def add(self, socket: Subscriber) -> None:
         self._sockets.setdefault(socket.user_id, {})[socket] = None
@@ -155,6 +185,10 @@ class Bus(Protocol):
     async def unwatch(self, user_id: uuid.UUID) -> None:
         """A socket of this user closed here."""
 
+    async def revoke(self, revocation: Revocation) -> None:
+        """Sessions were revoked (committed): every process forgets them and closes their
+        sockets."""
+
     async def admit(self, socket: Subscriber) -> None:
         """A new socket works: close its user's oldest sockets past the cap, wherever."""
 
@@ -188,6 +222,9 @@ class LocalBus:
 
     async def unwatch(self, user_id: uuid.UUID) -> None:
         pass
+
+    async def revoke(self, revocation: Revocation) -> None:
+        self.hub.revoke(revocation)
 
     async def admit(self, socket: Subscriber) -> None:
         self.hub.enforce_cap(socket.user_id)

@@ -27,6 +27,7 @@ from chatd.hub import Bus, Hub, LocalBus, publish
 from chatd.protocol import Event, Readiness
 from chatd.ratelimit import Limits, TypingGate
 from chatd.redis_bus import RedisBus
+from chatd.revocations import Revocation, SessionCache
 from chatd.writer import MessageWriter
 
 # How often shutdown looks for sockets still in an action (one poll for all of them).
@@ -39,7 +40,8 @@ class Node:
         self.pool: asyncpg.Pool = create_pool(
             database_url, settings.db_pool_size, settings.db_timeout
         )
-        self.hub = Hub(settings.max_sockets_per_user)
+        self.sessions = SessionCache(self.pool)
+        self.hub = Hub(settings.max_sockets_per_user, self.sessions)
         self.bus: Bus = (
             RedisBus(self.hub, settings.redis_url) if settings.redis_url else LocalBus(self.hub)
         )
@@ -80,6 +82,11 @@ class Node:
     async def publish(self, user_ids: Iterable[uuid.UUID], event: Event) -> None:
         """Send `event` to every socket of these users, on every node (encoded once)."""
         await publish(self.bus, user_ids, event)
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """Sessions were revoked (committed): refuse their tokens and close their sockets,
+        on every node."""
+        await self.bus.revoke(revocation)
 
     async def drain(self, deadline: float) -> None:
         """Shutdown's barrier: return once no socket here can start an action and no send

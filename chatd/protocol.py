@@ -134,6 +134,10 @@ Password = Annotated[
     str,
     Meta(extra_json_schema={"minLength": MIN_PASSWORD_CHARS, "maxLength": MAX_PASSWORD_CHARS}),
 ]
+MAX_DEVICE_CHARS = 100
+Device = Annotated[str, Meta(max_length=MAX_DEVICE_CHARS)]
+# A session's id (a handler turns it into a UUID, so a malformed one is `not_found`).
+SessionUuid = Annotated[str, Meta(max_length=64, extra_json_schema={"format": "uuid"})]
 RequestId = Annotated[str, Meta(max_length=64)]
 Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # PostgreSQL bigint; larger ids cannot exist
 UserIds = Annotated[list[UserUuid], Meta(max_length=MAX_USERS_PER_CALL)]
@@ -479,6 +483,8 @@ class Register(Struct, kw_only=True):
 class Login(Struct, kw_only=True):
     email: str
     password: str
+    # The session's name in GET /me/sessions; without it, one made from the User-Agent.
+    device: Device | None = None
 
 
 class Refresh(Struct, kw_only=True):
@@ -487,6 +493,33 @@ class Refresh(Struct, kw_only=True):
 
 class GetMe(Struct, kw_only=True):
     pass
+
+
+class UpdateMe(Struct, kw_only=True):
+    """PATCH /me: change what is given of your profile."""
+
+    name: UserName | None = None
+
+
+class ChangePassword(Struct, kw_only=True):
+    """POST /me/password: needs the current password; signs out every other session."""
+
+    current: Annotated[str, Meta(max_length=MAX_PASSWORD_CHARS)]
+    new: Password
+
+
+class ListSessions(Struct, kw_only=True):
+    """GET /me/sessions: your live sessions (logins), most recently seen first."""
+
+
+class RevokeSession(Struct, kw_only=True):
+    """DELETE /me/sessions/{session_id}: sign one of your sessions out, on every device."""
+
+    session_id: SessionUuid
+
+
+class Logout(Struct, kw_only=True):
+    """POST /logout: sign out the session of the access token used."""
 
 
 class ListUsers(Struct, kw_only=True):
@@ -712,6 +745,19 @@ class Me(Struct):
     name: str
     email: str
     created_at: Timestamp
+
+
+class SessionInfo(Struct):
+    id: SessionUuid
+    device: str
+    ip: str  # the client's address at login
+    created_at: Timestamp
+    last_seen_at: Timestamp  # the last login, refresh or first use on a server process
+    current: bool  # the session of the access token that asked
+
+
+class SessionList(Struct):
+    sessions: list[SessionInfo]  # most recently seen first
 
 
 class UserList(Struct):

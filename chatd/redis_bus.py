@@ -19,6 +19,10 @@ and, in the same script, the oldest past the cap are taken out; those of other
 processes are told to close through the user's channel (their process is subscribed to
 it, as it holds a socket of that user). A process that died leaves its entries behind:
 they are the oldest, so they are the first to go.
+
+Revoked sessions go to every process on one channel, `chatd:revocations`: any process
+may have remembered a session as live (chatd/revocations.py). While that subscription
+is down, processes remember no session and ask the database on each check.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from chatd.hub import Hub, Outbound, Subscriber
 from chatd.protocol import CLOSE_SERVICE_RESTART
+from chatd.revocations import Revocation
 
 log = logging.getLogger("chatd")
 
 CHANNEL_PREFIX = b"chatd:user:"
+REVOCATIONS = b"chatd:revocations"
 SOCKETS_PREFIX = "chatd:sockets:"
 # A user's socket set expires when none of their sockets opened for this long, so the
 # entries a dead process left behind do not stay for ever.
@@ -78,6 +84,14 @@ return evicted
 """
 
 
+class RevocationNote(msgspec.Struct, array_like=True):
+    """What travels on the revocations channel: a Revocation."""
+
+    origin: str
+    user_id: str
+    session_ids: list[str] | None
+
+
 def channel(user_id: uuid.UUID) -> bytes:
     return CHANNEL_PREFIX + str(user_id).encode()
 
@@ -95,6 +109,7 @@ class RedisBus:
         self._admit = self._publisher.register_script(_ADMIT)
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Envelope).decode
+        self._decode_revocation = msgspec.msgpack.Decoder(RevocationNote).decode
         # publishing
         self._outbox: deque[tuple[list[bytes], bytes]] = deque()
         self._outbox_ready = asyncio.Event()
@@ -112,12 +127,15 @@ class RedisBus:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, timeout: float = 10) -> None:
+        self.hub.revocations_lost()  # until the revocations channel is confirmed
+        self._ready[REVOCATIONS] = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._subscribe_loop()),
             asyncio.create_task(self._publish_loop()),
         ]
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(self._ready[REVOCATIONS]), timeout)
         except TimeoutError:
             await self.close()
             raise RuntimeError(f"cannot reach Redis at {redact(self.url)}") from None
@@ -156,6 +174,18 @@ class RedisBus:
         self._dropping = False
         payload = self._encode(Envelope(self.origin, event.text, event.message_id))
         self._queue([channel(u) for u in user_ids], payload)
+
+    async def revoke(self, revocation: Revocation) -> None:
+        self.hub.revoke(revocation)
+        sessions = revocation.session_ids
+        note = RevocationNote(
+            self.origin,
+            str(revocation.user_id),
+            None if sessions is None else [str(s) for s in sessions],
+        )
+        # Never dropped for a full outbox, unlike events: a missed revocation would leave
+        # a revoked token working on another process.
+        self._queue([REVOCATIONS], self._encode(note))
 
     def _queue(self, channels: list[bytes], payload: bytes) -> None:
         self._outbox.append((channels, payload))
@@ -298,6 +328,7 @@ class RedisBus:
                         if ready.done():
                             self._ready[name] = loop.create_future()
                     self.hub.close_all(CLOSE_SERVICE_RESTART, "event stream interrupted")
+                    self.hub.revocations_lost()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5)
             finally:
@@ -311,6 +342,9 @@ class RedisBus:
 
     def _on_reply(self, reply: list) -> None:
         kind = reply[0]
+        if kind == b"message" and reply[1] == REVOCATIONS:
+            self._on_revocation(reply[2])
+            return
         if kind == b"message":
             try:
                 envelope = self._decode(reply[2])
@@ -336,7 +370,23 @@ class RedisBus:
             # Only the reply to the latest command tells the channel's current state.
             if kind == b"subscribe" and ready is not None and not ready.done():
                 ready.set_result(None)
+                if name == REVOCATIONS:
+                    self.hub.revocations_heard()
         # b"pong": the connection is alive; nothing else to do
+
+    def _on_revocation(self, payload: bytes) -> None:
+        try:
+            note = self._decode_revocation(payload)
+            sessions = note.session_ids
+            revocation = Revocation(
+                uuid.UUID(note.user_id),
+                None if sessions is None else tuple(uuid.UUID(s) for s in sessions),
+            )
+        except (msgspec.DecodeError, ValueError):
+            log.warning("ignoring a malformed revocation on Redis")
+            return
+        if note.origin != self.origin:
+            self.hub.revoke(revocation)
 
 
 def sockets_key(user_id: uuid.UUID) -> str:

@@ -39,6 +39,7 @@ from chatd.protocol import (
     TOO_DEEP,
     UNAVAILABLE,
     AddMembers,
+    ChangePassword,
     Chat,
     ChatError,
     ChatOverview,
@@ -61,8 +62,10 @@ from chatd.protocol import (
     Health,
     History,
     ListChats,
+    ListSessions,
     ListUsers,
     Login,
+    Logout,
     Me,
     Message,
     PinMessage,
@@ -75,11 +78,14 @@ from chatd.protocol import (
     RegisterResponse,
     RemoveMember,
     RenameChat,
+    RevokeSession,
     SendMessage,
+    SessionList,
     SetRole,
     TokenPair,
     UnpinMessage,
     Unreact,
+    UpdateMe,
     UserList,
     encode,
     refuse_nul,
@@ -313,10 +319,12 @@ def route(
 
     async def endpoint(http: Request) -> Response:
         node, peer = node_of(http), client_address(http)
+        user_agent = http.headers.get("user-agent", "")
         if auth:
-            ctx = authenticate(node, bearer_token(http.headers.get("authorization")), peer)
+            token = bearer_token(http.headers.get("authorization"))
+            ctx = await authenticate(node, token, peer, user_agent)
         else:
-            ctx = anonymous(node, peer)
+            ctx = anonymous(node, peer, user_agent)
         result = await handler(ctx, await shape.read(http))
         if status == 204:
             return Response(status_code=204)
@@ -424,7 +432,29 @@ OPERATIONS = [
         "POST", "/token/refresh", Refresh, "Trade a refresh token for a new pair (once)",
         TokenPair, tag="accounts", auth=False, errors=(400, 401, 413, 422, 503),
     ),
+    route(
+        "POST", "/logout", Logout, "Sign out this session: its tokens and sockets stop", None,
+        204, tag="accounts", errors=(503,),
+    ),
     route("GET", "/me", GetMe, "The caller's account", Me, tag="accounts", errors=(503,)),
+    route(
+        "PATCH", "/me", UpdateMe, "Change your name", Me,
+        tag="accounts", errors=(400, 413, 422, 503),
+    ),
+    route(
+        "POST", "/me/password", ChangePassword,
+        "Change your password (needs the current one); signs out your other sessions", None,
+        204, tag="accounts", errors=(400, 403, 413, 422, 429, 503),
+    ),
+    route(
+        "GET", "/me/sessions", ListSessions, "Your live sessions, most recently seen first",
+        SessionList, tag="accounts", errors=(503,),
+    ),
+    route(
+        "DELETE", "/me/sessions/{session_id}", RevokeSession,
+        "Sign a session out: its tokens are refused and its sockets closed (1008)", None, 204,
+        tag="accounts", errors=(404, 422, 503),
+    ),
     # users
     route(
         "GET", "/users_list", ListUsers, "List users by name, keyset-paginated", UserList,

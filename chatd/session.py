@@ -64,11 +64,17 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     token = bearer_token(websocket.headers.get("authorization"))
     token = token or websocket.query_params.get("token")
     try:
-        ctx = authenticate(node, token, client_address(websocket))
+        ctx = await authenticate(node, token, client_address(websocket))
     except ChatError:
         # Accept-then-close: a refused upgrade would show a browser no close code at all.
-        reason = "missing, invalid or expired access token"
+        reason = "missing, invalid or expired access token, or a revoked session"
         await close_quietly(websocket, CLOSE_POLICY_VIOLATION, reason)
+        return
+    except Exception as exc:
+        if not is_unavailable(exc):  # the session's first check here asks the database
+            raise
+        log.warning("database unavailable for a new socket's session: %r", exc)
+        await close_quietly(websocket, CLOSE_TRY_AGAIN_LATER, "database unavailable; retry")
         return
 
     user_id = ctx.user_id
@@ -76,6 +82,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     session = Session(
         websocket,
         user_id,
+        ctx.session_id,
         settings.send_queue_size,
         settings.write_timeout,
         # Each statement is bounded by db_timeout, but not the wait for a pooled connection
@@ -146,12 +153,14 @@ class Session:
         self,
         websocket: WebSocket,
         user_id: uuid.UUID,
+        session_id: uuid.UUID | None,
         queue_size: int,
         write_timeout: float,
         action_timeout: float,
     ) -> None:
         self.websocket = websocket
         self.user_id = user_id
+        self.session_id = session_id  # revoking it closes this socket (Hub.revoke)
         self.id = uuid.uuid4().hex  # names it to other processes (the per-user socket cap)
         self.write_timeout = write_timeout
         self.action_timeout = action_timeout  # past it, an action answers `unavailable`

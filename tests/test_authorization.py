@@ -39,7 +39,7 @@ import websockets
 from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
-from tests.conftest import PASSWORD, Server
+from tests.conftest import PASSWORD, SESSION_ENDING, Server
 
 NF = "not_found"  # and the reply is the same as for an id that does not exist
 FORBIDDEN = "forbidden"
@@ -117,6 +117,16 @@ PUBLIC_ROUTES = {
 
 REST_MATRIX: dict[str, Row] = {
     "GET /me": Row(lambda i: ("/me", None), OK, OK, OK),
+    "PATCH /me": Row(lambda i: ("/me", {"name": "Renamed"}), OK, OK, OK),
+    "POST /me/password": Row(
+        lambda i: ("/me/password", {"current": PASSWORD, "new": PASSWORD}), OK, OK, OK
+    ),
+    "GET /me/sessions": Row(lambda i: ("/me/sessions", None), OK, OK, OK),
+    # Only your own sessions can be signed out: anyone else's is as unknown as none.
+    "DELETE /me/sessions/{session_id}": Row(
+        lambda i: (f"/me/sessions/{uuid.UUID(int=i.chat_id)}", None), NF, NF, NF
+    ),
+    "POST /logout": Row(lambda i: ("/logout", None), OK, OK, OK),
     "GET /users_list": Row(lambda i: ("/users_list", None), OK, OK, OK),
     "GET /chats": Row(lambda i: ("/chats", None), OK, OK, OK),
     "POST /chats": Row(
@@ -241,6 +251,7 @@ def _register(server: Server, name: str) -> Api:
         email = f"{name.lower()}-{uuid.uuid4().hex[:10]}@example.com"
         await api.register(name, email, PASSWORD)
         await api.login(email, PASSWORD)
+        api.email = email  # type: ignore[attr-defined]
         return api
 
     return asyncio.run(make())
@@ -391,6 +402,16 @@ async def call(server: Server, key: str, ids: Ids, token: str | None) -> httpx.R
         return await http.request(method, path, headers=headers, json=body)
 
 
+async def token_for(api: Api, key: str) -> str | None:
+    """The actor's token, or a fresh login's for a route that ends its session."""
+    if key not in SESSION_ENDING:
+        return api.access_token
+    fresh = Api(api.base_url)
+    await fresh.login(api.email, PASSWORD)  # type: ignore[attr-defined]
+    await fresh.aclose()
+    return fresh.access_token
+
+
 def rest_outcome(response: httpx.Response) -> str:
     if response.is_success:
         return OK
@@ -403,16 +424,16 @@ async def test_rest_matrix(server: Server, cast: Cast, scene: Ids, key: str) -> 
     for actor in ("outsider", "removed"):
         api = getattr(cast, actor)
         before = await chat_state(cast, scene)
-        response = await call(server, key, scene, api.access_token)
+        response = await call(server, key, scene, await token_for(api, key))
         assert rest_outcome(response) == getattr(row, actor), (actor, response.text)
         if getattr(row, actor) != OK:
             assert response.status_code == 404
             assert await chat_state(cast, scene) == before, f"{actor}'s {key} changed the chat"
-            unknown = await call(server, key, missing(scene), api.access_token)
+            unknown = await call(server, key, missing(scene), await token_for(api, key))
             assert (unknown.status_code, unknown.json()) == (404, response.json()), actor
 
     before = await chat_state(cast, scene)
-    response = await call(server, key, scene, cast.member.access_token)
+    response = await call(server, key, scene, await token_for(cast.member, key))
     assert rest_outcome(response) == row.member, ("member", response.text)
     if row.member == FORBIDDEN:
         assert response.status_code == 403

@@ -11,6 +11,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -222,6 +223,62 @@ async def test_a_lost_redis_subscription_closes_sockets_so_clients_resync(
         finally:
             await b.close()
             await a.close()
+
+
+async def test_a_session_revoked_on_one_node_is_refused_and_closed_on_the_other(
+    nodes: tuple[Server, Server], alice: Api
+) -> None:
+    node_a, node_b = nodes
+    phone_a, laptop_b = await on(node_a, alice), await on(node_b, alice)
+    await phone_a.me()  # node A now knows the phone's session as live, in memory
+    phone_socket_a = await phone_a.connect()
+    phone_b = Api(node_b.base_url, phone_a.access_token)  # the same session on node B
+    phone_socket_b = await phone_b.connect()
+    laptop_socket_b = await laptop_b.connect()
+    phone_id = next(s["id"] for s in await phone_a.sessions() if s["current"])
+
+    await laptop_b.revoke_session(phone_id)  # on node B
+
+    assert await phone_socket_a.wait_closed() == 1008
+    assert await phone_socket_b.wait_closed() == 1008
+    for api in (phone_a, phone_b):
+        with pytest.raises(ChatdError) as caught:
+            await api.me()
+        assert caught.value.status == 401
+    assert await laptop_socket_b.request("list_chats") is not None
+    await laptop_socket_b.close()
+    for api in (phone_a, phone_b, laptop_b):
+        await api.aclose()
+
+
+async def test_revocations_missed_while_redis_was_away_are_not_trusted(
+    nodes: tuple[Server, Server], redis_url: str, database_url: str, alice: Api
+) -> None:
+    import asyncpg
+
+    node_a, _ = nodes
+    phone_a = await on(node_a, alice)
+    phone_id = next(s["id"] for s in await phone_a.sessions() if s["current"])
+    # A revocation node A never hears: committed, but its publication lost with the
+    # subscription.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE sessions SET revoked_at = now() WHERE id = $1", uuid.UUID(phone_id)
+        )
+    finally:
+        await conn.close()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        await client.client_kill_filter(_type="pubsub")
+    finally:
+        await client.aclose()
+    for _ in range(50):  # during the outage and after it, node A asks the database
+        with pytest.raises(ChatdError) as caught:
+            await phone_a.me()
+        assert caught.value.status == 401
+        await asyncio.sleep(0.02)
+    await phone_a.aclose()
 
 
 async def test_a_malformed_redis_message_is_ignored(

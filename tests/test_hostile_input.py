@@ -41,7 +41,7 @@ from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
 from chatd.openapi import Operation
-from tests.conftest import PASSWORD, Server
+from tests.conftest import PASSWORD, SESSION_ENDING, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 # Examples near the 64 KiB frame limit make hypothesis warn that their repr is large.
@@ -500,11 +500,17 @@ def valid_rest_value(world: World, name: str) -> Any:
         "body.chat_id": world.chat_id,
         "body.message_id": world.message_id,
         "body.refresh_token": "not.a.token",
+        # Never the password: a fuzzed `new` must not lock the world's owner out.
+        "body.current": "not the password",
+        "body.new": PASSWORD,
+        "path:session_id": str(uuid.uuid4()),
     }
     return values.get(name, OMIT)
 
 
-def rest_request(world: World, op: Operation, plan: dict[str, Any]) -> tuple[str, dict, bytes]:
+def rest_request(
+    world: World, op: Operation, plan: dict[str, Any], token: str | None = None
+) -> tuple[str, dict, bytes]:
     def value(name: str) -> Any:
         chosen = plan.get(name, VALID)
         return valid_rest_value(world, name) if chosen == VALID else chosen
@@ -523,7 +529,7 @@ def rest_request(world: World, op: Operation, plan: dict[str, Any]) -> tuple[str
         url += "?" + "&".join(query)
     headers = {"content-type": "application/json"}
     if op.auth:
-        headers["authorization"] = f"Bearer {world.owner.access_token}"
+        headers["authorization"] = f"Bearer {token or world.owner.access_token}"
     for p in op.headers:
         chosen = value(f"header:{p.name}")
         if chosen != OMIT:
@@ -545,7 +551,13 @@ def rest_request(world: World, op: Operation, plan: dict[str, Any]) -> tuple[str
 
 async def call_rest(h: Harness, op: Operation, plan: dict[str, Any]) -> None:
     await h.ensure_world()
-    url, headers, body = rest_request(h.world, op, plan)
+    token = None
+    if f"{op.method} {op.path}" in SESSION_ENDING:  # a session of its own to end
+        fresh = Api(h.server.base_url)
+        await fresh.login(h.world.owner.email, PASSWORD)  # type: ignore[attr-defined]
+        await fresh.aclose()
+        token = fresh.access_token
+    url, headers, body = rest_request(h.world, op, plan, token)
     before = await h.fingerprint()
     response = await h.http.request(op.method, url, headers=headers, content=body or None)
     context = (op.method, url[:200], body[:200], response.status_code, response.text[:300])

@@ -34,6 +34,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.store",
         "chatd.hub",
         "chatd.redis_bus",
+        "chatd.revocations",
         "chatd.ratelimit",
     },
     # One function per request, with its SQL.

@@ -48,7 +48,8 @@ class Sent:
 
 
 async def make_users(database_url: str, server: Server) -> dict[str, str]:
-    """USERS users straight into the database (no argon2), with access tokens minted for them."""
+    """USERS users straight into the database (no argon2), each with a session and an
+    access token minted for it."""
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
@@ -58,9 +59,18 @@ async def make_users(database_url: str, server: Server) -> dict[str, str]:
             uuid.uuid4().hex[:10],
             USERS,
         )
+        sessions = await conn.fetch(
+            "INSERT INTO sessions (id, user_id, device, ip)"
+            " SELECT gen_random_uuid(), u, 'storm', '127.0.0.1' FROM unnest($1::uuid[]) u"
+            " RETURNING id, user_id",
+            [r["id"] for r in rows],
+        )
     finally:
         await conn.close()
-    return {str(r["id"]): issue_token(server.secret, r["id"], ACCESS, 3600) for r in rows}
+    return {
+        str(r["user_id"]): issue_token(server.secret, r["user_id"], ACCESS, 3600, r["id"])
+        for r in sessions
+    }
 
 
 def groups_of(users: list[str]) -> list[list[str]]:

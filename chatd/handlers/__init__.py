@@ -11,7 +11,8 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     reads.py     mark_read (and POST /chats/{id}/read)
     groups.py    add_members, remove_member, leave_chat, rename_chat, set_role, delete_chat
     presence.py  typing
-    accounts.py  register, login, refresh, me, users_list (REST only)
+    accounts.py  register, login, refresh, logout, me, update_me, change_password,
+                 list_sessions, revoke_session, users_list (REST only)
     history.py   history (REST only)
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
@@ -27,6 +28,7 @@ from chatd.handlers import accounts, changes, chats, groups, history, messages, 
 from chatd.handlers.base import Context
 from chatd.protocol import (
     AddMembers,
+    ChangePassword,
     ClientAction,
     CreateChat,
     Created,
@@ -41,8 +43,10 @@ from chatd.protocol import (
     GetMessage,
     LeaveChat,
     ListChats,
+    ListSessions,
     ListUsers,
     Login,
+    Logout,
     MarkRead,
     PinMessage,
     React,
@@ -51,12 +55,14 @@ from chatd.protocol import (
     Register,
     RemoveMember,
     RenameChat,
+    RevokeSession,
     SendMessage,
     SetRole,
     Sync,
     Typing,
     UnpinMessage,
     Unreact,
+    UpdateMe,
 )
 
 Handler = Callable[[Context, Any], Awaitable[Any]]
@@ -91,7 +97,12 @@ REST_HANDLERS: dict[type, Handler] = {
     Register: accounts.register,
     Login: accounts.login,
     Refresh: accounts.refresh,
+    Logout: accounts.logout,
     GetMe: accounts.me,
+    UpdateMe: accounts.update_me,
+    ChangePassword: accounts.change_password,
+    ListSessions: accounts.list_sessions,
+    RevokeSession: accounts.revoke_session,
     ListUsers: accounts.users_list,
     GetHistory: history.history,
     GetEdits: changes.list_edits,

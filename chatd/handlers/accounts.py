@@ -1,8 +1,12 @@
-"""Accounts and tokens: register, login, refresh; the caller's account; the user list.
+"""Accounts, sessions and tokens: register, login, refresh, logout; the caller's account,
+sessions and password; the user list.
 
-Access tokens are checked without the database (handlers/base.py: authenticate). A
-refresh token is recorded as a hash when issued and spent once; a second use revokes
-every token refreshed from the same login (its family).
+Every login is a session (a row of `sessions`): its refresh tokens are one family (the
+family id is the session id) and its access tokens carry its id. Access tokens are
+checked against the process's SessionCache, not the database (handlers/base.py:
+authenticate). A refresh token is recorded as a hash when issued and spent once; a
+second use revokes its session. Revoking a session is committed first, then published
+on the bus (Node.revoke): every process forgets it and closes its sockets with 1008.
 """
 
 from __future__ import annotations
@@ -12,31 +16,43 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from asyncpg import Record
+
 from chatd import auth
 from chatd.handlers.base import Context
 from chatd.protocol import (
     EMAIL_TAKEN,
     INVALID,
     INVALID_CREDENTIALS,
+    MAX_DEVICE_CHARS,
     MAX_PASSWORD_CHARS,
     MAX_USER_NAME_CHARS,
     MIN_PASSWORD_CHARS,
+    NOT_FOUND,
     RATE_LIMITED,
     UNAUTHORIZED,
+    ChangePassword,
     ChatError,
     GetMe,
+    ListSessions,
     ListUsers,
     Login,
+    Logout,
     Me,
     Member,
     Refresh,
     Register,
     RegisterResponse,
+    RevokeSession,
+    SessionInfo,
+    SessionList,
     TokenPair,
+    UpdateMe,
     UserList,
     clean_text,
 )
 from chatd.ratelimit import take_all
+from chatd.revocations import Revocation
 from chatd.text import InvalidEmail, email_key, normalize_email
 
 
@@ -51,10 +67,7 @@ def valid_email(raw: str, normalize: Callable[[str], str]) -> str:
 async def register(ctx: Context, action: Register) -> RegisterResponse:
     name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
     email = valid_email(action.email, normalize_email)
-    if not MIN_PASSWORD_CHARS <= len(action.password) <= MAX_PASSWORD_CHARS:
-        raise ChatError(
-            INVALID, f"password must be {MIN_PASSWORD_CHARS}..{MAX_PASSWORD_CHARS} characters"
-        )
+    check_password(action.password)
     wait = await ctx.node.limits.register.take(ctx.peer)
     if wait:
         raise ChatError(
@@ -71,6 +84,13 @@ async def register(ctx: Context, action: Register) -> RegisterResponse:
     if user_id is None:
         raise ChatError(EMAIL_TAKEN, "a user with this email exists")
     return RegisterResponse(user_uuid=str(user_id), name=name, email=email)
+
+
+def check_password(password: str) -> None:
+    if not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
+        raise ChatError(
+            INVALID, f"password must be {MIN_PASSWORD_CHARS}..{MAX_PASSWORD_CHARS} characters"
+        )
 
 
 async def login(ctx: Context, action: Login) -> TokenPair:
@@ -102,7 +122,66 @@ async def login(ctx: Context, action: Login) -> TokenPair:
         raise ChatError(INVALID_CREDENTIALS, "wrong email or password")
     for limiter, key in attempt:
         await limiter.give_back(key)
-    return await _issue_pair(ctx, row["id"], family_id=uuid.uuid4())
+    device = device_name(action.device, ctx.user_agent)
+    session_id = uuid.uuid4()
+    async with ctx.node.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO sessions (id, user_id, device, ip) VALUES ($1, $2, $3, $4)",
+            session_id,
+            row["id"],
+            device,
+            ctx.peer[:64],
+        )
+        crowded = await conn.fetch(_REVOKE_CROWDED, row["id"], MAX_SESSIONS_PER_USER)
+    if crowded:
+        await ctx.node.revoke(Revocation(row["id"], tuple(r["id"] for r in crowded)))
+    return await _issue_pair(ctx, row["id"], session_id)
+
+
+# A user has at most this many live sessions: a new login signs out the least recently
+# seen one past it (a script logging in in a loop cannot grow the table without bound).
+MAX_SESSIONS_PER_USER = 100
+
+_REVOKE_CROWDED = """
+UPDATE sessions SET revoked_at = now()
+WHERE id IN (
+    SELECT id FROM sessions WHERE user_id = $1 AND revoked_at IS NULL
+    ORDER BY last_seen_at DESC, created_at DESC OFFSET $2
+)
+RETURNING id
+"""
+
+# Browsers and OSes a User-Agent names, first match wins (Edge and Opera also say Chrome,
+# Chrome also says Safari; iOS says "like Mac OS X").
+_BROWSERS = (
+    ("Edg/", "Edge"),
+    ("OPR/", "Opera"),
+    ("Firefox/", "Firefox"),
+    ("Chrome/", "Chrome"),
+    ("Safari/", "Safari"),
+)
+_SYSTEMS = (
+    ("Android", "Android"),
+    ("iPhone", "iPhone"),
+    ("iPad", "iPad"),
+    ("Windows", "Windows"),
+    ("Mac OS X", "macOS"),
+    ("CrOS", "ChromeOS"),
+    ("Linux", "Linux"),
+)
+
+
+def device_name(given: str | None, user_agent: str) -> str:
+    """The session's name: the one given, else "Browser on OS" from the User-Agent, else
+    the User-Agent's product (`python-httpx/0.28.1`), else "unknown device"."""
+    if given is not None and given.strip():
+        return clean_text(given, "device", min_len=1, max_len=MAX_DEVICE_CHARS)
+    browser = next((name for mark, name in _BROWSERS if mark in user_agent), None)
+    system = next((name for mark, name in _SYSTEMS if mark in user_agent), None)
+    if browser and system:
+        return f"{browser} on {system}"
+    product = user_agent.split(" ", 1)[0].replace("\x00", "")[:MAX_DEVICE_CHARS]
+    return product or "unknown device"
 
 
 async def refresh(ctx: Context, action: Refresh) -> TokenPair:
@@ -112,39 +191,53 @@ async def refresh(ctx: Context, action: Refresh) -> TokenPair:
         raise ChatError(UNAUTHORIZED, "invalid or expired refresh token") from None
     digest = auth.token_digest(action.refresh_token)
     async with ctx.node.pool.acquire() as conn:
-        spent = await conn.fetchrow(
-            "UPDATE refresh_tokens SET used_at = now()"
-            " WHERE token_hash = $1 AND used_at IS NULL AND expires_at > now()"
-            " RETURNING user_id, family_id",
-            digest,
-        )
+        spent = await conn.fetchrow(_SPEND_REFRESH, digest)
         if spent is None:
-            # A second use means the token leaked: revoke every token refreshed from its login.
-            await conn.execute(
-                "UPDATE refresh_tokens SET used_at = now() WHERE used_at IS NULL AND family_id ="
-                " (SELECT family_id FROM refresh_tokens WHERE token_hash = $1)",
-                digest,
-            )
+            # A second use means the token leaked: revoke the login it came from.
+            leaked = await conn.fetchrow(_REVOKE_FAMILY, digest)
+            if leaked is not None:
+                await ctx.node.revoke(Revocation(leaked["user_id"], (leaked["id"],)))
             raise ChatError(UNAUTHORIZED, "refresh token already used or revoked")
     return await _issue_pair(ctx, spent["user_id"], spent["family_id"])
 
 
-async def _issue_pair(ctx: Context, user_id: uuid.UUID, family_id: uuid.UUID) -> TokenPair:
+# Spends a refresh token of a live session, and marks the session seen.
+_SPEND_REFRESH = """
+WITH spent AS (
+    UPDATE refresh_tokens t SET used_at = now()
+    FROM sessions s
+    WHERE t.token_hash = $1 AND t.used_at IS NULL AND t.expires_at > now()
+      AND s.id = t.family_id AND s.revoked_at IS NULL
+    RETURNING t.user_id, t.family_id
+), seen AS (
+    UPDATE sessions SET last_seen_at = now() WHERE id = (SELECT family_id FROM spent)
+)
+SELECT user_id, family_id FROM spent
+"""
+
+_REVOKE_FAMILY = """
+UPDATE sessions SET revoked_at = now()
+WHERE id = (SELECT family_id FROM refresh_tokens WHERE token_hash = $1) AND revoked_at IS NULL
+RETURNING id, user_id
+"""
+
+
+async def _issue_pair(ctx: Context, user_id: uuid.UUID, session_id: uuid.UUID) -> TokenPair:
     settings = ctx.node.settings
     refresh_token = auth.issue_token(
-        settings.secret, user_id, auth.REFRESH, settings.refresh_token_ttl
+        settings.secret, user_id, auth.REFRESH, settings.refresh_token_ttl, session_id
     )
     await ctx.node.pool.execute(
         "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at)"
         " VALUES ($1, $2, $3, $4)",
         auth.token_digest(refresh_token),
         user_id,
-        family_id,
+        session_id,
         datetime.now(UTC) + timedelta(seconds=settings.refresh_token_ttl),
     )
     return TokenPair(
         access_token=auth.issue_token(
-            settings.secret, user_id, auth.ACCESS, settings.access_token_ttl
+            settings.secret, user_id, auth.ACCESS, settings.access_token_ttl, session_id
         ),
         refresh_token=refresh_token,
         expires_in=settings.access_token_ttl,
@@ -157,9 +250,116 @@ async def me(ctx: Context, action: GetMe) -> Me:
     )
     if row is None:
         raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
+    return _me(row)
+
+
+def _me(row: Record) -> Me:
     return Me(
         user_uuid=str(row["id"]), name=row["name"], email=row["email"], created_at=row["created_at"]
     )
+
+
+async def update_me(ctx: Context, action: UpdateMe) -> Me:
+    name = None
+    if action.name is not None:
+        name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
+    row = await ctx.node.pool.fetchrow(
+        "UPDATE users SET name = coalesce($2, name) WHERE id = $1"
+        " RETURNING id, name, email, created_at",
+        ctx.user_id,
+        name,
+    )
+    if row is None:
+        raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
+    return _me(row)
+
+
+async def change_password(ctx: Context, action: ChangePassword) -> None:
+    check_password(action.new)
+    email = await ctx.node.pool.fetchval("SELECT email FROM users WHERE id = $1", ctx.user_id)
+    # Guesses of the current password (with a stolen access token) count as failed logins.
+    limiter = ctx.node.limits.login_email
+    wait = await limiter.take(email or str(ctx.user_id))
+    if wait:
+        raise ChatError(RATE_LIMITED, "too many wrong passwords; retry later", retry_after=wait)
+    await check_current_password(ctx, action.current)
+    await limiter.give_back(email or str(ctx.user_id))
+    password_hash = await auth.hash_password(action.new)
+    async with ctx.node.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE users SET password_hash = $2 WHERE id = $1", ctx.user_id, password_hash
+        )
+        others = await conn.fetch(
+            "UPDATE sessions SET revoked_at = now()"
+            " WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL RETURNING id",
+            ctx.user_id,
+            ctx.session_id,
+        )
+    if others:
+        await ctx.node.revoke(Revocation(ctx.user_id, tuple(r["id"] for r in others)))
+
+
+async def check_current_password(ctx: Context, password: str) -> None:
+    """`invalid_credentials` unless `password` is the caller's."""
+    stored = await ctx.node.pool.fetchval(
+        "SELECT password_hash FROM users WHERE id = $1", ctx.user_id
+    )
+    if not await auth.verify_password(stored, password):
+        raise ChatError(INVALID_CREDENTIALS, "wrong password", 403)
+
+
+_SESSIONS = """
+SELECT id, device, ip, created_at, last_seen_at FROM sessions
+WHERE user_id = $1 AND revoked_at IS NULL
+  AND last_seen_at > now() - make_interval(secs => $2)
+ORDER BY last_seen_at DESC, created_at DESC
+LIMIT $3
+"""
+
+
+async def list_sessions(ctx: Context, action: ListSessions) -> SessionList:
+    # A session not seen for the refresh token's lifetime has no token left that works.
+    rows = await ctx.node.pool.fetch(
+        _SESSIONS, ctx.user_id, float(ctx.node.settings.refresh_token_ttl), MAX_SESSIONS_PER_USER
+    )
+    return SessionList(
+        [
+            SessionInfo(
+                id=str(r["id"]),
+                device=r["device"],
+                ip=r["ip"],
+                created_at=r["created_at"],
+                last_seen_at=r["last_seen_at"],
+                current=r["id"] == ctx.session_id,
+            )
+            for r in rows
+        ]
+    )
+
+
+async def revoke_session(ctx: Context, action: RevokeSession) -> None:
+    try:
+        session_id = uuid.UUID(action.session_id)
+    except ValueError:
+        raise ChatError(NOT_FOUND, "no such session") from None
+    revoked = await ctx.node.pool.fetchval(
+        "UPDATE sessions SET revoked_at = now()"
+        " WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING id",
+        session_id,
+        ctx.user_id,
+    )
+    if revoked is None:  # another user's session is as unknown as none
+        raise ChatError(NOT_FOUND, "no such session")
+    await ctx.node.revoke(Revocation(ctx.user_id, (session_id,)))
+
+
+async def logout(ctx: Context, action: Logout) -> None:
+    await ctx.node.pool.execute(
+        "UPDATE sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+        ctx.session_id,
+    )
+    assert ctx.session_id is not None  # authenticate refuses tokens without one
+    await ctx.node.revoke(Revocation(ctx.user_id, (ctx.session_id,)))
 
 
 # q matches a name by prefix, an email only whole: a prefix search on emails would let

@@ -35,25 +35,33 @@ class Context:
     node: Node
     user_id: uuid.UUID  # NOBODY on public routes
     peer: str = "unknown"  # the client's address (per-address limits)
+    session_id: uuid.UUID | None = None  # the login the access token belongs to
+    user_agent: str = ""  # the User-Agent header (a login's device name when it gives none)
 
 
-def authenticate(node: Node, token: str | None, peer: str) -> Context:
-    """The Context of the user an access token names; `unauthorized` when it names none.
+async def authenticate(node: Node, token: str | None, peer: str, user_agent: str = "") -> Context:
+    """The Context of the user and live session an access token names; `unauthorized`
+    when it names none, or a session that was revoked.
 
     The one place a socket (chatd/session.py) or a request (chatd/rest.py) becomes a user.
+    The session is looked up in the process's SessionCache: no query once it is known.
     """
     if not token:
         raise ChatError(UNAUTHORIZED, "missing bearer access token")
     try:
-        user_id = read_token(node.settings.secret, token, ACCESS)
+        user_id, session_id = read_token(node.settings.secret, token, ACCESS)
     except InvalidToken:
         raise ChatError(UNAUTHORIZED, "invalid or expired access token") from None
-    return Context(node, user_id, peer)
+    # A token without a session predates sessions: it cannot be revoked, so it is refused
+    # (the client refreshes; its refresh token's family became a session).
+    if session_id is None or not await node.sessions.is_live(session_id, user_id):
+        raise ChatError(UNAUTHORIZED, "session revoked or unknown; log in again")
+    return Context(node, user_id, peer, session_id, user_agent)
 
 
-def anonymous(node: Node, peer: str) -> Context:
+def anonymous(node: Node, peer: str, user_agent: str = "") -> Context:
     """The Context of a public route: nobody is signed in."""
-    return Context(node, NOBODY, peer)
+    return Context(node, NOBODY, peer, user_agent=user_agent)
 
 
 # --- the chat lock ------------------------------------------------------------------------
