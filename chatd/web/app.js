@@ -1497,6 +1497,13 @@ async function start() {
   connect();
 }
 
+// The log-out button: sign this session out on the server too (its tokens stop working
+// and its sockets close everywhere), then forget it here whatever the server said.
+async function signOut() {
+  if (state.auth) await api("POST", "logout", undefined, false).catch(() => {});
+  logout();
+}
+
 function logout(message = "") {
   const ws = state.ws;
   state.auth = null;
@@ -1521,7 +1528,7 @@ function logout(message = "") {
 function init() {
   $("auth-form").addEventListener("submit", submitAuth);
   $("auth-toggle").addEventListener("click", toggleRegister);
-  $("logout").addEventListener("click", () => logout());
+  $("logout").addEventListener("click", () => signOut());
   $("back").addEventListener("click", () => openChat(null));
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
