@@ -112,6 +112,7 @@ MAX_USERS_PER_CALL = 1000
 # Keeps a Chat (members included) small enough for one frame in every event that carries it.
 MAX_GROUP_MEMBERS = 1000
 MAX_PAGE_SIZE = 200
+MAX_BLOCKS = 1000  # users one user may block (the first frame carries them all)
 
 
 def stripped_text(min_length: int, max_length: int) -> Any:
@@ -367,6 +368,17 @@ class DeleteChat(Action, tag="delete_chat"):
     chat_id: Id
 
 
+class BlockUser(Action, tag="block_user"):
+    """Block a user: they cannot open a private chat with you, write in it, or add you to
+    groups; your client collapses their group messages (the first frame's `blocked`)."""
+
+    user_uuid: UserUuid
+
+
+class UnblockUser(Action, tag="unblock_user"):
+    user_uuid: UserUuid
+
+
 ClientAction = (
     CreateChat
     | ListChats
@@ -389,6 +401,8 @@ ClientAction = (
     | RenameChat
     | SetRole
     | DeleteChat
+    | BlockUser
+    | UnblockUser
 )
 ACTION_NAMES = frozenset(cls.__struct_config__.tag for cls in ClientAction.__args__)
 
@@ -518,6 +532,10 @@ class RevokeSession(Struct, kw_only=True):
     session_id: SessionUuid
 
 
+class ListBlocks(Struct, kw_only=True):
+    """GET /me/blocks: the users you block, with their names, most recently blocked first."""
+
+
 class Logout(Struct, kw_only=True):
     """POST /logout: sign out the session of the access token used."""
 
@@ -570,6 +588,18 @@ class Event(Struct, tag_field="action"):
 class UnreadMessages(Event, tag="unread_messages"):
     data: list[Message]
     has_more: bool
+    # The users you blocked (left out when none): collapse their messages in groups.
+    blocked: list[UserUuid] | UnsetType = UNSET
+
+
+class BlockList(Struct):
+    blocked: list[UserUuid]  # everyone you block, most recently blocked first
+
+
+class BlocksChanged(Event, tag="blocks_changed"):
+    """You blocked or unblocked someone (sent to all your sockets): the whole list now."""
+
+    data: BlockList
 
 
 class Ack(Event, tag="ack"):
@@ -672,6 +702,7 @@ class TypingEvent(Event, tag="typing"):
 # Every frame the server sends on /connect, for clients that decode them (chatd.client).
 ServerFrame = (
     UnreadMessages
+    | BlocksChanged
     | Ack
     | Error
     | NewMessage

@@ -39,6 +39,8 @@ from chatd.protocol import (
     TOO_DEEP,
     UNAVAILABLE,
     AddMembers,
+    BlockList,
+    BlockUser,
     ChangePassword,
     Chat,
     ChatError,
@@ -61,6 +63,7 @@ from chatd.protocol import (
     GetMessage,
     Health,
     History,
+    ListBlocks,
     ListChats,
     ListSessions,
     ListUsers,
@@ -83,6 +86,7 @@ from chatd.protocol import (
     SessionList,
     SetRole,
     TokenPair,
+    UnblockUser,
     UnpinMessage,
     Unreact,
     UpdateMe,
@@ -454,6 +458,20 @@ OPERATIONS = [
         "DELETE", "/me/sessions/{session_id}", RevokeSession,
         "Sign a session out: its tokens are refused and its sockets closed (1008)", None, 204,
         tag="accounts", errors=(404, 422, 503),
+    ),
+    route(
+        "GET", "/me/blocks", ListBlocks, "The users you block, most recently blocked first",
+        UserList, tag="users", errors=(503,),
+    ),
+    route(
+        "PUT", "/me/blocks/{user_uuid}", BlockUser,
+        "Block a user (again: no change); answers whom you block", BlockList,
+        tag="users", errors=(404, 422, 503),
+    ),
+    route(
+        "DELETE", "/me/blocks/{user_uuid}", UnblockUser,
+        "Unblock a user (not blocked: no change); answers whom you block", BlockList,
+        tag="users", errors=(422, 503),
     ),
     # users
     route(

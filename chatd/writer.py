@@ -26,6 +26,7 @@ import msgspec
 from chatd.hub import Bus, publish
 from chatd.metrics import MESSAGES_PERSISTED, SEND_BATCH_SIZE, SEND_SECONDS
 from chatd.protocol import (
+    FORBIDDEN,
     INVALID,
     ChatError,
     Created,
@@ -56,7 +57,8 @@ JOIN chats c ON c.id = m.chat_id
 """
 
 # Runs with the chats locked, so it sees membership as it is now: a sender removed while
-# waiting for the lock matches no member row and stores nothing. Messages of one chat get
+# waiting for the lock matches no member row and stores nothing. Nor does a send in a
+# private chat where either member blocks the other. Messages of one chat get
 # the next seqs in the order they came; each sender's pointer moves to their newest.
 _INSERT_MESSAGES = """
 WITH input AS (
@@ -71,6 +73,12 @@ WITH input AS (
     FROM input
     JOIN chat_members cm ON cm.chat_id = input.chat_id AND cm.user_id = input.sender_id
     JOIN chats c ON c.id = input.chat_id
+    WHERE c.type = 'group' OR NOT EXISTS (
+        SELECT 1 FROM chat_members other
+        JOIN blocks b ON (b.blocker_id = other.user_id AND b.blocked_id = input.sender_id)
+                      OR (b.blocker_id = input.sender_id AND b.blocked_id = other.user_id)
+        WHERE other.chat_id = input.chat_id AND other.user_id <> input.sender_id
+    )
 ), bumped AS (
     UPDATE chats c
     SET last_seq = top.seq, version = top.version, activity = nextval('chat_activity_seq')
@@ -105,6 +113,11 @@ SELECT accepted.n, accepted.sender_read_seq, accepted.version, stored.id, stored
 FROM accepted
 JOIN stored ON stored.chat_id = accepted.chat_id AND stored.seq = accepted.seq
 JOIN members ON members.chat_id = accepted.chat_id
+"""
+
+_MEMBERS_OF = """
+SELECT k.n FROM unnest($1::bigint[], $2::uuid[]) WITH ORDINALITY AS k(chat_id, user_id, n)
+WHERE EXISTS (SELECT 1 FROM chat_members cm WHERE cm.chat_id = k.chat_id AND cm.user_id = k.user_id)
 """
 
 MAX_BATCH = 256
@@ -159,6 +172,7 @@ class Persisted:
     originals: dict[RetryKey, asyncpg.Record] = field(default_factory=dict)  # retries
     stored: list[StoredSend] = field(default_factory=list)  # in commit (id) order
     newly_read: list[asyncpg.Record] = field(default_factory=list)  # read receipts to send
+    blocked: set[int] = field(default_factory=set)  # id() of the sends a block refused
 
 
 class MessageWriter:
@@ -283,6 +297,18 @@ class MessageWriter:
             }
             if holders:
                 done.newly_read = await advance_read_watermarks(conn, sorted(holders))
+            if len(rows) < len(new):
+                # Not stored: not a member (not_found), or a member of a private chat
+                # with a block between the two (forbidden). Only refusals cost this.
+                stored_n = {row["n"] for row in rows}
+                refused = [(n, s) for n, s in enumerate(new, 1) if n not in stored_n]
+                members = await conn.fetch(
+                    _MEMBERS_OF,
+                    [s.chat_id for _, s in refused],
+                    [s.user_id for _, s in refused],
+                )
+                member_n = {refused[r["n"] - 1][0] for r in members}
+                done.blocked = {id(new[n - 1]) for n in member_n}
 
         for row in done.newly_read:
             watermarks[row["chat_id"]] = row["watermark"]
@@ -325,6 +351,8 @@ class MessageWriter:
                 _settle_original(send, original)
             elif id(send) in messages:
                 _settle(send, result=Created(messages[id(send)]))
+            elif id(send) in persisted.blocked:
+                _settle(send, exception=_blocked())
             else:
                 _settle(send, exception=no_such_chat())
         stored_by_key = {
@@ -367,6 +395,10 @@ def partition(batch: list[PendingSend]) -> tuple[list[PendingSend], list[Pending
 
 def _forwarded_json(forwarded: ForwardedFrom | None) -> str | None:
     return None if forwarded is None else msgspec.json.encode(forwarded).decode()
+
+
+def _blocked() -> ChatError:
+    return ChatError(FORBIDDEN, "this chat is blocked: one of you blocks the other")
 
 
 def _reused_elsewhere() -> ChatError:

@@ -104,6 +104,9 @@ SOCKET_MATRIX: dict[str, Row] = {
     ),
     "pin_message": Row(lambda i: {"message_id": i.message_id}, NF, NF, FORBIDDEN),
     "unpin_message": Row(lambda i: {"chat_id": i.chat_id}, NF, NF, FORBIDDEN),
+    # Your own block list: nobody else's chat or list is touched.
+    "block_user": Row(lambda i: {"user_uuid": i.target_uuid}, OK, OK, OK),
+    "unblock_user": Row(lambda i: {"user_uuid": i.target_uuid}, OK, OK, OK),
 }
 
 # Routes anyone may call: no token is needed, and a bad one is not looked at.
@@ -127,6 +130,11 @@ REST_MATRIX: dict[str, Row] = {
         lambda i: (f"/me/sessions/{uuid.UUID(int=i.chat_id)}", None), NF, NF, NF
     ),
     "POST /logout": Row(lambda i: ("/logout", None), OK, OK, OK),
+    "GET /me/blocks": Row(lambda i: ("/me/blocks", None), OK, OK, OK),
+    "PUT /me/blocks/{user_uuid}": Row(lambda i: (f"/me/blocks/{i.target_uuid}", None), OK, OK, OK),
+    "DELETE /me/blocks/{user_uuid}": Row(
+        lambda i: (f"/me/blocks/{i.target_uuid}", None), OK, OK, OK
+    ),
     "GET /users_list": Row(lambda i: ("/users_list", None), OK, OK, OK),
     "GET /chats": Row(lambda i: ("/chats", None), OK, OK, OK),
     "POST /chats": Row(

@@ -14,6 +14,7 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     accounts.py  register, login, refresh, logout, me, update_me, change_password,
                  list_sessions, revoke_session, users_list (REST only)
     history.py   history (REST only)
+    blocks.py    block_user, unblock_user, list_blocks (REST only)
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
 chatd/rest.py (or its Struct in SOCKET_ONLY).
@@ -24,10 +25,21 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatd.handlers import accounts, changes, chats, groups, history, messages, presence, reads
+from chatd.handlers import (
+    accounts,
+    blocks,
+    changes,
+    chats,
+    groups,
+    history,
+    messages,
+    presence,
+    reads,
+)
 from chatd.handlers.base import Context
 from chatd.protocol import (
     AddMembers,
+    BlockUser,
     ChangePassword,
     ClientAction,
     CreateChat,
@@ -42,6 +54,7 @@ from chatd.protocol import (
     GetMe,
     GetMessage,
     LeaveChat,
+    ListBlocks,
     ListChats,
     ListSessions,
     ListUsers,
@@ -60,6 +73,7 @@ from chatd.protocol import (
     SetRole,
     Sync,
     Typing,
+    UnblockUser,
     UnpinMessage,
     Unreact,
     UpdateMe,
@@ -90,6 +104,8 @@ HANDLERS: dict[type, Handler] = {
     RenameChat: groups.rename_chat,
     SetRole: groups.set_role,
     DeleteChat: groups.delete_chat,
+    BlockUser: blocks.block_user,
+    UnblockUser: blocks.unblock_user,
 }
 
 # Requests only REST has: no socket action carries them.
@@ -103,6 +119,7 @@ REST_HANDLERS: dict[type, Handler] = {
     ChangePassword: accounts.change_password,
     ListSessions: accounts.list_sessions,
     RevokeSession: accounts.revoke_session,
+    ListBlocks: blocks.list_blocks,
     ListUsers: accounts.users_list,
     GetHistory: history.history,
     GetEdits: changes.list_edits,

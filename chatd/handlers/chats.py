@@ -17,6 +17,7 @@ from chatd.handlers.base import (
     parse_user_ids,
 )
 from chatd.protocol import (
+    FORBIDDEN,
     INVALID,
     MAX_GROUP_MEMBERS,
     MAX_GROUP_NAME_CHARS,
@@ -68,7 +69,7 @@ async def create_chat(ctx: Context, action: CreateChat) -> Created[Chat]:
     stored = False
     try:
         async with ctx.node.pool.acquire() as conn, conn.transaction():
-            await require_users(conn, others)
+            await require_users(conn, others, by=ctx.user_id)
             if action.type == "private":
                 chat_id, created = await _private_chat(conn, ctx.user_id, others[0])
             else:
@@ -125,10 +126,22 @@ async def count_group_creation(
     await conn.execute("INSERT INTO group_creations (user_id) VALUES ($1)", user_id)
 
 
-async def require_users(conn: asyncpg.Connection, user_ids: list[uuid.UUID]) -> None:
-    found = await conn.fetchval("SELECT count(*) FROM users WHERE id = ANY($1::uuid[])", user_ids)
-    if found != len(user_ids):
+# How many of the users exist, and how many of them block `by`.
+_USERS_AND_BLOCKS = """
+SELECT count(*) AS found, count(b.blocker_id) AS blocking
+FROM users u LEFT JOIN blocks b ON b.blocker_id = u.id AND b.blocked_id = $2
+WHERE u.id = ANY($1::uuid[])
+"""
+
+
+async def require_users(conn: asyncpg.Connection, user_ids: list[uuid.UUID], by: uuid.UUID) -> None:
+    """Every one of `user_ids` is a user who has not blocked `by` (who would put them in a
+    chat): else `not_found`, or `forbidden`."""
+    row = await conn.fetchrow(_USERS_AND_BLOCKS, user_ids, by)
+    if row["found"] != len(user_ids):
         raise ChatError(NOT_FOUND, "one of user_ids is not a user")
+    if row["blocking"]:
+        raise ChatError(FORBIDDEN, "one of user_ids does not accept chats with you")
 
 
 async def _private_chat(

@@ -66,7 +66,7 @@ async def add_members(ctx: Context, action: AddMembers) -> Chat:
     try:
         async with ctx.node.pool.acquire() as conn, conn.transaction():
             await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
-            await require_users(conn, users)
+            await require_users(conn, users, by=ctx.user_id)
             added = await insert_members(conn, action.chat_id, users)
             if added:
                 size = await conn.fetchval(

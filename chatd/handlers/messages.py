@@ -7,8 +7,10 @@ Sends are stored by the node's MessageWriter (chatd/writer.py), in batches.
 from __future__ import annotations
 
 import asyncpg
+from msgspec import UNSET
 
 from chatd.handlers.base import FRAME_BUDGET_BYTES, Context, fit_in_frame, parse_user_ids
+from chatd.handlers.blocks import blocked_ids
 from chatd.protocol import (
     INVALID,
     MAX_TEXT_CHARS,
@@ -370,7 +372,12 @@ async def unread_snapshot(ctx: Context) -> UnreadMessages:
     some were left out (the chat list's unread counts and `sync` have the rest).
     """
     rows = await ctx.node.pool.fetch(_UNREAD_SNAPSHOT, ctx.user_id, UNREAD_SNAPSHOT_LIMIT + 1)
+    # The block list (at most MAX_BLOCKS uuids, ~40 KB) comes out of the frame's budget.
+    blocked = await blocked_ids(ctx.node.pool, ctx.user_id)
+    budget = FRAME_BUDGET_BYTES - len(encode(blocked))
     messages, _ = fit_in_frame(
-        (message_from_row(row) for row in rows[:UNREAD_SNAPSHOT_LIMIT]), FRAME_BUDGET_BYTES
+        (message_from_row(row) for row in rows[:UNREAD_SNAPSHOT_LIMIT]), budget
     )
-    return UnreadMessages(data=messages, has_more=len(rows) > len(messages))
+    return UnreadMessages(
+        data=messages, has_more=len(rows) > len(messages), blocked=blocked or UNSET
+    )
