@@ -118,6 +118,13 @@ def _rate(env: Env, name: str, default: Rate | None) -> Rate | None:
         raise SystemExit(f"{name}: {exc}") from None
 
 
+def _deleted_user_messages(env: Env, name: str, default: str) -> str:
+    value = env.get(name, default).strip().lower()
+    if value not in ("keep", "erase"):
+        raise SystemExit(f"{name} must be keep or erase, got {value!r}")
+    return value
+
+
 def _cap(env: Env, name: str, default: int | None) -> int | None:
     """A positive integer, or 0 / off for no cap."""
     raw = env.get(name, "").strip().lower()
@@ -218,6 +225,10 @@ class Settings:
     groups_per_day: int | None = setting("CHATD_GROUPS_PER_DAY", 100, _cap)
     # A sync that would replay more changes than this in one chat answers too_long.
     sync_max_changes: int = setting("CHATD_SYNC_MAX_CHANGES", 1000)
+    # DELETE /me: keep the account's messages (from "Deleted account") or erase them.
+    deleted_user_messages: str = setting(
+        "CHATD_DELETED_USER_MESSAGES", "keep", _deleted_user_messages
+    )
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
 

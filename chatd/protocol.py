@@ -532,6 +532,20 @@ class RevokeSession(Struct, kw_only=True):
     session_id: SessionUuid
 
 
+class DeleteMe(Struct, kw_only=True):
+    """DELETE /me: delete your account (needs your password); see docs/protocol.md."""
+
+    password: Annotated[str, Meta(max_length=MAX_PASSWORD_CHARS)]
+
+
+class ExportMe(Struct, kw_only=True):
+    """GET /me/export: your data as JSON, your messages a page at a time."""
+
+    after: Annotated[
+        Id | None, Meta(description="next_after of the previous page: messages after it")
+    ] = None
+
+
 class ListBlocks(Struct, kw_only=True):
     """GET /me/blocks: the users you block, with their names, most recently blocked first."""
 
@@ -785,6 +799,28 @@ class SessionInfo(Struct):
     created_at: Timestamp
     last_seen_at: Timestamp  # the last login, refresh or first use on a server process
     current: bool  # the session of the access token that asked
+
+
+class ExportedChat(Struct):
+    id: int
+    type: str
+    name: str | None
+    role: str  # yours
+    joined_at: Timestamp
+
+
+class Export(Struct):
+    """Your data (GDPR articles 15 and 20). `messages` are yours, oldest first, at most
+    5000 a page: while `has_more`, ask again with `after=next_after` for the rest."""
+
+    exported_at: Timestamp
+    profile: Me
+    sessions: list[SessionInfo]
+    blocked: list[Member]
+    chats: list[ExportedChat]
+    messages: list[Message]
+    has_more: bool
+    next_after: int | None
 
 
 class SessionList(Struct):

@@ -50,11 +50,14 @@ from chatd.protocol import (
     Created,
     DeleteChat,
     DeletedMessage,
+    DeleteMe,
     DeleteMessage,
     EditList,
     EditMessage,
     ErrorBody,
     ErrorResponse,
+    Export,
+    ExportMe,
     ForwardMessage,
     GetChat,
     GetEdits,
@@ -269,7 +272,15 @@ class RequestShape:
     headers: dict[str, tuple[str, Any]]  # header → (field, type)
 
     @classmethod
-    def of(cls, method: str, path: str, request: type, headers: dict[str, str]) -> RequestShape:
+    def of(
+        cls,
+        method: str,
+        path: str,
+        request: type,
+        headers: dict[str, str],
+        *,
+        json_body: bool = False,
+    ) -> RequestShape:
         in_path = tuple(name for name, _ in path_params(path)[1])
         fields = msgspec.structs.fields(request)
         unknown = set(in_path) - {f.name for f in fields}
@@ -277,7 +288,7 @@ class RequestShape:
             raise RuntimeError(f"{path}: {request.__name__} has no field {sorted(unknown)}")
         rest = [f for f in fields if f.name not in in_path and f.name not in NOT_IN_REQUESTS]
         body = query = None
-        if rest and method in ("POST", "PATCH", "PUT"):
+        if rest and (method in ("POST", "PATCH", "PUT") or json_body):
             body = _struct(f"{request.__name__}Request", rest)
         elif rest:
             query = _struct(f"{request.__name__}Query", rest)
@@ -314,11 +325,13 @@ def route(
     auth: bool = True,
     errors: tuple[int, ...] = (),
     operation_id: str | None = None,
+    json_body: bool = False,
 ) -> Operation:
     """The route of `request`: its path fields from `path`, `headers` (header → field) on
-    top of the body (POST, PATCH) or the query string (GET, DELETE) for the rest. Its
-    operationId is its handler's name unless given."""
-    shape = RequestShape.of(method, path, request, headers or {})
+    top of the body (POST, PATCH, or any with `json_body`: a secret has no place in a URL)
+    or the query string (GET, DELETE) for the rest. Its operationId is its handler's name
+    unless given."""
+    shape = RequestShape.of(method, path, request, headers or {}, json_body=json_body)
     handler = handler_for(request)
 
     async def endpoint(http: Request) -> Response:
@@ -449,6 +462,16 @@ OPERATIONS = [
         "POST", "/me/password", ChangePassword,
         "Change your password (needs the current one); signs out your other sessions", None,
         204, tag="accounts", errors=(400, 403, 413, 422, 429, 503),
+    ),
+    route(
+        "DELETE", "/me", DeleteMe,
+        "Delete your account (needs your password); its sessions end everywhere", None, 204,
+        tag="accounts", errors=(400, 403, 413, 422, 429, 503), json_body=True,
+    ),
+    route(
+        "GET", "/me/export", ExportMe,
+        "Your data as JSON: profile, sessions, blocks, chats and your messages (paged)",
+        Export, tag="accounts", errors=(422, 503),
     ),
     route(
         "GET", "/me/sessions", ListSessions, "Your live sessions, most recently seen first",

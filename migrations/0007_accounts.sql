@@ -37,3 +37,11 @@ CREATE TABLE blocks (
     CHECK (blocker_id <> blocked_id)
 );
 CREATE INDEX blocks_blocked_idx ON blocks (blocked_id, blocker_id);
+
+-- DELETE /me: the row stays (messages kept under CHATD_DELETED_USER_MESSAGES=keep still
+-- name a sender), but its profile is erased: name "Deleted account", a placeholder email
+-- (the address is free again), no password.
+ALTER TABLE users ADD COLUMN deleted_at timestamptz;
+
+-- A user's own messages, in order: GET /me/export's pages and erasing them on deletion.
+CREATE INDEX messages_sender_idx ON messages (sender_id, id);

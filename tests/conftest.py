@@ -49,6 +49,8 @@ SUITE_LIMITS = {
 # Routes that end the caller's session when they succeed: the authorization matrix and
 # the fuzzers log in again for each call of one, so the rest keep a working token.
 SESSION_ENDING = {"POST /logout"}
+# Routes that end the caller's account: those calls are made by a user made for each.
+ACCOUNT_ENDING = {"DELETE /me"}
 
 
 def _run(coro: Awaitable[object]) -> object:

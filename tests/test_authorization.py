@@ -39,7 +39,7 @@ import websockets
 from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
-from tests.conftest import PASSWORD, SESSION_ENDING, Server
+from tests.conftest import ACCOUNT_ENDING, PASSWORD, SESSION_ENDING, Server
 
 NF = "not_found"  # and the reply is the same as for an id that does not exist
 FORBIDDEN = "forbidden"
@@ -130,6 +130,8 @@ REST_MATRIX: dict[str, Row] = {
         lambda i: (f"/me/sessions/{uuid.UUID(int=i.chat_id)}", None), NF, NF, NF
     ),
     "POST /logout": Row(lambda i: ("/logout", None), OK, OK, OK),
+    "DELETE /me": Row(lambda i: ("/me", {"password": PASSWORD}), OK, OK, OK),
+    "GET /me/export": Row(lambda i: ("/me/export", None), OK, OK, OK),
     "GET /me/blocks": Row(lambda i: ("/me/blocks", None), OK, OK, OK),
     "PUT /me/blocks/{user_uuid}": Row(lambda i: (f"/me/blocks/{i.target_uuid}", None), OK, OK, OK),
     "DELETE /me/blocks/{user_uuid}": Row(
@@ -411,11 +413,17 @@ async def call(server: Server, key: str, ids: Ids, token: str | None) -> httpx.R
 
 
 async def token_for(api: Api, key: str) -> str | None:
-    """The actor's token, or a fresh login's for a route that ends its session."""
-    if key not in SESSION_ENDING:
+    """The actor's token; a fresh login's for a route that ends its session, and a fresh
+    user's for one that ends its account (not chat-scoped: who it is does not matter)."""
+    if key not in SESSION_ENDING | ACCOUNT_ENDING:
         return api.access_token
     fresh = Api(api.base_url)
-    await fresh.login(api.email, PASSWORD)  # type: ignore[attr-defined]
+    if key in ACCOUNT_ENDING:
+        email = f"gone-{uuid.uuid4().hex[:10]}@example.com"
+        await fresh.register("Gone", email, PASSWORD)
+        await fresh.login(email, PASSWORD)
+    else:
+        await fresh.login(api.email, PASSWORD)  # type: ignore[attr-defined]
     await fresh.aclose()
     return fresh.access_token
 

@@ -41,7 +41,7 @@ from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
 from chatd.openapi import Operation
-from tests.conftest import PASSWORD, SESSION_ENDING, Server
+from tests.conftest import ACCOUNT_ENDING, PASSWORD, SESSION_ENDING, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 # Examples near the 64 KiB frame limit make hypothesis warn that their repr is large.
@@ -552,11 +552,14 @@ def rest_request(
 async def call_rest(h: Harness, op: Operation, plan: dict[str, Any]) -> None:
     await h.ensure_world()
     token = None
-    if f"{op.method} {op.path}" in SESSION_ENDING:  # a session of its own to end
+    key = f"{op.method} {op.path}"
+    if key in SESSION_ENDING:  # a session of its own to end
         fresh = Api(h.server.base_url)
         await fresh.login(h.world.owner.email, PASSWORD)  # type: ignore[attr-defined]
         await fresh.aclose()
         token = fresh.access_token
+    elif key in ACCOUNT_ENDING:  # an account of its own to end
+        token = (await h._user("Gone")).access_token
     url, headers, body = rest_request(h.world, op, plan, token)
     before = await h.fingerprint()
     response = await h.http.request(op.method, url, headers=headers, content=body or None)

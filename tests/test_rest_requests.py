@@ -88,7 +88,7 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "healthz", "readyz", "edit_message", "delete_message", "list_edits", "react",
         "unreact", "forward_message", "pin_message", "unpin_message", "logout",
         "update_me", "change_password", "list_sessions", "revoke_session",
-        "list_blocks", "block_user", "unblock_user",
+        "list_blocks", "block_user", "unblock_user", "delete_me", "export_me",
     }  # fmt: skip
     assert set(document["components"]["schemas"]) == {
         "AddMembersRequest", "Chat", "ChatMember", "ChatOverview", "ChatPage",
@@ -98,7 +98,8 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "SendMessageRequest", "SetRoleRequest", "TokenPair", "UserList", "DeletedMessage",
         "Edit", "EditList", "EditMessageRequest", "ForwardMessageRequest", "ForwardedFrom",
         "PinMessageRequest", "Reaction", "ChangePasswordRequest", "SessionInfo",
-        "SessionList", "UpdateMeRequest", "BlockList",
+        "SessionList", "UpdateMeRequest", "BlockList", "DeleteMeRequest", "Export",
+        "ExportedChat",
     }  # fmt: skip
 
 

@@ -12,7 +12,8 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     groups.py    add_members, remove_member, leave_chat, rename_chat, set_role, delete_chat
     presence.py  typing
     accounts.py  register, login, refresh, logout, me, update_me, change_password,
-                 list_sessions, revoke_session, users_list (REST only)
+                 list_sessions, revoke_session, delete_me, export_me, users_list
+                 (REST only)
     history.py   history (REST only)
     blocks.py    block_user, unblock_user, list_blocks (REST only)
 
@@ -45,8 +46,10 @@ from chatd.protocol import (
     CreateChat,
     Created,
     DeleteChat,
+    DeleteMe,
     DeleteMessage,
     EditMessage,
+    ExportMe,
     ForwardMessage,
     GetChat,
     GetEdits,
@@ -119,6 +122,8 @@ REST_HANDLERS: dict[type, Handler] = {
     ChangePassword: accounts.change_password,
     ListSessions: accounts.list_sessions,
     RevokeSession: accounts.revoke_session,
+    DeleteMe: accounts.delete_me,
+    ExportMe: accounts.export_me,
     ListBlocks: blocks.list_blocks,
     ListUsers: accounts.users_list,
     GetHistory: history.history,

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from asyncpg import Record
 
 from chatd import auth
+from chatd.handlers import blocks, changes, groups
 from chatd.handlers.base import Context
 from chatd.protocol import (
     EMAIL_TAKEN,
@@ -32,14 +33,23 @@ from chatd.protocol import (
     RATE_LIMITED,
     UNAUTHORIZED,
     ChangePassword,
+    Chat,
     ChatError,
+    ChatUpdated,
+    DeleteMe,
+    Export,
+    ExportedChat,
+    ExportMe,
     GetMe,
+    ListBlocks,
     ListSessions,
     ListUsers,
     Login,
     Logout,
     Me,
     Member,
+    Message,
+    MessageUpdated,
     Refresh,
     Register,
     RegisterResponse,
@@ -53,6 +63,7 @@ from chatd.protocol import (
 )
 from chatd.ratelimit import take_all
 from chatd.revocations import Revocation
+from chatd.store import MESSAGE_COLUMNS, message_from_row
 from chatd.text import InvalidEmail, email_key, normalize_email
 
 
@@ -276,14 +287,7 @@ async def update_me(ctx: Context, action: UpdateMe) -> Me:
 
 async def change_password(ctx: Context, action: ChangePassword) -> None:
     check_password(action.new)
-    email = await ctx.node.pool.fetchval("SELECT email FROM users WHERE id = $1", ctx.user_id)
-    # Guesses of the current password (with a stolen access token) count as failed logins.
-    limiter = ctx.node.limits.login_email
-    wait = await limiter.take(email or str(ctx.user_id))
-    if wait:
-        raise ChatError(RATE_LIMITED, "too many wrong passwords; retry later", retry_after=wait)
     await check_current_password(ctx, action.current)
-    await limiter.give_back(email or str(ctx.user_id))
     password_hash = await auth.hash_password(action.new)
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         await conn.execute(
@@ -300,12 +304,20 @@ async def change_password(ctx: Context, action: ChangePassword) -> None:
 
 
 async def check_current_password(ctx: Context, password: str) -> None:
-    """`invalid_credentials` unless `password` is the caller's."""
-    stored = await ctx.node.pool.fetchval(
-        "SELECT password_hash FROM users WHERE id = $1", ctx.user_id
+    """`invalid_credentials` (403) unless `password` is the caller's. Wrong guesses (with a
+    stolen access token, say) count as failed logins for the account's email."""
+    row = await ctx.node.pool.fetchrow(
+        "SELECT email, password_hash FROM users WHERE id = $1", ctx.user_id
     )
-    if not await auth.verify_password(stored, password):
+    if row is None:
+        raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
+    limiter = ctx.node.limits.login_email
+    wait = await limiter.take(row["email"])
+    if wait:
+        raise ChatError(RATE_LIMITED, "too many wrong passwords; retry later", retry_after=wait)
+    if not await auth.verify_password(row["password_hash"], password):
         raise ChatError(INVALID_CREDENTIALS, "wrong password", 403)
+    await limiter.give_back(row["email"])
 
 
 _SESSIONS = """
@@ -366,7 +378,7 @@ async def logout(ctx: Context, action: Logout) -> None:
 # any user read every address out, a character at a time.
 _USERS_PAGE = """
 SELECT id, name FROM users
-WHERE ($1::text IS NULL OR lower(name) LIKE $1 || '%' OR email = $4)
+WHERE deleted_at IS NULL AND ($1::text IS NULL OR lower(name) LIKE $1 || '%' OR email = $4)
   AND ($2::uuid IS NULL OR (name, id) > (SELECT name, id FROM users WHERE id = $2))
 ORDER BY name, id
 LIMIT $3
@@ -383,3 +395,115 @@ async def users_list(ctx: Context, action: ListUsers) -> UserList:
         q = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     rows = await ctx.node.pool.fetch(_USERS_PAGE, q, action.after, action.limit, email)
     return UserList([Member(user_uuid=str(r["id"]), name=r["name"]) for r in rows])
+
+
+# --- deleting and exporting the account ----------------------------------------------------
+
+DELETED_NAME = "Deleted account"
+
+_ERASE_PROFILE = """
+UPDATE users SET name = $2, email = 'deleted-' || id || '@deleted.invalid', password_hash = '!',
+                 deleted_at = now()
+WHERE id = $1
+"""
+
+# The chats to lock: every chat of the user's, and with erase every chat holding a message
+# of theirs (they may have left it since).
+_CHATS_TOUCHED = """
+SELECT cm.chat_id AS id, cm.role, c.type FROM chat_members cm JOIN chats c ON c.id = cm.chat_id
+WHERE cm.user_id = $1
+UNION
+SELECT DISTINCT m.chat_id, NULL, NULL FROM messages m
+WHERE $2::boolean AND m.sender_id = $1 AND NOT m.deleted
+"""
+
+
+async def delete_me(ctx: Context, action: DeleteMe) -> None:
+    """Delete the account, in one transaction: its groups are left as leave_chat leaves
+    them (ownership to the heir), its messages kept under "Deleted account" or erased for
+    everyone (CHATD_DELETED_USER_MESSAGES), its profile erased, its blocks dropped and its
+    sessions revoked. After the commit its sockets close (1008) on every node and the
+    members of its chats are told."""
+    await check_current_password(ctx, action.password)
+    erase = ctx.node.settings.deleted_user_messages == "erase"
+    departures: list[groups.Departure] = []
+    erased: list[tuple[list[Message], Chat | None, list[uuid.UUID]]] = []
+    async with ctx.node.pool.acquire() as conn, conn.transaction():
+        touched = await conn.fetch(_CHATS_TOUCHED, ctx.user_id, erase)
+        roles = {r["id"]: r["role"] for r in touched if r["role"] is not None}
+        types = {r["id"]: r["type"] for r in touched if r["type"] is not None}
+        chat_ids = sorted({r["id"] for r in touched})
+        # In id order, as the MessageWriter locks them: no deadlock with a batch of sends.
+        await conn.execute(
+            "SELECT 1 FROM chats WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", chat_ids
+        )
+        for chat_id in chat_ids:
+            if erase:
+                erased.append(await changes.erase_messages_of(conn, chat_id, ctx.user_id))
+            if types.get(chat_id) == "group":
+                departures.append(await groups.depart(conn, chat_id, ctx.user_id, roles[chat_id]))
+        # Private chats stay with the other member, who sees "Deleted account" in them.
+        await conn.execute(
+            "DELETE FROM blocks WHERE blocker_id = $1 OR blocked_id = $1", ctx.user_id
+        )
+        await conn.execute(
+            "UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+            ctx.user_id,
+        )
+        await conn.execute(_ERASE_PROFILE, ctx.user_id, DELETED_NAME)
+    await ctx.node.revoke(Revocation(ctx.user_id))
+    for tombstones, chat_after, members in erased:
+        for tombstone in tombstones:
+            await ctx.node.publish(members, MessageUpdated(tombstone))
+        if chat_after is not None:
+            await ctx.node.publish(members, ChatUpdated(chat_after))
+    for departure in departures:
+        await groups.announce_departure(ctx, departure)
+
+
+EXPORT_PAGE = 5000
+
+_EXPORT_CHATS = """
+SELECT c.id, c.type, c.name, cm.role, cm.joined_at
+FROM chat_members cm JOIN chats c ON c.id = cm.chat_id
+WHERE cm.user_id = $1 ORDER BY c.id
+"""
+
+_EXPORT_MESSAGES = f"""
+SELECT {MESSAGE_COLUMNS}
+FROM messages m JOIN chats c ON c.id = m.chat_id
+WHERE m.sender_id = $1 AND NOT m.deleted AND m.id > $2
+ORDER BY m.id
+LIMIT $3
+"""
+
+
+async def export_me(ctx: Context, action: ExportMe) -> Export:
+    """The caller's data: profile, sessions, blocks, chats, and a page of their messages.
+
+    Files (issue #14) are not in it yet: when uploads land, list the caller's files here
+    (their metadata and download URLs), page by page like the messages.
+    """
+    profile = await me(ctx, GetMe())
+    sessions = await list_sessions(ctx, ListSessions())
+    blocked = await blocks.list_blocks(ctx, ListBlocks())
+    async with ctx.node.pool.acquire() as conn:
+        chats = await conn.fetch(_EXPORT_CHATS, ctx.user_id)
+        rows = await conn.fetch(_EXPORT_MESSAGES, ctx.user_id, action.after or 0, EXPORT_PAGE + 1)
+    messages = [message_from_row(r) for r in rows[:EXPORT_PAGE]]
+    has_more = len(rows) > EXPORT_PAGE
+    return Export(
+        exported_at=datetime.now(UTC),
+        profile=profile,
+        sessions=sessions.sessions,
+        blocked=blocked.users,
+        chats=[
+            ExportedChat(
+                id=r["id"], type=r["type"], name=r["name"], role=r["role"], joined_at=r["joined_at"]
+            )
+            for r in chats
+        ],
+        messages=messages,
+        has_more=has_more,
+        next_after=messages[-1].id if has_more else None,
+    )

@@ -192,6 +192,56 @@ WHERE m.id = $1 AND c.id = m.chat_id
 RETURNING {MESSAGE_COLUMNS}
 """
 
+# Every message of one sender in one chat as tombstones, with one new version of the chat
+# (so a sync from before it replays them all). Runs with the chat locked.
+_ERASE_SENDERS = f"""
+WITH doomed AS (
+    SELECT id, seq FROM messages WHERE chat_id = $1 AND sender_id = $2 AND NOT deleted
+), edits AS (
+    DELETE FROM message_edits WHERE message_id IN (SELECT id FROM doomed)
+), reactions AS (
+    DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM doomed)
+), mentioned AS (
+    DELETE FROM mentions WHERE chat_id = $1 AND seq IN (SELECT seq FROM doomed)
+)
+UPDATE messages m
+SET text = '', deleted = true, version = $3, changed = true, edited_at = NULL, reply_to = NULL,
+    mentions = NULL, forwarded_from = NULL, reactions = NULL
+FROM chats c
+WHERE m.id IN (SELECT id FROM doomed) AND c.id = m.chat_id
+RETURNING {MESSAGE_COLUMNS}
+"""
+
+
+async def erase_messages_of(
+    conn: asyncpg.Connection, chat_id: int, sender_id: uuid.UUID
+) -> tuple[list[Message], Chat | None, list[uuid.UUID]]:
+    """Delete for everyone every message of `sender_id` in a chat whose lock the transaction
+    holds, as delete_message does one: tombstones under one new version of the chat.
+
+    Returns the tombstones in seq order, the chat when a pin went with them, and the
+    members to announce both to after the commit; nothing changes when there is none.
+    """
+    if not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM messages WHERE chat_id = $1 AND sender_id = $2"
+        " AND NOT deleted)",
+        chat_id,
+        sender_id,
+    ):
+        return [], None, []
+    bump = await conn.fetchrow(_BUMP_VERSION, chat_id)
+    rows = await conn.fetch(_ERASE_SENDERS, chat_id, sender_id, bump["version"])
+    tombstones = sorted(map(message_from_row, rows), key=lambda m: m.seq)
+    unpinned = await conn.fetchval(
+        "UPDATE chats SET pinned_message_id = NULL WHERE id = $1"
+        " AND pinned_message_id = ANY($2::bigint[]) RETURNING id",
+        chat_id,
+        [m.id for m in tombstones],
+    )
+    chat_after = await fetch_chat(conn, chat_id) if unpinned else None
+    return tombstones, chat_after, bump["member_ids"]
+
+
 _UNPIN_DELETED = """
 UPDATE chats SET pinned_message_id = NULL WHERE id = $1 AND pinned_message_id = $2
 """

@@ -126,11 +126,11 @@ async def count_group_creation(
     await conn.execute("INSERT INTO group_creations (user_id) VALUES ($1)", user_id)
 
 
-# How many of the users exist, and how many of them block `by`.
+# How many of the users exist (a deleted account does not), and how many block `by`.
 _USERS_AND_BLOCKS = """
 SELECT count(*) AS found, count(b.blocker_id) AS blocking
 FROM users u LEFT JOIN blocks b ON b.blocker_id = u.id AND b.blocked_id = $2
-WHERE u.id = ANY($1::uuid[])
+WHERE u.id = ANY($1::uuid[]) AND u.deleted_at IS NULL
 """
 
 

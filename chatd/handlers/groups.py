@@ -9,6 +9,7 @@ message is fanned out to exactly the members the chat had when it was stored.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -129,32 +130,53 @@ WHERE chat_id = $1 AND user_id = (
 
 async def leave_chat(ctx: Context, action: LeaveChat) -> None:
     """Leave a group; the last member leaving deletes it."""
-    chat_id = action.chat_id
-    chat: Chat | None = None
-    newly_read: list[asyncpg.Record] = []
     async with ctx.node.pool.acquire() as conn, conn.transaction():
-        my_role = await lock_group(conn, chat_id, ctx.user_id, at_least="member")
-        await conn.execute(_DELETE_MEMBER, chat_id, ctx.user_id)
-        if await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1)", chat_id
-        ):
-            if my_role == "owner":
-                await conn.execute(_PROMOTE_HEIR, chat_id)
-            newly_read = await advance_read_watermarks(conn, [chat_id])
-            chat = await fetch_chat(conn, chat_id)
-        else:
-            await conn.execute("DELETE FROM chats WHERE id = $1", chat_id)
-
-    me_id = str(ctx.user_id)
-    if chat is None:
-        await ctx.node.publish([ctx.user_id], ChatDeleted(ChatDeletedData(chat_id, by=me_id)))
-        return None
-    left = MemberRemoved(MemberRemovedData(chat_id, me_id, by=me_id))
-    await ctx.node.publish([*member_ids(chat), ctx.user_id], left)
-    if my_role == "owner":
-        await ctx.node.publish(member_ids(chat), ChatUpdated(chat))
-    await publish_read_receipts(ctx.node.bus, newly_read)
+        my_role = await lock_group(conn, action.chat_id, ctx.user_id, at_least="member")
+        departure = await depart(conn, action.chat_id, ctx.user_id, my_role)
+    await announce_departure(ctx, departure)
     return None
+
+
+@dataclass(frozen=True)
+class Departure:
+    """A member gone from a group (left, or deleted their account), to announce."""
+
+    chat_id: int
+    user_id: uuid.UUID
+    role: str
+    chat: Chat | None  # after; None: they were the last, and the group is deleted
+    newly_read: list[asyncpg.Record]
+
+
+async def depart(
+    conn: asyncpg.Connection, chat_id: int, user_id: uuid.UUID, role: str
+) -> Departure:
+    """Take a member out of a group whose lock the transaction holds: ownership goes to the
+    heir (the oldest admin, else the oldest member); the last member out deletes it."""
+    await conn.execute(_DELETE_MEMBER, chat_id, user_id)
+    if not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1)", chat_id
+    ):
+        await conn.execute("DELETE FROM chats WHERE id = $1", chat_id)
+        return Departure(chat_id, user_id, role, None, [])
+    if role == "owner":
+        await conn.execute(_PROMOTE_HEIR, chat_id)
+    newly_read = await advance_read_watermarks(conn, [chat_id])
+    return Departure(chat_id, user_id, role, await fetch_chat(conn, chat_id), newly_read)
+
+
+async def announce_departure(ctx: Context, departure: Departure) -> None:
+    """Committed: tell the member gone and those left."""
+    chat_id, gone = departure.chat_id, str(departure.user_id)
+    if departure.chat is None:
+        deleted = ChatDeleted(ChatDeletedData(chat_id, by=gone))
+        await ctx.node.publish([departure.user_id], deleted)
+        return
+    left = MemberRemoved(MemberRemovedData(chat_id, gone, by=gone))
+    await ctx.node.publish([*member_ids(departure.chat), departure.user_id], left)
+    if departure.role == "owner":
+        await ctx.node.publish(member_ids(departure.chat), ChatUpdated(departure.chat))
+    await publish_read_receipts(ctx.node.bus, departure.newly_read)
 
 
 async def rename_chat(ctx: Context, action: RenameChat) -> Chat:
