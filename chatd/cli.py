@@ -10,6 +10,7 @@ import signal
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from chatd.config import Settings, log_options
 from chatd.logs import setup_logging
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser(
         "bench", help="load-test a running chatd (chatd bench --help)", add_help=False
     )
+    add_admin_commands(commands)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":  # a client of chatd: no database, no settings
         from chatd.bench import main as bench_main
@@ -68,9 +70,42 @@ def main(argv: list[str] | None = None) -> None:
     from chatd.db import migrate
 
     migrate(database_url)
+    if args.command == "admin":
+        from chatd.admin_cli import run_admin
+
+        raise SystemExit(run_admin(args, settings, database_url))
     if args.command == "serve":
         host, port = args.host or settings.host, args.port or settings.port
         run_server(settings, database_url, host, port, workers)
+
+
+def add_admin_commands(commands: Any) -> None:
+    """`chatd admin <subcommand>`: the /admin API's operations, straight on the database."""
+    admin = commands.add_parser("admin", help="manage accounts (chatd admin --help)")
+    sub = admin.add_subparsers(dest="admin_command", required=True)
+    create = sub.add_parser("create-user", help="create an account")
+    create.add_argument("email")
+    create.add_argument("--name", required=True)
+    create.add_argument("--admin", action="store_true", help="with the admin role")
+    set_password = sub.add_parser(
+        "set-password", help="set an account's password (signs out its sessions)"
+    )
+    set_password.add_argument("user", help="email or user uuid")
+    for name, text in (
+        ("disable", "disable an account: its sessions end, its logins are refused"),
+        ("enable", "enable a disabled account"),
+        ("delete", "delete an account, as DELETE /me does"),
+        ("promote", "give an account the admin role"),
+        ("demote", "take the admin role away"),
+    ):
+        sub.add_parser(name, help=text).add_argument("user", help="email or user uuid")
+    listing = sub.add_parser("list", help="list accounts (JSON lines)")
+    listing.add_argument("--q", help="name or email prefix")
+    sub.add_parser("stats", help="counts (JSON)")
+    for parser in (create, set_password):
+        parser.add_argument(
+            "--password-stdin", action="store_true", help="read the password from stdin"
+        )
 
 
 def version() -> str:

@@ -93,14 +93,15 @@ class Hub:
                 self.remove(socket)
                 socket.close_soon(CLOSE_POLICY_VIOLATION, SESSION_REVOKED_REASON)
 
-    def revocations_lost(self) -> None:
-        """Revocations may be missed until revocations_heard: ask the database meanwhile."""
+    def revocations_lost(self, channel: str) -> None:
+        """Revocations on `channel` may be missed until revocations_heard: ask the database
+        meanwhile."""
         if self.sessions is not None:
-            self.sessions.suspend()
+            self.sessions.suspend(channel)
 
-    def revocations_heard(self) -> None:
+    def revocations_heard(self, channel: str) -> None:
         if self.sessions is not None:
-            self.sessions.resume()
+            self.sessions.resume(channel)
 
     def add(self, socket: Subscriber) -> None:
         self._sockets.setdefault(socket.user_id, {})[socket] = None

@@ -15,6 +15,7 @@ through their Context, sockets through the app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Iterable
 
@@ -27,7 +28,7 @@ from chatd.hub import Bus, Hub, LocalBus, publish
 from chatd.protocol import Event, Readiness
 from chatd.ratelimit import Limits, TypingGate
 from chatd.redis_bus import RedisBus
-from chatd.revocations import Revocation, SessionCache
+from chatd.revocations import Revocation, RevocationListener, SessionCache
 from chatd.writer import MessageWriter
 
 # How often shutdown looks for sockets still in an action (one poll for all of them).
@@ -42,6 +43,11 @@ class Node:
         )
         self.sessions = SessionCache(self.pool)
         self.hub = Hub(settings.max_sockets_per_user, self.sessions)
+        self.origin = uuid.uuid4().hex  # names this process's revocations on PostgreSQL
+        self.revocations = RevocationListener(
+            database_url, self.origin, self.hub.revoke, self.sessions
+        )
+        self._listener: asyncio.Task[None] | None = None
         self.bus: Bus = (
             RedisBus(self.hub, settings.redis_url) if settings.redis_url else LocalBus(self.hub)
         )
@@ -69,11 +75,16 @@ class Node:
             await self.pool.close()
             raise
         self._watchdog = asyncio.create_task(self.hub.watch_writers())
+        self._listener = asyncio.create_task(self.revocations.run())
+        # Serve once revocations are heard (a session is trusted from memory only then).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.revocations.listening.wait(), 10)
 
     async def stop(self) -> None:
         """Let the send batches in flight commit and fan out, then close everything."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._listener):
+            if task is not None:
+                task.cancel()
         await self.writer.wait_idle(timeout=5)
         await self.bus.close()
         await self.limits.close()
@@ -87,6 +98,13 @@ class Node:
         """Sessions were revoked (committed): refuse their tokens and close their sockets,
         on every node."""
         await self.bus.revoke(revocation)
+        # Also through PostgreSQL, which every node and the `chatd admin` command reach,
+        # with or without Redis.
+        await self.pool.execute(
+            "SELECT pg_notify($1, $2)",
+            RevocationListener.CHANNEL,
+            RevocationListener.payload(self.origin, revocation),
+        )
 
     async def drain(self, deadline: float) -> None:
         """Shutdown's barrier: return once no socket here can start an action and no send

@@ -150,6 +150,8 @@ MAX_MENTIONS = 100
 Mentions = Annotated[list[UserUuid], Meta(max_length=MAX_MENTIONS)]
 # One emoji grapheme cluster (handlers check it is one); the schema bounds its length.
 Emoji = Annotated[str, Meta(min_length=1, max_length=32)]
+MAX_REPORT_REASON_CHARS = 500
+ReportReason = stripped_text(1, MAX_REPORT_REASON_CHARS)
 
 # --- shared objects -----------------------------------------------------------------------
 
@@ -368,6 +370,13 @@ class DeleteChat(Action, tag="delete_chat"):
     chat_id: Id
 
 
+class ReportMessage(Action, tag="report_message"):
+    """Report a message of a chat you are in to the server's admins (once per message)."""
+
+    message_id: Id
+    reason: ReportReason
+
+
 class BlockUser(Action, tag="block_user"):
     """Block a user: they cannot open a private chat with you, write in it, or add you to
     groups; your client collapses their group messages (the first frame's `blocked`)."""
@@ -403,6 +412,7 @@ ClientAction = (
     | DeleteChat
     | BlockUser
     | UnblockUser
+    | ReportMessage
 )
 ACTION_NAMES = frozenset(cls.__struct_config__.tag for cls in ClientAction.__args__)
 
@@ -544,6 +554,71 @@ class ExportMe(Struct, kw_only=True):
     after: Annotated[
         Id | None, Meta(description="next_after of the previous page: messages after it")
     ] = None
+
+
+# --- administration (server role admin; chatd/handlers/admin.py) ---
+
+
+class AdminListUsers(Struct, kw_only=True):
+    """GET /admin/users: every account, oldest first, keyset-paginated."""
+
+    q: Annotated[
+        Annotated[str, Meta(max_length=254)] | None,
+        Meta(description="keep users whose name or email starts with this"),
+    ] = None
+    limit: PageSize = 50
+    after: Annotated[
+        uuid.UUID | None, Meta(description="the last user_uuid of the previous page")
+    ] = None
+
+
+class AdminCreateUser(Struct, kw_only=True):
+    """POST /admin/users: an account made by an admin (as register, without its limit)."""
+
+    name: UserName
+    email: str
+    password: Password
+    role: Literal["user", "admin"] = "user"
+
+
+class AdminUpdateUser(Struct, kw_only=True):
+    """PATCH /admin/users/{user_uuid}: what is given changes. `disabled: true` revokes every
+    session (sockets close with 1008) and refuses logins; a new `password` revokes them too."""
+
+    user_uuid: UserUuid
+    role: Literal["user", "admin"] | None = None
+    disabled: bool | None = None
+    password: Password | None = None
+
+
+class AdminDeleteUser(Struct, kw_only=True):
+    """DELETE /admin/users/{user_uuid}: delete an account as DELETE /me does."""
+
+    user_uuid: UserUuid
+
+
+class AdminStats(Struct, kw_only=True):
+    """GET /admin/stats."""
+
+
+class AdminDeleteMessage(Struct, kw_only=True):
+    """DELETE /admin/messages/{message_id}: moderation, a delete for everyone of any message."""
+
+    message_id: Id
+
+
+class AdminListReports(Struct, kw_only=True):
+    """GET /admin/reports: newest first."""
+
+    limit: PageSize = 50
+    before: Annotated[Id | None, Meta(description="the last id of the previous page")] = None
+
+
+class AdminListAudit(Struct, kw_only=True):
+    """GET /admin/audit: newest first."""
+
+    limit: PageSize = 50
+    before: Annotated[Id | None, Meta(description="the last id of the previous page")] = None
 
 
 class ListBlocks(Struct, kw_only=True):
@@ -821,6 +896,64 @@ class Export(Struct):
     messages: list[Message]
     has_more: bool
     next_after: int | None
+
+
+class AdminUser(Struct):
+    user_uuid: UserUuid
+    name: str
+    email: str
+    role: str  # "user" or "admin"
+    created_at: Timestamp
+    disabled: bool
+    deleted: bool
+
+
+class AdminUserList(Struct):
+    users: list[AdminUser]
+
+
+class Stats(Struct):
+    users: int  # accounts not deleted
+    admins: int
+    disabled: int
+    deleted: int
+    chats: int
+    groups: int
+    messages: int
+    live_sessions: int
+    reports: int
+
+
+class Report(Struct):
+    id: int
+    message_id: int
+    reporter_uuid: UserUuid
+    reason: str
+    created_at: Timestamp
+
+
+class ReportedMessage(Struct):
+    report: Report
+    message: Message  # as it is now (a tombstone once deleted)
+
+
+class ReportList(Struct):
+    reports: list[ReportedMessage]  # newest first
+    has_more: bool
+
+
+class AuditEntry(Struct):
+    id: int
+    at: Timestamp
+    actor_uuid: UserUuid | None  # None: the `chatd admin` command
+    action: str
+    target: str
+    details: dict[str, Any]
+
+
+class AuditLog(Struct):
+    entries: list[AuditEntry]  # newest first
+    has_more: bool
 
 
 class SessionList(Struct):

@@ -127,7 +127,7 @@ class RedisBus:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, timeout: float = 10) -> None:
-        self.hub.revocations_lost()  # until the revocations channel is confirmed
+        self.hub.revocations_lost("redis")  # until the revocations channel is confirmed
         self._ready[REVOCATIONS] = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._subscribe_loop()),
@@ -328,7 +328,7 @@ class RedisBus:
                         if ready.done():
                             self._ready[name] = loop.create_future()
                     self.hub.close_all(CLOSE_SERVICE_RESTART, "event stream interrupted")
-                    self.hub.revocations_lost()
+                    self.hub.revocations_lost("redis")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5)
             finally:
@@ -371,7 +371,7 @@ class RedisBus:
             if kind == b"subscribe" and ready is not None and not ready.done():
                 ready.set_result(None)
                 if name == REVOCATIONS:
-                    self.hub.revocations_heard()
+                    self.hub.revocations_heard("redis")
         # b"pong": the connection is alive; nothing else to do
 
     def _on_revocation(self, payload: bytes) -> None:

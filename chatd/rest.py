@@ -39,6 +39,17 @@ from chatd.protocol import (
     TOO_DEEP,
     UNAVAILABLE,
     AddMembers,
+    AdminCreateUser,
+    AdminDeleteMessage,
+    AdminDeleteUser,
+    AdminListAudit,
+    AdminListReports,
+    AdminListUsers,
+    AdminStats,
+    AdminUpdateUser,
+    AdminUser,
+    AdminUserList,
+    AuditLog,
     BlockList,
     BlockUser,
     ChangePassword,
@@ -84,10 +95,14 @@ from chatd.protocol import (
     RegisterResponse,
     RemoveMember,
     RenameChat,
+    Report,
+    ReportList,
+    ReportMessage,
     RevokeSession,
     SendMessage,
     SessionList,
     SetRole,
+    Stats,
     TokenPair,
     UnblockUser,
     UnpinMessage,
@@ -432,6 +447,7 @@ TAGS = {
     "chats": "Private chats and groups, their members and roles",
     "messages": "Sending, reading and paging through messages",
     "health": "For load balancers and orchestrators",
+    "admin": "For the server's admins (role admin): accounts, moderation, reports, audit",
 }
 
 # fmt: off
@@ -443,7 +459,7 @@ OPERATIONS = [
     ),
     route(
         "POST", "/login", Login, "Log in: get an access and a refresh token", TokenPair,
-        tag="accounts", auth=False, errors=(400, 401, 413, 422, 429, 503),
+        tag="accounts", auth=False, errors=(400, 401, 403, 413, 422, 429, 503),
     ),
     route(
         "POST", "/token/refresh", Refresh, "Trade a refresh token for a new pair (once)",
@@ -599,6 +615,43 @@ OPERATIONS = [
     route(
         "GET", "/history/{chat_id:int}", GetHistory, "A page of a chat's messages", History,
         tag="messages", errors=(404, 422, 503),
+    ),
+    route(
+        "POST", "/messages/{message_id:int}/report", ReportMessage,
+        "Report a message to the server's admins (201); again: your first report (200)",
+        Report, 201, tag="messages", also_ok=(200,), errors=(400, 404, 413, 422, 429, 503),
+    ),
+    # admin
+    route(
+        "GET", "/admin/users", AdminListUsers, "Every account, oldest first", AdminUserList,
+        tag="admin", errors=(403, 422, 503),
+    ),
+    route(
+        "POST", "/admin/users", AdminCreateUser, "Create an account", AdminUser, 201,
+        tag="admin", errors=(400, 403, 409, 413, 422, 503),
+    ),
+    route(
+        "PATCH", "/admin/users/{user_uuid}", AdminUpdateUser,
+        "Promote, demote, disable, enable, or set the password of an account", AdminUser,
+        tag="admin", errors=(400, 403, 404, 413, 422, 503),
+    ),
+    route(
+        "DELETE", "/admin/users/{user_uuid}", AdminDeleteUser,
+        "Delete an account (as DELETE /me)", None, 204, tag="admin", errors=(403, 404, 422, 503),
+    ),
+    route("GET", "/admin/stats", AdminStats, "Counts", Stats, tag="admin", errors=(403, 503)),
+    route(
+        "DELETE", "/admin/messages/{message_id:int}", AdminDeleteMessage,
+        "Delete any message for everyone (moderation)", DeletedMessage,
+        tag="admin", errors=(403, 404, 503),
+    ),
+    route(
+        "GET", "/admin/reports", AdminListReports, "Reported messages, newest first",
+        ReportList, tag="admin", errors=(403, 422, 503),
+    ),
+    route(
+        "GET", "/admin/audit", AdminListAudit, "The audit log of admin actions, newest first",
+        AuditLog, tag="admin", errors=(403, 422, 503),
     ),
     # health
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False, tag="health"),

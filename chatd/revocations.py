@@ -4,7 +4,8 @@ An access token names its session (`sid`). Checking that session in the database
 every request would cost a query per request; instead each process remembers, per
 session, whether it was live when it last looked (one query per session per process),
 and forgets it when a revocation comes over the bus (chatd/hub.py `Bus.revoke`, which
-every process hears). Revocations are final (a revoked session never comes back, a
+every process hears; and PostgreSQL's LISTEN/NOTIFY, which the `chatd admin` command
+reaches too). Revocations are final (a revoked session never comes back, a
 disabled account's sessions are all revoked), so a "revoked" answer is kept too.
 
 The order that makes this safe: a revocation is committed first and published after.
@@ -16,11 +17,18 @@ down), nothing is remembered: every check asks the database.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
+import msgspec
+
+log = logging.getLogger("chatd")
 
 # One entry is a few hundred bytes: 100k sessions are tens of MiB at most.
 MAX_ENTRIES = 100_000
@@ -53,7 +61,7 @@ class SessionCache:
         self._live: OrderedDict[uuid.UUID, tuple[uuid.UUID, bool]] = OrderedDict()
         self._max_entries = max_entries
         self.generation = 0  # moves on every revocation heard and every suspend/resume
-        self._remembering = True
+        self._deaf: set[str] = set()  # the channels of revocations that are down now
 
     async def is_live(self, session_id: uuid.UUID, user_id: uuid.UUID) -> bool:
         """Whether the user's session is live; from memory when this process knows."""
@@ -66,7 +74,7 @@ class SessionCache:
             live = bool(await self._pool.fetchval(_CHECK, session_id, user_id))
             if generation == self.generation:
                 break
-        if self._remembering and generation == self.generation:
+        if not self._deaf and generation == self.generation:
             self._live[session_id] = (user_id, live)
             if len(self._live) > self._max_entries:
                 self._live.popitem(last=False)
@@ -84,14 +92,96 @@ class SessionCache:
             ]:
                 del self._live[session_id]
 
-    def suspend(self) -> None:
-        """Revocations may be missed from now on: forget everything, remember nothing."""
+    def suspend(self, channel: str) -> None:
+        """Revocations on `channel` may be missed from now on: forget everything, and
+        remember nothing until every channel is back."""
         self.generation += 1
-        self._remembering = False
+        self._deaf.add(channel)
         self._live.clear()
 
-    def resume(self) -> None:
-        """Revocations are heard again: anything may have been revoked meanwhile."""
+    def resume(self, channel: str) -> None:
+        """Revocations on `channel` are heard again: anything may have been revoked
+        meanwhile."""
         self.generation += 1
+        self._deaf.discard(channel)
         self._live.clear()
-        self._remembering = True
+
+
+class RevocationListener:
+    """Hears revocations through PostgreSQL (LISTEN chatd_revocations) and applies them.
+
+    Every node and the `chatd admin` command publish each revocation there too (Node.revoke,
+    NOTIFY after the commit), so a node hears it with or without Redis. While the listening
+    connection is down, the cache is suspended (every check asks the database).
+    """
+
+    CHANNEL = "chatd_revocations"
+
+    def __init__(
+        self,
+        database_url: str,
+        origin: str,
+        apply: Callable[[Revocation], None],
+        cache: SessionCache,
+    ) -> None:
+        self._database_url = database_url
+        self._origin = origin
+        self._apply = apply
+        self._cache = cache
+        self.listening = asyncio.Event()
+
+    @staticmethod
+    def payload(origin: str, revocation: Revocation) -> str:
+        sessions = revocation.session_ids
+        return msgspec.json.encode(
+            {
+                "origin": origin,
+                "user": str(revocation.user_id),
+                "sessions": None if sessions is None else [str(s) for s in sessions],
+            }
+        ).decode()
+
+    def _heard(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        try:
+            note = msgspec.json.decode(payload)
+            sessions = note["sessions"]
+            revocation = Revocation(
+                uuid.UUID(note["user"]),
+                None if sessions is None else tuple(uuid.UUID(s) for s in sessions),
+            )
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignoring a malformed revocation from PostgreSQL")
+            return
+        if note.get("origin") != self._origin:
+            self._apply(revocation)
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            self._cache.suspend("postgres")
+            conn = None
+            try:
+                conn = await asyncpg.connect(self._database_url)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _, lost=lost: lost.set())
+                await conn.add_listener(self.CHANNEL, self._heard)
+                self._cache.resume("postgres")
+                self.listening.set()
+                backoff = 0.1
+                while not lost.is_set():
+                    # A connection that died silently is noticed by a query failing.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 10)
+                    if not lost.is_set():
+                        await asyncio.wait_for(conn.fetchval("SELECT 1"), 5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("revocation listener lost PostgreSQL (%r); retrying", exc)
+            finally:
+                self.listening.clear()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=2)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5)

@@ -45,3 +45,28 @@ ALTER TABLE users ADD COLUMN deleted_at timestamptz;
 
 -- A user's own messages, in order: GET /me/export's pages and erasing them on deletion.
 CREATE INDEX messages_sender_idx ON messages (sender_id, id);
+
+-- Administration: the server role, disabled accounts, reports and the audit log.
+ALTER TABLE users
+    ADD COLUMN role text NOT NULL DEFAULT 'user' CHECK (role IN ('user', 'admin')),
+    ADD COLUMN disabled_at timestamptz;     -- set: no login, every session revoked
+
+-- A user reports a message of a chat they are in; once per message and reporter.
+CREATE TABLE reports (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    message_id  bigint NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    reporter_id uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    reason      text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (message_id, reporter_id)
+);
+
+-- Every admin action, by whom (NULL: the `chatd admin` command), on what.
+CREATE TABLE audit_log (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at         timestamptz NOT NULL DEFAULT now(),
+    actor_id   uuid REFERENCES users (id) ON DELETE SET NULL,
+    action     text NOT NULL,
+    target     text NOT NULL,
+    details    jsonb NOT NULL DEFAULT '{}'
+);

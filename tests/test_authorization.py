@@ -107,6 +107,7 @@ SOCKET_MATRIX: dict[str, Row] = {
     # Your own block list: nobody else's chat or list is touched.
     "block_user": Row(lambda i: {"user_uuid": i.target_uuid}, OK, OK, OK),
     "unblock_user": Row(lambda i: {"user_uuid": i.target_uuid}, OK, OK, OK),
+    "report_message": Row(lambda i: {"message_id": i.message_id, "reason": "spam"}, NF, NF, OK),
 }
 
 # Routes anyone may call: no token is needed, and a bad one is not looked at.
@@ -132,6 +133,42 @@ REST_MATRIX: dict[str, Row] = {
     "POST /logout": Row(lambda i: ("/logout", None), OK, OK, OK),
     "DELETE /me": Row(lambda i: ("/me", {"password": PASSWORD}), OK, OK, OK),
     "GET /me/export": Row(lambda i: ("/me/export", None), OK, OK, OK),
+    "POST /messages/{message_id:int}/report": Row(
+        lambda i: (f"/messages/{i.message_id}/report", {"reason": "spam"}), NF, NF, OK
+    ),
+    # The server's admin API: forbidden to everyone without the admin role (ADMIN_ROWS:
+    # what an admin gets).
+    "GET /admin/users": Row(lambda i: ("/admin/users", None), FORBIDDEN, FORBIDDEN, FORBIDDEN),
+    "POST /admin/users": Row(
+        lambda i: (
+            "/admin/users",
+            {"name": "N", "email": f"n-{uuid.uuid4().hex}@example.com", "password": PASSWORD},
+        ),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "PATCH /admin/users/{user_uuid}": Row(
+        lambda i: (f"/admin/users/{i.other_uuid}", {"role": "user"}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "DELETE /admin/users/{user_uuid}": Row(
+        lambda i: (f"/admin/users/{uuid.UUID(int=i.chat_id)}", None),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "GET /admin/stats": Row(lambda i: ("/admin/stats", None), FORBIDDEN, FORBIDDEN, FORBIDDEN),
+    "DELETE /admin/messages/{message_id:int}": Row(
+        lambda i: (f"/admin/messages/{i.owners_message_id}", None),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "GET /admin/reports": Row(lambda i: ("/admin/reports", None), FORBIDDEN, FORBIDDEN, FORBIDDEN),
+    "GET /admin/audit": Row(lambda i: ("/admin/audit", None), FORBIDDEN, FORBIDDEN, FORBIDDEN),
     "GET /me/blocks": Row(lambda i: ("/me/blocks", None), OK, OK, OK),
     "PUT /me/blocks/{user_uuid}": Row(lambda i: (f"/me/blocks/{i.target_uuid}", None), OK, OK, OK),
     "DELETE /me/blocks/{user_uuid}": Row(
@@ -442,7 +479,10 @@ async def test_rest_matrix(server: Server, cast: Cast, scene: Ids, key: str) -> 
         before = await chat_state(cast, scene)
         response = await call(server, key, scene, await token_for(api, key))
         assert rest_outcome(response) == getattr(row, actor), (actor, response.text)
-        if getattr(row, actor) != OK:
+        if getattr(row, actor) == FORBIDDEN:  # the admin API: refused to any non-admin
+            assert response.status_code == 403
+            assert await chat_state(cast, scene) == before, f"{actor}'s {key} changed the chat"
+        elif getattr(row, actor) != OK:
             assert response.status_code == 404
             assert await chat_state(cast, scene) == before, f"{actor}'s {key} changed the chat"
             unknown = await call(server, key, missing(scene), await token_for(api, key))
@@ -487,3 +527,41 @@ def no_tracebacks(server: Server) -> Iterator[None]:
     start = len(server.log())
     yield
     assert "Traceback" not in server.log()[start:]
+
+
+# --- the server's admins -------------------------------------------------------------------
+
+# What an admin gets on each admin route, on the same scene (the target is a plain member;
+# the missing user of DELETE is not_found to an admin too).
+ADMIN_ROWS = {
+    "GET /admin/users": OK,
+    "POST /admin/users": OK,
+    "PATCH /admin/users/{user_uuid}": OK,
+    "DELETE /admin/users/{user_uuid}": NF,
+    "GET /admin/stats": OK,
+    "DELETE /admin/messages/{message_id:int}": OK,
+    "GET /admin/reports": OK,
+    "GET /admin/audit": OK,
+}
+
+
+def test_every_admin_route_has_an_admin_row() -> None:
+    assert set(ADMIN_ROWS) == {key for key in OPERATIONS if key.split(" ")[1].startswith("/admin")}
+
+
+async def test_admins_matrix(server: Server, cast: Cast, scene: Ids, database_url: str) -> None:
+    import asyncpg
+
+    admin = Api(server.base_url)
+    email = f"admin-{uuid.uuid4().hex[:10]}@example.com"
+    await admin.register("Admin", email, PASSWORD)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE users SET role = 'admin' WHERE email = $1", email)
+    finally:
+        await conn.close()
+    await admin.login(email, PASSWORD)
+    for key, expected in ADMIN_ROWS.items():
+        response = await call(server, key, scene, admin.access_token)
+        assert rest_outcome(response) == expected, (key, response.text)
+    await admin.aclose()

@@ -306,6 +306,7 @@ def valid_socket_value(world: World, name: str) -> Any:
         "limit": 10,
         "request_id": "h",
         "emoji": "👍",
+        "reason": "spam",
         "for_everyone": False,
         "mentions": [],
     }
@@ -504,6 +505,7 @@ def valid_rest_value(world: World, name: str) -> Any:
         "body.current": "not the password",
         "body.new": PASSWORD,
         "path:session_id": str(uuid.uuid4()),
+        "body.reason": "spam",
     }
     return values.get(name, OMIT)
 

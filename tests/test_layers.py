@@ -54,6 +54,7 @@ LAYERS: dict[str, set[str]] = {
     "tools": {
         "chatd.__main__",
         "chatd.cli",
+        "chatd.admin_cli",
         "chatd.embedded",
         "chatd.backup",
         "chatd.bench",

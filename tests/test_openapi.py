@@ -221,8 +221,15 @@ async def test_without_a_token_each_operation_answers_as_documented(
 
 
 async def test_real_answers_fit_their_schemas(
-    document: dict[str, Any], alice: Api, bob: Api, http: httpx.AsyncClient
+    document: dict[str, Any], alice: Api, bob: Api, http: httpx.AsyncClient, database_url: str
 ) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)  # Alice is an admin: /admin answers her too
+    try:
+        await conn.execute("UPDATE users SET role = 'admin' WHERE id = $1::uuid", alice.user_uuid)
+    finally:
+        await conn.close()
     auth = {"Authorization": f"Bearer {alice.access_token}"}
     create = OPERATIONS["POST /chats"]
     made = await http.post(
@@ -234,6 +241,12 @@ async def test_real_answers_fit_their_schemas(
     sent = await http.post(f"/chats/{chat_id}/messages", json={"text": "hi"}, headers=auth)
     check_response(document, send, sent)
     assert sent.status_code == 201
+
+    # Something in the reports, the audit log and the block list.
+    await bob.call("POST", f"/messages/{sent.json()['id']}/report", json={"reason": "test"})
+    await alice.call("PATCH", f"/admin/users/{bob.user_uuid}", json={"role": "user"})
+    await alice.call("PATCH", f"/admin/users/{bob.user_uuid}", json={"role": "admin"})
+    await alice.call("PUT", f"/me/blocks/{bob.user_uuid}")
 
     # Every GET route, with real ids, answers a body its documented schema accepts.
     values = {"chat_id": chat_id, "message_id": sent.json()["id"], "user_uuid": bob.user_uuid}

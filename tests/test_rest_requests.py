@@ -89,6 +89,9 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "unreact", "forward_message", "pin_message", "unpin_message", "logout",
         "update_me", "change_password", "list_sessions", "revoke_session",
         "list_blocks", "block_user", "unblock_user", "delete_me", "export_me",
+        "report_message", "admin_list_users", "admin_create_user", "admin_update_user",
+        "admin_delete_user", "admin_stats", "admin_delete_message", "admin_list_reports",
+        "admin_list_audit",
     }  # fmt: skip
     assert set(document["components"]["schemas"]) == {
         "AddMembersRequest", "Chat", "ChatMember", "ChatOverview", "ChatPage",
@@ -99,7 +102,9 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "Edit", "EditList", "EditMessageRequest", "ForwardMessageRequest", "ForwardedFrom",
         "PinMessageRequest", "Reaction", "ChangePasswordRequest", "SessionInfo",
         "SessionList", "UpdateMeRequest", "BlockList", "DeleteMeRequest", "Export",
-        "ExportedChat",
+        "ExportedChat", "ReportMessageRequest", "Report", "AdminCreateUserRequest",
+        "AdminUpdateUserRequest", "AdminUser", "AdminUserList", "Stats", "ReportList",
+        "ReportedMessage", "AuditLog", "AuditEntry",
     }  # fmt: skip
 
 

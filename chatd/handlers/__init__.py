@@ -16,6 +16,8 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
                  (REST only)
     history.py   history (REST only)
     blocks.py    block_user, unblock_user, list_blocks (REST only)
+    admin.py     report_message; the /admin API (REST only): users, stats, moderation,
+                 reports, the audit log
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
 chatd/rest.py (or its Struct in SOCKET_ONLY).
@@ -28,6 +30,7 @@ from typing import Any
 
 from chatd.handlers import (
     accounts,
+    admin,
     blocks,
     changes,
     chats,
@@ -40,6 +43,14 @@ from chatd.handlers import (
 from chatd.handlers.base import Context
 from chatd.protocol import (
     AddMembers,
+    AdminCreateUser,
+    AdminDeleteMessage,
+    AdminDeleteUser,
+    AdminListAudit,
+    AdminListReports,
+    AdminListUsers,
+    AdminStats,
+    AdminUpdateUser,
     BlockUser,
     ChangePassword,
     ClientAction,
@@ -71,6 +82,7 @@ from chatd.protocol import (
     Register,
     RemoveMember,
     RenameChat,
+    ReportMessage,
     RevokeSession,
     SendMessage,
     SetRole,
@@ -109,6 +121,7 @@ HANDLERS: dict[type, Handler] = {
     DeleteChat: groups.delete_chat,
     BlockUser: blocks.block_user,
     UnblockUser: blocks.unblock_user,
+    ReportMessage: admin.report_message,
 }
 
 # Requests only REST has: no socket action carries them.
@@ -125,6 +138,14 @@ REST_HANDLERS: dict[type, Handler] = {
     DeleteMe: accounts.delete_me,
     ExportMe: accounts.export_me,
     ListBlocks: blocks.list_blocks,
+    AdminListUsers: admin.admin_list_users,
+    AdminCreateUser: admin.admin_create_user,
+    AdminUpdateUser: admin.admin_update_user,
+    AdminDeleteUser: admin.admin_delete_user,
+    AdminStats: admin.admin_stats,
+    AdminDeleteMessage: admin.admin_delete_message,
+    AdminListReports: admin.admin_list_reports,
+    AdminListAudit: admin.admin_list_audit,
     ListUsers: accounts.users_list,
     GetHistory: history.history,
     GetEdits: changes.list_edits,

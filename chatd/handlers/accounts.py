@@ -21,8 +21,10 @@ from asyncpg import Record
 from chatd import auth
 from chatd.handlers import blocks, changes, groups
 from chatd.handlers.base import Context
+from chatd.node import Node
 from chatd.protocol import (
     EMAIL_TAKEN,
+    FORBIDDEN,
     INVALID,
     INVALID_CREDENTIALS,
     MAX_DEVICE_CHARS,
@@ -120,7 +122,7 @@ async def login(ctx: Context, action: Login) -> TokenPair:
         raise ChatError(RATE_LIMITED, "too many failed logins; retry later", retry_after=wait)
     try:
         row = await ctx.node.pool.fetchrow(
-            "SELECT id, password_hash FROM users WHERE email = $1", email
+            "SELECT id, password_hash, disabled_at FROM users WHERE email = $1", email
         )
         # verify_password runs even for unknown emails, so timing does not tell them apart.
         verified = await auth.verify_password(row and row["password_hash"], action.password)
@@ -133,6 +135,8 @@ async def login(ctx: Context, action: Login) -> TokenPair:
         raise ChatError(INVALID_CREDENTIALS, "wrong email or password")
     for limiter, key in attempt:
         await limiter.give_back(key)
+    if row["disabled_at"] is not None:  # told only to whoever knows the password
+        raise ChatError(FORBIDDEN, "this account is disabled")
     device = device_name(action.device, ctx.user_agent)
     session_id = uuid.uuid4()
     async with ctx.node.pool.acquire() as conn, conn.transaction():
@@ -419,17 +423,27 @@ WHERE $2::boolean AND m.sender_id = $1 AND NOT m.deleted
 
 
 async def delete_me(ctx: Context, action: DeleteMe) -> None:
-    """Delete the account, in one transaction: its groups are left as leave_chat leaves
+    """Delete the caller's account (delete_account), once the password is right."""
+    await check_current_password(ctx, action.password)
+    await delete_account(ctx.node, ctx.user_id)
+
+
+async def delete_account(node: Node, user_id: uuid.UUID) -> None:
+    """Delete an account, in one transaction: its groups are left as leave_chat leaves
     them (ownership to the heir), its messages kept under "Deleted account" or erased for
     everyone (CHATD_DELETED_USER_MESSAGES), its profile erased, its blocks dropped and its
     sessions revoked. After the commit its sockets close (1008) on every node and the
-    members of its chats are told."""
-    await check_current_password(ctx, action.password)
-    erase = ctx.node.settings.deleted_user_messages == "erase"
+    members of its chats are told. An account deleted already: nothing happens."""
+    erase = node.settings.deleted_user_messages == "erase"
     departures: list[groups.Departure] = []
     erased: list[tuple[list[Message], Chat | None, list[uuid.UUID]]] = []
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
-        touched = await conn.fetch(_CHATS_TOUCHED, ctx.user_id, erase)
+    async with node.pool.acquire() as conn, conn.transaction():
+        # The users row first: two deletions of one account take their turns here.
+        if not await conn.fetchval(
+            "SELECT deleted_at IS NULL FROM users WHERE id = $1 FOR UPDATE", user_id
+        ):
+            return
+        touched = await conn.fetch(_CHATS_TOUCHED, user_id, erase)
         roles = {r["id"]: r["role"] for r in touched if r["role"] is not None}
         types = {r["id"]: r["type"] for r in touched if r["type"] is not None}
         chat_ids = sorted({r["id"] for r in touched})
@@ -439,26 +453,24 @@ async def delete_me(ctx: Context, action: DeleteMe) -> None:
         )
         for chat_id in chat_ids:
             if erase:
-                erased.append(await changes.erase_messages_of(conn, chat_id, ctx.user_id))
+                erased.append(await changes.erase_messages_of(conn, chat_id, user_id))
             if types.get(chat_id) == "group":
-                departures.append(await groups.depart(conn, chat_id, ctx.user_id, roles[chat_id]))
+                departures.append(await groups.depart(conn, chat_id, user_id, roles[chat_id]))
         # Private chats stay with the other member, who sees "Deleted account" in them.
-        await conn.execute(
-            "DELETE FROM blocks WHERE blocker_id = $1 OR blocked_id = $1", ctx.user_id
-        )
+        await conn.execute("DELETE FROM blocks WHERE blocker_id = $1 OR blocked_id = $1", user_id)
         await conn.execute(
             "UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
-            ctx.user_id,
+            user_id,
         )
-        await conn.execute(_ERASE_PROFILE, ctx.user_id, DELETED_NAME)
-    await ctx.node.revoke(Revocation(ctx.user_id))
+        await conn.execute(_ERASE_PROFILE, user_id, DELETED_NAME)
+    await node.revoke(Revocation(user_id))
     for tombstones, chat_after, members in erased:
         for tombstone in tombstones:
-            await ctx.node.publish(members, MessageUpdated(tombstone))
+            await node.publish(members, MessageUpdated(tombstone))
         if chat_after is not None:
-            await ctx.node.publish(members, ChatUpdated(chat_after))
+            await node.publish(members, ChatUpdated(chat_after))
     for departure in departures:
-        await groups.announce_departure(ctx, departure)
+        await groups.announce_departure(node, departure)
 
 
 EXPORT_PAGE = 5000

@@ -21,10 +21,12 @@ from chatd.handlers.messages import (
     retried,
     store_message,
 )
+from chatd.node import Node
 from chatd.protocol import (
     FORBIDDEN,
     INVALID,
     MAX_TEXT_CHARS,
+    NOT_FOUND,
     RATE_LIMITED,
     Chat,
     ChatError,
@@ -96,7 +98,7 @@ async def _lock_message(
     return chat, message
 
 
-async def _take_change(ctx: Context) -> None:
+async def take_change(ctx: Context) -> None:
     wait = await ctx.node.limits.change.take(str(ctx.user_id))
     if wait:
         raise ChatError(RATE_LIMITED, "too many changes; slow down", retry_after=wait)
@@ -135,7 +137,7 @@ RETURNING {MESSAGE_COLUMNS}
 async def edit_message(ctx: Context, action: EditMessage) -> Message:
     """Change your message's text; the same text again changes nothing."""
     text = clean_text(action.text, "text", min_len=1, max_len=MAX_TEXT_CHARS)
-    await _take_change(ctx)
+    await take_change(ctx)
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         _, row = await _lock_message(conn, ctx, action.message_id)
         if row["sender_id"] != ctx.user_id:
@@ -255,7 +257,7 @@ ON CONFLICT DO NOTHING
 
 async def delete_message(ctx: Context, action: DeleteMessage) -> DeletedMessage:
     """Delete for everyone (a tombstone), or hide for yourself; a repeat changes nothing."""
-    await _take_change(ctx)
+    await take_change(ctx)
     answer = DeletedMessage(
         chat_id=0, message_id=action.message_id, for_everyone=action.for_everyone
     )
@@ -297,6 +299,34 @@ async def delete_message(ctx: Context, action: DeleteMessage) -> DeletedMessage:
     await _announce(ctx, bump["member_ids"], tombstone)
     if chat_after is not None:
         await ctx.node.publish(bump["member_ids"], ChatUpdated(chat_after))
+    return answer
+
+
+async def moderate_delete(node: Node, message_id: int) -> DeletedMessage:
+    """Delete any message for everyone (an admin's moderation), as delete_message does;
+    a message deleted already changes nothing."""
+    chat_after: Chat | None = None
+    async with node.pool.acquire() as conn, conn.transaction():
+        chat_id = await conn.fetchval(_CHAT_OF, message_id)
+        if chat_id is None:
+            raise ChatError(NOT_FOUND, "no such message")
+        pinned = await conn.fetchval(
+            "SELECT pinned_message_id FROM chats WHERE id = $1 FOR UPDATE", chat_id
+        )
+        row = await conn.fetchrow("SELECT seq, deleted FROM messages WHERE id = $1", message_id)
+        answer = DeletedMessage(chat_id=chat_id, message_id=message_id, for_everyone=True)
+        if row["deleted"]:
+            return answer
+        bump = await conn.fetchrow(_BUMP_VERSION, chat_id)
+        tombstone = message_from_row(
+            await conn.fetchrow(_ERASE, message_id, bump["version"], chat_id, row["seq"])
+        )
+        if pinned == message_id:
+            await conn.execute(_UNPIN_DELETED, chat_id, message_id)
+            chat_after = await fetch_chat(conn, chat_id)
+    await node.publish(bump["member_ids"], MessageUpdated(tombstone))
+    if chat_after is not None:
+        await node.publish(bump["member_ids"], ChatUpdated(chat_after))
     return answer
 
 
@@ -352,7 +382,7 @@ def one_emoji(value: str) -> str:
 async def react(ctx: Context, action: React) -> Message:
     """Add your reaction; one that is there already changes nothing."""
     emoji = one_emoji(action.emoji)
-    await _take_change(ctx)
+    await take_change(ctx)
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         _, row = await _lock_message(conn, ctx, action.message_id)
         if row["deleted"]:
@@ -380,7 +410,7 @@ async def react(ctx: Context, action: React) -> Message:
 async def unreact(ctx: Context, action: Unreact) -> Message:
     """Take your reaction back; one that is not there changes nothing."""
     emoji = one_emoji(action.emoji)
-    await _take_change(ctx)
+    await take_change(ctx)
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         _, row = await _lock_message(conn, ctx, action.message_id)
         removed = await conn.execute(
@@ -443,7 +473,7 @@ _SET_PIN = "UPDATE chats SET pinned_message_id = $2 WHERE id = $1"
 
 
 async def pin_message(ctx: Context, action: PinMessage) -> Chat:
-    await _take_change(ctx)
+    await take_change(ctx)
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         chat, row = await _lock_message(conn, ctx, action.message_id)
         chat_id = row["chat_id"]
@@ -458,7 +488,7 @@ async def pin_message(ctx: Context, action: PinMessage) -> Chat:
 
 
 async def unpin_message(ctx: Context, action: UnpinMessage) -> Chat:
-    await _take_change(ctx)
+    await take_change(ctx)
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         chat = await lock_chat(conn, action.chat_id, ctx.user_id)
         after, member_ids = await _set_pin(conn, ctx, chat, action.chat_id, None)

@@ -23,6 +23,7 @@ from chatd.handlers.base import (
     role_of,
 )
 from chatd.handlers.chats import insert_members, require_users
+from chatd.node import Node
 from chatd.protocol import (
     FORBIDDEN,
     INVALID,
@@ -133,7 +134,7 @@ async def leave_chat(ctx: Context, action: LeaveChat) -> None:
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         my_role = await lock_group(conn, action.chat_id, ctx.user_id, at_least="member")
         departure = await depart(conn, action.chat_id, ctx.user_id, my_role)
-    await announce_departure(ctx, departure)
+    await announce_departure(ctx.node, departure)
     return None
 
 
@@ -165,18 +166,18 @@ async def depart(
     return Departure(chat_id, user_id, role, await fetch_chat(conn, chat_id), newly_read)
 
 
-async def announce_departure(ctx: Context, departure: Departure) -> None:
+async def announce_departure(node: Node, departure: Departure) -> None:
     """Committed: tell the member gone and those left."""
     chat_id, gone = departure.chat_id, str(departure.user_id)
     if departure.chat is None:
         deleted = ChatDeleted(ChatDeletedData(chat_id, by=gone))
-        await ctx.node.publish([departure.user_id], deleted)
+        await node.publish([departure.user_id], deleted)
         return
     left = MemberRemoved(MemberRemovedData(chat_id, gone, by=gone))
-    await ctx.node.publish([*member_ids(departure.chat), departure.user_id], left)
+    await node.publish([*member_ids(departure.chat), departure.user_id], left)
     if departure.role == "owner":
-        await ctx.node.publish(member_ids(departure.chat), ChatUpdated(departure.chat))
-    await publish_read_receipts(ctx.node.bus, departure.newly_read)
+        await node.publish(member_ids(departure.chat), ChatUpdated(departure.chat))
+    await publish_read_receipts(node.bus, departure.newly_read)
 
 
 async def rename_chat(ctx: Context, action: RenameChat) -> Chat:
