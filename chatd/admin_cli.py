@@ -33,9 +33,7 @@ async def _run(args: argparse.Namespace, settings: Settings, database_url: str) 
         command = args.admin_command
         if command == "create-user":
             role = "admin" if args.admin else "user"
-            return await admin.create_user(
-                node, None, args.name, args.email, _password(args), role
-            )
+            return await admin.create_user(node, None, args.name, args.email, _password(args), role)
         if command == "list":
             users, after = [], None
             while True:
