@@ -243,3 +243,32 @@ def test_tokens_are_refreshed_before_they_expire(
         expect(page.locator("#app-view")).to_be_visible()
     finally:
         stop_server(server)
+
+
+def test_log_out_ends_the_session_on_the_server(browser, server: Server) -> None:
+    email = register(server, "Leaver")
+    page = browser.new_page()
+    log_in(page, server, email)
+    token = page.evaluate("JSON.parse(sessionStorage.getItem('chatd.auth')).access_token")
+    assert httpx.get(
+        server.base_url + "/me", headers={"authorization": f"Bearer {token}"}
+    ).is_success
+    page.locator("#logout").click()
+    expect(page.locator("#auth-form")).to_be_visible()
+    # Not only forgotten by the page: the server refuses the token from now on.
+    response = httpx.get(server.base_url + "/me", headers={"authorization": f"Bearer {token}"})
+    assert response.status_code == 401
+
+
+def test_a_session_signed_out_elsewhere_returns_the_page_to_the_login(
+    browser, server: Server
+) -> None:
+    email = register(server, "Lost")
+    page = browser.new_page()
+    log_in(page, server, email)
+    expect(page.locator("#auth-form")).to_be_hidden()
+    other = logged_in_client(server, email)
+    [theirs] = [s for s in other.get("/me/sessions").json()["sessions"] if not s["current"]]
+    assert other.delete(f"/me/sessions/{theirs['id']}").status_code == 204
+    expect(page.locator("#auth-form")).to_be_visible()  # socket closed 1008, refresh refused
+    other.close()
