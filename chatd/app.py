@@ -29,6 +29,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             yield
         finally:
             await node.stop()
+            metrics.process_exited()
 
     return Starlette(
         routes=[
@@ -43,7 +44,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             HTTPException: rest.http_error_handler,
             **{kind: rest.unavailable_handler for kind in MAYBE_UNAVAILABLE},
         },
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(metrics.HttpMetrics), Middleware(RequestIdMiddleware)],
         lifespan=lifespan,
     )
 

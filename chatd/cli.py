@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -173,6 +176,11 @@ def run_server(
     # Worker processes build their own app from the environment: hand them the database.
     os.environ["CHATD_DATABASE_URL"] = database_url
     os.environ["CHATD_SECRET"] = settings.secret
+    # /metrics sums every worker's figures (chatd/metrics.py): they write them here.
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="chatd-metrics-")
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     # What uvicorn.run does for workers, with the limits on the Config each worker gets.
     config = uvicorn.Config(
         "chatd.app:create_app_from_env", factory=True, workers=workers, **options

@@ -1,23 +1,37 @@
 """Prometheus metrics, served at GET /metrics in the text format.
 
 Counted where the work happens, cheaply: a fan-out adds its number of deliveries once,
-not once per socket. With `--workers N` each process counts its own (the scrape reaches
-one of them); scrape each node, or run one worker per container, for whole figures.
+not once per socket. With `chatd serve --workers N` the workers count in
+prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by chatd/cli.py):
+each writes its figures to a file there, and a scrape, whichever worker answers it, sums
+them all. Gauges sum the live workers' values (`livesum`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from starlette.requests import Request
 from starlette.responses import Response
 
-OPEN_SOCKETS = Gauge("chatd_open_sockets", "WebSocket connections open on /connect")
+# Read when this module is first imported: a worker's environment is set by then.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+OPEN_SOCKETS = Gauge(
+    "chatd_open_sockets", "WebSocket connections open on /connect", multiprocess_mode="livesum"
+)
 MESSAGES_PERSISTED = Counter("chatd_messages_persisted_total", "Messages committed")
 EVENTS_DELIVERED = Counter(
     "chatd_events_delivered_total", "Events queued to sockets of this process"
@@ -45,14 +59,78 @@ SOCKET_CAP_CLOSES = Counter(
     "chatd_socket_cap_closes_total",
     "Sockets closed with 1008 because their user opened more than the per-user cap",
 )
-DB_POOL = Gauge("chatd_db_pool_connections", "PostgreSQL pool connections", ["state"])
+DB_POOL = Gauge(
+    "chatd_db_pool_connections",
+    "PostgreSQL pool connections",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+REDIS_SUBSCRIPTION_LOST = Counter(
+    "chatd_redis_subscription_lost_total",
+    "Times the Redis subscription broke (this process's sockets were closed with 1012)",
+)
+HTTP_REQUESTS = Counter(
+    "chatd_http_requests_total",
+    "HTTP requests answered, by method, route (its template) and status",
+    ["method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "chatd_http_request_seconds",
+    "From a request's arrival to the end of its answer, by method and route",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 
 
-def watch_pool(pool: object) -> None:
-    """Report the pool's size and idle connections at every scrape."""
-    DB_POOL.labels("open").set_function(pool.get_size)  # type: ignore[attr-defined]
-    DB_POOL.labels("idle").set_function(pool.get_idle_size)  # type: ignore[attr-defined]
+async def watch_pool(pool: Any, every: float = 1.0) -> None:
+    """Report the pool's open and idle connections once a second (a gauge read at scrape
+    time cannot be summed across workers)."""
+    while True:
+        DB_POOL.labels("open").set(pool.get_size())
+        DB_POOL.labels("idle").set(pool.get_idle_size())
+        await asyncio.sleep(every)
+
+
+def process_exited() -> None:
+    """This worker stops: its live gauges no longer count."""
+    if MULTIPROCESS:
+        multiprocess.mark_process_dead(os.getpid())
 
 
 async def metrics(request: Request) -> Response:
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+class HttpMetrics:
+    """ASGI middleware: counts each HTTP request and times it, by the route that matched
+    (`/chats/{chat_id:int}`, never the path itself, so the labels stay few); a request no
+    route matched counts as `unmatched`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets when the app fails before answering
+
+        async def send_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            HTTP_SECONDS.labels(method, template).observe(time.perf_counter() - started)

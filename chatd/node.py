@@ -48,6 +48,7 @@ class Node:
             database_url, self.origin, self.hub.revoke, self.sessions
         )
         self._listener: asyncio.Task[None] | None = None
+        self._pool_watch: asyncio.Task[None] | None = None
         self.bus: Bus = (
             RedisBus(self.hub, settings.redis_url) if settings.redis_url else LocalBus(self.hub)
         )
@@ -67,7 +68,7 @@ class Node:
         except BaseException:
             await self.limits.close()
             raise
-        metrics.watch_pool(self.pool)
+        self._pool_watch = asyncio.create_task(metrics.watch_pool(self.pool))
         try:
             await self.bus.start()  # closes itself when it fails
         except BaseException:
@@ -82,7 +83,7 @@ class Node:
 
     async def stop(self) -> None:
         """Let the send batches in flight commit and fan out, then close everything."""
-        for task in (self._watchdog, self._listener):
+        for task in (self._watchdog, self._listener, self._pool_watch):
             if task is not None:
                 task.cancel()
         await self.writer.wait_idle(timeout=5)

@@ -39,6 +39,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
 
 from chatd.hub import Hub, Outbound, Subscriber
+from chatd.metrics import REDIS_SUBSCRIPTION_LOST
 from chatd.protocol import CLOSE_SERVICE_RESTART
 from chatd.revocations import Revocation
 
@@ -329,6 +330,7 @@ class RedisBus:
                             self._ready[name] = loop.create_future()
                     self.hub.close_all(CLOSE_SERVICE_RESTART, "event stream interrupted")
                     self.hub.revocations_lost("redis")
+                    REDIS_SUBSCRIPTION_LOST.inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5)
             finally:

@@ -159,6 +159,22 @@ async def test_workers_share_events_through_redis(
             for sock in alice_socks + bob_socks:
                 events = [e for e in await quiet(sock, 0.2) if e["action"] == "new_message"]
                 assert [e["data"]["id"] for e in events] == [message["id"]]
+            # /metrics sums both workers, whichever answers the scrape (a new connection
+            # each time, so the kernel spreads them).
+            for _ in range(10):
+                async with httpx.AsyncClient(base_url=server.base_url) as http:
+                    me = await http.get(
+                        "/me", headers={"Authorization": f"Bearer {alice_w.access_token}"}
+                    )
+                    assert me.status_code == 200
+            for _ in range(6):
+                async with httpx.AsyncClient(base_url=server.base_url) as http:
+                    text = (await http.get("/metrics")).text
+                assert sample(text, "chatd_open_sockets") == 12
+                # 10 here, and one in each login above
+                get_me = 'chatd_http_requests_total{method="GET",route="/me",status="200"}'
+                assert sample(text, get_me) == 12
+                assert sample(text, "chatd_messages_persisted_total") == 1
         finally:
             for sock in alice_socks + bob_socks:
                 await sock.close()
@@ -170,6 +186,14 @@ async def test_workers_share_events_through_redis(
         assert len(pids) == 2, server.log()
     finally:
         stop_server(server)
+
+
+def sample(text: str, name: str) -> float:
+    """The value of one sample of a Prometheus text exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in:\n{text}")
 
 
 def test_workers_without_redis_refuse_to_start(database_url: str, tmp_path: Path) -> None:
