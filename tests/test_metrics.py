@@ -43,3 +43,24 @@ async def test_metrics_count_sockets_messages_deliveries_and_errors(
     assert grew('chatd_errors_total{code="unknown_action"}') >= 1
     assert value(after, "chatd_send_seconds_count") >= 3
     assert value(after, 'chatd_db_pool_connections{state="open"}') >= 1
+
+
+async def test_http_requests_are_counted_and_timed_by_route(
+    http: httpx.AsyncClient, alice: Api
+) -> None:
+    auth = {"Authorization": f"Bearer {alice.access_token}"}
+    before = (await http.get("/metrics")).text
+    for _ in range(3):
+        assert (await http.get("/chats/99999999", headers=auth)).status_code == 404
+    assert (await http.get("/no/such/route")).status_code == 404
+    after = (await http.get("/metrics")).text
+
+    def grew(name: str) -> float:
+        return value(after, name) - value(before, name, missing=0)
+
+    # The route's template, never the path: ids do not become labels.
+    route = 'method="GET",route="/chats/{chat_id:int}"'
+    assert grew(f'chatd_http_requests_total{{{route},status="404"}}') == 3
+    assert grew(f"chatd_http_request_seconds_count{{{route}}}") == 3
+    assert grew('chatd_http_requests_total{method="GET",route="unmatched",status="404"}') == 1
+    assert "/chats/99999999" not in after
