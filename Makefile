@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The official AsyncAPI JSON Schemas (npm's @asyncapi/specs), for tests/test_asyncapi.py.
+ASYNCAPI_SPECS := tests/asyncapi/node_modules/.installed
 
 # Browser tests drive Debian's Chromium through Playwright; no browser is ever downloaded.
 CHROMIUM ?= /usr/bin/chromium
@@ -15,7 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(ASYNCAPI_SPECS): tests/asyncapi/package.json tests/asyncapi/package-lock.json
+	npm ci --prefix tests/asyncapi --no-audit --no-fund --silent
+	touch $(ASYNCAPI_SPECS)
+
+install: $(STAMP) $(ASYNCAPI_SPECS)
 
 # Readable log lines on a terminal; chatd's own default is JSON lines (see README).
 # `exec`: the recipe's shell becomes chatd, make's only child. make passes a SIGTERM on
@@ -27,7 +33,7 @@ run: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/chatd migrate
 
-test: $(STAMP)
+test: $(STAMP) $(ASYNCAPI_SPECS)
 	$(BIN)/ruff check chatd tests examples
 	$(BIN)/pytest
 	@$(MAKE) --no-print-directory browser-test

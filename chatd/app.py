@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
-from chatd import metrics, openapi, rest, webapp
+from chatd import asyncapi, metrics, openapi, rest, webapp
 from chatd.config import Settings
 from chatd.db import MAYBE_UNAVAILABLE
 from chatd.logs import RequestIdMiddleware, setup_logging
@@ -35,6 +35,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
         routes=[
             *openapi.routes(rest.OPERATIONS),
             *openapi.docs_routes(rest.OPERATIONS, rest.TAGS),
+            *asyncapi.asyncapi_routes(),
             *webapp.web_routes(),
             Route("/metrics", metrics.metrics, methods=["GET"]),
             WebSocketRoute("/connect", connect_endpoint),

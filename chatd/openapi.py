@@ -249,6 +249,9 @@ _DOCS_HTML = """<!doctype html>
 <link rel="icon" type="image/png" href="docs/assets/favicon-32x32.png">
 </head>
 <body>
+<p style="font-family:sans-serif;margin:1rem 2rem">The WebSocket protocol (<code>/connect</code>):
+<a href="docs/socket">every action and event with its schema</a> ·
+<a href="asyncapi.json">asyncapi.json</a> (AsyncAPI 3.0)</p>
 <div id="swagger-ui" data-openapi-url="openapi.json"></div>
 <script src="docs/assets/swagger-ui-bundle.js"></script>
 <script src="docs/init.js"></script>

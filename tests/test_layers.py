@@ -46,6 +46,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.outbox",
         "chatd.rest",
         "chatd.openapi",
+        "chatd.asyncapi",
         "chatd.webapp",
         "chatd.http_protocol",
         "chatd.websocket_protocol",
