@@ -22,6 +22,7 @@ import websockets
 from chatd.client import Api
 from chatd.protocol import Ack, ClientAction, Error, ServerFrame
 from tests.conftest import ROOT, Server
+from tests.test_openapi import refs, resolve
 
 SPECS = ROOT / "tests" / "asyncapi" / "node_modules" / "@asyncapi" / "specs" / "schemas"
 
@@ -42,23 +43,6 @@ def test_the_document_is_valid_asyncapi_3(document: dict[str, Any]) -> None:
         f"{list(e.absolute_path)}: {e.message[:200]}" for e in validator.iter_errors(document)
     ]
     assert not errors, "\n".join(errors[:20])
-
-
-def resolve(document: dict[str, Any], ref: str) -> Any:
-    assert ref.startswith("#/"), ref
-    node: Any = document
-    for part in ref[2:].split("/"):
-        node = node[part.replace("~1", "/").replace("~0", "~")]
-    return node
-
-
-def refs(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
-        return found + [r for value in node.values() for r in refs(value)]
-    if isinstance(node, list):
-        return [r for value in node for r in refs(value)]
-    return []
 
 
 def test_every_ref_resolves_and_operations_use_their_channels_messages(

@@ -2,7 +2,8 @@
 
 Each operation is a plain function of the Node and the acting admin (`actor`; None for the
 `chatd admin` command, chatd/cli.py), so the command and the REST API do the same thing.
-Every change is written to `audit_log` in the transaction that makes it. The handlers
+Every change is written to `audit_log` in the transaction that makes it (an account
+deletion and a moderation delete, which run their own, right after it commits). The handlers
 check the caller's role in the database on each call (`require_admin`): a demoted or
 disabled admin loses the API at once. An admin cannot demote, disable or delete
 themselves over REST (so the last admin cannot lock everyone out); the command can.
@@ -234,7 +235,8 @@ async def delete_message(node: Node, actor: uuid.UUID | None, message_id: int) -
 
 
 _REPORTS_PAGE = f"""
-SELECT r.id AS report_id, r.reporter_id, r.reason, r.created_at AS reported_at, {MESSAGE_COLUMNS}
+SELECT r.id AS report_id, r.message_id AS report_message_id, r.reporter_id, r.reason,
+       r.created_at AS reported_at, {MESSAGE_COLUMNS}
 FROM reports r JOIN messages m ON m.id = r.message_id JOIN chats c ON c.id = m.chat_id
 WHERE ($1::bigint IS NULL OR r.id < $1)
 ORDER BY r.id DESC
@@ -245,17 +247,7 @@ LIMIT $2
 async def list_reports(node: Node, before: int | None, limit: int) -> ReportList:
     rows = await node.pool.fetch(_REPORTS_PAGE, before, limit + 1)
     reports = [
-        ReportedMessage(
-            report=Report(
-                id=r["report_id"],
-                message_id=r["id"],
-                reporter_uuid=str(r["reporter_id"]),
-                reason=r["reason"],
-                created_at=r["reported_at"],
-            ),
-            message=message_from_row(r),
-        )
-        for r in rows[:limit]
+        ReportedMessage(report=_report(r), message=message_from_row(r)) for r in rows[:limit]
     ]
     return ReportList(reports, has_more=len(rows) > limit)
 
@@ -358,13 +350,25 @@ _REPORT = """
 WITH made AS (
     INSERT INTO reports (message_id, reporter_id, reason) VALUES ($1, $2, $3)
     ON CONFLICT (message_id, reporter_id) DO NOTHING
-    RETURNING id, message_id, reporter_id, reason, created_at, true AS created
+    RETURNING id AS report_id, message_id AS report_message_id, reporter_id, reason,
+              created_at AS reported_at, true AS created
 )
 SELECT * FROM made
 UNION ALL
 SELECT id, message_id, reporter_id, reason, created_at, false FROM reports
 WHERE message_id = $1 AND reporter_id = $2 AND NOT EXISTS (SELECT 1 FROM made)
 """
+
+
+def _report(row: Any) -> Report:
+    """A report from a row of _REPORT or _REPORTS_PAGE."""
+    return Report(
+        id=row["report_id"],
+        message_id=row["report_message_id"],
+        reporter_uuid=str(row["reporter_id"]),
+        reason=row["reason"],
+        created_at=row["reported_at"],
+    )
 
 
 async def report_message(ctx: Context, action: ReportMessage) -> Created[Report]:
@@ -375,11 +379,4 @@ async def report_message(ctx: Context, action: ReportMessage) -> Created[Report]
         if not await conn.fetchval(_VISIBLE, action.message_id, ctx.user_id):
             raise ChatError(NOT_FOUND, "no such message")
         row = await conn.fetchrow(_REPORT, action.message_id, ctx.user_id, reason)
-    report = Report(
-        id=row["id"],
-        message_id=row["message_id"],
-        reporter_uuid=str(row["reporter_id"]),
-        reason=row["reason"],
-        created_at=row["created_at"],
-    )
-    return Created(report, row["created"])
+    return Created(_report(row), row["created"])
