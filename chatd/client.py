@@ -244,6 +244,27 @@ class Api:
     async def revoke_session(self, session_id: str) -> None:
         await self.call("DELETE", f"/me/sessions/{session_id}")
 
+    async def block(self, user_uuid: str) -> list[str]:
+        """Block a user; answers everyone you block (docs/protocol.md#blocking)."""
+        return (await self.call("PUT", f"/me/blocks/{user_uuid}"))["blocked"]
+
+    async def unblock(self, user_uuid: str) -> list[str]:
+        return (await self.call("DELETE", f"/me/blocks/{user_uuid}"))["blocked"]
+
+    async def report(self, message_id: int, reason: str) -> dict[str, Any]:
+        """Report a message to the server's admins (once per message)."""
+        return await self.call("POST", f"/messages/{message_id}/report", json={"reason": reason})
+
+    async def export(self) -> dict[str, Any]:
+        """GET /me/export, every page of messages gathered into the first answer."""
+        archive = await self.call("GET", "/me/export")
+        page = archive
+        while page["has_more"]:
+            page = await self.call("GET", "/me/export", params={"after": page["next_after"]})
+            archive["messages"].extend(page["messages"])
+        archive["has_more"], archive["next_after"] = False, None
+        return archive
+
     async def logout(self) -> None:
         """Sign this session out; the Api forgets its tokens."""
         await self.call("POST", "/logout")

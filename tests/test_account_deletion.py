@@ -182,6 +182,8 @@ async def test_export_holds_the_profile_chats_and_own_messages(
     assert len(rest["messages"]) == 3 and not rest["has_more"]
     ids = [m["id"] for m in first["messages"] + rest["messages"]]
     assert ids == sorted(set(ids))
+    whole = await alice.export()  # the SDK gathers the pages
+    assert [m["id"] for m in whole["messages"]] == ids
 
 
 async def test_export_needs_a_token(http: httpx.AsyncClient) -> None:

@@ -36,7 +36,7 @@ async def test_block_and_unblock_tell_every_socket_of_the_blocker(
         assert (await second.next_event("blocks_changed"))["data"] == listed
         again = await first.request("block_user", user_uuid=bob.user_uuid)
         assert again == listed  # no change, no event
-        both = await alice.call("PUT", f"/me/blocks/{carol.user_uuid}")
+        both = {"blocked": await alice.block(carol.user_uuid or "")}
         assert both == {"blocked": [carol.user_uuid, bob.user_uuid]}
         assert (await second.next_event("blocks_changed"))["data"] == both  # once
     users = (await alice.call("GET", "/me/blocks"))["users"]
@@ -49,7 +49,7 @@ async def test_block_and_unblock_tell_every_socket_of_the_blocker(
         left = await fresh.request("unblock_user", user_uuid=carol.user_uuid)
         assert left == {"blocked": [bob.user_uuid]}
         assert await fresh.request("unblock_user", user_uuid=carol.user_uuid) == left
-    assert await alice.call("DELETE", f"/me/blocks/{bob.user_uuid}") == {"blocked": []}
+    assert await alice.unblock(bob.user_uuid or "") == []
     assert (await bob.call("GET", "/me/blocks"))["users"] == []  # never Bob's list
 
 

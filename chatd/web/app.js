@@ -35,6 +35,8 @@ const state = {
   versions: new Map(), // chat id -> {at: version applied without a gap, ahead: Set of later ones}
   quotes: new Map(), // message id -> Message fetched to show a quote or the pin (null: loading)
   outbox: new Map(), // client_msg_id -> {chat_id, text, reply_to, mentions}
+  blocked: new Set(), // user uuids I block: their group messages are shown collapsed
+  unfolded: new Set(), // ids of collapsed messages the user chose to see anyway
   typing: new Map(), // chat id -> Map(user uuid -> timeout)
   current: null, // open chat id
   ws: null,
@@ -257,6 +259,7 @@ function sendFrame(action, fields = {}) {
 
 async function onConnected(snapshot) {
   state.wsReady = true;
+  state.blocked = new Set(snapshot.blocked || []); // left out when I block nobody
   const reconnect = state.seen.size > 0;
   for (const m of snapshot.data) addMessage(m);
   // After a reconnect: fetch what was missed, chat by chat, from the last seq we hold.
@@ -423,6 +426,10 @@ function handleFrame(frame) {
       if (pinChanged) noteVersion(d.id, d.version);
       return;
     }
+    case "blocks_changed":
+      state.blocked = new Set(d.blocked);
+      renderMessages();
+      return;
     case "chat_deleted":
       removeChat(d.chat_id);
       return;
@@ -789,6 +796,18 @@ function messageItem(m, chat, pending = false) {
   if (mentionsMe(m)) li.classList.add("mentions-me");
   if (state.highlight && state.highlight.id === m.id) li.classList.add("highlight");
   if (!mine && chat && chat.type === "group") li.append(el("span", "sender", memberName(m.chat_id, m.sender_uuid)));
+  if (!mine && !m.deleted && state.blocked.has(m.sender_uuid) && !state.unfolded.has(m.id)) {
+    // Someone I block, in a group we share: folded until asked for (docs/protocol.md#blocking).
+    li.classList.add("collapsed");
+    const show = el("button", "unfold", "Message from someone you blocked — show");
+    show.type = "button";
+    show.addEventListener("click", () => {
+      state.unfolded.add(m.id);
+      renderMessages();
+    });
+    li.append(show);
+    return li;
+  }
   if (m.deleted) {
     li.append(el("span", "text tombstone", "message deleted"));
   } else {
@@ -1513,7 +1532,7 @@ function logout(message = "") {
   clearTimeout(state.refreshTimer);
   clearTimeout(state.reconnectTimer);
   sessionStorage.removeItem("chatd.auth");
-  for (const key of ["chats", "msgs", "seen", "versions", "quotes", "outbox", "typing", "mentionPicks"]) {
+  for (const key of ["chats", "msgs", "seen", "versions", "quotes", "outbox", "typing", "mentionPicks", "blocked", "unfolded"]) {
     state[key].clear();
   }
   clearComposeMode();

@@ -272,3 +272,38 @@ def test_a_session_signed_out_elsewhere_returns_the_page_to_the_login(
     assert other.delete(f"/me/sessions/{theirs['id']}").status_code == 204
     expect(page.locator("#auth-form")).to_be_visible()  # socket closed 1008, refresh refused
     other.close()
+
+
+def test_messages_of_someone_you_block_are_collapsed_in_groups(browser, server: Server) -> None:
+    email, other_email = register(server, "Blocker"), register(server, "Pest")
+    page = browser.new_page()
+    log_in(page, server, email)
+    me = page_user_uuid(page)
+    pest = logged_in_client(server, other_email)
+    pest_uuid = pest.get("/me").json()["user_uuid"]
+    group = pest.post("/chats", json={"type": "group", "name": "Shared", "user_ids": [me]}).json()
+    pest.post(f"/chats/{group['id']}/messages", json={"text": "first, before the block"})
+    page.locator(".chat-item", has_text="Shared").click()
+    messages = page.locator("#messages .message")
+    expect(messages.locator(".text")).to_have_text(["first, before the block"])
+
+    blocker = logged_in_client(server, email)
+    assert blocker.put(f"/me/blocks/{pest_uuid}").status_code == 200  # blocks_changed: folds
+    pest.post(f"/chats/{group['id']}/messages", json={"text": "second, after"})
+    expect(messages).to_have_count(2)
+    expect(page.locator("#messages .message.collapsed")).to_have_count(2)
+    expect(page.locator("#messages .message .text")).to_have_count(0)  # no text shown
+    page.locator("#messages .message.collapsed .unfold").last.click()
+    expect(page.locator("#messages .message .text")).to_have_text(["second, after"])
+
+    # After a reload the first frame says whom she blocks; unblocking unfolds the rest.
+    page.reload()
+    expect(page.locator("#app-view")).to_be_visible()
+    page.locator(".chat-item", has_text="Shared").click()
+    expect(page.locator("#messages .message.collapsed")).to_have_count(2)
+    assert blocker.delete(f"/me/blocks/{pest_uuid}").status_code == 200
+    expect(page.locator("#messages .message .text")).to_have_text(
+        ["first, before the block", "second, after"]
+    )
+    for client in (pest, blocker):
+        client.close()
