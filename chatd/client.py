@@ -678,17 +678,9 @@ class Client:
         """Delete a message for everyone (the sender, or a group's owner or admins), or for
         you only (`for_everyone=False`: any member; it is hidden from you). Returns
         `{chat_id, message_id, for_everyone}`. Retried after drops: deleting again changes
-        nothing (the server acks a repeat). Should a server answer a repeated delete for me
-        with not_found (a hidden message is not_found for its hider in other actions), the
-        ack is made from what this client knows, `chat_id` None if it knows nothing."""
-        try:
-            fields = {"message_id": message_id, "for_everyone": for_everyone}
-            return await self._paced("delete_message", fields)
-        except ChatdError as exc:
-            if for_everyone or not exc.resent or exc.code != "not_found":
-                raise
-        chat_id = next((c for c, ids in self._hidden.items() if message_id in ids), None)
-        return {"chat_id": chat_id, "message_id": message_id, "for_everyone": False}
+        nothing (the server acks a repeat, of either kind)."""
+        fields = {"message_id": message_id, "for_everyone": for_everyone}
+        return await self._paced("delete_message", fields)
 
     async def react(self, message_id: int, emoji: str) -> Any:
         """Add your reaction `emoji` (one emoji) to a message; return the Message. A set:

@@ -87,9 +87,12 @@ WITH input AS (
     FROM accepted ORDER BY chat_id, seq
     RETURNING id, chat_id, seq, created_at
 ), mentioned AS (
+    -- Counted for members only: one removed since the handler checked is not.
     INSERT INTO mentions (user_id, chat_id, seq)
-    SELECT DISTINCT mentioned.id, chat_id, seq
+    SELECT DISTINCT mentioned.id, accepted.chat_id, accepted.seq
     FROM accepted CROSS JOIN unnest(accepted.mentions::uuid[]) AS mentioned(id)
+    JOIN chat_members member
+      ON member.chat_id = accepted.chat_id AND member.user_id = mentioned.id
     WHERE accepted.mentions IS NOT NULL
 ), read_own AS (
     UPDATE chat_members cm SET read_seq = mine.seq

@@ -9,7 +9,9 @@ or the whole chat (chat_updated for pins).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import emoji as emoji_data
@@ -96,10 +98,19 @@ async def _lock_message(
     return chat, message
 
 
-async def _take_change(ctx: Context) -> None:
-    wait = await ctx.node.limits.change.take(str(ctx.user_id))
+@contextlib.asynccontextmanager
+async def _counted_change(ctx: Context) -> AsyncIterator[None]:
+    """Count a change against the user's change rate limit; a refused one (a ChatError)
+    is given back, as a refused send is."""
+    limiter, key = ctx.node.limits.change, str(ctx.user_id)
+    wait = await limiter.take(key)
     if wait:
         raise ChatError(RATE_LIMITED, "too many changes; slow down", retry_after=wait)
+    try:
+        yield
+    except ChatError:
+        await limiter.give_back(key)
+        raise
 
 
 async def _may_moderate(
@@ -135,13 +146,15 @@ RETURNING {MESSAGE_COLUMNS}
 async def edit_message(ctx: Context, action: EditMessage) -> Message:
     """Change your message's text; the same text again changes nothing."""
     text = clean_text(action.text, "text", min_len=1, max_len=MAX_TEXT_CHARS)
-    await _take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
+    async with _counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
         _, row = await _lock_message(conn, ctx, action.message_id)
         if row["sender_id"] != ctx.user_id:
             raise ChatError(FORBIDDEN, "only the sender may edit a message")
         if row["deleted"]:
             raise ChatError(INVALID, "a deleted message cannot be edited")
+        if row["forwarded_from"] is not None:
+            # Its text is attributed to someone else, who did not write an edited one.
+            raise ChatError(INVALID, "a forwarded message cannot be edited")
         if row["text"] == text:
             return message_from_row(row)
         edits = await conn.fetchval(
@@ -205,15 +218,13 @@ ON CONFLICT DO NOTHING
 
 async def delete_message(ctx: Context, action: DeleteMessage) -> DeletedMessage:
     """Delete for everyone (a tombstone), or hide for yourself; a repeat changes nothing."""
-    await _take_change(ctx)
     answer = DeletedMessage(
         chat_id=0, message_id=action.message_id, for_everyone=action.for_everyone
     )
     chat_after: Chat | None = None
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
-        chat, row = await _lock_message(
-            conn, ctx, action.message_id, hidden_ok=not action.for_everyone
-        )
+    async with _counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
+        # A message you hid is still yours to delete for everyone.
+        chat, row = await _lock_message(conn, ctx, action.message_id, hidden_ok=True)
         chat_id = answer.chat_id = row["chat_id"]
         if not action.for_everyone:
             if row["hidden"]:
@@ -302,8 +313,7 @@ def one_emoji(value: str) -> str:
 async def react(ctx: Context, action: React) -> Message:
     """Add your reaction; one that is there already changes nothing."""
     emoji = one_emoji(action.emoji)
-    await _take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
+    async with _counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
         _, row = await _lock_message(conn, ctx, action.message_id)
         if row["deleted"]:
             raise ChatError(INVALID, "a deleted message cannot be reacted to")
@@ -330,9 +340,9 @@ async def react(ctx: Context, action: React) -> Message:
 async def unreact(ctx: Context, action: Unreact) -> Message:
     """Take your reaction back; one that is not there changes nothing."""
     emoji = one_emoji(action.emoji)
-    await _take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
-        _, row = await _lock_message(conn, ctx, action.message_id)
+    async with _counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
+        # A reaction you left on a message you hid since is still yours to take back.
+        _, row = await _lock_message(conn, ctx, action.message_id, hidden_ok=True)
         removed = await conn.execute(
             "DELETE FROM message_reactions WHERE message_id = $1 AND emoji = $2 AND user_id = $3",
             action.message_id,
@@ -393,43 +403,43 @@ _SET_PIN = "UPDATE chats SET pinned_message_id = $2 WHERE id = $1"
 
 
 async def pin_message(ctx: Context, action: PinMessage) -> Chat:
-    await _take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
+    async with _counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
         chat, row = await _lock_message(conn, ctx, action.message_id)
         chat_id = row["chat_id"]
         if action.chat_id is not None and action.chat_id != chat_id:
             raise no_such_message()
+        await _require_pinner(conn, ctx, chat, chat_id)
         if row["deleted"]:
             raise ChatError(INVALID, "a deleted message cannot be pinned")
-        after, member_ids = await _set_pin(conn, ctx, chat, chat_id, action.message_id)
+        after, member_ids = await _set_pin(conn, chat, chat_id, action.message_id)
     if member_ids:
         await ctx.node.publish(member_ids, ChatUpdated(after))
     return after
 
 
 async def unpin_message(ctx: Context, action: UnpinMessage) -> Chat:
-    await _take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
+    async with _counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
         chat = await lock_chat(conn, action.chat_id, ctx.user_id)
-        after, member_ids = await _set_pin(conn, ctx, chat, action.chat_id, None)
+        await _require_pinner(conn, ctx, chat, action.chat_id)
+        after, member_ids = await _set_pin(conn, chat, action.chat_id, None)
     if member_ids:
         await ctx.node.publish(member_ids, ChatUpdated(after))
     return after
 
 
-async def _set_pin(
-    conn: asyncpg.Connection,
-    ctx: Context,
-    chat: asyncpg.Record,
-    chat_id: int,
-    message_id: int | None,
-) -> tuple[Chat, list[uuid.UUID]]:
-    """Pin `message_id` (None: unpin) in a locked chat: the chat after, and who to tell
-    (nobody when the pin was there already: nothing changed).
-
-    Groups: owners and admins; private chats: either member."""
+async def _require_pinner(
+    conn: asyncpg.Connection, ctx: Context, chat: asyncpg.Record, chat_id: int
+) -> None:
+    """Groups: owners and admins pin; private chats: either member."""
     if chat["type"] == "group" and not await _may_moderate(conn, chat, ctx, chat_id):
         raise ChatError(FORBIDDEN, "only a group's owner or admins may pin")
+
+
+async def _set_pin(
+    conn: asyncpg.Connection, chat: asyncpg.Record, chat_id: int, message_id: int | None
+) -> tuple[Chat, list[uuid.UUID]]:
+    """Pin `message_id` (None: unpin) in a locked chat: the chat after, and who to tell
+    (nobody when the pin was there already: nothing changed)."""
     if chat["pinned_message_id"] == message_id:
         return await fetch_chat(conn, chat_id), []
     bump = await conn.fetchrow(_BUMP_VERSION, chat_id)

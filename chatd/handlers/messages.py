@@ -177,21 +177,28 @@ ORDER BY want.n, m.version
 LIMIT $6
 """
 
-# What the caller hid at or since each version (a hide changes no version: one made at
-# exactly the client's version may be news to it). At most $4 per chat.
+# What the caller hid since the version before the client's. A hide changes no version
+# (nobody else may learn of it), so one made while the chat was at exactly the client's
+# version may be news to it; and one made at the version before may have been overtaken
+# by the next change's event, before the socket dropped. At most $4 per chat, $5 in all.
 _SYNC_HIDDEN = """
-SELECT want.chat_id, h.message_id
-FROM unnest($2::bigint[], $3::bigint[]) AS want(chat_id, from_version)
+SELECT want.n, want.chat_id, h.message_id
+FROM unnest($2::bigint[], $3::bigint[]) WITH ORDINALITY AS want(chat_id, from_version, n)
 CROSS JOIN LATERAL (
     SELECT message_id, seq FROM hidden_messages
-    WHERE user_id = $1 AND chat_id = want.chat_id AND version >= want.from_version
+    WHERE user_id = $1 AND chat_id = want.chat_id AND version >= want.from_version - 1
     ORDER BY seq
     LIMIT $4
 ) h
+ORDER BY want.n, h.seq
+LIMIT $5
 """
 
 # A message is at least ~200 bytes of JSON, so a full reply never holds more than this.
 SYNC_MAX_MESSAGES = FRAME_BUDGET_BYTES // 200
+# A hidden id is at most 20 bytes of JSON. Hides are not changes: a user's own hides
+# never make a sync too_long unless a reply could not hold them.
+SYNC_MAX_HIDDEN = FRAME_BUDGET_BYTES // 20
 
 
 async def sync(ctx: Context, action: Sync) -> SyncResult:
@@ -216,10 +223,11 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
                 row["id"]: row
                 for row in await conn.fetch(_SYNC_CHATS, ctx.user_id, list(action.chats))
             }
+            # Nothing held (seq 0): nothing held can have changed.
             versioned = [
                 (c, seq, version)
                 for c, (seq, version) in points.items()
-                if c in chats and version is not None and version < chats[c]["version"]
+                if c in chats and version is not None and 0 < seq and version < chats[c]["version"]
             ]
             changed = await conn.fetch(
                 _SYNC_UPDATED,
@@ -230,12 +238,14 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
                 max_changes + 1,
                 SYNC_MAX_MESSAGES,
             )
+            held = [(c, v) for c, (_, v) in points.items() if c in chats and v is not None]
             hidden_rows = await conn.fetch(
                 _SYNC_HIDDEN,
                 ctx.user_id,
-                [c for c, (_, v) in points.items() if c in chats and v is not None],
-                [v for c, (_, v) in points.items() if c in chats and v is not None],
-                max_changes + 1,
+                [c for c, _ in held],
+                [v for _, v in held],
+                SYNC_MAX_HIDDEN + 1,
+                SYNC_MAX_HIDDEN + 1,
             )
             wanted = [
                 (c, seq)
@@ -260,6 +270,8 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
     hidden: dict[int, list[int]] = {}
     for row in hidden_rows:
         hidden.setdefault(row["chat_id"], []).append(row["message_id"])
+    if len(hidden_rows) > SYNC_MAX_HIDDEN:  # the row limit cut them: those chats wait too
+        deferred |= {c for n, (c, _) in enumerate(held, 1) if n >= hidden_rows[-1]["n"]}
     found: dict[int, list[asyncpg.Record]] = {}
     for row in rows:
         found.setdefault(row["chat_id"], []).append(row)
@@ -284,7 +296,7 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
             continue
         changes = updated.get(chat_id, [])
         hides = hidden.get(chat_id, [])
-        if len(changes) > max_changes or len(hides) > max_changes:
+        if len(changes) > max_changes or len(hides) > SYNC_MAX_HIDDEN:
             result[chat_id] = _too_long(chat)
             continue
         entry = SyncedChat(
