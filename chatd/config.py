@@ -218,10 +218,7 @@ class Settings:
     groups_per_day: int | None = setting("CHATD_GROUPS_PER_DAY", 100, _cap)
     # A sync that would replay more changes than this in one chat answers too_long.
     sync_max_changes: int = setting("CHATD_SYNC_MAX_CHANGES", 1000)
-    # Files (chatd/files.py). Where their bytes live: None is $CHATD_DATA_DIR/files;
-    # s3://bucket/prefix is an S3-compatible store (CHATD_S3_ENDPOINT_URL, AWS_* variables).
-    files_url: str | None = setting("CHATD_FILES_URL", None, _optional)
-    s3_endpoint_url: str | None = setting("CHATD_S3_ENDPOINT_URL", None, _optional)
+    # Files (chatd/files.py): their bytes live in $CHATD_DATA_DIR/files.
     # An upload over this is refused (413) as soon as the body crosses it.
     max_upload_bytes: int = setting("CHATD_MAX_UPLOAD_BYTES", 25 * 1024 * 1024)
     # The bytes of a user's uploads together (each upload counts, even of the same bytes).

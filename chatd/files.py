@@ -99,15 +99,10 @@ class LocalBlobStore:
         pass
 
 
-def open_blob_store(files_url: str | None, data_dir: Path, endpoint_url: str | None) -> BlobStore:
-    """The store CHATD_FILES_URL names: unset is local files under `data_dir/files`."""
-    if files_url is None:
-        return LocalBlobStore(data_dir / "files")
-    if files_url.startswith("s3://"):
-        from chatd.s3 import S3BlobStore  # only when asked for: aiobotocore is heavy
-
-        return S3BlobStore(files_url, endpoint_url)
-    raise SystemExit(f"CHATD_FILES_URL must be s3://bucket/prefix or unset, got {files_url!r}")
+def open_blob_store(data_dir: Path) -> BlobStore:
+    """The node's store: local files under `data_dir/files` (the only backend so far; an
+    S3 one would implement BlobStore beside it)."""
+    return LocalBlobStore(data_dir / "files")
 
 
 # --- blobs: renewed before they are written --------------------------------------------------

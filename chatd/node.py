@@ -45,7 +45,7 @@ class Node:
             RedisBus(self.hub, settings.redis_url) if settings.redis_url else LocalBus(self.hub)
         )
         self.writer = MessageWriter(self.pool, self.bus)
-        store = open_blob_store(settings.files_url, settings.data_dir, settings.s3_endpoint_url)
+        store = open_blob_store(settings.data_dir)
         self.files = Files(store, settings.data_dir / "files" / "tmp")
         self.collector = FileCollector(
             self.pool,
