@@ -390,6 +390,11 @@ async def chunked_upload(server: Server, api: Api, total: int) -> tuple[int, int
         head = await asyncio.wait_for(answer, 60)
     except (ConnectionResetError, BrokenPipeError):
         head = await asyncio.wait_for(answer, 60)
+    try:
+        if b"\r\n\r\n" in head and head.endswith(b"\r\n\r\n"):  # the body comes apart
+            head += await asyncio.wait_for(reader.read(65536), 5)
+    except (TimeoutError, ConnectionResetError):
+        pass
     finally:
         writer.close()
     return int(head.split(b" ", 2)[1]), sent, head
