@@ -218,6 +218,19 @@ class Settings:
     groups_per_day: int | None = setting("CHATD_GROUPS_PER_DAY", 100, _cap)
     # A sync that would replay more changes than this in one chat answers too_long.
     sync_max_changes: int = setting("CHATD_SYNC_MAX_CHANGES", 1000)
+    # Files (chatd/files.py): their bytes live in $CHATD_DATA_DIR/files.
+    # An upload over this is refused (413) as soon as the body crosses it.
+    max_upload_bytes: int = setting("CHATD_MAX_UPLOAD_BYTES", 25 * 1024 * 1024)
+    # The bytes of a user's uploads together (each upload counts, even of the same bytes).
+    user_quota_bytes: int = setting("CHATD_USER_QUOTA_BYTES", 1024 * 1024 * 1024)
+    # Seconds an upload may wait to be attached before the collector deletes it.
+    upload_ttl: int = setting("CHATD_UPLOAD_TTL", 24 * 3600)
+    # Seconds a file is kept after it was last attached, and bytes after they were last
+    # uploaded, before the collector may delete what nothing refers to: longer than any
+    # send or upload takes, so one in flight never loses its file.
+    file_grace: int = setting("CHATD_FILE_GRACE", 600)
+    # Seconds between two rounds of the file collector.
+    file_gc_interval: int = setting("CHATD_FILE_GC_INTERVAL", 300)
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
 

@@ -23,6 +23,7 @@ import asyncpg
 from chatd import metrics
 from chatd.config import Settings
 from chatd.db import create_pool
+from chatd.files import FileCollector, Files, open_blob_store
 from chatd.hub import Bus, Hub, LocalBus, publish
 from chatd.protocol import Event, Readiness
 from chatd.ratelimit import Limits, TypingGate
@@ -44,6 +45,15 @@ class Node:
             RedisBus(self.hub, settings.redis_url) if settings.redis_url else LocalBus(self.hub)
         )
         self.writer = MessageWriter(self.pool, self.bus)
+        store = open_blob_store(settings.data_dir)
+        self.files = Files(store, settings.data_dir / "files" / "tmp")
+        self.collector = FileCollector(
+            self.pool,
+            store,
+            upload_ttl=settings.upload_ttl,
+            grace=settings.file_grace,
+            interval=settings.file_gc_interval,
+        )
         self.limits = Limits(settings)
         self.typing_gate = TypingGate(remote=self.limits.remote)
         self._watchdog: asyncio.Task[None] | None = None
@@ -67,15 +77,18 @@ class Node:
             await self.pool.close()
             raise
         self._watchdog = asyncio.create_task(self.hub.watch_writers())
+        self.collector.start()
 
     async def stop(self) -> None:
         """Let the send batches in flight commit and fan out, then close everything."""
         if self._watchdog is not None:
             self._watchdog.cancel()
+        await self.collector.stop()
         await self.writer.wait_idle(timeout=5)
         await self.bus.close()
         await self.limits.close()
         await self.pool.close()
+        await self.files.store.close()
 
     async def publish(self, user_ids: Iterable[uuid.UUID], event: Event) -> None:
         """Send `event` to every socket of these users, on every node (encoded once)."""

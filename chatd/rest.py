@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from chatd import rest_files
 from chatd.auth import bearer_token
 from chatd.db import is_unavailable
 from chatd.handlers import HANDLERS, REST_HANDLERS, SOCKET_ONLY, handler_for
@@ -52,9 +53,11 @@ from chatd.protocol import (
     EditMessage,
     ErrorBody,
     ErrorResponse,
+    FileLink,
     ForwardMessage,
     GetChat,
     GetEdits,
+    GetFileLink,
     GetHistory,
     GetMe,
     GetMessage,
@@ -406,6 +409,7 @@ TAGS = {
     "users": "Finding people",
     "chats": "Private chats and groups, their members and roles",
     "messages": "Sending, reading and paging through messages",
+    "files": "Uploads, downloads and signed links",
     "health": "For load balancers and orchestrators",
 }
 
@@ -528,6 +532,13 @@ OPERATIONS = [
     route(
         "GET", "/history/{chat_id:int}", GetHistory, "A page of a chat's messages", History,
         tag="messages", errors=(404, 422, 503),
+    ),
+    # files
+    *rest_files.OPERATIONS,
+    route(
+        "POST", "/files/{file_id:uuid}/link", GetFileLink,
+        "Signed URLs of a file you may download, for <img src> (valid 5 minutes)", FileLink,
+        tag="files", errors=(404, 503),
     ),
     # health
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False, tag="health"),

@@ -26,6 +26,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.text",
         "chatd.metrics",
         "chatd.logs",
+        "chatd.media",
     },
     # What handlers use: the node and everything it owns.
     "services": {
@@ -35,6 +36,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.hub",
         "chatd.redis_bus",
         "chatd.ratelimit",
+        "chatd.files",
     },
     # One function per request, with its SQL.
     "handlers": {"chatd.handlers"},
@@ -44,6 +46,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.session",
         "chatd.outbox",
         "chatd.rest",
+        "chatd.rest_files",
         "chatd.openapi",
         "chatd.webapp",
         "chatd.http_protocol",

@@ -86,7 +86,8 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "create_chat", "get_chat", "rename_chat", "delete_chat", "add_members",
         "remove_member", "set_role", "send_message", "get_message", "mark_read",
         "healthz", "readyz", "edit_message", "delete_message", "list_edits", "react",
-        "unreact", "forward_message", "pin_message", "unpin_message",
+        "unreact", "forward_message", "pin_message", "unpin_message", "upload_file",
+        "download_file", "download_thumbnail", "file_link",
     }  # fmt: skip
     assert set(document["components"]["schemas"]) == {
         "AddMembersRequest", "Chat", "ChatMember", "ChatOverview", "ChatPage",
@@ -95,7 +96,7 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "RefreshRequest", "RegisterRequest", "RegisterResponse", "RenameChatRequest",
         "SendMessageRequest", "SetRoleRequest", "TokenPair", "UserList", "DeletedMessage",
         "Edit", "EditList", "EditMessageRequest", "ForwardMessageRequest", "ForwardedFrom",
-        "PinMessageRequest", "Reaction",
+        "PinMessageRequest", "Reaction", "Attachment", "Upload", "FileLink",
     }  # fmt: skip
 
 

@@ -13,6 +13,8 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     presence.py  typing
     accounts.py  register, login, refresh, me, users_list (REST only)
     history.py   history (REST only)
+    files.py     uploads recorded, who may download, signed links, attachments claimed
+                 (the bytes: chatd/rest_files.py)
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
 chatd/rest.py (or its Struct in SOCKET_ONLY).
@@ -23,7 +25,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatd.handlers import accounts, changes, chats, groups, history, messages, presence, reads
+from chatd.handlers import (
+    accounts,
+    changes,
+    chats,
+    files,
+    groups,
+    history,
+    messages,
+    presence,
+    reads,
+)
 from chatd.handlers.base import Context
 from chatd.protocol import (
     AddMembers,
@@ -36,6 +48,7 @@ from chatd.protocol import (
     ForwardMessage,
     GetChat,
     GetEdits,
+    GetFileLink,
     GetHistory,
     GetMe,
     GetMessage,
@@ -96,6 +109,7 @@ REST_HANDLERS: dict[type, Handler] = {
     GetHistory: history.history,
     GetEdits: changes.list_edits,
     Read: reads.read_chat,
+    GetFileLink: files.file_link,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live

@@ -17,6 +17,7 @@ import asyncpg
 import emoji as emoji_data
 
 from chatd.handlers.base import ROLE_RANK, Context, fetch_chat, lock_chat, role_of
+from chatd.handlers.files import claim_attachments
 from chatd.handlers.messages import (
     VISIBLE_MESSAGE,
     no_such_message,
@@ -196,10 +197,13 @@ WITH edits AS (
     DELETE FROM message_reactions WHERE message_id = $1
 ), mentioned AS (
     DELETE FROM mentions WHERE chat_id = $3 AND seq = $4
+), files AS (
+    -- Released: the collector deletes what nothing else refers to (chatd/files.py).
+    DELETE FROM message_files WHERE message_id = $1
 )
 UPDATE messages m
 SET text = '', deleted = true, version = $2, changed = true, edited_at = NULL, reply_to = NULL,
-    mentions = NULL, forwarded_from = NULL, reactions = NULL
+    mentions = NULL, forwarded_from = NULL, reactions = NULL, attachments = NULL
 FROM chats c
 WHERE m.id = $1 AND c.id = m.chat_id
 RETURNING {MESSAGE_COLUMNS}
@@ -392,9 +396,10 @@ async def forward_message(ctx: Context, action: ForwardMessage) -> Created[Messa
     forwarded = source.forwarded_from or ForwardedFrom(
         sender_uuid=source.sender_uuid, sender_name=row["sender_name"], timestamp=source.timestamp
     )
-    return await store_message(
-        ctx, action.chat_id, source.text, action.client_msg_id, Extras(forwarded_from=forwarded)
-    )
+    # The copy carries the same files: each stays while any message refers to it.
+    await claim_attachments(ctx, source.attachments)
+    extras = Extras(forwarded_from=forwarded, attachments=tuple(source.attachments))
+    return await store_message(ctx, action.chat_id, source.text, action.client_msg_id, extras)
 
 
 # --- pin_message, unpin_message -------------------------------------------------------------

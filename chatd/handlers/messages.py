@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncpg
 
 from chatd.handlers.base import FRAME_BUDGET_BYTES, Context, fit_in_frame, parse_user_ids
+from chatd.handlers.files import claim_uploads
 from chatd.protocol import (
     INVALID,
     MAX_TEXT_CHARS,
@@ -43,10 +44,13 @@ SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1 AND user_id = $2) A
 
 
 async def send_message(ctx: Context, action: SendMessage) -> Created[Message]:
-    """Store and fan out a message; a retry (same client_msg_id) gets the original back."""
-    text = clean_text(action.text, "text", min_len=1, max_len=MAX_TEXT_CHARS)
+    """Store and fan out a message; a retry (same client_msg_id) gets the original back.
+
+    Attachments are the caller's uploads; with them, the text may be empty."""
+    min_len = 0 if action.attachments else 1
+    text = clean_text(action.text, "text", min_len=min_len, max_len=MAX_TEXT_CHARS)
     extras = NO_EXTRAS
-    if action.reply_to is not None or action.mentions:
+    if action.reply_to is not None or action.mentions or action.attachments:
         try:
             extras = await _checked_extras(ctx, action)
         except ChatError:
@@ -59,6 +63,9 @@ async def send_message(ctx: Context, action: SendMessage) -> Created[Message]:
 
 
 async def _checked_extras(ctx: Context, action: SendMessage) -> Extras:
+    attachments = await claim_uploads(ctx, action.attachments)
+    if action.reply_to is None and not action.mentions:
+        return Extras(attachments=attachments)  # membership: the writer checks it
     mentions = tuple(parse_user_ids(action.mentions))
     row = await ctx.node.pool.fetchrow(
         _CHECK_EXTRAS, action.chat_id, ctx.user_id, action.reply_to, list(mentions)
@@ -71,7 +78,7 @@ async def _checked_extras(ctx: Context, action: SendMessage) -> Extras:
         raise ChatError(INVALID, "reply_to is a deleted message")
     if row["mentioned"] != len(mentions):
         raise ChatError(INVALID, "mentions must be members of the chat")
-    return Extras(reply_to=action.reply_to, mentions=mentions)
+    return Extras(reply_to=action.reply_to, mentions=mentions, attachments=attachments)
 
 
 async def retried(ctx: Context, chat_id: int, client_msg_id: str | None) -> Created[Message] | None:
