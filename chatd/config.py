@@ -98,6 +98,16 @@ def _optional(env: Env, name: str, default: str | None) -> str | None:
     return env.get(name) or default
 
 
+def _files_url(env: Env, name: str, default: str | None) -> str | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    scheme, _, rest = raw.partition("://")
+    if scheme != "s3" or not rest.split("/", 1)[0]:
+        raise SystemExit(f"{name} must be unset (local files) or s3://bucket[/prefix], got {raw!r}")
+    return raw
+
+
 def _bool(env: Env, name: str, default: bool = False) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw == "":
@@ -218,7 +228,12 @@ class Settings:
     groups_per_day: int | None = setting("CHATD_GROUPS_PER_DAY", 100, _cap)
     # A sync that would replay more changes than this in one chat answers too_long.
     sync_max_changes: int = setting("CHATD_SYNC_MAX_CHANGES", 1000)
-    # Files (chatd/files.py): their bytes live in $CHATD_DATA_DIR/files.
+    # Files (chatd/files.py): their bytes live in $CHATD_DATA_DIR/files, or, with
+    # s3://bucket/prefix, in an S3-compatible bucket (credentials: the standard AWS_*
+    # variables). Uploads are received in $CHATD_DATA_DIR/files/tmp either way.
+    files_url: str | None = setting("CHATD_FILES_URL", None, _files_url)
+    # An S3-compatible service other than AWS (MinIO, Ceph, R2...): its URL.
+    s3_endpoint_url: str | None = setting("CHATD_S3_ENDPOINT_URL", None, _optional)
     # An upload over this is refused (413) as soon as the body crosses it.
     max_upload_bytes: int = setting("CHATD_MAX_UPLOAD_BYTES", 25 * 1024 * 1024)
     # The bytes of a user's uploads together (each upload counts, even of the same bytes).

@@ -2,9 +2,11 @@
 
 Bytes are blobs, named by their sha256: the same bytes are stored once, whoever uploads
 them and however often. A `BlobStore` holds them; `LocalBlobStore` keeps them under
-`$CHATD_DATA_DIR/files/ab/cd/<sha256>`. The database says which blobs exist (`blobs`),
-which uploads use them (`files`), and what refers to an upload: a message's attachments
-(`message_files`), an avatar (`users.avatar`), a group photo (`chats.photo`).
+`$CHATD_DATA_DIR/files/ab/cd/<sha256>`, `S3BlobStore` as objects `<prefix>/ab/cd/<sha256>`
+in an S3-compatible bucket (the same layout: either copies into the other). The database
+says which blobs exist (`blobs`), which uploads use them (`files`), and what refers to an
+upload: a message's attachments (`message_files`), an avatar (`users.avatar`), a group
+photo (`chats.photo`).
 
 Nothing is counted by hand. The collector (`FileCollector`) asks the database, each
 round, which uploads nothing refers to, and then which blobs no upload uses; so a delete
@@ -38,6 +40,8 @@ from pathlib import Path
 from typing import Protocol
 
 import asyncpg
+import obstore
+from obstore.store import S3Store
 
 log = logging.getLogger("chatd.files")
 
@@ -56,7 +60,15 @@ class BlobStore(Protocol):
     async def delete(self, sha256: str) -> None:
         """Forget the bytes (nothing happens when they are not there)."""
 
+    async def check(self) -> None:
+        """Raise unless the store can be reached (called once at start)."""
+
     async def close(self) -> None: ...
+
+
+def blob_key(sha256: str) -> str:
+    """Where a blob lives inside a store: `ab/cd/abcd…`."""
+    return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
 
 
 class LocalBlobStore:
@@ -69,7 +81,7 @@ class LocalBlobStore:
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        return self.root / blob_key(sha256)
 
     async def put(self, sha256: str, source: Path) -> None:
         def move() -> None:
@@ -95,13 +107,80 @@ class LocalBlobStore:
     async def delete(self, sha256: str) -> None:
         await asyncio.to_thread(self.path(sha256).unlink, missing_ok=True)
 
+    async def check(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 
 
-def open_blob_store(data_dir: Path) -> BlobStore:
-    """The node's store: local files under `data_dir/files` (the only backend so far; an
-    S3 one would implement BlobStore beside it)."""
+# An upload is sent in parts of this size (S3's smallest), at most this many at once: the
+# bytes held for one upload stay bounded whatever the file's size.
+S3_PART_BYTES = 5 * 1024 * 1024
+S3_PARTS_IN_FLIGHT = 2
+
+
+class S3BlobStore:
+    """Blobs as objects `<prefix>/ab/cd/abcd…` in an S3-compatible bucket, through obstore
+    (an async client over Rust's object_store). Credentials, region and the rest come from
+    the standard AWS_* environment variables (or the instance's role); `endpoint_url`
+    names a service other than AWS (plain http is then allowed)."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None) -> None:
+        options = {"allow_http": True} if (endpoint_url or "").startswith("http://") else None
+        config = {"endpoint": endpoint_url} if endpoint_url else {}
+        self.url = url
+        self.s3 = S3Store.from_url(url, config=config, client_options=options)  # type: ignore[arg-type]
+
+    async def put(self, sha256: str, source: Path) -> None:
+        key = blob_key(sha256)
+        try:
+            # The same bytes are there already (content-addressed, and S3 writes are
+            # whole or nothing): nothing to send. The caller has just renewed the blob's
+            # row, so the collector leaves them for the grace period.
+            await obstore.head_async(self.s3, key)
+        except FileNotFoundError:
+            await obstore.put_async(
+                self.s3,
+                key,
+                source,
+                chunk_size=S3_PART_BYTES,
+                max_concurrency=S3_PARTS_IN_FLIGHT,
+            )
+        await asyncio.to_thread(source.unlink, missing_ok=True)
+
+    async def read(self, sha256: str, start: int, length: int) -> AsyncIterator[bytes]:
+        # One ranged GET: only the bytes asked for cross the network.
+        result = await obstore.get_async(
+            self.s3, blob_key(sha256), options={"range": (start, start + length)}
+        )
+        async for chunk in result.stream(min_chunk_size=CHUNK_BYTES):
+            data = bytes(chunk)[:length]
+            length -= len(data)
+            yield data
+            if length == 0:
+                return
+        raise OSError(f"blob {sha256} is shorter than expected")
+
+    async def delete(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            await obstore.delete_async(self.s3, blob_key(sha256))
+
+    async def check(self) -> None:
+        try:
+            await obstore.list_with_delimiter_async(self.s3)
+        except Exception as exc:
+            raise RuntimeError(f"cannot list {self.url}: {exc}") from exc
+
+    async def close(self) -> None:
+        pass
+
+
+def open_blob_store(data_dir: Path, files_url: str | None, endpoint_url: str | None) -> BlobStore:
+    """The node's store: the bucket of `files_url` (s3://bucket/prefix) when set, else
+    local files under `data_dir/files`."""
+    if files_url:
+        return S3BlobStore(files_url, endpoint_url)
     return LocalBlobStore(data_dir / "files")
 
 

@@ -45,7 +45,7 @@ class Node:
             RedisBus(self.hub, settings.redis_url) if settings.redis_url else LocalBus(self.hub)
         )
         self.writer = MessageWriter(self.pool, self.bus)
-        store = open_blob_store(settings.data_dir)
+        store = open_blob_store(settings.data_dir, settings.files_url, settings.s3_endpoint_url)
         self.files = Files(store, settings.data_dir / "files" / "tmp")
         self.collector = FileCollector(
             self.pool,
@@ -60,11 +60,13 @@ class Node:
         self._drained: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        """Connect to the database and the bus; start the stalled-writer watchdog.
+        """Check the file store; connect to the database and the bus; start the
+        stalled-writer watchdog.
 
-        When either cannot be reached, what was opened is closed again and the error raised.
+        When one cannot be reached, what was opened is closed again and the error raised.
         """
         try:
+            await self.files.store.check()  # a wrong bucket or key fails the start, not uploads
             await self.pool
         except BaseException:
             await self.limits.close()

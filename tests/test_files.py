@@ -1,16 +1,21 @@
 """Files from outside the process: uploads (sniffed, bounded, stored once), attachments,
 downloads (who may, Range, ETag, the headers that keep content inert), thumbnails, EXIF,
-the decompression-bomb guard, signed links, quotas, and the collector."""
+the decompression-bomb guard, signed links, quotas, and the collector.
+
+Every test runs twice: against a chatd keeping its files on its disk, and against one
+keeping them in a real S3-API server (moto's, started by tests/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import io
+import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -19,10 +24,60 @@ import pytest
 from PIL import Image
 
 from chatd.client import Api, ChatdError
-from tests.conftest import Server, UserFactory, new_user, start_server, stop_server
+from tests.conftest import (
+    S3Service,
+    Server,
+    UserFactory,
+    assert_no_tracebacks,
+    new_user,
+    start_server,
+    stop_server,
+)
 from tests.memory import RssSampler
 
 MiB = 1024 * 1024
+
+
+@dataclass
+class Backend:
+    """Where the chatd under test keeps its files: its disk, or a bucket (`s3`)."""
+
+    s3: S3Service | None
+
+    def env(self) -> dict[str, str]:
+        """The settings that put a new chatd on this backend (a fresh bucket prefix)."""
+        return self.s3.server_env() if self.s3 else {}
+
+    def stored(self, server: Server, sha256: str) -> list[bytes]:
+        """Every copy of the blob `sha256` that `server` has stored, read from the backend
+        itself (not through chatd)."""
+        if self.s3 is None or server.files_url is None:
+            return [path.read_bytes() for path in (data_dir(server) / "files").rglob(sha256)]
+        bucket, _, prefix = server.files_url.removeprefix("s3://").partition("/")
+        client = self.s3.client()
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return [
+            client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            for key in keys
+            if key.endswith("/" + sha256)
+        ]
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return Backend(request.getfixturevalue("s3") if request.param == "s3" else None)
+
+
+@pytest.fixture(scope="module")
+def server(
+    backend: Backend, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """This module's chatd, on the backend of the round (it replaces conftest's)."""
+    server = start_server(database_url, tmp_path_factory.mktemp("files"), **backend.env())
+    yield server
+    stop_server(server)
+    assert_no_tracebacks(server)
 
 
 def png(width: int = 64, height: int = 48, color: tuple[int, int, int] = (10, 120, 200)) -> bytes:
@@ -115,7 +170,12 @@ async def test_an_image_is_inline_and_safe(http: httpx.AsyncClient, alice: Api) 
 
 
 async def test_concurrent_uploads_of_the_same_bytes_are_stored_once(
-    http: httpx.AsyncClient, alice: Api, bob: Api, server: Server, database_url: str
+    http: httpx.AsyncClient,
+    alice: Api,
+    bob: Api,
+    server: Server,
+    database_url: str,
+    backend: Backend,
 ) -> None:
     data = os.urandom(300_000)
     responses = await asyncio.gather(
@@ -125,8 +185,9 @@ async def test_concurrent_uploads_of_the_same_bytes_are_stored_once(
     assert len({b["upload_id"] for b in bodies}) == 6
     sha256 = hashlib.sha256(data).hexdigest()
     assert {b["sha256"] for b in bodies} == {sha256}
-    stored = list((data_dir(server) / "files").rglob(sha256))
-    assert len(stored) == 1 and stored[0].read_bytes() == data
+    assert backend.stored(server, sha256) == [data]
+    if backend.s3:  # in the bucket, and nowhere on the disk
+        assert not list((data_dir(server) / "files").rglob(sha256))
     conn = await asyncpg.connect(database_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM blobs WHERE sha256 = $1", sha256) == 1
@@ -237,7 +298,7 @@ async def test_delete_for_everyone_releases_the_files(
 # --- HTTP behaviour --------------------------------------------------------------------------
 
 
-async def test_ranges_and_etags(http: httpx.AsyncClient, alice: Api) -> None:
+async def test_ranges_and_etags(http: httpx.AsyncClient, alice: Api, backend: Backend) -> None:
     data = bytes(range(256)) * 40
     file_id = (await upload(http, alice, data)).json()["upload_id"]
     url = f"/files/{file_id}"
@@ -265,6 +326,35 @@ async def test_ranges_and_etags(http: httpx.AsyncClient, alice: Api) -> None:
     assert cached.status_code == 304 and cached.content == b""
     changed = await http.get(url, headers={**auth(alice), "If-None-Match": '"other"'})
     assert changed.status_code == 200
+
+    if backend.s3:  # a range is read from the bucket as a range, not the whole object
+        wanted = {"bytes=100-199": 100, "bytes=-10": 10, "bytes=10000-": len(data) - 10000}
+        gets = await _s3_requests(backend.s3, lambda: _ranged_reads(http, alice, url, wanted))
+        ranges = [
+            {k.lower(): v for k, v in get["headers"].items()}.get("range")
+            for get in gets
+            if get["method"] == "GET" and get["url"].endswith(etag.strip('"'))
+        ]
+        assert ranges == ["bytes=100-199", "bytes=10230-10239", "bytes=10000-10239"], gets
+
+
+async def _ranged_reads(http: httpx.AsyncClient, api: Api, url: str, wanted: dict) -> None:
+    for header, length in wanted.items():
+        part = await http.get(url, headers={**auth(api), "Range": header})
+        assert (part.status_code, len(part.content)) == (206, length)
+
+
+async def _s3_requests(s3: S3Service, action: Callable[[], Awaitable[None]]) -> list[dict]:
+    """The requests the S3 server received while `action` ran (moto's recorder)."""
+    async with httpx.AsyncClient(base_url=s3.endpoint + "/moto-api/recorder") as recorder:
+        await recorder.post("/reset-recording")
+        await recorder.post("/start-recording")
+        try:
+            await action()
+        finally:
+            await recorder.post("/stop-recording")
+        recording = (await recorder.get("/download-recording")).text
+    return [json.loads(line) for line in recording.splitlines() if line.strip()]
 
 
 async def test_signed_links(http: httpx.AsyncClient, alice: Api, bob: Api) -> None:
@@ -428,12 +518,15 @@ async def test_memory_stays_bounded_200_mb_refused_20_mb_accepted(
 
 
 @pytest.fixture(scope="module")
-def small_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def small_server(
+    backend: Backend, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     server = start_server(
         database_url,
         tmp_path_factory.mktemp("small"),
         CHATD_MAX_UPLOAD_BYTES=str(MiB),
         CHATD_USER_QUOTA_BYTES=str(3 * MiB),
+        **backend.env(),
     )
     yield server
     stop_server(server)
@@ -460,24 +553,20 @@ async def test_upload_limit_and_quota_edges(small_server: Server) -> None:
 
 @pytest.fixture
 async def gc_server(
-    database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[tuple[Server, Path]]:
+    backend: Backend, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Server, Path, dict[str, str]]]:
     workdir = tmp_path_factory.mktemp("gc")
-    server = start_server(
-        database_url,
-        workdir,
-        CHATD_UPLOAD_TTL="3",
-        CHATD_FILE_GRACE="1",
-        CHATD_FILE_GC_INTERVAL="3600",  # one round at start, then only after a restart
-    )
-    yield server, workdir
+    env = {"CHATD_UPLOAD_TTL": "3", "CHATD_FILE_GRACE": "1", **backend.env()}
+    # One round at start, then only after a restart.
+    server = start_server(database_url, workdir, CHATD_FILE_GC_INTERVAL="3600", **env)
+    yield server, workdir, env
     stop_server(server)
 
 
 async def test_the_collector_deletes_what_nothing_refers_to_and_survives_restarts(
-    gc_server: tuple[Server, Path], database_url: str
+    gc_server: tuple[Server, Path, dict[str, str]], database_url: str, backend: Backend
 ) -> None:
-    server, workdir = gc_server
+    server, workdir, env = gc_server
     alice, bob = await new_user(server, "Alice"), await new_user(server, "Bob")
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
         kept, released, forwarded, unattached = [
@@ -491,20 +580,19 @@ async def test_the_collector_deletes_what_nothing_refers_to_and_survives_restart
         await alice.call("DELETE", f"/messages/{gone['id']}")
         assert other["attachments"][0]["id"] == forwarded["upload_id"]
     await asyncio.sleep(3.5)  # past the grace and the upload TTL
-    blobs = data_dir(server) / "files"
     for each in (kept, released, forwarded, unattached):
-        assert list(blobs.rglob(each["sha256"])), "no round since start: all still there"
+        assert backend.stored(server, each["sha256"]), "no round since start: all still there"
 
     stop_server(server)  # the state is in the database: a new process picks it up
-    restarted = start_server(database_url, workdir, CHATD_UPLOAD_TTL="3", CHATD_FILE_GRACE="1")
+    restarted = start_server(database_url, workdir, **env)
     try:
         deadline = time.monotonic() + 20
-        while list(blobs.rglob(released["sha256"])) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)  # another process: nothing to wait on but the disk
-        assert not list(blobs.rglob(released["sha256"]))
-        assert not list(blobs.rglob(unattached["sha256"]))
-        assert list(blobs.rglob(kept["sha256"]))
-        assert list(blobs.rglob(forwarded["sha256"]))  # still carried by another message
+        while backend.stored(restarted, released["sha256"]) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)  # another process: nothing to wait on but the store
+        assert not backend.stored(restarted, released["sha256"])
+        assert not backend.stored(restarted, unattached["sha256"])
+        assert backend.stored(restarted, kept["sha256"])
+        assert backend.stored(restarted, forwarded["sha256"])  # still carried by another
         conn = await asyncpg.connect(database_url)
         try:
             ids = [uuid.UUID(u["upload_id"]) for u in (released, unattached, kept)]
