@@ -118,6 +118,8 @@ class LocalBlobStore:
 # bytes held for one upload stay bounded whatever the file's size.
 S3_PART_BYTES = 5 * 1024 * 1024
 S3_PARTS_IN_FLIGHT = 2
+# A download is read from the bucket this many bytes at a time.
+S3_READ_WINDOW = 1024 * 1024
 
 
 class S3BlobStore:
@@ -130,7 +132,7 @@ class S3BlobStore:
         options = {"allow_http": True} if (endpoint_url or "").startswith("http://") else None
         config = {"endpoint": endpoint_url} if endpoint_url else {}
         self.url = url
-        self.s3 = S3Store.from_url(url, config=config, client_options=options)  # type: ignore[arg-type]
+        self.s3 = S3Store.from_url(url, config=config, client_options=options)
 
     async def put(self, sha256: str, source: Path) -> None:
         key = blob_key(sha256)
@@ -150,17 +152,19 @@ class S3BlobStore:
         await asyncio.to_thread(source.unlink, missing_ok=True)
 
     async def read(self, sha256: str, start: int, length: int) -> AsyncIterator[bytes]:
-        # One ranged GET: only the bytes asked for cross the network.
-        result = await obstore.get_async(
-            self.s3, blob_key(sha256), options={"range": (start, start + length)}
-        )
-        async for chunk in result.stream(min_chunk_size=CHUNK_BYTES):
-            data = bytes(chunk)[:length]
-            length -= len(data)
-            yield data
-            if length == 0:
-                return
-        raise OSError(f"blob {sha256} is shorter than expected")
+        # Ranged GETs of one window each, read whole before the window is passed on: only
+        # the bytes asked for cross the network, a download holds one window at most, and
+        # a client slower than S3's request timeout does not cut its own download short.
+        key = blob_key(sha256)
+        while length > 0:
+            size = min(length, S3_READ_WINDOW)
+            window = await obstore.get_range_async(self.s3, key, start=start, length=size)
+            if len(window) < size:
+                raise OSError(f"blob {sha256} is shorter than expected")
+            for offset in range(0, size, CHUNK_BYTES):
+                yield bytes(window[offset : offset + CHUNK_BYTES])
+            start += size
+            length -= size
 
     async def delete(self, sha256: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -170,7 +174,8 @@ class S3BlobStore:
         try:
             await obstore.list_with_delimiter_async(self.s3)
         except Exception as exc:
-            raise RuntimeError(f"cannot list {self.url}: {exc}") from exc
+            reason = str(exc).partition("\n\nDebug source")[0]  # not obstore's dump
+            raise RuntimeError(f"cannot list {self.url}: {reason}") from None
 
     async def close(self) -> None:
         pass
