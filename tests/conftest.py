@@ -159,6 +159,18 @@ def stop_server(server: Server) -> None:
         server.process.wait()
 
 
+def wait_for_port(process: subprocess.Popen[bytes], port: int, timeout: float, name: str) -> None:
+    """Return once `process` accepts connections on 127.0.0.1:`port`; raise if it exits
+    or takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start")
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The Redis in CHATD_TEST_REDIS_URL when set, else a redis-server started for the run.
@@ -191,13 +203,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
+        wait_for_port(process, port, 20, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
@@ -255,13 +261,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
         )
     service = S3Service(f"http://127.0.0.1:{port}", "chatd-test", log_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        wait_for_port(process, port, 30, f"moto (log: {log_path})")
         service.client().create_bucket(Bucket=service.bucket)
         yield service
     finally:
