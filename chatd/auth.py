@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import math
 import secrets
 import time
@@ -102,3 +103,30 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+# --- signed file links -------------------------------------------------------------------------
+#
+# A browser's <img src> sends no Authorization header: POST /files/{id}/link answers URLs
+# carrying `expires` and `signature`, an HMAC-SHA256 of the file id and the expiry under a
+# key derived from the server's secret (never the token key itself).
+
+FILE_LINK_TTL = 300  # seconds
+
+
+def _file_link_key(secret: str) -> bytes:
+    return hmac.new(secret.encode(), b"chatd file link v1", hashlib.sha256).digest()
+
+
+def sign_file_link(secret: str, file_id: uuid.UUID, expires: int) -> str:
+    message = f"{file_id}:{expires}".encode()
+    return hmac.new(_file_link_key(secret), message, hashlib.sha256).hexdigest()
+
+
+def check_file_link(secret: str, file_id: uuid.UUID, expires: str, signature: str) -> bool:
+    """Whether the link is one this server signed for this file, and has not expired."""
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+        return False
+    if int(expires) < time.time():
+        return False
+    return hmac.compare_digest(sign_file_link(secret, file_id, int(expires)), signature)

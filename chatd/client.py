@@ -42,10 +42,12 @@ import functools
 import itertools
 import json
 import logging
+import os
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -256,7 +258,8 @@ class Api:
         return await self.call("POST", f"/messages/{message_id}/report", json={"reason": reason})
 
     async def export(self) -> dict[str, Any]:
-        """GET /me/export, every page of messages gathered into the first answer."""
+        """GET /me/export, every page of messages gathered into the first answer (which
+        alone lists the files)."""
         archive = await self.call("GET", "/me/export")
         page = archive
         while page["has_more"]:
@@ -281,6 +284,40 @@ class Api:
 
     async def chat(self, chat_id: int) -> dict[str, Any]:
         return await self.call("GET", f"/chats/{chat_id}")
+
+    async def upload(
+        self, file: str | os.PathLike[str] | bytes, name: str | None = None
+    ) -> dict[str, Any]:
+        """Upload a file (a path, streamed from disk, or bytes); returns the Upload, whose
+        `upload_id` goes into a message's attachments. `name` defaults to the path's."""
+        if isinstance(file, bytes):
+            return await self.call(
+                "POST", "/uploads", params={"name": name or "file"}, content=file
+            )
+        path = Path(file)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            source = await asyncio.to_thread(path.open, "rb")
+            try:
+                while chunk := await asyncio.to_thread(source.read, 256 * 1024):
+                    yield chunk
+            finally:
+                source.close()
+
+        size = (await asyncio.to_thread(path.stat)).st_size
+        headers = {"Content-Length": str(size)}
+        params = {"name": name or path.name}
+        return await self.call("POST", "/uploads", params=params, content=chunks(), headers=headers)
+
+    async def download(self, file_id: str, *, thumbnail: bool = False) -> bytes:
+        """A file's bytes (or its thumbnail's) that you may read; ChatdError not_found else."""
+        path = f"/files/{file_id}/thumbnail" if thumbnail else f"/files/{file_id}"
+        headers = {"Authorization": f"Bearer {self.access_token}"} if self.access_token else {}
+        response = await self.http.get(path, headers=headers)
+        if response.is_error:
+            error = response.json().get("error", {})
+            raise ChatdError.from_body(error, response.status_code)
+        return response.content
 
     async def connect(self, timeout: float = 10) -> Socket:
         """Open /connect with the current access token; see Socket.open."""
@@ -670,19 +707,23 @@ class Client:
         *,
         reply_to: int | None = None,
         mentions: Iterable[str] = (),
+        attachments: Iterable[str] = (),
     ) -> Any:
         """Send a message and return it. A drop before the ack is retried on the next socket
         with the same client_msg_id, so the message is stored once whatever happened; over
         the server's message rate limit, it waits as long as the server says, then retries.
 
         `reply_to`: a message of the same chat this one answers; `mentions`: uuids of
-        members it mentions."""
+        members it mentions; `attachments`: upload_ids from `upload` (the text may then
+        be empty)."""
         fields: dict[str, Any] = {"chat_id": chat_id, "text": text}
         fields["client_msg_id"] = client_msg_id or str(uuid.uuid4())
         if reply_to is not None:
             fields["reply_to"] = reply_to
         if mentions:
             fields["mentions"] = list(mentions)
+        if attachments:
+            fields["attachments"] = list(attachments)
         return await self._paced("send_message", fields)
 
     async def reply(
@@ -718,17 +759,9 @@ class Client:
         """Delete a message for everyone (the sender, or a group's owner or admins), or for
         you only (`for_everyone=False`: any member; it is hidden from you). Returns
         `{chat_id, message_id, for_everyone}`. Retried after drops: deleting again changes
-        nothing (the server acks a repeat). Should a server answer a repeated delete for me
-        with not_found (a hidden message is not_found for its hider in other actions), the
-        ack is made from what this client knows, `chat_id` None if it knows nothing."""
-        try:
-            fields = {"message_id": message_id, "for_everyone": for_everyone}
-            return await self._paced("delete_message", fields)
-        except ChatdError as exc:
-            if for_everyone or not exc.resent or exc.code != "not_found":
-                raise
-        chat_id = next((c for c, ids in self._hidden.items() if message_id in ids), None)
-        return {"chat_id": chat_id, "message_id": message_id, "for_everyone": False}
+        nothing (the server acks a repeat, of either kind)."""
+        fields = {"message_id": message_id, "for_everyone": for_everyone}
+        return await self._paced("delete_message", fields)
 
     async def react(self, message_id: int, emoji: str) -> Any:
         """Add your reaction `emoji` (one emoji) to a message; return the Message. A set:

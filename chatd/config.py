@@ -98,6 +98,16 @@ def _optional(env: Env, name: str, default: str | None) -> str | None:
     return env.get(name) or default
 
 
+def _files_url(env: Env, name: str, default: str | None) -> str | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    scheme, _, rest = raw.partition("://")
+    if scheme != "s3" or not rest.split("/", 1)[0]:
+        raise SystemExit(f"{name} must be unset (local files) or s3://bucket[/prefix], got {raw!r}")
+    return raw
+
+
 def _bool(env: Env, name: str, default: bool = False) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw == "":
@@ -229,6 +239,24 @@ class Settings:
     deleted_user_messages: str = setting(
         "CHATD_DELETED_USER_MESSAGES", "keep", _deleted_user_messages
     )
+    # Files (chatd/files.py): their bytes live in $CHATD_DATA_DIR/files, or, with
+    # s3://bucket/prefix, in an S3-compatible bucket (credentials: the standard AWS_*
+    # variables). Uploads are received in $CHATD_DATA_DIR/files/tmp either way.
+    files_url: str | None = setting("CHATD_FILES_URL", None, _files_url)
+    # An S3-compatible service other than AWS (MinIO, Ceph, R2...): its URL.
+    s3_endpoint_url: str | None = setting("CHATD_S3_ENDPOINT_URL", None, _optional)
+    # An upload over this is refused (413) as soon as the body crosses it.
+    max_upload_bytes: int = setting("CHATD_MAX_UPLOAD_BYTES", 25 * 1024 * 1024)
+    # The bytes of a user's uploads together (each upload counts, even of the same bytes).
+    user_quota_bytes: int = setting("CHATD_USER_QUOTA_BYTES", 1024 * 1024 * 1024)
+    # Seconds an upload may wait to be attached before the collector deletes it.
+    upload_ttl: int = setting("CHATD_UPLOAD_TTL", 24 * 3600)
+    # Seconds a file is kept after it was last attached, and bytes after they were last
+    # uploaded, before the collector may delete what nothing refers to: longer than any
+    # send or upload takes, so one in flight never loses its file.
+    file_grace: int = setting("CHATD_FILE_GRACE", 600)
+    # Seconds between two rounds of the file collector.
+    file_gc_interval: int = setting("CHATD_FILE_GC_INTERVAL", 300)
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
 

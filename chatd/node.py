@@ -24,6 +24,7 @@ import asyncpg
 from chatd import metrics
 from chatd.config import Settings
 from chatd.db import create_pool
+from chatd.files import FileCollector, Files, open_blob_store
 from chatd.hub import Bus, Hub, LocalBus, publish
 from chatd.protocol import Event, Readiness
 from chatd.ratelimit import Limits, TypingGate
@@ -53,17 +54,28 @@ class Node:
             RedisBus(self.hub, settings.redis_url) if settings.redis_url else LocalBus(self.hub)
         )
         self.writer = MessageWriter(self.pool, self.bus)
+        store = open_blob_store(settings.data_dir, settings.files_url, settings.s3_endpoint_url)
+        self.files = Files(store, settings.data_dir / "files" / "tmp")
+        self.collector = FileCollector(
+            self.pool,
+            store,
+            upload_ttl=settings.upload_ttl,
+            grace=settings.file_grace,
+            interval=settings.file_gc_interval,
+        )
         self.limits = Limits(settings)
         self.typing_gate = TypingGate(remote=self.limits.remote)
         self._watchdog: asyncio.Task[None] | None = None
         self._drained: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        """Connect to the database and the bus; start the stalled-writer watchdog.
+        """Check the file store; connect to the database and the bus; start the
+        stalled-writer watchdog.
 
-        When either cannot be reached, what was opened is closed again and the error raised.
+        When one cannot be reached, what was opened is closed again and the error raised.
         """
         try:
+            await self.files.store.check()  # a wrong bucket or key fails the start, not uploads
             await self.pool
         except BaseException:
             await self.limits.close()
@@ -77,6 +89,7 @@ class Node:
             raise
         self._watchdog = asyncio.create_task(self.hub.watch_writers())
         self._listener = asyncio.create_task(self.revocations.run())
+        self.collector.start()
         # Serve once revocations are heard (a session is trusted from memory only then).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.revocations.listening.wait(), 10)
@@ -86,10 +99,12 @@ class Node:
         for task in (self._watchdog, self._listener, self._pool_watch):
             if task is not None:
                 task.cancel()
+        await self.collector.stop()
         await self.writer.wait_idle(timeout=5)
         await self.bus.close()
         await self.limits.close()
         await self.pool.close()
+        await self.files.store.close()
 
     async def publish(self, user_ids: Iterable[uuid.UUID], event: Event) -> None:
         """Send `event` to every socket of these users, on every node (encoded once)."""

@@ -61,6 +61,10 @@ class Operation:
     errors: tuple[int, ...] = ()  # statuses besides 401 (implied by auth) it can answer
     tag: str | None = None  # the area it belongs to, for grouping in /docs
     request: type | None = None  # the request Struct it carries (chatd/rest.py's routes)
+    # A body that is not JSON (an upload): media type → its schema.
+    raw_body: dict[str, Any] | None = None
+    # A success body that is not JSON (a download): its media type.
+    raw_response: str | None = None
 
 
 class _IntConvertor(IntegerConvertor):
@@ -169,6 +173,9 @@ def openapi_document(
             item["parameters"] = parameters
         if op.body is not None:
             item["requestBody"] = {"required": True, "content": {JSON: {"schema": schema[op.body]}}}
+        if op.raw_body is not None:
+            content = {media: {"schema": body} for media, body in op.raw_body.items()}
+            item["requestBody"] = {"required": True, "content": content}
         success = schema[op.response] if op.response is not None else None
         item["responses"] = _responses(op, success, schema[ErrorResponse])
         item["security"] = [{"bearerAuth": []}] if op.auth else []
@@ -220,6 +227,8 @@ def _responses(op: Operation, success: Any, error: Any) -> dict[str, Any]:
         ok: dict[str, Any] = {"description": HTTPStatus(status).phrase}
         if success is not None:
             ok["content"] = {JSON: {"schema": success}}
+        elif op.raw_response is not None and status != 304:
+            ok["content"] = {op.raw_response: {"schema": {"type": "string", "format": "binary"}}}
         responses[str(status)] = ok
     for status in sorted({*op.errors, *TRANSPORT_ERRORS, *((401,) if op.auth else ())}):
         responses[str(status)] = {

@@ -32,6 +32,8 @@ FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 UNAUTHORIZED = "unauthorized"
 EMAIL_TAKEN = "email_taken"
+TOO_LARGE = "too_large"  # an upload over CHATD_MAX_UPLOAD_BYTES
+QUOTA_EXCEEDED = "quota_exceeded"  # an upload past the user's CHATD_USER_QUOTA_BYTES
 INVALID_CREDENTIALS = "invalid_credentials"
 INTERNAL = "internal"  # a server-side failure; the request may be retried
 UNAVAILABLE = "unavailable"  # the database is unavailable; retry (sends: same client_msg_id)
@@ -47,6 +49,8 @@ HTTP_STATUS = {
     RATE_LIMITED: 429,
     UNAUTHORIZED: 401,
     EMAIL_TAKEN: 409,
+    TOO_LARGE: 413,
+    QUOTA_EXCEEDED: 413,
     INVALID_CREDENTIALS: 401,
     INTERNAL: 500,
     UNAVAILABLE: 503,
@@ -128,6 +132,8 @@ def stripped_text(min_length: int, max_length: int) -> Any:
 
 
 Text = stripped_text(1, MAX_TEXT_CHARS)
+# A message's text may be empty when it carries attachments.
+MessageText = stripped_text(0, MAX_TEXT_CHARS)
 GroupName = stripped_text(1, MAX_GROUP_NAME_CHARS)
 UserName = stripped_text(1, MAX_USER_NAME_CHARS)
 # Checked by the register handler, after the name and the email.
@@ -148,6 +154,13 @@ PageSize = Annotated[int, Meta(ge=1, le=MAX_PAGE_SIZE, description="page size")]
 Version = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 MAX_MENTIONS = 100
 Mentions = Annotated[list[UserUuid], Meta(max_length=MAX_MENTIONS)]
+MAX_ATTACHMENTS = 10
+# An upload's id (a UUID), kept a str like UserUuid: a malformed one is `invalid`.
+FileUuid = Annotated[str, Meta(extra_json_schema={"format": "uuid"})]
+Attachments = Annotated[
+    list[FileUuid],
+    Meta(max_length=MAX_ATTACHMENTS, description="upload_ids of your uploads, in order"),
+]
 # One emoji grapheme cluster (handlers check it is one); the schema bounds its length.
 Emoji = Annotated[str, Meta(min_length=1, max_length=32)]
 MAX_REPORT_REASON_CHARS = 500
@@ -160,6 +173,18 @@ class Reaction(Struct):
     emoji: str
     count: int
     users: list[UserUuid]  # the newest 20 who reacted with it, newest first
+
+
+class Attachment(Struct):
+    """A file a message carries. Its bytes: GET /files/{id} (and /files/{id}/thumbnail
+    when width is set), or the URLs of POST /files/{id}/link."""
+
+    id: FileUuid
+    name: str
+    mime: str  # sniffed from the content, never the uploader's word
+    size: int  # bytes
+    width: int | None  # set for an image chatd decoded (it has a thumbnail); else null
+    height: int | None
 
 
 class ForwardedFrom(Struct):
@@ -186,6 +211,7 @@ class Message(Struct):
     forwarded_from: ForwardedFrom | None
     reactions: list[Reaction]  # in the order each emoji was first used
     version: int  # the chat's version at this message's last change
+    attachments: list[Attachment] = []  # in the order sent; none once deleted for everyone
 
 
 class Member(Struct):
@@ -267,10 +293,11 @@ class GetChat(Action, tag="get_chat"):
 
 class SendMessage(Action, tag="send_message"):
     chat_id: Id
-    text: Text
+    text: MessageText = ""  # may be empty when attachments are given
     client_msg_id: ClientMsgId | None = None
     reply_to: Annotated[Id | None, Meta(description="a message of the same chat")] = None
     mentions: Annotated[Mentions, Meta(description="members of the chat")] = []
+    attachments: Attachments = []
 
 
 class EditMessage(Action, tag="edit_message"):
@@ -660,6 +687,12 @@ class GetEdits(Struct, kw_only=True):
     message_id: Id
 
 
+class GetFileLink(Struct, kw_only=True):
+    """POST /files/{file_id}/link: short-lived URLs of a file you may download."""
+
+    file_id: uuid.UUID
+
+
 class Read(Struct, kw_only=True):
     """POST /chats/{chat_id}/read: mark_read in one chat, up to one of its messages."""
 
@@ -893,6 +926,9 @@ class Export(Struct):
     sessions: list[SessionInfo]
     blocked: list[Member]
     chats: list[ExportedChat]
+    # The files you uploaded, oldest first (their bytes: GET /files/{id}); on the first
+    # page only (without `after`), empty on the later ones.
+    files: list[Attachment]
     messages: list[Message]
     has_more: bool
     next_after: int | None
@@ -982,6 +1018,26 @@ class DeletedMessage(Struct):
     chat_id: int
     message_id: int
     for_everyone: bool
+
+
+class Upload(Struct):
+    """An upload, stored: attach it by its upload_id."""
+
+    upload_id: FileUuid
+    name: str
+    mime: str  # sniffed from the content
+    size: int
+    sha256: str  # of the bytes stored (an image's metadata taken out)
+    width: int | None  # images chatd decoded (a thumbnail exists); else null
+    height: int | None
+
+
+class FileLink(Struct):
+    """Signed URLs that need no Authorization header (for <img src>), until expires_at."""
+
+    url: str
+    thumbnail_url: str | None  # null when the file has no thumbnail
+    expires_at: Timestamp
 
 
 class Health(Struct):

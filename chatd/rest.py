@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from chatd import rest_files
 from chatd.auth import bearer_token
 from chatd.db import is_unavailable
 from chatd.handlers import HANDLERS, REST_HANDLERS, SOCKET_ONLY, handler_for
@@ -69,9 +70,11 @@ from chatd.protocol import (
     ErrorResponse,
     Export,
     ExportMe,
+    FileLink,
     ForwardMessage,
     GetChat,
     GetEdits,
+    GetFileLink,
     GetHistory,
     GetMe,
     GetMessage,
@@ -446,6 +449,7 @@ TAGS = {
     "users": "Finding people",
     "chats": "Private chats and groups, their members and roles",
     "messages": "Sending, reading and paging through messages",
+    "files": "Uploads, downloads and signed links",
     "health": "For load balancers and orchestrators",
     "admin": "For the server's admins (role admin): accounts, moderation, reports, audit",
 }
@@ -652,6 +656,13 @@ OPERATIONS = [
     route(
         "GET", "/admin/audit", AdminListAudit, "The audit log of admin actions, newest first",
         AuditLog, tag="admin", errors=(403, 422, 503),
+    ),
+    # files
+    *rest_files.OPERATIONS,
+    route(
+        "POST", "/files/{file_id:uuid}/link", GetFileLink,
+        "Signed URLs of a file you may download, for <img src> (valid 5 minutes)", FileLink,
+        tag="files", errors=(404, 503),
     ),
     # health
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False, tag="health"),

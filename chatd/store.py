@@ -15,6 +15,7 @@ import msgspec
 
 from chatd.hub import Bus, publish
 from chatd.protocol import (
+    Attachment,
     ForwardedFrom,
     Message,
     MessageRead,
@@ -28,11 +29,13 @@ from chatd.protocol import (
 MESSAGE_COLUMNS = """
     m.id, m.chat_id, m.seq, m.sender_id, m.text, m.created_at, m.client_msg_id,
     m.seq <= c.read_seq AS is_read,
-    m.version, m.edited_at, m.deleted, m.reply_to, m.mentions, m.forwarded_from, m.reactions
+    m.version, m.edited_at, m.deleted, m.reply_to, m.mentions, m.forwarded_from, m.reactions,
+    m.attachments
 """
 
 _reactions = msgspec.json.Decoder(list[Reaction])
 _forwarded = msgspec.json.Decoder(ForwardedFrom)
+_attachments = msgspec.json.Decoder(list[Attachment])
 
 
 def message_from_row(row: asyncpg.Record) -> Message:
@@ -54,6 +57,7 @@ def message_from_row(row: asyncpg.Record) -> Message:
         forwarded_from=_forwarded.decode(forwarded) if forwarded else None,
         reactions=_reactions.decode(reactions) if reactions else [],
         version=row["version"],
+        attachments=_attachments.decode(row["attachments"]) if row["attachments"] else [],
     )
 
 

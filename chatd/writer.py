@@ -28,6 +28,7 @@ from chatd.metrics import MESSAGES_PERSISTED, SEND_BATCH_SIZE, SEND_SECONDS
 from chatd.protocol import (
     FORBIDDEN,
     INVALID,
+    Attachment,
     ChatError,
     Created,
     ForwardedFrom,
@@ -63,9 +64,10 @@ JOIN chats c ON c.id = m.chat_id
 _INSERT_MESSAGES = """
 WITH input AS (
     SELECT * FROM unnest(
-        $1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[]
+        $1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
+        $8::text[]
     ) WITH ORDINALITY
-        AS t(chat_id, sender_id, text, client_msg_id, reply_to, mentions, forwarded, n)
+        AS t(chat_id, sender_id, text, client_msg_id, reply_to, mentions, forwarded, attached, n)
 ), accepted AS (
     SELECT input.*, cm.read_seq AS sender_read_seq,
            c.last_seq + row_number() OVER (PARTITION BY input.chat_id ORDER BY input.n) AS seq,
@@ -88,16 +90,28 @@ WITH input AS (
     WHERE c.id = top.chat_id
 ), stored AS (
     INSERT INTO messages (
-        chat_id, seq, sender_id, text, client_msg_id, version, reply_to, mentions, forwarded_from
+        chat_id, seq, sender_id, text, client_msg_id, version, reply_to, mentions, forwarded_from,
+        attachments
     )
     SELECT chat_id, seq, sender_id, text, client_msg_id, version, reply_to,
-           mentions::uuid[], forwarded::jsonb
+           mentions::uuid[], forwarded::jsonb, attached::jsonb
     FROM accepted ORDER BY chat_id, seq
     RETURNING id, chat_id, seq, created_at
+), attached AS (
+    -- What authorizes downloads of the files, and keeps them (chatd/files.py).
+    INSERT INTO message_files (message_id, position, file_id)
+    SELECT stored.id, a.position, (a.file ->> 'id')::uuid
+    FROM accepted
+    JOIN stored ON stored.chat_id = accepted.chat_id AND stored.seq = accepted.seq
+    CROSS JOIN jsonb_array_elements(accepted.attached::jsonb) WITH ORDINALITY AS a(file, position)
+    WHERE accepted.attached IS NOT NULL
 ), mentioned AS (
+    -- Counted for members only: one removed since the handler checked is not.
     INSERT INTO mentions (user_id, chat_id, seq)
-    SELECT DISTINCT mentioned.id, chat_id, seq
+    SELECT DISTINCT mentioned.id, accepted.chat_id, accepted.seq
     FROM accepted CROSS JOIN unnest(accepted.mentions::uuid[]) AS mentioned(id)
+    JOIN chat_members member
+      ON member.chat_id = accepted.chat_id AND member.user_id = mentioned.id
     WHERE accepted.mentions IS NOT NULL
 ), read_own AS (
     UPDATE chat_members cm SET read_seq = mine.seq
@@ -123,7 +137,12 @@ WHERE EXISTS (SELECT 1 FROM chat_members cm WHERE cm.chat_id = k.chat_id AND cm.
 MAX_BATCH = 256
 MAX_BATCHES_IN_FLIGHT = 2
 # Failures that concern one send of a batch, not all of them: the batch is redone one by one.
-_RETRY_ONE_BY_ONE = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError)
+# (A foreign key: an attachment collected meanwhile, which the claim's grace makes unlikely.)
+_RETRY_ONE_BY_ONE = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.ForeignKeyViolationError,
+)
 
 RetryKey = tuple[uuid.UUID, str]  # (sender, client_msg_id)
 
@@ -135,6 +154,11 @@ class Extras:
     reply_to: int | None = None
     mentions: tuple[uuid.UUID, ...] = ()
     forwarded_from: ForwardedFrom | None = None
+    attachments: tuple[Attachment, ...] = ()  # claimed by the sender (handlers/files.py)
+
+    def attachments_json(self) -> str | None:
+        """The attachments as the message row keeps them (NULL: none)."""
+        return msgspec.json.encode(self.attachments).decode() if self.attachments else None
 
     def mentions_literal(self) -> str | None:
         """The mentions as a PostgreSQL array literal (NULL: none), for the batch's unnest."""
@@ -287,6 +311,7 @@ class MessageWriter:
                 [s.extras.reply_to for s in new],
                 [s.extras.mentions_literal() for s in new],
                 [_forwarded_json(s.extras.forwarded_from) for s in new],
+                [s.extras.attachments_json() for s in new],
             )
             # Only senders who were holding a chat's watermark back can move it.
             chat_of = {row["n"]: new[row["n"] - 1].chat_id for row in rows}
@@ -330,6 +355,7 @@ class MessageWriter:
                 forwarded_from=send.extras.forwarded_from,
                 reactions=[],
                 version=row["version"],
+                attachments=list(send.extras.attachments),
             )
             done.stored.append(StoredSend(send, message, row["member_ids"]))
         return done

@@ -23,7 +23,8 @@ ALTER TABLE messages
 -- sync: the messages of a chat changed since a version. Only changed messages are in it:
 -- a message a client holds (seq <= its seq) was sent at or before its version, so only a
 -- change can put it above; and a send adds no entry, which keeps sends as cheap as before.
-CREATE INDEX messages_changed_idx ON messages (chat_id, version) WHERE changed;
+-- seq is a key column so the "held by the client" test (seq <= its seq) reads no table row.
+CREATE INDEX messages_changed_idx ON messages (chat_id, version, seq) WHERE changed;
 -- unread counts subtract the deleted messages above a read pointer: few, found directly.
 CREATE INDEX messages_deleted_idx ON messages (chat_id, seq) WHERE deleted;
 

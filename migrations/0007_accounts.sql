@@ -1,6 +1,6 @@
 -- Accounts after day one: sessions (one per login) that can be revoked, blocks between
 -- users, the server role and disabled or deleted accounts.
--- depends: 0005_message_lifecycle
+-- depends: 0006_files
 
 -- A session is one login: its refresh tokens are one family (refresh_tokens.family_id is
 -- the session's id), and its access tokens carry its id (the `sid` claim). Revoking it

@@ -112,6 +112,7 @@ class Server:
     secret: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    files_url: str | None = None  # CHATD_FILES_URL: unset, its files are on its disk
 
     @property
     def ws_url(self) -> str:
@@ -141,7 +142,8 @@ def start_server(database_url: str, workdir: Path, port: int | None = None, **en
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = Server(f"http://127.0.0.1:{port}", TEST_SECRET, process, log_path)
+    files_url = full_env.get("CHATD_FILES_URL") or None
+    server = Server(f"http://127.0.0.1:{port}", TEST_SECRET, process, log_path, files_url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -161,6 +163,18 @@ def stop_server(server: Server) -> None:
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+
+
+def wait_for_port(process: subprocess.Popen[bytes], port: int, timeout: float, name: str) -> None:
+    """Return once `process` accepts connections on 127.0.0.1:`port`; raise if it exits
+    or takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
@@ -195,14 +209,67 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
+        wait_for_port(process, port, 20, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@dataclass
+class S3Service:
+    """A real S3-API server (moto's) with one bucket; each chatd it serves gets a prefix
+    of its own."""
+
+    endpoint: str
+    bucket: str
+    log_path: Path
+
+    CREDENTIALS = {  # moto accepts any; chatd reads them as it would AWS's
+        "AWS_ACCESS_KEY_ID": "chatd-test",
+        "AWS_SECRET_ACCESS_KEY": "chatd-test-secret",
+        "AWS_REGION": "us-east-1",
+    }
+
+    def server_env(self) -> dict[str, str]:
+        """A chatd's environment for a fresh prefix of the bucket."""
+        return {
+            "CHATD_FILES_URL": f"s3://{self.bucket}/chatd-{uuid.uuid4().hex[:8]}",
+            "CHATD_S3_ENDPOINT_URL": self.endpoint,
+            **self.CREDENTIALS,
+        }
+
+    def client(self):  # type: ignore[no-untyped-def]
+        """A boto3 S3 client: the tests look at the bucket through another client than
+        chatd's."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.CREDENTIALS["AWS_REGION"],
+            aws_access_key_id=self.CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
+    """moto's S3 server (`moto[server]`), on a free port, for the run."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("s3") / "moto.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env={**os.environ, "MOTO_RECORDER_FILEPATH": str(log_path.with_name("recording"))},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    service = S3Service(f"http://127.0.0.1:{port}", "chatd-test", log_path)
+    try:
+        wait_for_port(process, port, 30, f"moto (log: {log_path})")
+        service.client().create_bucket(Bucket=service.bucket)
+        yield service
     finally:
         process.terminate()
         process.wait(timeout=10)

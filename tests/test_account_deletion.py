@@ -151,7 +151,17 @@ async def test_export_holds_the_profile_chats_and_own_messages(
     alice, bob, carol = await make_user("Alice"), await make_user("Bob"), await make_user("Carol")
     group, private, sent = await scene(alice, bob, carol)
     await alice.call("PUT", f"/me/blocks/{carol.user_uuid}")
+    uploaded = await alice.http.post(
+        "/uploads",
+        params={"name": "notes.txt"},
+        content=b"my notes",
+        headers={"Authorization": f"Bearer {alice.access_token}", "Content-Type": "text/plain"},
+    )
+    assert uploaded.status_code == 201, uploaded.text
     export = await alice.call("GET", "/me/export")
+    assert [(f["id"], f["name"], f["size"]) for f in export["files"]] == [
+        (uploaded.json()["upload_id"], "notes.txt", 8)
+    ]
     assert export["profile"] == await alice.me()
     assert [s["current"] for s in export["sessions"]] == [True]
     assert export["blocked"] == [{"user_uuid": carol.user_uuid, "name": "Carol"}]
@@ -180,6 +190,7 @@ async def test_export_holds_the_profile_chats_and_own_messages(
     assert len(first["messages"]) == EXPORT_PAGE and first["has_more"]
     rest = await alice.call("GET", "/me/export", params={"after": first["next_after"]})
     assert len(rest["messages"]) == 3 and not rest["has_more"]
+    assert (len(first["files"]), rest["files"]) == (1, [])  # files: on the first page
     ids = [m["id"] for m in first["messages"] + rest["messages"]]
     assert ids == sorted(set(ids))
     whole = await alice.export()  # the SDK gathers the pages

@@ -22,6 +22,7 @@ Every refused attempt must leave the chat as it was.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import time
@@ -35,6 +36,7 @@ import httpx
 import jwt
 import pytest
 import websockets
+from PIL import Image
 
 from chatd import rest
 from chatd.client import Api
@@ -57,6 +59,7 @@ class Ids:
     owners_message_id: int  # the owner's: the member may not delete it for everyone
     target_uuid: str  # a plain member of the chat, for the member-management rows
     other_uuid: str  # a user who is not in the chat, for add_members and create_chat
+    file_id: str  # an image the member uploaded and attached to their message
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,15 @@ REST_MATRIX: dict[str, Row] = {
     "DELETE /chats/{chat_id:int}/pin": Row(
         lambda i: (f"/chats/{i.chat_id}/pin", None), NF, NF, FORBIDDEN
     ),
+    # Not of a chat: anyone signed in may upload (the body here is JSON, stored as a file).
+    "POST /uploads": Row(lambda i: ("/uploads", {"a": "file"}), OK, OK, OK),
+    "GET /files/{file_id:uuid}": Row(lambda i: (f"/files/{i.file_id}", None), NF, NF, OK),
+    "GET /files/{file_id:uuid}/thumbnail": Row(
+        lambda i: (f"/files/{i.file_id}/thumbnail", None), NF, NF, OK
+    ),
+    "POST /files/{file_id:uuid}/link": Row(
+        lambda i: (f"/files/{i.file_id}/link", None), NF, NF, OK
+    ),
 }
 
 OPERATIONS = {f"{op.method} {op.path}": op for op in rest.OPERATIONS}
@@ -337,10 +349,24 @@ async def make_scene(cast: Cast) -> Ids:
             "user_ids": [cast.member.user_uuid, cast.target.user_uuid, cast.removed.user_uuid],
         },
     )
-    message = await cast.member.call("POST", f"/chats/{chat['id']}/messages", json={"text": "x"})
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(image, "PNG")
+    upload = await cast.member.call("POST", "/uploads", content=image.getvalue())
+    message = await cast.member.call(
+        "POST",
+        f"/chats/{chat['id']}/messages",
+        json={"text": "x", "attachments": [upload["upload_id"]]},
+    )
     owners = await cast.owner.call("POST", f"/chats/{chat['id']}/messages", json={"text": "o"})
     await cast.owner.call("DELETE", f"/chats/{chat['id']}/members/{cast.removed.user_uuid}")
-    return Ids(chat["id"], message["id"], owners["id"], cast.target.user_uuid, cast.other.user_uuid)
+    return Ids(
+        chat["id"],
+        message["id"],
+        owners["id"],
+        cast.target.user_uuid,
+        cast.other.user_uuid,
+        upload["upload_id"],
+    )
 
 
 def missing(ids: Ids) -> Ids:
@@ -350,6 +376,7 @@ def missing(ids: Ids) -> Ids:
         chat_id=2**62 + ids.chat_id,
         message_id=2**62 + ids.message_id,
         owners_message_id=2**62 + ids.owners_message_id,
+        file_id=str(uuid.uuid4()),
     )
 
 

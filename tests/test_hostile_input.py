@@ -488,6 +488,7 @@ def valid_rest_value(world: World, name: str) -> Any:
         "path:message_id": str(world.message_id),
         "path:user_uuid": world.other.user_uuid,
         "path:emoji": quote("👍"),
+        "path:file_id": str(uuid.uuid4()),  # no such file: 404, and nothing changes
         "query:for_everyone": "false",
         "header:Idempotency-Key": str(uuid.uuid4()).encode(),
         "body.name": "Hostile",

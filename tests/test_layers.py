@@ -26,6 +26,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.text",
         "chatd.metrics",
         "chatd.logs",
+        "chatd.media",
     },
     # What handlers use: the node and everything it owns.
     "services": {
@@ -36,6 +37,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.redis_bus",
         "chatd.revocations",
         "chatd.ratelimit",
+        "chatd.files",
     },
     # One function per request, with its SQL.
     "handlers": {"chatd.handlers"},
@@ -45,6 +47,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.session",
         "chatd.outbox",
         "chatd.rest",
+        "chatd.rest_files",
         "chatd.openapi",
         "chatd.asyncapi",
         "chatd.webapp",

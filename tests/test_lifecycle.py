@@ -599,3 +599,54 @@ async def test_concurrent_edit_delete_and_react_end_consistent(alice: Api, bob: 
             assert (await bob.call("GET", f"/messages/{sent['id']}/edits"))["edits"] == []
             chat_version = (await bob.chat(chat["id"]))["version"]
             assert final["version"] == chat_version
+
+
+async def test_review_findings_forwards_hides_and_pins(alice: Api, bob: Api, carol: Api) -> None:
+    async with await alice.connect() as a, await bob.connect() as b:
+        chat = await group(a, bob, carol)
+        sent = await a.request("send_message", chat_id=chat["id"], text="see you at 5")
+        # A forward is attributed to its first sender: it cannot be edited into other words.
+        copy = await b.request("forward_message", message_id=sent["id"], chat_id=chat["id"])
+        code = await error_code(b, "edit_message", message_id=copy["id"], text="I resign")
+        assert code == "invalid"
+        # A reaction left on a message hidden since can still be taken back, and a sender
+        # who hid their own message can still delete it for everyone.
+        await b.request("react", message_id=sent["id"], emoji="🔥")
+        mine = await b.request("send_message", chat_id=chat["id"], text="oops")
+        for message in (sent, mine):
+            await b.request("delete_message", message_id=message["id"], for_everyone=False)
+        taken = await b.request("unreact", message_id=sent["id"], emoji="🔥")
+        assert taken["reactions"] == []
+        assert (await b.request("delete_message", message_id=mine["id"]))["for_everyone"]
+        assert (await alice.call("GET", f"/messages/{mine['id']}"))["deleted"] is True
+        # A plain member may not pin, whatever the message.
+        await a.request("delete_message", message_id=copy["id"])
+        async with await carol.connect() as c:
+            code = await error_code(c, "pin_message", message_id=copy["id"])
+        assert code == "forbidden"
+
+
+async def test_refused_changes_do_not_count_against_the_change_limit(
+    database_url: str, tmp_path: Any
+) -> None:
+    from tests.conftest import new_user, start_server, stop_server
+
+    server = start_server(
+        database_url, tmp_path, CHATD_CHANGE_RATE="2/min", CHATD_REGISTER_RATE="off"
+    )
+    try:
+        alice, bob = await new_user(server, "Alice"), await new_user(server, "Bob")
+        async with await alice.connect() as a, await bob.connect() as b:
+            chat = await group(a, bob)
+            sent = await a.request("send_message", chat_id=chat["id"], text="x")
+            for _ in range(3):  # not bob's: refused, and not counted
+                code = await error_code(b, "edit_message", message_id=sent["id"], text="y")
+                assert code == "forbidden"
+            await b.request("react", message_id=sent["id"], emoji="👍")
+            await b.request("unreact", message_id=sent["id"], emoji="👍")
+            code = await error_code(b, "react", message_id=sent["id"], emoji="👍")
+            assert code == "rate_limited"
+        await alice.aclose()
+        await bob.aclose()
+    finally:
+        stop_server(server)

@@ -37,6 +37,7 @@ async def test_message_reaches_every_socket_sender_included(alice: Api, bob: Api
             "forwarded_from",
             "reactions",
             "version",
+            "attachments",
         }
         assert message["text"] == "hello"
         assert message["seq"] == 1

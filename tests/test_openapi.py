@@ -6,6 +6,7 @@ The tests walk chatd.rest.OPERATIONS, so a new route is checked without editing 
 
 from __future__ import annotations
 
+import io
 import re
 import uuid
 from html.parser import HTMLParser
@@ -17,6 +18,7 @@ import jsonschema
 import msgspec
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
+from PIL import Image
 
 from chatd import rest
 from chatd.client import Api
@@ -92,6 +94,9 @@ def check_response(document: dict[str, Any], op: Operation, response: httpx.Resp
     if content is None:
         assert response.content == b""
         return
+    if op.raw_response is not None and response.is_success:
+        assert set(content) == {op.raw_response}  # the bytes of a file
+        return
     assert response.headers["content-type"].startswith("application/json")
     validator(document, content["application/json"]["schema"]).validate(response.json())
 
@@ -145,7 +150,9 @@ def test_each_operation_is_described(document: dict[str, Any], key: str) -> None
             assert parameters[where, p.name]["required"] is p.required
             assert parameters[where, p.name]["description"] == p.description
 
-    if op.body is None:
+    if op.raw_body is not None:  # an upload: its media types, not JSON
+        assert set(item["requestBody"]["content"]) == set(op.raw_body)
+    elif op.body is None:
         assert "requestBody" not in item
     else:
         body = item["requestBody"]["content"]["application/json"]["schema"]
@@ -158,7 +165,9 @@ def test_each_operation_is_described(document: dict[str, Any], key: str) -> None
     assert set(responses) == {str(status) for status in expected}
     for status in successes:
         success = responses[str(status)]
-        if op.response is None:
+        if op.raw_response is not None:  # a download: bytes of any type (but 304's none)
+            assert "content" not in success if status == 304 else success["content"]
+        elif op.response is None:
             assert "content" not in success
         elif isinstance(op.response, type) and issubclass(op.response, msgspec.Struct):
             assert success["content"]["application/json"]["schema"] == ref(op.response)
@@ -249,7 +258,16 @@ async def test_real_answers_fit_their_schemas(
     await alice.call("PUT", f"/me/blocks/{bob.user_uuid}")
 
     # Every GET route, with real ids, answers a body its documented schema accepts.
-    values = {"chat_id": chat_id, "message_id": sent.json()["id"], "user_uuid": bob.user_uuid}
+    image = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(image, "PNG")  # an image: it has a thumbnail too
+    upload = await http.post("/uploads", content=image.getvalue(), headers=auth)
+    check_response(document, OPERATIONS["POST /uploads"], upload)
+    values = {
+        "chat_id": chat_id,
+        "message_id": sent.json()["id"],
+        "user_uuid": bob.user_uuid,
+        "file_id": upload.json()["upload_id"],
+    }
     checked = 0
     for op in rest.OPERATIONS:
         if op.method != "GET":

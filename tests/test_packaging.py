@@ -101,7 +101,9 @@ async def test_the_installed_wheel_migrates_and_serves_from_an_unrelated_folder(
         assert postgres, "the embedded PostgreSQL should run in ./.chatd/pgdata"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()
-        wait_until(lambda: not postgres_processes(pgdata), 30, "the embedded PostgreSQL to stop")
+        # Its shutdown checkpoint took over 30 s once on this 2-core machine under other
+        # suites' load; stopping at all is what counts.
+        wait_until(lambda: not postgres_processes(pgdata), 90, "the embedded PostgreSQL to stop")
     finally:
         stop_all(postgres_processes(pgdata), process)
 

@@ -91,7 +91,7 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "list_blocks", "block_user", "unblock_user", "delete_me", "export_me",
         "report_message", "admin_list_users", "admin_create_user", "admin_update_user",
         "admin_delete_user", "admin_stats", "admin_delete_message", "admin_list_reports",
-        "admin_list_audit",
+        "admin_list_audit", "upload_file", "download_file", "download_thumbnail", "file_link",
     }  # fmt: skip
     assert set(document["components"]["schemas"]) == {
         "AddMembersRequest", "Chat", "ChatMember", "ChatOverview", "ChatPage",
@@ -104,7 +104,7 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "SessionList", "UpdateMeRequest", "BlockList", "DeleteMeRequest", "Export",
         "ExportedChat", "ReportMessageRequest", "Report", "AdminCreateUserRequest",
         "AdminUpdateUserRequest", "AdminUser", "AdminUserList", "Stats", "ReportList",
-        "ReportedMessage", "AuditLog", "AuditEntry",
+        "ReportedMessage", "AuditLog", "AuditEntry", "Attachment", "Upload", "FileLink",
     }  # fmt: skip
 
 

@@ -18,6 +18,8 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     blocks.py    block_user, unblock_user, list_blocks (REST only)
     admin.py     report_message; the /admin API (REST only): users, stats, moderation,
                  reports, the audit log
+    files.py     uploads recorded, who may download, signed links, attachments claimed
+                 (the bytes: chatd/rest_files.py)
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
 chatd/rest.py (or its Struct in SOCKET_ONLY).
@@ -34,6 +36,7 @@ from chatd.handlers import (
     blocks,
     changes,
     chats,
+    files,
     groups,
     history,
     messages,
@@ -64,6 +67,7 @@ from chatd.protocol import (
     ForwardMessage,
     GetChat,
     GetEdits,
+    GetFileLink,
     GetHistory,
     GetMe,
     GetMessage,
@@ -150,6 +154,7 @@ REST_HANDLERS: dict[type, Handler] = {
     GetHistory: history.history,
     GetEdits: changes.list_edits,
     Read: reads.read_chat,
+    GetFileLink: files.file_link,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live

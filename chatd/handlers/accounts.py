@@ -34,6 +34,7 @@ from chatd.protocol import (
     NOT_FOUND,
     RATE_LIMITED,
     UNAUTHORIZED,
+    Attachment,
     ChangePassword,
     Chat,
     ChatError,
@@ -481,6 +482,10 @@ FROM chat_members cm JOIN chats c ON c.id = cm.chat_id
 WHERE cm.user_id = $1 ORDER BY c.id
 """
 
+_EXPORT_FILES = """
+SELECT id, name, mime, size, width, height FROM files WHERE owner_id = $1 ORDER BY created_at, id
+"""
+
 _EXPORT_MESSAGES = f"""
 SELECT {MESSAGE_COLUMNS}
 FROM messages m JOIN chats c ON c.id = m.chat_id
@@ -491,17 +496,15 @@ LIMIT $3
 
 
 async def export_me(ctx: Context, action: ExportMe) -> Export:
-    """The caller's data: profile, sessions, blocks, chats, and a page of their messages.
-
-    Files (issue #14) are not in it yet: when uploads land, list the caller's files here
-    (their metadata and download URLs), page by page like the messages.
-    """
+    """The caller's data: profile, sessions, blocks, chats, the files they uploaded (on the
+    first page), and a page of their messages."""
     profile = await me(ctx, GetMe())
     sessions = await list_sessions(ctx, ListSessions())
     blocked = await blocks.list_blocks(ctx, ListBlocks())
     async with ctx.node.pool.acquire() as conn:
         chats = await conn.fetch(_EXPORT_CHATS, ctx.user_id)
         rows = await conn.fetch(_EXPORT_MESSAGES, ctx.user_id, action.after or 0, EXPORT_PAGE + 1)
+        files = [] if action.after else await conn.fetch(_EXPORT_FILES, ctx.user_id)
     messages = [message_from_row(r) for r in rows[:EXPORT_PAGE]]
     has_more = len(rows) > EXPORT_PAGE
     return Export(
@@ -514,6 +517,17 @@ async def export_me(ctx: Context, action: ExportMe) -> Export:
                 id=r["id"], type=r["type"], name=r["name"], role=r["role"], joined_at=r["joined_at"]
             )
             for r in chats
+        ],
+        files=[
+            Attachment(
+                id=str(f["id"]),
+                name=f["name"],
+                mime=f["mime"],
+                size=f["size"],
+                width=f["width"],
+                height=f["height"],
+            )
+            for f in files
         ],
         messages=messages,
         has_more=has_more,

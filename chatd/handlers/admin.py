@@ -374,8 +374,7 @@ def _report(row: Any) -> Report:
 async def report_message(ctx: Context, action: ReportMessage) -> Created[Report]:
     """Report a message of a chat you are in (201); again: the first report (200)."""
     reason = clean_text(action.reason, "reason", min_len=1, max_len=MAX_REPORT_REASON_CHARS)
-    await changes.take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
+    async with changes.counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval(_VISIBLE, action.message_id, ctx.user_id):
             raise ChatError(NOT_FOUND, "no such message")
         row = await conn.fetchrow(_REPORT, action.message_id, ctx.user_id, reason)

@@ -9,12 +9,15 @@ or the whole chat (chat_updated for pins).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import emoji as emoji_data
 
 from chatd.handlers.base import ROLE_RANK, Context, fetch_chat, lock_chat, role_of
+from chatd.handlers.files import claim_attachments
 from chatd.handlers.messages import (
     VISIBLE_MESSAGE,
     no_such_message,
@@ -98,10 +101,19 @@ async def _lock_message(
     return chat, message
 
 
-async def take_change(ctx: Context) -> None:
-    wait = await ctx.node.limits.change.take(str(ctx.user_id))
+@contextlib.asynccontextmanager
+async def counted_change(ctx: Context) -> AsyncIterator[None]:
+    """Count a change against the user's change rate limit; a refused one (a ChatError)
+    is given back, as a refused send is."""
+    limiter, key = ctx.node.limits.change, str(ctx.user_id)
+    wait = await limiter.take(key)
     if wait:
         raise ChatError(RATE_LIMITED, "too many changes; slow down", retry_after=wait)
+    try:
+        yield
+    except ChatError:
+        await limiter.give_back(key)
+        raise
 
 
 async def _may_moderate(
@@ -137,13 +149,15 @@ RETURNING {MESSAGE_COLUMNS}
 async def edit_message(ctx: Context, action: EditMessage) -> Message:
     """Change your message's text; the same text again changes nothing."""
     text = clean_text(action.text, "text", min_len=1, max_len=MAX_TEXT_CHARS)
-    await take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
+    async with counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
         _, row = await _lock_message(conn, ctx, action.message_id)
         if row["sender_id"] != ctx.user_id:
             raise ChatError(FORBIDDEN, "only the sender may edit a message")
         if row["deleted"]:
             raise ChatError(INVALID, "a deleted message cannot be edited")
+        if row["forwarded_from"] is not None:
+            # Its text is attributed to someone else, who did not write an edited one.
+            raise ChatError(INVALID, "a forwarded message cannot be edited")
         if row["text"] == text:
             return message_from_row(row)
         edits = await conn.fetchval(
@@ -178,6 +192,10 @@ async def list_edits(ctx: Context, action: GetEdits) -> EditList:
 
 # A tombstone: the id, seq, sender and time stay (seq stays gapless); the rest goes, with
 # the earlier texts, the reactions and the mentions.
+# What a delete for everyone leaves of a message: a tombstone (its seq stays).
+_TOMBSTONE = """text = '', deleted = true, changed = true, edited_at = NULL, reply_to = NULL,
+    mentions = NULL, forwarded_from = NULL, reactions = NULL, attachments = NULL"""
+
 _ERASE = f"""
 WITH edits AS (
     DELETE FROM message_edits WHERE message_id = $1
@@ -185,10 +203,12 @@ WITH edits AS (
     DELETE FROM message_reactions WHERE message_id = $1
 ), mentioned AS (
     DELETE FROM mentions WHERE chat_id = $3 AND seq = $4
+), files AS (
+    -- Released: the collector deletes what nothing else refers to (chatd/files.py).
+    DELETE FROM message_files WHERE message_id = $1
 )
 UPDATE messages m
-SET text = '', deleted = true, version = $2, changed = true, edited_at = NULL, reply_to = NULL,
-    mentions = NULL, forwarded_from = NULL, reactions = NULL
+SET {_TOMBSTONE}, version = $2
 FROM chats c
 WHERE m.id = $1 AND c.id = m.chat_id
 RETURNING {MESSAGE_COLUMNS}
@@ -205,10 +225,11 @@ WITH doomed AS (
     DELETE FROM message_reactions WHERE message_id IN (SELECT id FROM doomed)
 ), mentioned AS (
     DELETE FROM mentions WHERE chat_id = $1 AND seq IN (SELECT seq FROM doomed)
+), files AS (
+    DELETE FROM message_files WHERE message_id IN (SELECT id FROM doomed)
 )
 UPDATE messages m
-SET text = '', deleted = true, version = $3, changed = true, edited_at = NULL, reply_to = NULL,
-    mentions = NULL, forwarded_from = NULL, reactions = NULL
+SET {_TOMBSTONE}, version = $3
 FROM chats c
 WHERE m.id IN (SELECT id FROM doomed) AND c.id = m.chat_id
 RETURNING {MESSAGE_COLUMNS}
@@ -257,15 +278,13 @@ ON CONFLICT DO NOTHING
 
 async def delete_message(ctx: Context, action: DeleteMessage) -> DeletedMessage:
     """Delete for everyone (a tombstone), or hide for yourself; a repeat changes nothing."""
-    await take_change(ctx)
     answer = DeletedMessage(
         chat_id=0, message_id=action.message_id, for_everyone=action.for_everyone
     )
     chat_after: Chat | None = None
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
-        chat, row = await _lock_message(
-            conn, ctx, action.message_id, hidden_ok=not action.for_everyone
-        )
+    async with counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
+        # A message you hid is still yours to delete for everyone.
+        chat, row = await _lock_message(conn, ctx, action.message_id, hidden_ok=True)
         chat_id = answer.chat_id = row["chat_id"]
         if not action.for_everyone:
             if row["hidden"]:
@@ -382,8 +401,7 @@ def one_emoji(value: str) -> str:
 async def react(ctx: Context, action: React) -> Message:
     """Add your reaction; one that is there already changes nothing."""
     emoji = one_emoji(action.emoji)
-    await take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
+    async with counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
         _, row = await _lock_message(conn, ctx, action.message_id)
         if row["deleted"]:
             raise ChatError(INVALID, "a deleted message cannot be reacted to")
@@ -410,9 +428,9 @@ async def react(ctx: Context, action: React) -> Message:
 async def unreact(ctx: Context, action: Unreact) -> Message:
     """Take your reaction back; one that is not there changes nothing."""
     emoji = one_emoji(action.emoji)
-    await take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
-        _, row = await _lock_message(conn, ctx, action.message_id)
+    async with counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
+        # A reaction you left on a message you hid since is still yours to take back.
+        _, row = await _lock_message(conn, ctx, action.message_id, hidden_ok=True)
         removed = await conn.execute(
             "DELETE FROM message_reactions WHERE message_id = $1 AND emoji = $2 AND user_id = $3",
             action.message_id,
@@ -462,9 +480,10 @@ async def forward_message(ctx: Context, action: ForwardMessage) -> Created[Messa
     forwarded = source.forwarded_from or ForwardedFrom(
         sender_uuid=source.sender_uuid, sender_name=row["sender_name"], timestamp=source.timestamp
     )
-    return await store_message(
-        ctx, action.chat_id, source.text, action.client_msg_id, Extras(forwarded_from=forwarded)
-    )
+    # The copy carries the same files: each stays while any message refers to it.
+    await claim_attachments(ctx, source.attachments)
+    extras = Extras(forwarded_from=forwarded, attachments=tuple(source.attachments))
+    return await store_message(ctx, action.chat_id, source.text, action.client_msg_id, extras)
 
 
 # --- pin_message, unpin_message -------------------------------------------------------------
@@ -473,43 +492,43 @@ _SET_PIN = "UPDATE chats SET pinned_message_id = $2 WHERE id = $1"
 
 
 async def pin_message(ctx: Context, action: PinMessage) -> Chat:
-    await take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
+    async with counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
         chat, row = await _lock_message(conn, ctx, action.message_id)
         chat_id = row["chat_id"]
         if action.chat_id is not None and action.chat_id != chat_id:
             raise no_such_message()
+        await _require_pinner(conn, ctx, chat, chat_id)
         if row["deleted"]:
             raise ChatError(INVALID, "a deleted message cannot be pinned")
-        after, member_ids = await _set_pin(conn, ctx, chat, chat_id, action.message_id)
+        after, member_ids = await _set_pin(conn, chat, chat_id, action.message_id)
     if member_ids:
         await ctx.node.publish(member_ids, ChatUpdated(after))
     return after
 
 
 async def unpin_message(ctx: Context, action: UnpinMessage) -> Chat:
-    await take_change(ctx)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
+    async with counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
         chat = await lock_chat(conn, action.chat_id, ctx.user_id)
-        after, member_ids = await _set_pin(conn, ctx, chat, action.chat_id, None)
+        await _require_pinner(conn, ctx, chat, action.chat_id)
+        after, member_ids = await _set_pin(conn, chat, action.chat_id, None)
     if member_ids:
         await ctx.node.publish(member_ids, ChatUpdated(after))
     return after
 
 
-async def _set_pin(
-    conn: asyncpg.Connection,
-    ctx: Context,
-    chat: asyncpg.Record,
-    chat_id: int,
-    message_id: int | None,
-) -> tuple[Chat, list[uuid.UUID]]:
-    """Pin `message_id` (None: unpin) in a locked chat: the chat after, and who to tell
-    (nobody when the pin was there already: nothing changed).
-
-    Groups: owners and admins; private chats: either member."""
+async def _require_pinner(
+    conn: asyncpg.Connection, ctx: Context, chat: asyncpg.Record, chat_id: int
+) -> None:
+    """Groups: owners and admins pin; private chats: either member."""
     if chat["type"] == "group" and not await _may_moderate(conn, chat, ctx, chat_id):
         raise ChatError(FORBIDDEN, "only a group's owner or admins may pin")
+
+
+async def _set_pin(
+    conn: asyncpg.Connection, chat: asyncpg.Record, chat_id: int, message_id: int | None
+) -> tuple[Chat, list[uuid.UUID]]:
+    """Pin `message_id` (None: unpin) in a locked chat: the chat after, and who to tell
+    (nobody when the pin was there already: nothing changed)."""
     if chat["pinned_message_id"] == message_id:
         return await fetch_chat(conn, chat_id), []
     bump = await conn.fetchrow(_BUMP_VERSION, chat_id)

@@ -11,6 +11,7 @@ from msgspec import UNSET
 
 from chatd.handlers.base import FRAME_BUDGET_BYTES, Context, fit_in_frame, parse_user_ids
 from chatd.handlers.blocks import blocked_ids
+from chatd.handlers.files import claim_uploads
 from chatd.protocol import (
     INVALID,
     MAX_TEXT_CHARS,
@@ -45,10 +46,13 @@ SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1 AND user_id = $2) A
 
 
 async def send_message(ctx: Context, action: SendMessage) -> Created[Message]:
-    """Store and fan out a message; a retry (same client_msg_id) gets the original back."""
-    text = clean_text(action.text, "text", min_len=1, max_len=MAX_TEXT_CHARS)
+    """Store and fan out a message; a retry (same client_msg_id) gets the original back.
+
+    Attachments are the caller's uploads; with them, the text may be empty."""
+    min_len = 0 if action.attachments else 1
+    text = clean_text(action.text, "text", min_len=min_len, max_len=MAX_TEXT_CHARS)
     extras = NO_EXTRAS
-    if action.reply_to is not None or action.mentions:
+    if action.reply_to is not None or action.mentions or action.attachments:
         try:
             extras = await _checked_extras(ctx, action)
         except ChatError:
@@ -61,6 +65,9 @@ async def send_message(ctx: Context, action: SendMessage) -> Created[Message]:
 
 
 async def _checked_extras(ctx: Context, action: SendMessage) -> Extras:
+    attachments = await claim_uploads(ctx, action.attachments)
+    if action.reply_to is None and not action.mentions:
+        return Extras(attachments=attachments)  # membership: the writer checks it
     mentions = tuple(parse_user_ids(action.mentions))
     row = await ctx.node.pool.fetchrow(
         _CHECK_EXTRAS, action.chat_id, ctx.user_id, action.reply_to, list(mentions)
@@ -73,7 +80,7 @@ async def _checked_extras(ctx: Context, action: SendMessage) -> Extras:
         raise ChatError(INVALID, "reply_to is a deleted message")
     if row["mentioned"] != len(mentions):
         raise ChatError(INVALID, "mentions must be members of the chat")
-    return Extras(reply_to=action.reply_to, mentions=mentions)
+    return Extras(reply_to=action.reply_to, mentions=mentions, attachments=attachments)
 
 
 async def retried(ctx: Context, chat_id: int, client_msg_id: str | None) -> Created[Message] | None:
@@ -179,21 +186,28 @@ ORDER BY want.n, m.version
 LIMIT $6
 """
 
-# What the caller hid at or since each version (a hide changes no version: one made at
-# exactly the client's version may be news to it). At most $4 per chat.
+# What the caller hid since the version before the client's. A hide changes no version
+# (nobody else may learn of it), so one made while the chat was at exactly the client's
+# version may be news to it; and one made at the version before may have been overtaken
+# by the next change's event, before the socket dropped. At most $4 per chat, $5 in all.
 _SYNC_HIDDEN = """
-SELECT want.chat_id, h.message_id
-FROM unnest($2::bigint[], $3::bigint[]) AS want(chat_id, from_version)
+SELECT want.n, want.chat_id, h.message_id
+FROM unnest($2::bigint[], $3::bigint[]) WITH ORDINALITY AS want(chat_id, from_version, n)
 CROSS JOIN LATERAL (
     SELECT message_id, seq FROM hidden_messages
-    WHERE user_id = $1 AND chat_id = want.chat_id AND version >= want.from_version
+    WHERE user_id = $1 AND chat_id = want.chat_id AND version >= want.from_version - 1
     ORDER BY seq
     LIMIT $4
 ) h
+ORDER BY want.n, h.seq
+LIMIT $5
 """
 
 # A message is at least ~200 bytes of JSON, so a full reply never holds more than this.
 SYNC_MAX_MESSAGES = FRAME_BUDGET_BYTES // 200
+# A hidden id is at most 20 bytes of JSON. Hides are not changes: a user's own hides
+# never make a sync too_long unless a reply could not hold them.
+SYNC_MAX_HIDDEN = FRAME_BUDGET_BYTES // 20
 
 
 async def sync(ctx: Context, action: Sync) -> SyncResult:
@@ -218,10 +232,11 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
                 row["id"]: row
                 for row in await conn.fetch(_SYNC_CHATS, ctx.user_id, list(action.chats))
             }
+            # Nothing held (seq 0): nothing held can have changed.
             versioned = [
                 (c, seq, version)
                 for c, (seq, version) in points.items()
-                if c in chats and version is not None and version < chats[c]["version"]
+                if c in chats and version is not None and 0 < seq and version < chats[c]["version"]
             ]
             changed = await conn.fetch(
                 _SYNC_UPDATED,
@@ -232,12 +247,14 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
                 max_changes + 1,
                 SYNC_MAX_MESSAGES,
             )
+            held = [(c, v) for c, (_, v) in points.items() if c in chats and v is not None]
             hidden_rows = await conn.fetch(
                 _SYNC_HIDDEN,
                 ctx.user_id,
-                [c for c, (_, v) in points.items() if c in chats and v is not None],
-                [v for c, (_, v) in points.items() if c in chats and v is not None],
-                max_changes + 1,
+                [c for c, _ in held],
+                [v for _, v in held],
+                SYNC_MAX_HIDDEN + 1,
+                SYNC_MAX_HIDDEN + 1,
             )
             wanted = [
                 (c, seq)
@@ -262,6 +279,8 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
     hidden: dict[int, list[int]] = {}
     for row in hidden_rows:
         hidden.setdefault(row["chat_id"], []).append(row["message_id"])
+    if len(hidden_rows) > SYNC_MAX_HIDDEN:  # the row limit cut them: those chats wait too
+        deferred |= {c for n, (c, _) in enumerate(held, 1) if n >= hidden_rows[-1]["n"]}
     found: dict[int, list[asyncpg.Record]] = {}
     for row in rows:
         found.setdefault(row["chat_id"], []).append(row)
@@ -286,7 +305,7 @@ async def sync(ctx: Context, action: Sync) -> SyncResult:
             continue
         changes = updated.get(chat_id, [])
         hides = hidden.get(chat_id, [])
-        if len(changes) > max_changes or len(hides) > max_changes:
+        if len(changes) > max_changes or len(hides) > SYNC_MAX_HIDDEN:
             result[chat_id] = _too_long(chat)
             continue
         entry = SyncedChat(
