@@ -1079,7 +1079,7 @@ function addFiles(files) {
   const room = MAX_ATTACHMENTS - tray.length;
   if (files.length > room) notify(`At most ${MAX_ATTACHMENTS} files go with one message.`);
   for (const file of files.slice(0, Math.max(0, room))) {
-    const item = { file, status: "uploading", loaded: 0, upload: null, xhr: null, error: "" };
+    const item = { file, status: "uploading", loaded: 0, upload: null, xhr: null, bar: null, error: "" };
     tray.push(item);
     upload(item);
   }
@@ -1113,7 +1113,7 @@ async function upload(item, retry = true) {
   xhr.setRequestHeader("content-type", item.file.type || "application/octet-stream");
   xhr.upload.addEventListener("progress", (e) => {
     item.loaded = e.loaded;
-    renderTray();
+    if (item.bar) item.bar.value = Math.min(item.loaded, item.file.size); // no redraw per event
   });
   xhr.addEventListener("load", () => {
     item.xhr = null;
@@ -1167,6 +1167,7 @@ function renderTray() {
         bar.max = Math.max(1, item.file.size);
         bar.value = Math.min(item.loaded, item.file.size);
         bar.setAttribute("aria-label", `Uploading ${item.file.name}`);
+        item.bar = bar;
         li.append(bar);
       } else if (item.status === "failed") {
         li.append(el("span", "attach-error", `Not uploaded: ${item.error}`));
@@ -1300,7 +1301,7 @@ async function openViewer(a) {
   const shown = { file: a, url: null };
   viewing = shown;
   $("image-viewer-name").textContent = a.name;
-  $("image-viewer-state").textContent = "Loading…";
+  viewerState("Loading…");
   const img = $("image-viewer-img");
   img.hidden = true;
   img.alt = a.name;
@@ -1313,10 +1314,15 @@ async function openViewer(a) {
     shown.url = URL.createObjectURL(blob);
     img.src = shown.url;
     img.hidden = false;
-    $("image-viewer-state").textContent = "";
+    viewerState("");
   } catch (err) {
-    if (viewing === shown) $("image-viewer-state").textContent = `Could not load the picture: ${err.message}`;
+    if (viewing === shown) viewerState(`Could not load the picture: ${err.message}`);
   }
+}
+
+function viewerState(text) {
+  $("image-viewer-state").textContent = text;
+  $("image-viewer-state").hidden = !text;
 }
 
 function closeViewer() {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import uuid
+from base64 import b64encode
 from pathlib import Path
 
 from PIL import Image
@@ -33,10 +34,14 @@ PIXEL = """([img, x, y]) => {
 # Hands files to an element as a drop or a paste would: a DataTransfer holding them.
 FILES_EVENT = """([selector, type, files]) => {
   const data = new DataTransfer();
-  for (const f of files) data.items.add(new File([new Uint8Array(f.bytes)], f.name, {type: f.type}));
+  for (const f of files) {
+    const bytes = Uint8Array.from(atob(f.base64), (c) => c.charCodeAt(0));
+    data.items.add(new File([bytes], f.name, {type: f.type}));
+  }
   const target = document.querySelector(selector);
   if (type === "paste") {
-    target.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true}));
+    const init = {clipboardData: data, bubbles: true, cancelable: true};
+    target.dispatchEvent(new ClipboardEvent("paste", init));
     return;
   }
   for (const t of ["dragenter", "dragover", "drop"]) {
@@ -102,7 +107,7 @@ def test_a_picture_goes_across_as_a_thumbnail_then_full_size(browser, server: Se
         "(img) => img.complete && img.naturalWidth > 0", arg=thumb.element_handle()
     )
     natural = thumb.evaluate("(img) => [img.naturalWidth, img.naturalHeight, img.src]")
-    assert natural[:2] == [320, 240]  # the server's thumbnail, not the 1200×900 original
+    assert natural[:2] == [320, 240]  # the server's thumbnail, not the 1200x900 original
     assert natural[2].startswith("blob:")
     handle = thumb.element_handle()
     assert close_to(bob.evaluate(PIXEL, [handle, 40, 120]), RED, 30)  # WebP: near enough
@@ -116,7 +121,9 @@ def test_a_picture_goes_across_as_a_thumbnail_then_full_size(browser, server: Se
     expect(viewer.locator("#image-viewer-name")).to_have_text("colours.png")
     full = bob.locator("#image-viewer-img")
     expect(full).to_be_visible()
-    bob.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=full.element_handle())
+    bob.wait_for_function(
+        "(img) => img.complete && img.naturalWidth > 0", arg=full.element_handle()
+    )
     assert full.evaluate("(img) => [img.naturalWidth, img.naturalHeight]") == [WIDTH, HEIGHT]
     assert bob.evaluate(PIXEL, [full.element_handle(), 10, 10]) == list(RED)
     assert bob.evaluate(PIXEL, [full.element_handle(), WIDTH - 10, HEIGHT - 10]) == list(BLUE)
@@ -128,7 +135,11 @@ def test_a_picture_goes_across_as_a_thumbnail_then_full_size(browser, server: Se
     # Pasting an image into the composer attaches it too; this one goes with a caption.
     alice.evaluate(
         FILES_EVENT,
-        ["#message-input", "paste", [{"name": "pasted.png", "type": "image/png", "bytes": list(png)}]],
+        [
+            "#message-input",
+            "paste",
+            [{"name": "pasted.png", "type": "image/png", "base64": b64encode(png).decode()}],
+        ],
     )
     expect(item.locator(".attach-name")).to_have_text("pasted.png")
     expect(item).to_have_attribute("data-status", "done")
@@ -138,7 +149,8 @@ def test_a_picture_goes_across_as_a_thumbnail_then_full_size(browser, server: Se
     expect(last.locator(".text")).to_have_text("and again")
     expect(last.locator(".thumb img")).to_have_count(1)
     bob.wait_for_function(
-        "(img) => img.complete && img.naturalWidth === 320", arg=last.locator(".thumb img").element_handle()
+        "(img) => img.complete && img.naturalWidth === 320",
+        arg=last.locator(".thumb img").element_handle(),
     )
     bob.screenshot(path=str(ARTIFACTS / "pictures.png"))
     assert not errors, errors
@@ -159,7 +171,17 @@ def test_a_file_is_a_chip_that_downloads(browser, server: Server, tmp_path: Path
     )
     alice.evaluate(
         FILES_EVENT,
-        ["#chat-view", "drop", [{"name": name, "type": "application/octet-stream", "bytes": list(data)}]],
+        [
+            "#chat-view",
+            "drop",
+            [
+                {
+                    "name": name,
+                    "type": "application/octet-stream",
+                    "base64": b64encode(data).decode(),
+                }
+            ],
+        ],
     )
     item = alice.locator("#attach-tray .attach-item")
     expect(item.locator(".attach-name")).to_have_text(name)
@@ -168,14 +190,21 @@ def test_a_file_is_a_chip_that_downloads(browser, server: Server, tmp_path: Path
     expect(progress).to_be_visible()
     # Part of the way, then done.
     alice.wait_for_function(
-        "(bar) => bar.value > 0 && bar.value < bar.max", arg=progress.element_handle(), timeout=15000
+        "() => { const bar = document.querySelector('#attach-tray progress');"
+        " return bar && bar.value > 0 && bar.value < bar.max; }",
+        timeout=15000,
     )
+    ARTIFACTS.mkdir(exist_ok=True)
+    alice.screenshot(path=str(ARTIFACTS / "upload-progress.png"))
     # Sending before the upload is over is refused, with a reason, and loses nothing.
     alice.get_by_label("Message", exact=True).press("Enter")
     expect(alice.locator("#notice")).to_have_text("Wait until the files are uploaded.")
     expect(item).to_have_attribute("data-status", "done", timeout=30000)
     expect(progress).to_have_count(0)
-    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
     alice.get_by_label("Message", exact=True).press("Enter")
 
     # Bob gets a chip with the name (as text) and the size; a click downloads the bytes.
