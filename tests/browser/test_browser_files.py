@@ -14,7 +14,7 @@ from PIL import Image
 from playwright import sync_api
 
 from tests.browser.test_browser_chat import ARTIFACTS, browser, log_in, logged_in_client, register
-from tests.conftest import Server
+from tests.conftest import Server, start_server, stop_server
 
 __all__ = ["browser"]  # the fixture, shared with test_browser_chat
 
@@ -220,3 +220,50 @@ def test_a_file_is_a_chip_that_downloads(browser, server: Server, tmp_path: Path
     assert saved.read_bytes() == data
     expect(bob.locator(".chat-item .chat-preview").first).to_have_text(f"📎 {name}")
     assert not errors, errors
+
+
+def test_a_refused_upload_says_why_and_is_never_sent(
+    browser, database_url: str, tmp_path: Path
+) -> None:
+    server = start_server(database_url, tmp_path, CHATD_MAX_UPLOAD_BYTES="100000")
+    try:
+        errors: list[str] = []
+        _chat, _bob_api, alice, bob = two_pages_in_a_chat(browser, server, errors)
+        too_big = {"name": "big.bin", "type": "application/octet-stream"}
+        small = {"name": "notes.txt", "type": "text/plain"}
+        alice.evaluate(
+            FILES_EVENT,
+            [
+                "#chat-view",
+                "drop",
+                [
+                    {**too_big, "base64": b64encode(os.urandom(200_000)).decode()},
+                    {**small, "base64": b64encode(b"just a few words\n").decode()},
+                ],
+            ],
+        )
+        expect(alice.locator("#drop-zone")).to_be_hidden()
+        items = alice.locator("#attach-tray .attach-item")
+        expect(items.locator(".attach-name")).to_have_text(["big.bin", "notes.txt"])
+        expect(items.first).to_have_attribute("data-status", "failed")
+        expect(items.first.locator(".attach-error")).to_contain_text("upload limit of 100000")
+        expect(items.last).to_have_attribute("data-status", "done")
+
+        # Not sent while a file in the tray failed; sent once it is taken out.
+        alice.get_by_label("Message", exact=True).fill("the notes")
+        alice.get_by_label("Message", exact=True).press("Enter")
+        expect(alice.locator("#notice")).to_have_text(
+            "Remove the files that could not be uploaded first."
+        )
+        expect(alice.locator("#messages .message")).to_have_count(0)
+        alice.get_by_role("button", name="Remove big.bin").click()
+        expect(items).to_have_count(1)
+        alice.get_by_label("Message", exact=True).press("Enter")
+
+        message = bob.locator("#messages .message").last
+        expect(message.locator(".text")).to_have_text("the notes")
+        expect(message.locator(".file-chip .file-name")).to_have_text(["notes.txt"])
+        expect(message.locator(".file-chip .file-size")).to_have_text(["17 B"])
+        assert not errors, errors
+    finally:
+        stop_server(server)
