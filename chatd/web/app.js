@@ -1089,6 +1089,7 @@ function addFiles(files) {
 }
 
 function removeFromTray(chatId, item) {
+  item.status = "removed"; // an upload still waiting for a token then never starts
   if (item.xhr) item.xhr.abort();
   const tray = trayOf(chatId).filter((x) => x !== item);
   if (tray.length) state.trays.set(chatId, tray);
