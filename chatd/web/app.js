@@ -8,6 +8,9 @@ const TYPING_SEND_EVERY = 2000; // the server forwards at most one per 2 s
 const TYPING_SHOW_FOR = 5000;
 const QUICK_REACTIONS = ["👍", "❤️", "😂", "😮", "😢", "🙏"];
 const JUMP_MAX_PAGES = 20; // how far back a jump to a quoted message may load history
+const MAX_ATTACHMENTS = 10; // per message, as the server allows
+const THUMB_BOX = 240; // CSS px: a thumbnail is shown within this square
+const THUMB_CACHE = 300; // thumbnails kept as blob URLs; the oldest are let go
 
 const $ = (id) => document.getElementById(id);
 
@@ -34,7 +37,9 @@ const state = {
   seen: new Map(), // chat id -> highest seq held without a gap (for sync)
   versions: new Map(), // chat id -> {at: version applied without a gap, ahead: Set of later ones}
   quotes: new Map(), // message id -> Message fetched to show a quote or the pin (null: loading)
-  outbox: new Map(), // client_msg_id -> {chat_id, text, reply_to, mentions}
+  outbox: new Map(), // client_msg_id -> {chat_id, text, reply_to, mentions, attachments}
+  trays: new Map(), // chat id -> files picked for the next message: [{file, status, loaded, upload, xhr, error}]
+  thumbs: new Map(), // file id -> {url} of a fetched thumbnail, {failed: true}, or {} while loading
   blocked: new Set(), // user uuids I block: their group messages are shown collapsed
   unfolded: new Set(), // ids of collapsed messages the user chose to see anyway
   typing: new Map(), // chat id -> Map(user uuid -> timeout)
@@ -687,9 +692,17 @@ function unread(chat) {
 
 // --- rendering --------------------------------------------------------------------------
 
+// What a message says in one line: its text, or what it carries when it has none.
+function messageSummary(m) {
+  if (m.text || !(m.attachments && m.attachments.length)) return m.text;
+  if (m.attachments.length > 1) return `📎 ${m.attachments.length} files`;
+  const [a] = m.attachments;
+  return `${isImage(a) ? "🖼" : "📎"} ${a.name}`;
+}
+
 function previewText(m) {
   if (m.deleted) return "message deleted";
-  return `${m.sender_uuid === state.me.user_uuid ? "You: " : ""}${m.text}`;
+  return `${m.sender_uuid === state.me.user_uuid ? "You: " : ""}${messageSummary(m)}`;
 }
 
 function renderChatList() {
@@ -758,7 +771,8 @@ function snippet(m) {
   if (!m) return "…";
   if (m.missing) return "message unavailable";
   if (m.deleted) return "message deleted";
-  return m.text.length > 120 ? `${m.text.slice(0, 120)}…` : m.text;
+  const text = messageSummary(m);
+  return text.length > 120 ? `${text.slice(0, 120)}…` : text;
 }
 
 function quoteBlock(chatId, replyTo) {
@@ -813,7 +827,8 @@ function messageItem(m, chat, pending = false) {
   } else {
     if (m.forwarded_from) li.append(el("span", "forwarded", `Forwarded from ${m.forwarded_from.sender_name}`));
     if (m.reply_to) li.append(quoteBlock(m.chat_id, m.reply_to));
-    li.append(el("span", "text", m.text));
+    if (m.attachments && m.attachments.length) li.append(attachmentsBlock(m.attachments));
+    if (m.text) li.append(el("span", "text", m.text));
     if (m.reactions && m.reactions.length) li.append(reactionBar(m));
   }
   const meta = el("span", "meta");
@@ -902,6 +917,8 @@ async function openChat(chatId) {
   state.current = chatId;
   document.body.classList.toggle("in-chat", chatId !== null);
   $("composer").hidden = chatId === null;
+  $("drop-zone").hidden = true;
+  renderTray();
   renderChatHeader();
   renderChatList();
   const scroller = $("messages-scroll");
@@ -969,6 +986,7 @@ function markReadIfVisible() {
 
 function sendOut(client_msg_id, out) {
   const fields = { chat_id: out.chat_id, text: out.text, client_msg_id };
+  if (out.attachments && out.attachments.length) fields.attachments = out.attachments.map((a) => a.id);
   if (out.reply_to) fields.reply_to = out.reply_to;
   if (out.mentions && out.mentions.length) fields.mentions = out.mentions;
   request("send_message", fields)
@@ -1001,9 +1019,22 @@ function send() {
     saveEdit(text);
     return;
   }
-  if (!text || state.current === null) return;
+  if (state.current === null) return;
+  const tray = trayOf(state.current);
+  if (!text && !tray.length) return;
+  if (tray.some((item) => item.status === "uploading")) {
+    notify("Wait until the files are uploaded.");
+    return;
+  }
+  if (tray.some((item) => item.status === "failed")) {
+    notify("Remove the files that could not be uploaded first.");
+    return;
+  }
   const client_msg_id = randomId();
   const out = { chat_id: state.current, text, timestamp: new Date().toISOString() };
+  if (tray.length) out.attachments = tray.map((item) => attachmentOf(item.upload));
+  state.trays.delete(state.current);
+  renderTray();
   if (state.replyTo !== null) out.reply_to = state.replyTo;
   const mentions = pickedMentions(text);
   if (mentions.length) out.mentions = mentions;
@@ -1015,6 +1046,312 @@ function send() {
   renderMessages();
   $("messages-scroll").scrollTop = $("messages-scroll").scrollHeight;
   if (state.wsReady) sendOut(client_msg_id, out);
+}
+
+// --- files: uploading, thumbnails, the viewer, downloads --------------------------------
+
+function isImage(a) {
+  // The server sets width and height only for an image it decoded and made a thumbnail of.
+  return !!(a.width && a.height);
+}
+
+function formatSize(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ["KB", "MB", "GB"];
+  let value = bytes / 1024;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${value < 10 ? value.toFixed(1) : Math.round(value)} ${units[unit]}`;
+}
+
+// The Attachment a message will carry, from the Upload the server answered.
+function attachmentOf(upload) {
+  const { upload_id: id, name, mime, size, width, height } = upload;
+  return { id, name, mime, size, width, height };
+}
+
+// A GET with the access token (renewed once on a 401); the response, or an Error.
+async function authorizedFetch(path, retry = true) {
+  const res = await fetch(new URL(path, BASE), { headers: { authorization: `Bearer ${await accessToken()}` } });
+  if (res.status === 401 && retry) {
+    await refreshTokens();
+    return authorizedFetch(path, false);
+  }
+  if (!res.ok) {
+    const data = await res.json().catch(() => null);
+    throw new Error((data && data.error && data.error.message) || `HTTP ${res.status}`);
+  }
+  return res;
+}
+
+function trayOf(chatId) {
+  return state.trays.get(chatId) || [];
+}
+
+function addFiles(files) {
+  const chatId = state.current;
+  if (chatId === null || !files.length) return;
+  const tray = trayOf(chatId);
+  const room = MAX_ATTACHMENTS - tray.length;
+  if (files.length > room) notify(`At most ${MAX_ATTACHMENTS} files go with one message.`);
+  for (const file of files.slice(0, Math.max(0, room))) {
+    const item = { file, status: "uploading", loaded: 0, upload: null, xhr: null, bar: null, error: "" };
+    tray.push(item);
+    upload(item);
+  }
+  state.trays.set(chatId, tray);
+  renderTray();
+  $("message-input").focus();
+}
+
+function removeFromTray(chatId, item) {
+  item.status = "removed"; // an upload still waiting for a token then never starts
+  if (item.xhr) item.xhr.abort();
+  const tray = trayOf(chatId).filter((x) => x !== item);
+  if (tray.length) state.trays.set(chatId, tray);
+  else state.trays.delete(chatId);
+  renderTray();
+}
+
+// POST /uploads with the file as the body. XMLHttpRequest, for its upload progress events.
+async function upload(item, retry = true) {
+  let token;
+  try {
+    token = await accessToken();
+  } catch {
+    uploadFailed(item, "not logged in");
+    return;
+  }
+  if (item.status !== "uploading") return; // removed meanwhile
+  const xhr = new XMLHttpRequest();
+  item.xhr = xhr;
+  xhr.open("POST", new URL(`uploads?name=${encodeURIComponent(item.file.name || "file")}`, BASE));
+  xhr.setRequestHeader("authorization", `Bearer ${token}`);
+  xhr.setRequestHeader("content-type", item.file.type || "application/octet-stream");
+  xhr.upload.addEventListener("progress", (e) => {
+    item.loaded = e.loaded;
+    if (item.bar) item.bar.value = Math.min(item.loaded, item.file.size); // no redraw per event
+  });
+  xhr.addEventListener("load", () => {
+    item.xhr = null;
+    if (xhr.status === 401 && retry) {
+      refreshTokens().then(
+        () => upload(item, false),
+        () => uploadFailed(item, "not logged in"),
+      );
+      return;
+    }
+    let data = null;
+    try {
+      data = JSON.parse(xhr.responseText);
+    } catch {
+      /* not JSON: said below by its status */
+    }
+    if (xhr.status === 201 && data) {
+      item.status = "done";
+      item.loaded = item.file.size;
+      item.upload = data;
+      renderTray();
+    } else {
+      uploadFailed(item, (data && data.error && data.error.message) || `HTTP ${xhr.status}`);
+    }
+  });
+  // A server that refuses a too-large body early may close the connection before answering.
+  xhr.addEventListener("error", () => uploadFailed(item, "the upload was interrupted or refused"));
+  xhr.send(item.file);
+}
+
+function uploadFailed(item, message) {
+  item.xhr = null;
+  if (item.status !== "uploading") return;
+  item.status = "failed";
+  item.error = message;
+  renderTray();
+}
+
+function renderTray() {
+  const list = $("attach-tray");
+  const chatId = state.current;
+  const tray = chatId === null ? [] : trayOf(chatId);
+  list.hidden = tray.length === 0;
+  list.replaceChildren(
+    ...tray.map((item) => {
+      const li = el("li", `attach-item ${item.status}`);
+      li.dataset.status = item.status;
+      li.append(el("span", "attach-name", item.file.name || "file"), el("span", "attach-size", formatSize(item.file.size)));
+      if (item.status === "uploading") {
+        const bar = el("progress", "attach-progress");
+        bar.max = Math.max(1, item.file.size);
+        bar.value = Math.min(item.loaded, item.file.size);
+        bar.setAttribute("aria-label", `Uploading ${item.file.name}`);
+        item.bar = bar;
+        li.append(bar);
+      } else if (item.status === "failed") {
+        li.append(el("span", "attach-error", `Not uploaded: ${item.error}`));
+      } else {
+        li.append(el("span", "attach-done", "✓"));
+      }
+      const remove = el("button", "attach-remove link", "✕");
+      remove.type = "button";
+      remove.setAttribute("aria-label", `Remove ${item.file.name}`);
+      remove.addEventListener("click", () => removeFromTray(chatId, item));
+      li.append(remove);
+      return li;
+    }),
+  );
+}
+
+function wireDragAndDrop() {
+  const zone = $("chat-view");
+  const hasFiles = (e) => e.dataTransfer && [...e.dataTransfer.types].includes("Files");
+  // Files dropped anywhere else must not make the browser leave the page to show them.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (e) => {
+      if (hasFiles(e)) e.preventDefault();
+    });
+  }
+  zone.addEventListener("dragover", (e) => {
+    if (!hasFiles(e) || state.current === null) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = "copy";
+    $("drop-zone").hidden = false;
+  });
+  zone.addEventListener("dragleave", (e) => {
+    if (!zone.contains(e.relatedTarget)) $("drop-zone").hidden = true;
+  });
+  zone.addEventListener("drop", (e) => {
+    $("drop-zone").hidden = true;
+    if (!hasFiles(e) || state.current === null) return;
+    e.preventDefault();
+    addFiles([...e.dataTransfer.files]);
+  });
+}
+
+function attachmentsBlock(attachments) {
+  const box = el("div", "attachments");
+  for (const a of attachments) box.append(isImage(a) ? imageThumb(a) : fileChip(a));
+  return box;
+}
+
+function imageThumb(a) {
+  const button = el("button", "thumb");
+  button.type = "button";
+  button.dataset.fileId = a.id;
+  button.title = `${a.name} (${a.width}×${a.height}, ${formatSize(a.size)})`;
+  button.setAttribute("aria-label", `Open ${a.name}`);
+  const img = el("img", "thumb-img");
+  img.alt = a.name;
+  // Its size is known before the bytes come: the list does not jump when they do.
+  const scale = Math.min(1, THUMB_BOX / Math.max(a.width, a.height));
+  img.width = Math.max(1, Math.round(a.width * scale));
+  img.height = Math.max(1, Math.round(a.height * scale));
+  img.dataset.fileId = a.id;
+  const thumb = state.thumbs.get(a.id);
+  if (thumb && thumb.url) img.src = thumb.url;
+  else if (thumb && thumb.failed) button.classList.add("unavailable");
+  else if (!thumb) loadThumb(a.id);
+  button.append(img);
+  button.addEventListener("click", () => openViewer(a));
+  return button;
+}
+
+// Thumbnails come by an authorized fetch, kept as blob URLs (the list is redrawn often).
+async function loadThumb(id) {
+  state.thumbs.set(id, {});
+  let entry;
+  try {
+    const blob = await (await authorizedFetch(`files/${id}/thumbnail`)).blob();
+    entry = { url: URL.createObjectURL(blob) };
+  } catch {
+    entry = { failed: true };
+  }
+  if (!state.thumbs.has(id)) {
+    if (entry.url) URL.revokeObjectURL(entry.url); // logged out meanwhile
+    return;
+  }
+  state.thumbs.set(id, entry);
+  while (state.thumbs.size > THUMB_CACHE) {
+    const [oldest, old] = state.thumbs.entries().next().value;
+    if (old.url) URL.revokeObjectURL(old.url);
+    state.thumbs.delete(oldest);
+  }
+  for (const img of document.querySelectorAll("img.thumb-img")) {
+    if (img.dataset.fileId !== id) continue;
+    if (entry.url) img.src = entry.url;
+    else img.parentElement.classList.add("unavailable");
+  }
+}
+
+function fileChip(a) {
+  const button = el("button", "file-chip");
+  button.type = "button";
+  button.dataset.fileId = a.id;
+  button.title = `Download ${a.name}`;
+  button.setAttribute("aria-label", `Download ${a.name}, ${formatSize(a.size)}`);
+  button.append(el("span", "file-icon", "📄"), el("span", "file-name", a.name), el("span", "file-size", formatSize(a.size)));
+  button.addEventListener("click", () => downloadFile(a));
+  return button;
+}
+
+// A download through a signed link: the browser streams it to disk, nothing held here.
+async function downloadFile(a) {
+  let link;
+  try {
+    link = await api("POST", `files/${a.id}/link`);
+  } catch (err) {
+    notify(`Could not download ${a.name}: ${err.message}`);
+    return;
+  }
+  // The link is relative to where chatd is served: resolve it against the page's base.
+  const anchor = el("a");
+  anchor.href = new URL(link.url.replace(/^\/+/, ""), BASE).href;
+  anchor.download = a.name;
+  document.body.append(anchor);
+  anchor.click();
+  anchor.remove();
+}
+
+let viewing = null; // {file, url} shown in the viewer
+
+async function openViewer(a) {
+  closeViewer();
+  const shown = { file: a, url: null };
+  viewing = shown;
+  $("image-viewer-name").textContent = a.name;
+  viewerState("Loading…");
+  const img = $("image-viewer-img");
+  img.hidden = true;
+  img.alt = a.name;
+  img.removeAttribute("src");
+  $("image-viewer-download").onclick = () => downloadFile(a);
+  if (!$("image-viewer").open) $("image-viewer").showModal();
+  try {
+    const blob = await (await authorizedFetch(`files/${a.id}`)).blob();
+    if (viewing !== shown) return;
+    shown.url = URL.createObjectURL(blob);
+    img.src = shown.url;
+    img.hidden = false;
+    viewerState("");
+  } catch (err) {
+    if (viewing === shown) viewerState(`Could not load the picture: ${err.message}`);
+  }
+}
+
+function viewerState(text) {
+  $("image-viewer-state").textContent = text;
+  $("image-viewer-state").hidden = !text;
+}
+
+function closeViewer() {
+  if (viewing && viewing.url) URL.revokeObjectURL(viewing.url);
+  viewing = null;
+  const img = $("image-viewer-img");
+  img.removeAttribute("src");
+  img.hidden = true;
+  if ($("image-viewer").open) $("image-viewer").close();
 }
 
 // A short message about something that did not work (an action refused, not connected).
@@ -1532,9 +1869,13 @@ function logout(message = "") {
   clearTimeout(state.refreshTimer);
   clearTimeout(state.reconnectTimer);
   sessionStorage.removeItem("chatd.auth");
-  for (const key of ["chats", "msgs", "seen", "versions", "quotes", "outbox", "typing", "mentionPicks", "blocked", "unfolded"]) {
+  for (const items of state.trays.values()) for (const item of items) if (item.xhr) item.xhr.abort();
+  for (const thumb of state.thumbs.values()) if (thumb.url) URL.revokeObjectURL(thumb.url);
+  closeViewer();
+  for (const key of ["chats", "msgs", "seen", "versions", "quotes", "outbox", "typing", "mentionPicks", "trays", "thumbs", "blocked", "unfolded"]) {
     state[key].clear();
   }
+  renderTray();
   clearComposeMode();
   closeMenu();
   state.current = null;
@@ -1568,6 +1909,23 @@ function init() {
     }
   });
   input.addEventListener("input", onTypingInput);
+  input.addEventListener("paste", (e) => {
+    const files = [...((e.clipboardData && e.clipboardData.files) || [])];
+    if (!files.length || state.current === null) return;
+    e.preventDefault(); // the files, not their names or an HTML copy of them
+    addFiles(files);
+  });
+  $("attach").addEventListener("click", () => $("file-input").click());
+  $("file-input").addEventListener("change", () => {
+    addFiles([...$("file-input").files]);
+    $("file-input").value = "";
+  });
+  wireDragAndDrop();
+  $("image-viewer-close").addEventListener("click", closeViewer);
+  $("image-viewer").addEventListener("close", closeViewer);
+  $("image-viewer").addEventListener("click", (e) => {
+    if (e.target === $("image-viewer")) closeViewer(); // a click on the backdrop
+  });
   input.addEventListener("blur", hideMentions);
   $("compose-bar-cancel").addEventListener("click", clearComposeMode);
   $("pin-banner").addEventListener("click", () => {
