@@ -57,11 +57,15 @@ class Backend:
         client = self.s3.client()
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-        return [
-            client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            for key in keys
-            if key.endswith("/" + sha256)
-        ]
+        copies = []
+        for key in keys:
+            if not key.endswith("/" + sha256):
+                continue
+            try:
+                copies.append(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            except client.exceptions.NoSuchKey:
+                pass  # deleted (by the collector) between the listing and the read
+        return copies
 
 
 @pytest.fixture(scope="module", params=["local", "s3"])
