@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The official AsyncAPI JSON Schemas (npm's @asyncapi/specs), for tests/test_asyncapi.py.
-ASYNCAPI_SPECS := tests/asyncapi/node_modules/.installed
 
 # Browser tests drive Debian's Chromium through Playwright; no browser is ever downloaded.
 CHROMIUM ?= /usr/bin/chromium
@@ -17,11 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
-$(ASYNCAPI_SPECS): tests/asyncapi/package.json tests/asyncapi/package-lock.json
-	npm ci --prefix tests/asyncapi --no-audit --no-fund --silent
-	touch $(ASYNCAPI_SPECS)
-
-install: $(STAMP) $(ASYNCAPI_SPECS)
+install: $(STAMP)
 
 # Readable log lines on a terminal; chatd's own default is JSON lines (see README).
 # `exec`: the recipe's shell becomes chatd, make's only child. make passes a SIGTERM on
@@ -33,7 +27,7 @@ run: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/chatd migrate
 
-test: $(STAMP) $(ASYNCAPI_SPECS)
+test: $(STAMP)
 	$(BIN)/ruff check chatd tests examples
 	$(BIN)/pytest
 	@$(MAKE) --no-print-directory browser-test
