@@ -61,29 +61,32 @@ def asyncapi_document() -> dict[str, Any]:
     def ref(name: str) -> dict[str, str]:
         return {"$ref": f"#/channels/{CHANNEL}/messages/{name}"}
 
+    def message(name: str, title: str, summary: str, payload: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "title": title,
+            "summary": summary,
+            "contentType": JSON,
+            "payload": payload,
+        }
+
     channel_ref = {"$ref": f"#/channels/{CHANNEL}"}
-    messages["error"] = {
-        "name": "error",
-        "title": "error",
-        "summary": "The action failed: nothing was changed (see the error codes)",
-        "contentType": JSON,
-        "payload": schema[Error],
-    }
+    messages["error"] = message(
+        "error",
+        "error",
+        "The action failed: nothing was changed (see the error codes)",
+        schema[Error],
+    )
     for action in actions:
         name = tag(action)
-        messages[f"action_{name}"] = {
-            "name": name,
-            "title": name,
-            "summary": _doc(action) or f"The {name} action",
-            "contentType": JSON,
-            "payload": schema[action],
-        }
-        messages[f"ack_{name}"] = {
-            "name": "ack",
-            "title": f"{name} ack",
-            "summary": f"The answer to {name}: `data` is what it did or found",
-            "contentType": JSON,
-            "payload": {
+        messages[f"action_{name}"] = message(
+            name, name, _doc(action) or f"The {name} action", schema[action]
+        )
+        messages[f"ack_{name}"] = message(
+            "ack",
+            f"{name} ack",
+            f"The answer to {name}: `data` is what it did or found",
+            {
                 "type": "object",
                 "properties": {
                     "action": {"const": "ack"},
@@ -92,7 +95,7 @@ def asyncapi_document() -> dict[str, Any]:
                 },
                 "required": ["action", "request_id", "data"],
             },
-        }
+        )
         operations[f"receive_{name}"] = {
             "action": "receive",
             "channel": channel_ref,
@@ -103,13 +106,9 @@ def asyncapi_document() -> dict[str, Any]:
         }
     for event in events:
         name = tag(event)
-        messages[f"event_{name}"] = {
-            "name": name,
-            "title": name,
-            "summary": _doc(event) or f"The {name} event",
-            "contentType": JSON,
-            "payload": schema[event],
-        }
+        messages[f"event_{name}"] = message(
+            name, name, _doc(event) or f"The {name} event", schema[event]
+        )
         operations[f"send_{name}"] = {
             "action": "send",
             "channel": channel_ref,

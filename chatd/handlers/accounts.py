@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from asyncpg import Record
 
 from chatd import auth
-from chatd.handlers import blocks, changes, groups
+from chatd.handlers import blocks, changes, files, groups
 from chatd.handlers.base import Context
 from chatd.node import Node
 from chatd.protocol import (
@@ -34,7 +34,6 @@ from chatd.protocol import (
     NOT_FOUND,
     RATE_LIMITED,
     UNAUTHORIZED,
-    Attachment,
     ChangePassword,
     Chat,
     ChatError,
@@ -504,7 +503,7 @@ async def export_me(ctx: Context, action: ExportMe) -> Export:
     async with ctx.node.pool.acquire() as conn:
         chats = await conn.fetch(_EXPORT_CHATS, ctx.user_id)
         rows = await conn.fetch(_EXPORT_MESSAGES, ctx.user_id, action.after or 0, EXPORT_PAGE + 1)
-        files = [] if action.after else await conn.fetch(_EXPORT_FILES, ctx.user_id)
+        uploaded = [] if action.after else await conn.fetch(_EXPORT_FILES, ctx.user_id)
     messages = [message_from_row(r) for r in rows[:EXPORT_PAGE]]
     has_more = len(rows) > EXPORT_PAGE
     return Export(
@@ -518,17 +517,7 @@ async def export_me(ctx: Context, action: ExportMe) -> Export:
             )
             for r in chats
         ],
-        files=[
-            Attachment(
-                id=str(f["id"]),
-                name=f["name"],
-                mime=f["mime"],
-                size=f["size"],
-                width=f["width"],
-                height=f["height"],
-            )
-            for f in files
-        ],
+        files=[files.attachment_from_row(f) for f in uploaded],
         messages=messages,
         has_more=has_more,
         next_after=messages[-1].id if has_more else None,

@@ -242,16 +242,18 @@ async def claim_uploads(ctx: Context, upload_ids: list[str]) -> tuple[Attachment
     missing = [file_id for file_id in ids if file_id not in rows]
     if missing:
         raise ChatError(INVALID, f"attachments: {missing[0]} is not an upload of yours")
-    return tuple(
-        Attachment(
-            id=str(file_id),
-            name=rows[file_id]["name"],
-            mime=rows[file_id]["mime"],
-            size=rows[file_id]["size"],
-            width=rows[file_id]["width"],
-            height=rows[file_id]["height"],
-        )
-        for file_id in ids
+    return tuple(attachment_from_row(rows[file_id]) for file_id in ids)
+
+
+def attachment_from_row(row: asyncpg.Record) -> Attachment:
+    """A files row (id, name, mime, size, width, height) as the wire shows it."""
+    return Attachment(
+        id=str(row["id"]),
+        name=row["name"],
+        mime=row["mime"],
+        size=row["size"],
+        width=row["width"],
+        height=row["height"],
     )
 
 
