@@ -27,6 +27,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.metrics",
         "chatd.logs",
         "chatd.media",
+        "chatd.signing",
     },
     # What handlers use: the node and everything it owns.
     "services": {
@@ -38,6 +39,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.revocations",
         "chatd.ratelimit",
         "chatd.files",
+        "chatd.deliveries",
     },
     # One function per request, with its SQL.
     "handlers": {"chatd.handlers"},
