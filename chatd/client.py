@@ -233,8 +233,12 @@ class Api:
         return await self.call("GET", "/me")
 
     async def update_me(self, **fields: Any) -> dict[str, Any]:
-        """PATCH /me: `name=`."""
+        """PATCH /me: `name=`, `avatar=` (an image's upload_id, or None to remove it)."""
         return await self.call("PATCH", "/me", json=fields)
+
+    async def update_chat(self, chat_id: int, **fields: Any) -> dict[str, Any]:
+        """PATCH /chats/{id} (admins): `name=`, `photo=` (an upload_id, or None)."""
+        return await self.call("PATCH", f"/chats/{chat_id}", json=fields)
 
     async def change_password(self, current: str, new: str) -> None:
         """Change the password; every other session of the account is signed out."""

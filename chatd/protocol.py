@@ -217,6 +217,7 @@ class Message(Struct):
 class Member(Struct):
     user_uuid: UserUuid
     name: str
+    avatar: str | None  # a file id (GET /files/{id}, any signed-in user); null: none set
 
 
 Role = Literal["owner", "admin", "member"]
@@ -226,6 +227,7 @@ class ChatMember(Struct):
     user_uuid: UserUuid
     name: str
     role: Role  # private chats: both are "member"
+    avatar: str | None  # a file id; null: none set
 
 
 class Chat(Struct):
@@ -238,6 +240,7 @@ class Chat(Struct):
     # every pin or unpin.
     version: int
     pinned_message_id: int | None
+    photo: str | None  # groups: a file id (GET /files/{id}, members); null: none set
 
 
 class ChatOverview(Chat):
@@ -383,8 +386,21 @@ class LeaveChat(Action, tag="leave_chat"):
 
 
 class RenameChat(Action, tag="rename_chat"):
+    """update_chat with a name alone (kept for the clients that use it)."""
+
     chat_id: Id
     name: GroupName
+
+
+class UpdateChat(Action, tag="update_chat"):
+    """Change what is given of a group (admins and the owner)."""
+
+    chat_id: Id
+    name: GroupName | UnsetType = UNSET
+    photo: Annotated[
+        FileUuid | UnsetType | None,
+        Meta(description="an image you uploaded (upload_id); null removes the photo"),
+    ] = UNSET
 
 
 class SetRole(Action, tag="set_role"):
@@ -435,6 +451,7 @@ ClientAction = (
     | RemoveMember
     | LeaveChat
     | RenameChat
+    | UpdateChat
     | SetRole
     | DeleteChat
     | BlockUser
@@ -550,6 +567,10 @@ class UpdateMe(Struct, kw_only=True):
     """PATCH /me: change what is given of your profile."""
 
     name: UserName | None = None
+    avatar: Annotated[
+        FileUuid | UnsetType | None,
+        Meta(description="an image you uploaded (upload_id); null removes the avatar"),
+    ] = UNSET
 
 
 class ChangePassword(Struct, kw_only=True):
@@ -803,6 +824,12 @@ class ChatUpdated(Event, tag="chat_updated"):
     data: Chat
 
 
+class UserUpdated(Event, tag="user_updated"):
+    """A user you share a chat with (or you) changed their name or avatar."""
+
+    data: Member
+
+
 class ChatDeletedData(Struct):
     chat_id: int
     by: UserUuid
@@ -836,6 +863,7 @@ ServerFrame = (
     | MemberAdded
     | MemberRemoved
     | ChatUpdated
+    | UserUpdated
     | ChatDeleted
     | TypingEvent
 )
@@ -898,6 +926,7 @@ class Me(Struct):
     name: str
     email: str
     created_at: Timestamp
+    avatar: str | None  # a file id; null: none set
 
 
 class SessionInfo(Struct):

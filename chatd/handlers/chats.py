@@ -12,6 +12,7 @@ from chatd.handlers.base import (
     Context,
     fetch_chat,
     fetch_members,
+    file_id_text,
     fit_in_frame,
     member_ids,
     parse_user_ids,
@@ -189,7 +190,7 @@ async def insert_members(
 # range above the pointer. No COUNT over the messages themselves, however many.
 _OVERVIEW = """
 SELECT c.id, c.type, c.name, c.created_at, c.last_seq, c.activity, c.version,
-       c.pinned_message_id, cm.read_seq, cm.role, rm.id AS read_upto,
+       c.pinned_message_id, c.photo, cm.read_seq, cm.role, rm.id AS read_upto,
        c.last_seq - cm.read_seq
          - (SELECT count(*) FROM messages d
             WHERE d.chat_id = c.id AND d.deleted AND d.seq > cm.read_seq)
@@ -280,6 +281,7 @@ async def _overviews(
             role=row["role"],
             version=row["version"],
             pinned_message_id=row["pinned_message_id"],
+            photo=file_id_text(row["photo"]),
         )
         for row in rows
     ]
