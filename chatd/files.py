@@ -338,4 +338,3 @@ class FileCollector:
 
 def new_file_id() -> uuid.UUID:
     return uuid.uuid4()
-
