@@ -27,6 +27,7 @@ from chatd.db import create_pool
 from chatd.deliveries import DeliveryQueue
 from chatd.files import FileCollector, Files, open_blob_store
 from chatd.hub import Bus, Hub, LocalBus, publish
+from chatd.identity import Identities
 from chatd.protocol import Event, Readiness
 from chatd.ratelimit import Limits, TypingGate
 from chatd.redis_bus import RedisBus
@@ -75,6 +76,12 @@ class Node:
             retention=settings.delivery_retention,
             allow_private=settings.outbound_allow_private,
         )
+        # The app's own JWTs as access tokens (chatd/identity.py), when configured.
+        self.identity = (
+            Identities(settings, self.pool, self.sessions, self.publish)
+            if Identities.configured(settings)
+            else None
+        )
         self.limits = Limits(settings)
         self.typing_gate = TypingGate(remote=self.limits.remote)
         self._watchdog: asyncio.Task[None] | None = None
@@ -103,6 +110,8 @@ class Node:
         self._listener = asyncio.create_task(self.revocations.run())
         self.collector.start()
         self.deliveries.start()
+        if self.identity is not None:
+            self.identity.start()
         # Serve once revocations are heard (a session is trusted from memory only then).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.revocations.listening.wait(), 10)
@@ -114,6 +123,8 @@ class Node:
                 task.cancel()
         await self.collector.stop()
         await self.deliveries.stop()
+        if self.identity is not None:
+            await self.identity.close()
         await self.writer.wait_idle(timeout=5)
         await self.bus.close()
         await self.limits.close()

@@ -927,6 +927,9 @@ class Me(Struct):
     email: str
     created_at: Timestamp
     avatar: str | None  # a file id; null: none set
+    # The `picture` claim's URL, for a user of the app's tokens (docs/embedding.md);
+    # chatd never fetches it. null: none (and always for chatd's own accounts).
+    picture: str | None = None
 
 
 class SessionInfo(Struct):

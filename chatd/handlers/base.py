@@ -49,6 +49,8 @@ async def authenticate(node: Node, token: str | None, peer: str, user_agent: str
     """
     if not token:
         raise ChatError(UNAUTHORIZED, "missing bearer access token")
+    if node.identity is not None and node.identity.claims(token):
+        return await _authenticate_external(node, token, peer, user_agent)
     try:
         user_id, session_id = read_token(node.settings.secret, token, ACCESS)
     except InvalidToken:
@@ -58,6 +60,14 @@ async def authenticate(node: Node, token: str | None, peer: str, user_agent: str
     if session_id is None or not await node.sessions.is_live(session_id, user_id):
         raise ChatError(UNAUTHORIZED, "session revoked or unknown; log in again")
     return Context(node, user_id, peer, session_id, user_agent)
+
+
+async def _authenticate_external(node: Node, token: str, peer: str, user_agent: str) -> Context:
+    """A JWT of the app's identity provider (chatd/identity.py): its user, created on
+    first sight. It has no session (session_id None): it ends at its `exp`, or when the
+    account is disabled or deleted."""
+    assert node.identity is not None
+    return Context(node, await node.identity.authenticate(token), peer, None, user_agent)
 
 
 def anonymous(node: Node, peer: str, user_agent: str = "") -> Context:
