@@ -279,7 +279,7 @@ SELECT user_id, name, picture FROM external_identities WHERE issuer = $1 AND sub
 
 _CREATE_USER = """
 INSERT INTO users (id, name, email, password_hash)
-VALUES ($1, $2, 'ext-' || $1::text || '@external.invalid', '!')
+VALUES ($1::uuid, $2, 'ext-' || $1::uuid::text || '@external.invalid', '!')
 """
 
 _CREATE_IDENTITY = """

@@ -47,7 +47,9 @@ class Key:
     private: Any
 
     def public_jwk(self) -> dict[str, Any]:
-        algo = jwt.algorithms.RSAAlgorithm if self.algorithm == "RS256" else jwt.algorithms.ECAlgorithm
+        algo = (
+            jwt.algorithms.RSAAlgorithm if self.algorithm == "RS256" else jwt.algorithms.ECAlgorithm
+        )
         jwk = json.loads(algo.to_jwk(self.private.public_key()))
         return {**jwk, "kid": self.kid, "use": "sig", "alg": self.algorithm}
 
@@ -102,7 +104,9 @@ class IdentityProvider:
         self.fetches += 1
         if self.status != 200:
             return JSONResponse({"error": "down"}, self.status)
-        return JSONResponse({"keys": [k.public_jwk() for k in self.keys if k.kid in self.published]})
+        return JSONResponse(
+            {"keys": [k.public_jwk() for k in self.keys if k.kid in self.published]}
+        )
 
     def server_env(self, *, secret: bool = True, jwks: bool = True, **extra: str) -> dict[str, str]:
         env = {"CHATD_AUTH_ISSUER": ISSUER, "CHATD_AUTH_AUDIENCE": AUDIENCE, **extra}
@@ -114,11 +118,20 @@ class IdentityProvider:
 
     def key(self, algorithm: str = "RS256") -> Key:
         """The newest published key of `algorithm`."""
-        return next(k for k in reversed(self.keys) if k.algorithm == algorithm and k.kid in self.published)
+        return next(
+            k for k in reversed(self.keys) if k.algorithm == algorithm and k.kid in self.published
+        )
 
     def claims(self, subject: str, ttl: int = 300, **extra: Any) -> dict[str, Any]:
         now = int(time.time())
-        return {"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "iat": now, "exp": now + ttl, **extra}
+        return {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": subject,
+            "iat": now,
+            "exp": now + ttl,
+            **extra,
+        }
 
     def token(
         self, subject: str, algorithm: str = "RS256", *, key: Key | None = None, **claims: Any

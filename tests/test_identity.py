@@ -89,7 +89,7 @@ async def test_two_app_users_talk(app_server: Server, idp: IdentityProvider) -> 
             "POST", f"/chats/{chat['id']}/messages", json={"text": "hi Bob", "client_msg_id": "m1"}
         )
         event = await sock.next_event("new_message")
-        assert event["message"]["text"] == "hi Bob"
+        assert event["data"]["text"] == "hi Bob"
     await ada.aclose()
     await bob.aclose()
 
@@ -107,7 +107,7 @@ async def test_name_claim_changes_update_the_profile(
         me = await bob.me()
         assert (me["name"], me["picture"]) == ("Robert", "https://cdn.example/r.png")
         event = await sock.next_event("user_updated")
-        assert event["user"]["name"] == "Robert"
+        assert event["data"]["name"] == "Robert"
     # A rename in chatd stays while the provider's name does not change...
     await bob.update_me(name="Bobby")
     assert (await bob.me())["name"] == "Bobby"
@@ -115,7 +115,7 @@ async def test_name_claim_changes_update_the_profile(
     bob.access_token = idp.token(sub, picture="https://cdn.example/r.png")
     assert (await bob.me())["name"] == "Bobby"
     # A name that is no printable text is cleaned, not refused.
-    bob.access_token = idp.token(sub, name="  Rob\x00\u200b  ert  " + "x" * 500)
+    bob.access_token = idp.token(sub, name="  Rob\x00\u200bert  " + "x" * 500)
     assert (await bob.me())["name"].startswith("Robert xxx")
     await ada.aclose()
     await bob.aclose()
