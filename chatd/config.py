@@ -298,6 +298,8 @@ class Settings:
     before_send_url: str | None = setting("CHATD_BEFORE_SEND_URL", None, _optional)
     before_send_timeout_ms: int = setting("CHATD_BEFORE_SEND_TIMEOUT_MS", 1000)
     before_send_fail_open: bool = setting("CHATD_BEFORE_SEND_FAIL_OPEN", False, _bool)
+    # When set, the hook's requests are signed with it (X-Chatd-Signature, chatd/signing.py).
+    before_send_secret: str | None = setting("CHATD_BEFORE_SEND_SECRET", None, _optional)
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
 

@@ -26,6 +26,7 @@ from chatd.config import Settings
 from chatd.db import create_pool
 from chatd.deliveries import DeliveryQueue
 from chatd.files import FileCollector, Files, open_blob_store
+from chatd.hooks import BeforeSend
 from chatd.hub import Bus, Hub, LocalBus, publish
 from chatd.identity import Identities
 from chatd.protocol import Event, Readiness
@@ -82,6 +83,8 @@ class Node:
             if Identities.configured(settings)
             else None
         )
+        # The before-send hook (chatd/hooks.py); None: sends pay nothing for it.
+        self.before_send = BeforeSend(settings) if settings.before_send_url else None
         self.limits = Limits(settings)
         self.typing_gate = TypingGate(remote=self.limits.remote)
         self._watchdog: asyncio.Task[None] | None = None
@@ -125,6 +128,8 @@ class Node:
         await self.deliveries.stop()
         if self.identity is not None:
             await self.identity.close()
+        if self.before_send is not None:
+            await self.before_send.close()
         await self.writer.wait_idle(timeout=5)
         await self.bus.close()
         await self.limits.close()

@@ -36,6 +36,7 @@ TOO_LARGE = "too_large"  # an upload over CHATD_MAX_UPLOAD_BYTES
 QUOTA_EXCEEDED = "quota_exceeded"  # an upload past the user's CHATD_USER_QUOTA_BYTES
 INVALID_CREDENTIALS = "invalid_credentials"
 INTERNAL = "internal"  # a server-side failure; the request may be retried
+REJECTED = "rejected"  # the before-send hook refused the message; its reason is the message
 UNAVAILABLE = "unavailable"  # the database is unavailable; retry (sends: same client_msg_id)
 DATABASE_UNAVAILABLE_MESSAGE = "the database is unavailable; retry with the same client_msg_id"
 
@@ -54,6 +55,7 @@ HTTP_STATUS = {
     INVALID_CREDENTIALS: 401,
     INTERNAL: 500,
     UNAVAILABLE: 503,
+    REJECTED: 403,
 }
 
 # --- close codes of /connect (RFC 6455 section 7.4; docs/protocol.md says when each is sent) --
