@@ -40,6 +40,8 @@ LAYERS: dict[str, set[str]] = {
         "chatd.ratelimit",
         "chatd.files",
         "chatd.deliveries",
+        "chatd.identity",
+        "chatd.hooks",
     },
     # One function per request, with its SQL.
     "handlers": {"chatd.handlers"},
