@@ -138,7 +138,8 @@ class IdentityProvider:
     ) -> str:
         """A token for `subject`: signed by the newest key of `algorithm` (RS256, ES256),
         or with the shared secret (HS256); `claims` added or overriding."""
-        body = {**self.claims(subject), **claims}
+        ttl = claims.pop("ttl_seconds", 300)
+        body = {**self.claims(subject, ttl), **claims}
         if algorithm == "HS256":
             return jwt.encode(body, SHARED_SECRET, "HS256")
         key = key or self.key(algorithm)

@@ -333,3 +333,41 @@ def test_settings_need_issuer_audience_and_a_strong_distinct_secret() -> None:
         Settings.from_env({**full, "CHATD_AUTH_JWKS_URL": "file:///etc/passwd"})
     settings = Settings.from_env({**full, "CHATD_AUTH_JWT_SECRET": SHARED_SECRET})
     assert settings.auth_jwt_secret == SHARED_SECRET
+
+
+async def test_client_with_a_token_provider(app_server: Server, idp: IdentityProvider) -> None:
+    """chatd.client.Client signs in through the app: its token provider (sync or async)
+    gives each token, again before `exp` and after a refusal; REST and the socket both
+    keep working across renewals."""
+    from chatd.client import Client
+
+    ada_sub, bob_sub = subject(), subject()
+    calls = {"ada": 0, "bob": 0}
+
+    async def ada_token() -> str:
+        calls["ada"] += 1
+        return idp.token(ada_sub, name="Ada", ttl_seconds=3)
+
+    def bob_token() -> str:
+        calls["bob"] += 1
+        return idp.token(bob_sub, "ES256", name="Bob")
+
+    async with (
+        Client(app_server.base_url, token_provider=ada_token) as ada,
+        Client(app_server.base_url, token_provider=bob_token) as bob,
+    ):
+        assert ada.api.refresh_token is None
+        chat = await ada.create_chat([bob.user_uuid])
+        await asyncio.sleep(3.5)  # Ada's first token has expired; it was renewed before
+        assert calls["ada"] >= 2
+        assert (await ada.rest("GET", "/me"))["name"] == "Ada"
+        await ada.send(chat["id"], "hello through the app's sign-in")
+        async for event in bob.events():
+            if event["action"] == "new_message":
+                assert event["data"]["text"] == "hello through the app's sign-in"
+                break
+        # A token chatd refuses (expired here) is replaced by a fresh one from the provider.
+        before = calls["bob"]
+        bob.api.access_token = idp.token(bob_sub, "ES256", exp=int(time.time()) - 1)
+        assert (await bob.rest("GET", "/me"))["user_uuid"] == bob.user_uuid
+        assert calls["bob"] == before + 1
