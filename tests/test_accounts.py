@@ -213,7 +213,8 @@ async def test_tokens_are_not_interchangeable(http: httpx.AsyncClient, alice: Ap
 
 async def test_me_describes_the_caller(alice: Api) -> None:
     me = await alice.me()
-    assert set(me) == {"user_uuid", "name", "email", "created_at", "avatar"}
+    assert set(me) == {"user_uuid", "name", "email", "created_at", "avatar", "picture"}
+    assert me["picture"] is None  # only users of the app's tokens have one
     assert me["name"] == "Alice"
     assert me["email"] == alice.email
     assert me["created_at"].endswith("Z")
