@@ -42,12 +42,25 @@ from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
 from tests.conftest import ACCOUNT_ENDING, PASSWORD, SESSION_ENDING, Server
+from tests.idp import IdentityProvider, hand_signed, new_key
 
 NF = "not_found"  # and the reply is the same as for an id that does not exist
 FORBIDDEN = "forbidden"
 OK = "ok"
 NF_ENTRY = "not_found entry"  # sync: an ack whose entry for the chat says not_found
-TOKEN_ACTORS = ("expired", "refresh", "wrong_key", "none")
+TOKEN_ACTORS = (
+    "expired",
+    "refresh",
+    "wrong_key",
+    "none",
+    # The app's tokens (external identity, tests/idp.py): the session's server accepts
+    # the provider's, but not these.
+    "app_expired",
+    "app_foreign_issuer",
+    "app_alg_none",
+    "app_key_confusion",
+    "app_unknown_key",
+)
 
 
 @dataclass(frozen=True)
@@ -385,15 +398,34 @@ async def chat_state(cast: Cast, ids: Ids) -> Any:
     return await cast.owner.call("GET", f"/chats/{ids.chat_id}")
 
 
-def bad_token(server: Server, cast: Cast, kind: str) -> str | None:
+def bad_token(server: Server, cast: Cast, kind: str, idp: IdentityProvider) -> str | None:
     now = int(time.time())
     claims = {"sub": cast.member.user_uuid, "typ": "access", "exp": now + 60}
+    if kind.startswith("app_"):
+        return bad_app_token(idp, kind)
     return {
         "expired": jwt.encode({**claims, "exp": now - 5}, server.secret, "HS256"),
         "refresh": cast.member.refresh_token,
         "wrong_key": jwt.encode(claims, "another-key-" + "y" * 40, "HS256"),
         "none": None,
     }[kind]
+
+
+def bad_app_token(idp: IdentityProvider, kind: str) -> str:
+    """A token of the app's user "member-of-the-app" that chatd must refuse."""
+    sub = "member-of-the-app"
+    rsa = idp.key("RS256")
+    claims = idp.claims(sub)
+    if kind == "app_expired":
+        return idp.token(sub, exp=int(time.time()) - 5)
+    if kind == "app_foreign_issuer":  # the provider's own key, another issuer
+        return idp.token(sub, iss="https://evil.example.test")
+    if kind == "app_alg_none":
+        return hand_signed({"alg": "none", "kid": rsa.kid}, claims, None)
+    if kind == "app_key_confusion":  # HS256 with the provider's public key as the secret
+        return hand_signed({"alg": "HS256", "kid": rsa.kid}, claims, rsa.public_pem())
+    assert kind == "app_unknown_key"  # signed by a key the provider never published
+    return jwt.encode(claims, new_key("RS256").private, "RS256", headers={"kid": rsa.kid})
 
 
 # --- the socket ------------------------------------------------------------------------------
@@ -451,9 +483,9 @@ async def test_socket_matrix(server: Server, cast: Cast, scene: Ids, action: str
 @pytest.mark.parametrize("kind", TOKEN_ACTORS)
 @pytest.mark.parametrize("action", sorted(SOCKET_MATRIX))
 async def test_socket_refuses_bad_tokens_before_any_action(
-    server: Server, cast: Cast, shared_scene: Ids, action: str, kind: str
+    server: Server, cast: Cast, shared_scene: Ids, action: str, kind: str, idp: IdentityProvider
 ) -> None:
-    token = bad_token(server, cast, kind)
+    token = bad_token(server, cast, kind, idp)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     before = await chat_state(cast, shared_scene)
     async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
@@ -527,10 +559,10 @@ async def test_rest_matrix(server: Server, cast: Cast, scene: Ids, key: str) -> 
 @pytest.mark.parametrize("kind", TOKEN_ACTORS)
 @pytest.mark.parametrize("key", sorted(REST_MATRIX))
 async def test_rest_refuses_bad_tokens(
-    server: Server, cast: Cast, shared_scene: Ids, key: str, kind: str
+    server: Server, cast: Cast, shared_scene: Ids, key: str, kind: str, idp: IdentityProvider
 ) -> None:
     before = await chat_state(cast, shared_scene)
-    response = await call(server, key, shared_scene, bad_token(server, cast, kind))
+    response = await call(server, key, shared_scene, bad_token(server, cast, kind, idp))
     assert response.status_code == 401, response.text
     assert response.json()["error"]["code"] == "unauthorized"
     assert response.headers["www-authenticate"] == "Bearer"
@@ -538,10 +570,12 @@ async def test_rest_refuses_bad_tokens(
 
 
 @pytest.mark.parametrize("key", sorted(PUBLIC_ROUTES))
-async def test_public_routes_need_no_token(server: Server, cast: Cast, key: str) -> None:
+async def test_public_routes_need_no_token(
+    server: Server, cast: Cast, key: str, idp: IdentityProvider
+) -> None:
     """Not 401 without a token, nor with a bad one: the body (or nothing) is all they read."""
     method, path = key.split(" ", 1)
-    for token in (None, bad_token(server, cast, "expired")):
+    for token in (None, bad_token(server, cast, "expired", idp)):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
             body = {} if method == "POST" else None
