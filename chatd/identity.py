@@ -242,8 +242,11 @@ class Verifier:
         except jwt.PyJWTError as exc:
             raise InvalidExternal(str(exc)) from None
         subject = claims["sub"]
+        # Printable: no NUL (PostgreSQL's text refuses it) nor lone surrogates (no UTF-8).
         if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_CHARS:
             raise InvalidExternal("sub must be a string of 1..255 characters")
+        if not subject.isprintable():
+            raise InvalidExternal("sub must be printable text")
         return External(self.issuer, subject, _name_of(claims), _picture_of(claims.get("picture")))
 
 
