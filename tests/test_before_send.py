@@ -216,3 +216,27 @@ async def test_latency_is_in_the_metrics(hooked: Server, hook_port: int) -> None
     assert 'chatd_before_send_seconds_count{outcome="timeout"}' in text
     await ada.aclose()
     await bob.aclose()
+
+
+async def test_edits_go_through_the_hook_too(hooked: Server, hook_port: int) -> None:
+    """Else "hello" could be edited into what the hook would have refused."""
+    ada, bob, chat_id = await pair(hooked)
+    async with Receiver(moderator, port=hook_port) as hook:
+        message = await send(ada, chat_id, "hello")
+        path = f"/messages/{message['id']}"
+        with pytest.raises(ChatdError) as refused:
+            await ada.call("PATCH", path, json={"text": "spam now"})
+        assert (refused.value.code, refused.value.message) == ("rejected", "no spam here, please")
+        edited = await ada.call("PATCH", path, json={"text": "darn"})
+        assert edited["text"] == "d**n"
+        payload = json.loads(hook.requests[-1].body)
+        assert (payload["edit_of"], payload["text"]) == (message["id"], "darn")
+        # Bob's edit of Ada's message is refused as always, without asking the hook.
+        asked = len(hook.requests)
+        with pytest.raises(ChatdError) as refused:
+            await bob.call("PATCH", path, json={"text": "spam"})
+        assert refused.value.code == "forbidden"
+        assert len(hook.requests) == asked
+    assert await texts(bob, chat_id) == ["d**n"]
+    await ada.aclose()
+    await bob.aclose()

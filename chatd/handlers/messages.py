@@ -154,24 +154,30 @@ async def before_send(
     chat_type = await ctx.node.pool.fetchval(_CHAT_TYPE_OF_MEMBER, chat_id, ctx.user_id)
     if chat_type is None:
         raise no_such_chat()
-    verdict = await ctx.node.before_send.check(
-        {
-            "chat_id": chat_id,
-            "chat_type": chat_type,
-            "sender_uuid": str(ctx.user_id),
-            "text": text,
-            "client_msg_id": client_msg_id,
-            "reply_to": extras.reply_to,
-            "mentions": [str(m) for m in extras.mentions],
-            "attachments": [a.id for a in extras.attachments],
-            "forwarded": extras.forwarded_from is not None,
-        }
-    )
+    payload = {
+        "chat_id": chat_id,
+        "chat_type": chat_type,
+        "sender_uuid": str(ctx.user_id),
+        "text": text,
+        "client_msg_id": client_msg_id,
+        "reply_to": extras.reply_to,
+        "mentions": [str(m) for m in extras.mentions],
+        "attachments": [a.id for a in extras.attachments],
+        "forwarded": extras.forwarded_from is not None,
+        "edit_of": None,
+    }
+    return await ask_hook(ctx, payload, text, min_len=0 if extras.attachments else 1)
+
+
+async def ask_hook(ctx: Context, payload: dict[str, object], text: str, *, min_len: int) -> str:
+    """The hook's verdict on a text about to be stored (a send or an edit): the text to
+    store, or `rejected`, or `unavailable` when it failed and the policy is fail-closed."""
+    assert ctx.node.before_send is not None
+    verdict = await ctx.node.before_send.check(payload)
     if verdict.action == "reject":
         raise ChatError(REJECTED, verdict.reason or "the message was rejected")
     if verdict.action == "rewrite":
         try:
-            min_len = 0 if extras.attachments else 1
             return clean_text(verdict.text or "", "text", min_len=min_len, max_len=MAX_TEXT_CHARS)
         except ChatError:
             verdict = replace(verdict, action="failed")
