@@ -155,6 +155,18 @@ def _origins(env: Env, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
 
 
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
+
+
+def _embed_origins(env: Env, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Origins (scheme://host[:port]), each a source of a CSP header: nothing else."""
+    origins = _origins(env, name, default)
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise SystemExit(f"{name}: {origin!r} is not an origin like https://app.example.com")
+    return origins
+
+
 def _path(env: Env, name: str, default: Path) -> Path:
     return Path(env[name]) if env.get(name) else default
 
@@ -291,6 +303,9 @@ class Settings:
     auth_jwks_max_age: int = setting("CHATD_AUTH_JWKS_MAX_AGE", 3600)
     # Seconds of clock difference tolerated on exp, nbf and iat (0: none, as for chatd's own).
     auth_leeway: int = setting("CHATD_AUTH_LEEWAY", 0, _non_negative)
+    # Origins whose pages may show /chat in an iframe (/chat?embed, docs/embedding.md): the
+    # page's frame-ancestors. Unset: only chatd's own pages (no clickjacking).
+    embed_origins: tuple[str, ...] = setting("CHATD_EMBED_ORIGINS", (), _embed_origins)
     # false: no /register and no password login (users come from the app's tokens).
     local_accounts: bool = setting("CHATD_LOCAL_ACCOUNTS", True, _bool)
     # The before-send hook (chatd/hooks.py): POSTed every message about to be stored;
