@@ -104,9 +104,7 @@ def test_app_users_talk_in_the_embedded_client(browser, shop) -> None:  # type: 
     expect(bob.locator("#messages .message .text")).to_have_text(["Hello from the shop"])
     bob.locator("#message-input").fill("Hi Ada")
     bob.locator("#message-input").press("Enter")
-    expect(ada.locator("#messages .message .text")).to_have_text(
-        ["Hello from the shop", "Hi Ada"]
-    )
+    expect(ada.locator("#messages .message .text")).to_have_text(["Hello from the shop", "Hi Ada"])
     assert errors == []
     ada_page.context.close()
     bob_page.context.close()
