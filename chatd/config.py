@@ -248,6 +248,8 @@ class Settings:
     add_members_rate: Rate | None = setting(  # per user, counting users added, not calls
         "CHATD_ADD_MEMBERS_RATE", parse_rate("1000/day"), _rate
     )
+    # Requests per API key of the app API (/app/..., chatd/handlers/app.py).
+    app_key_rate: Rate | None = setting("CHATD_APP_KEY_RATE", parse_rate("100/s"), _rate)
     # Groups a user creates in any 24 h, counted in the database.
     groups_per_day: int | None = setting("CHATD_GROUPS_PER_DAY", 100, _cap)
     # A sync that would replay more changes than this in one chat answers too_long.

@@ -42,6 +42,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.deliveries",
         "chatd.identity",
         "chatd.hooks",
+        "chatd.app_hooks",
     },
     # One function per request, with its SQL.
     "handlers": {"chatd.handlers"},
