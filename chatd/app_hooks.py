@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import typing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,19 +34,13 @@ import msgspec
 from chatd import signing
 from chatd.deliveries import CHANNEL as DELIVERIES_CHANNEL
 from chatd.deliveries import Attempt, Delivery, DeliveryQueue, Outcome
+from chatd.protocol import AppEvent
 
 log = logging.getLogger("chatd.app_hooks")
 
 KIND = "app_webhook"
 POLL_SECONDS = 5.0
-EVENTS = (
-    "message.new",
-    "message.updated",
-    "member.added",
-    "member.removed",
-    "chat.created",
-    "user.created",
-)
+EVENTS = typing.get_args(AppEvent)  # message.new, ..., user.created
 
 # One delivery per webhook subscribed to $1, ordered per webhook and $2 (a chat, or a
 # user for user.created); woken at the commit like every enqueue.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright import sync_api
 
-from tests.browser.test_browser_chat import ARGS, CHROMIUM
+from tests.browser.test_browser_chat import launch_chromium
 from tests.conftest import (
     ROOT,
     Server,
@@ -28,13 +28,8 @@ SECRET = "an-example-secret-of-at-least-32-chars"
 
 @pytest.fixture
 def browser() -> Iterator[object]:
-    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (make browser-deps)"
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
+    with launch_chromium() as b:
+        yield b
 
 
 @pytest.fixture
