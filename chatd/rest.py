@@ -459,7 +459,8 @@ OPERATIONS = [
     # accounts
     route(
         "POST", "/register", Register, "Create an account", RegisterResponse, 201,
-        tag="accounts", auth=False, errors=(400, 409, 413, 422, 429, 503),
+        # 403: CHATD_LOCAL_ACCOUNTS=false
+        tag="accounts", auth=False, errors=(400, 403, 409, 413, 422, 429, 503),
     ),
     route(
         "POST", "/login", Login, "Log in: get an access and a refresh token", TokenPair,
@@ -471,7 +472,7 @@ OPERATIONS = [
     ),
     route(
         "POST", "/logout", Logout, "Sign out this session: its tokens and sockets stop", None,
-        204, tag="accounts", errors=(503,),
+        204, tag="accounts", errors=(403, 503),  # 403: the app's token (no session)
     ),
     route("GET", "/me", GetMe, "The caller's account", Me, tag="accounts", errors=(503,)),
     route(
@@ -566,7 +567,8 @@ OPERATIONS = [
         "POST", "/chats/{chat_id:int}/messages", SendMessage,
         "Send a message (201); a retry with the same client_msg_id returns the original (200)",
         Message, 201, tag="messages", also_ok=(200,),
-        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 404, 413, 422, 429, 503),
+        # 403: `rejected` by the before-send hook (docs/embedding.md).
+        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 403, 404, 413, 422, 429, 503),
     ),
     route(
         "GET", "/messages/{message_id:int}", GetMessage, "One message of a chat you are in",
@@ -600,7 +602,7 @@ OPERATIONS = [
         "POST", "/messages/{message_id:int}/forward", ForwardMessage,
         "Forward a message to a chat of yours (201); a retry with the same client_msg_id"
         " returns the copy (200)", Message, 201, tag="messages", also_ok=(200,),
-        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 404, 413, 422, 429, 503),
+        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 403, 404, 413, 422, 429, 503),
     ),
     route(
         "PUT", "/chats/{chat_id:int}/pin", PinMessage,
