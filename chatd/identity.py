@@ -380,8 +380,8 @@ class Identities:
         key = (external.issuer, external.subject)
         known = self._known.get(key)
         if known is not None:
-            user_id, *applied = known
-            if (external.name or applied[0], external.picture) == tuple(applied):
+            user_id, *applied = known  # applied: [name, picture]
+            if _wanted(external, applied) == applied:
                 self._known.move_to_end(key)
                 return user_id
         for _ in range(2):  # a first sight raced by another: read what it created
@@ -395,7 +395,7 @@ class Identities:
                     applied = [external.name, external.picture]
                 else:
                     user_id, applied = row["user_id"], [row["name"], row["picture"]]
-                    wanted = [external.name or applied[0], external.picture]
+                    wanted = _wanted(external, applied)
                     if wanted != applied:
                         await self._apply(conn, external, wanted)
                         applied = wanted
@@ -436,6 +436,12 @@ class Identities:
                 avatar=None if row["avatar"] is None else str(row["avatar"]),
             )
             await self._publish({row["id"], *contacts}, UserUpdated(member))
+
+
+def _wanted(external: External, applied: list[str | None]) -> list[str | None]:
+    """The name and picture the profile should have: a claim left out of a token (an
+    access token may carry fewer than an ID token) leaves what was applied before."""
+    return [external.name or applied[0], external.picture or applied[1]]
 
 
 class _Raced(Exception):
