@@ -372,3 +372,16 @@ async def test_client_with_a_token_provider(app_server: Server, idp: IdentityPro
         bob.api.access_token = idp.token(bob_sub, "ES256", exp=int(time.time()) - 1)
         assert (await bob.rest("GET", "/me"))["user_uuid"] == bob.user_uuid
         assert calls["bob"] == before + 1
+
+
+async def test_provider_shaped_tokens(app_server: Server, idp: IdentityProvider) -> None:
+    """Auth0's access tokens name several audiences; Keycloak's carry typ, azp and
+    preferred_username; both are taken as they are."""
+    sub = subject()
+    auth0 = idp.token(sub, aud=["https://api.example.test", AUDIENCE], scope="openid")
+    assert (await status_of(app_server, auth0))[0] == 200
+    keycloak = idp.token(
+        subject(), typ="Bearer", azp="chat", preferred_username="ada.l", session_state="x"
+    )
+    async with Api(app_server.base_url, keycloak) as api:
+        assert (await api.me())["name"] == "ada.l"
