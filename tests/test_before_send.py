@@ -84,7 +84,9 @@ async def texts(api: Api, chat_id: int) -> list[str]:
 
 def moderator(received: Received) -> Response:
     """Rejects "spam", rewrites "darn" to "d**n", sleeps on "slow", answers 500 on
-    "broken", rewrites "empty" to nothing; allows the rest (with an empty body for "quiet")."""
+    "broken", rewrites "empty" to nothing and "nul" to a NUL, answers too much for "huge",
+    an unknown action for "odd" and HTML for "not json"; allows the rest (with an empty
+    body for "quiet")."""
     text = json.loads(received.body)["text"]
     if "spam" in text:
         return JSONResponse({"action": "reject", "reason": "no spam here, please"})
@@ -96,6 +98,14 @@ def moderator(received: Received) -> Response:
         return JSONResponse({"error": "oops"}, 500)
     if text == "quiet":
         return Response(status_code=204)
+    if text == "nul":
+        return JSONResponse({"action": "rewrite", "text": "a\x00b"})
+    if text == "huge":
+        return JSONResponse({"action": "allow", "pad": "x" * 100_000})
+    if text == "odd":
+        return JSONResponse({"action": "shrug"})
+    if text == "not json":
+        return Response(b"<html>oops</html>", media_type="text/html")
     return JSONResponse({"action": "allow"})
 
 
@@ -154,7 +164,7 @@ async def test_fail_closed(hooked: Server, hook_port: int) -> None:
     once when the hook answers again."""
     ada, bob, chat_id = await pair(hooked)
     async with Receiver(slow_moderator, port=hook_port):
-        for text in ("slow", "broken", "empty"):
+        for text in ("slow", "broken", "empty", "nul", "huge", "odd", "not json"):
             started = asyncio.get_running_loop().time()
             with pytest.raises(ChatdError) as refused:
                 await send(ada, chat_id, text, f"retry-{text}")
