@@ -38,6 +38,8 @@ LAYERS: dict[str, set[str]] = {
         "chatd.revocations",
         "chatd.ratelimit",
         "chatd.files",
+        "chatd.tokens",
+        "chatd.integrations",
     },
     # One function per request, with its SQL.
     "handlers": {"chatd.handlers"},

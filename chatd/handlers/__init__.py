@@ -20,6 +20,7 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
                  reports, the audit log
     files.py     uploads recorded, who may download, signed links, attachments claimed
                  (the bytes: chatd/rest_files.py)
+    bots.py      bots, their tokens and commands; personal access tokens (REST only)
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
 chatd/rest.py (or its Struct in SOCKET_ONLY).
@@ -34,6 +35,7 @@ from chatd.handlers import (
     accounts,
     admin,
     blocks,
+    bots,
     changes,
     chats,
     files,
@@ -45,6 +47,9 @@ from chatd.handlers import (
 )
 from chatd.handlers.base import Context
 from chatd.protocol import (
+    FORBIDDEN,
+    INSUFFICIENT_SCOPE,
+    LOGIN_REQUIRED,
     AddMembers,
     AdminCreateUser,
     AdminDeleteMessage,
@@ -56,16 +61,24 @@ from chatd.protocol import (
     AdminUpdateUser,
     BlockUser,
     ChangePassword,
+    ChatCommands,
+    ChatError,
     ClientAction,
+    CreateBot,
+    CreateBotToken,
     CreateChat,
     Created,
+    CreateToken,
+    DeleteBot,
     DeleteChat,
     DeleteMe,
     DeleteMessage,
     EditMessage,
     ExportMe,
     ForwardMessage,
+    GetBot,
     GetChat,
+    GetCommands,
     GetEdits,
     GetFileLink,
     GetHistory,
@@ -73,8 +86,11 @@ from chatd.protocol import (
     GetMessage,
     LeaveChat,
     ListBlocks,
+    ListBots,
+    ListBotTokens,
     ListChats,
     ListSessions,
+    ListTokens,
     ListUsers,
     Login,
     Logout,
@@ -87,14 +103,18 @@ from chatd.protocol import (
     RemoveMember,
     RenameChat,
     ReportMessage,
+    RevokeBotToken,
     RevokeSession,
+    RevokeToken,
     SendMessage,
+    SetCommands,
     SetRole,
     Sync,
     Typing,
     UnblockUser,
     UnpinMessage,
     Unreact,
+    UpdateBot,
     UpdateMe,
 )
 
@@ -155,6 +175,20 @@ REST_HANDLERS: dict[type, Handler] = {
     GetEdits: changes.list_edits,
     Read: reads.read_chat,
     GetFileLink: files.file_link,
+    CreateBot: bots.create_bot,
+    ListBots: bots.list_bots,
+    GetBot: bots.get_bot,
+    UpdateBot: bots.update_bot,
+    DeleteBot: bots.delete_bot,
+    CreateBotToken: bots.create_bot_token,
+    ListBotTokens: bots.list_bot_tokens,
+    RevokeBotToken: bots.revoke_bot_token,
+    SetCommands: bots.set_commands,
+    GetCommands: bots.get_commands,
+    ChatCommands: bots.chat_commands,
+    CreateToken: bots.create_token,
+    ListTokens: bots.list_tokens,
+    RevokeToken: bots.revoke_token,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live
@@ -167,6 +201,83 @@ if _missing:
     raise RuntimeError(f"actions and handlers differ: {sorted(c.__name__ for c in _missing)}")
 
 
+# --- what API tokens may do (bots' tokens and personal access tokens) -----------------------
+
+# Requests that change nothing: a token with the `read` scope alone may make them. Every
+# other request is a change and needs `write` (socket actions and REST alike; `typing` and
+# marking read too: others see them).
+READS: frozenset[type] = frozenset(
+    {
+        ListChats,
+        GetChat,
+        GetMessage,
+        Sync,
+        GetMe,
+        ExportMe,
+        ListBlocks,
+        ListUsers,
+        GetHistory,
+        GetEdits,
+        GetFileLink,
+        AdminListUsers,
+        AdminStats,
+        AdminListReports,
+        AdminListAudit,
+        GetCommands,
+        ChatCommands,
+    }
+)
+
+# Requests only a login may make, never an API token: the account's credentials (password,
+# sessions, tokens), the account itself, and bots (whose tokens a leaked token would
+# otherwise mint, or whose webhook it would point elsewhere). Whoever holds a token
+# cannot make it outlive its revocation, nor lock the owner out.
+LOGIN_ONLY: frozenset[type] = frozenset(
+    {
+        Logout,
+        ChangePassword,
+        ListSessions,
+        RevokeSession,
+        DeleteMe,
+        CreateToken,
+        ListTokens,
+        RevokeToken,
+        CreateBot,
+        ListBots,
+        GetBot,
+        UpdateBot,
+        DeleteBot,
+        CreateBotToken,
+        ListBotTokens,
+        RevokeBotToken,
+    }
+)
+
+# What a bot may not do beside LOGIN_ONLY: open chats (members add bots to theirs).
+BOTS_REFUSED: frozenset[type] = frozenset({CreateChat})
+
+
+def authorize(ctx: Context, request_type: type) -> None:
+    """Refuse a request the caller's credential does not allow: `login_required` for an API
+    token on LOGIN_ONLY, `forbidden` for a bot on BOTS_REFUSED, `insufficient_scope` for a
+    change with a read-only token. A login may make any request (its handler decides)."""
+    if ctx.kind == "login":
+        return
+    if request_type in LOGIN_ONLY:
+        raise ChatError(LOGIN_REQUIRED, "this needs a login session, not an API token")
+    if ctx.is_bot and request_type in BOTS_REFUSED:
+        raise ChatError(FORBIDDEN, "bots cannot do this; a member adds the bot to a chat")
+    if request_type not in READS:
+        require_write(ctx)
+
+
+def require_write(ctx: Context) -> None:
+    """`insufficient_scope` unless the caller may change things (the routes of
+    chatd/rest_files.py have no request Struct: an upload is a change, a download not)."""
+    if "write" not in ctx.scopes:
+        raise ChatError(INSUFFICIENT_SCOPE, "this token has the read scope only")
+
+
 def handler_for(request_type: type) -> Handler:
     """The handler of a socket action or a REST-only request."""
     return HANDLERS.get(request_type) or REST_HANDLERS[request_type]
@@ -174,5 +285,6 @@ def handler_for(request_type: type) -> Handler:
 
 async def dispatch(ctx: Context, action: ClientAction) -> Any:
     """Run a socket action; return its ack data."""
+    authorize(ctx, type(action))
     result = await HANDLERS[type(action)](ctx, action)
     return result.value if isinstance(result, Created) else result

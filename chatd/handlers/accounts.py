@@ -122,7 +122,9 @@ async def login(ctx: Context, action: Login) -> TokenPair:
         raise ChatError(RATE_LIMITED, "too many failed logins; retry later", retry_after=wait)
     try:
         row = await ctx.node.pool.fetchrow(
-            "SELECT id, password_hash, disabled_at FROM users WHERE email = $1", email
+            # A bot has no password; one an admin set does not let it log in either.
+            "SELECT id, password_hash, disabled_at FROM users WHERE email = $1 AND NOT is_bot",
+            email,
         )
         # verify_password runs even for unknown emails, so timing does not tell them apart.
         verified = await auth.verify_password(row and row["password_hash"], action.password)
@@ -160,7 +162,7 @@ MAX_SESSIONS_PER_USER = 100
 _REVOKE_CROWDED = """
 UPDATE sessions SET revoked_at = now()
 WHERE id IN (
-    SELECT id FROM sessions WHERE user_id = $1 AND revoked_at IS NULL
+    SELECT id FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND kind = 'login'
     ORDER BY last_seen_at DESC, created_at DESC OFFSET $2
 )
 RETURNING id
@@ -261,7 +263,9 @@ async def _issue_pair(ctx: Context, user_id: uuid.UUID, session_id: uuid.UUID) -
 
 async def me(ctx: Context, action: GetMe) -> Me:
     row = await ctx.node.pool.fetchrow(
-        "SELECT id, name, email, created_at FROM users WHERE id = $1", ctx.user_id
+        "SELECT u.id, u.name, u.email, u.created_at, u.is_bot, b.id AS bot_id"
+        " FROM users u LEFT JOIN bots b ON b.user_id = u.id WHERE u.id = $1",
+        ctx.user_id,
     )
     if row is None:
         raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
@@ -270,7 +274,12 @@ async def me(ctx: Context, action: GetMe) -> Me:
 
 def _me(row: Record) -> Me:
     return Me(
-        user_uuid=str(row["id"]), name=row["name"], email=row["email"], created_at=row["created_at"]
+        user_uuid=str(row["id"]),
+        name=row["name"],
+        email=row["email"],
+        created_at=row["created_at"],
+        is_bot=row["is_bot"],
+        bot_id=row["bot_id"],
     )
 
 
@@ -280,7 +289,8 @@ async def update_me(ctx: Context, action: UpdateMe) -> Me:
         name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
     row = await ctx.node.pool.fetchrow(
         "UPDATE users SET name = coalesce($2, name) WHERE id = $1"
-        " RETURNING id, name, email, created_at",
+        " RETURNING id, name, email, created_at, is_bot,"
+        " (SELECT id FROM bots WHERE user_id = users.id) AS bot_id",
         ctx.user_id,
         name,
     )
@@ -326,7 +336,7 @@ async def check_current_password(ctx: Context, password: str) -> None:
 
 _SESSIONS = """
 SELECT id, device, ip, created_at, last_seen_at FROM sessions
-WHERE user_id = $1 AND revoked_at IS NULL
+WHERE user_id = $1 AND revoked_at IS NULL AND kind = 'login'
   AND last_seen_at > now() - make_interval(secs => $2)
 ORDER BY last_seen_at DESC, created_at DESC
 LIMIT $3
@@ -381,7 +391,7 @@ async def logout(ctx: Context, action: Logout) -> None:
 # q matches a name by prefix, an email only whole: a prefix search on emails would let
 # any user read every address out, a character at a time.
 _USERS_PAGE = """
-SELECT id, name FROM users
+SELECT id, name, is_bot FROM users
 WHERE deleted_at IS NULL AND ($1::text IS NULL OR lower(name) LIKE $1 || '%' OR email = $4)
   AND ($2::uuid IS NULL OR (name, id) > (SELECT name, id FROM users WHERE id = $2))
 ORDER BY name, id
@@ -398,7 +408,9 @@ async def users_list(ctx: Context, action: ListUsers) -> UserList:
                 email = email_key(q)
         q = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     rows = await ctx.node.pool.fetch(_USERS_PAGE, q, action.after, action.limit, email)
-    return UserList([Member(user_uuid=str(r["id"]), name=r["name"]) for r in rows])
+    return UserList(
+        [Member(user_uuid=str(r["id"]), name=r["name"], is_bot=r["is_bot"]) for r in rows]
+    )
 
 
 # --- deleting and exporting the account ----------------------------------------------------
@@ -464,6 +476,12 @@ async def delete_account(node: Node, user_id: uuid.UUID) -> None:
         )
         await conn.execute(_ERASE_PROFILE, user_id, DELETED_NAME)
     await node.revoke(Revocation(user_id))
+    # Its bots go with it; a bot's username is free again once it is gone.
+    for bot_user in await node.pool.fetch(
+        "DELETE FROM bots WHERE owner_id = $1 OR user_id = $1 RETURNING user_id", user_id
+    ):
+        if bot_user["user_id"] != user_id:
+            await delete_account(node, bot_user["user_id"])
     for tombstones, chat_after, members in erased:
         for tombstone in tombstones:
             await node.publish(members, MessageUpdated(tombstone))

@@ -1,0 +1,98 @@
+"""What bots hear: slash commands found in messages, and the events a bot's webhook gets.
+
+The MessageWriter reads, with the chat lock it takes anyway, how many bots a chat has
+(`chats.bots`) and how many of them have a webhook (`chats.hooks`). Only when a stored
+message's chat has a bot with a webhook, or has bots and the text starts with "/", does
+it ask which bots (`BOTS_OF_CHATS`, one statement for the batch); `bot_events` then says
+what each bot gets: a `command` event for a message that starts with one of its commands,
+and, for a bot with a webhook, the event to deliver (the command, or else the message).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import msgspec
+
+from chatd.protocol import BotCommand, Command, CommandData, Event, Message, NewMessage
+
+BOTS_OF_CHATS = """
+SELECT cm.chat_id, b.id, b.user_id, b.username, b.commands, b.webhook_url IS NOT NULL AS hooked
+FROM chat_members cm JOIN bots b ON b.user_id = cm.user_id
+WHERE cm.chat_id = ANY($1::bigint[])
+"""
+
+_commands = msgspec.json.Decoder(list[BotCommand])
+
+
+@dataclass(frozen=True, slots=True)
+class ChatBot:
+    """A bot member of a chat, as BOTS_OF_CHATS reads it."""
+
+    bot_id: int
+    user_id: uuid.UUID
+    username: str
+    commands: frozenset[str]
+    hooked: bool
+
+    @classmethod
+    def from_row(cls, row: object) -> ChatBot:
+        return cls(
+            row["id"],  # type: ignore[index]
+            row["user_id"],  # type: ignore[index]
+            row["username"],  # type: ignore[index]
+            frozenset(c.name for c in _commands.decode(row["commands"])),  # type: ignore[index]
+            row["hooked"],  # type: ignore[index]
+        )
+
+
+def parse_command(text: str) -> tuple[str, str | None, str] | None:
+    """("roll", "dicebot", "2d6") for "/roll@dicebot 2d6", ("roll", None, "") for "/roll";
+    None when the text is no command."""
+    if not text.startswith("/"):
+        return None
+    parts = text[1:].split(maxsplit=1)
+    if not parts:
+        return None
+    name, _, username = parts[0].partition("@")
+    if not 1 <= len(name) <= 32 or not all(c.isascii() and (c.isalnum() or c == "_") for c in name):
+        return None
+    return name.lower(), username.lower() or None, parts[1].strip() if len(parts) > 1 else ""
+
+
+def may_concern_bots(text: str, bots: int, hooks: int) -> bool:
+    """Whether a message in a chat with these counts needs its bots looked up."""
+    return hooks > 0 or (bots > 0 and text.startswith("/"))
+
+
+@dataclass(frozen=True, slots=True)
+class BotEvent:
+    bot: ChatBot
+    event: Event
+    socket: bool  # publish it to the bot's sockets (commands; new_message went to all)
+    webhook: bool  # deliver it to the bot's webhook
+
+
+def bot_events(message: Message, bots: list[ChatBot]) -> list[BotEvent]:
+    """What each bot of the message's chat gets for it (never its own message)."""
+    command = parse_command(message.text) if not message.deleted else None
+    found = []
+    for bot in bots:
+        if str(bot.user_id) == message.sender_uuid:
+            continue
+        event: Event | None = None
+        if command is not None:
+            name, username, args = command
+            if name in bot.commands and username in (None, bot.username):
+                event = Command(CommandData(message.chat_id, name, args, message))
+        if event is not None:
+            found.append(BotEvent(bot, event, socket=True, webhook=bot.hooked))
+        elif bot.hooked:
+            found.append(BotEvent(bot, NewMessage(message), socket=False, webhook=True))
+    return found
+
+
+def order_key(bot_id: int, chat_id: int) -> str:
+    """Deliveries of one bot in one chat keep their order."""
+    return f"bot:{bot_id}:chat:{chat_id}"
