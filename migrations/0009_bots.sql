@@ -1,6 +1,6 @@
 -- Bots and integrations: bot accounts, API tokens (bot tokens and personal access tokens),
 -- slash commands, outgoing webhooks of bots and incoming webhooks of chats.
--- depends: 0007_accounts
+-- depends: 0008_deliveries
 
 -- A bot is a user (it joins chats, sends, is a member) flagged is_bot. It has no password
 -- (password_hash '!', which no password verifies) and a placeholder email.

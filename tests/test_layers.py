@@ -27,6 +27,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.metrics",
         "chatd.logs",
         "chatd.media",
+        "chatd.signing",
     },
     # What handlers use: the node and everything it owns.
     "services": {
@@ -40,6 +41,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.files",
         "chatd.tokens",
         "chatd.integrations",
+        "chatd.deliveries",
     },
     # One function per request, with its SQL.
     "handlers": {"chatd.handlers"},
