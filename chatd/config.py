@@ -280,8 +280,6 @@ class Settings:
     hook_rate: Rate | None = setting("CHATD_HOOK_RATE", parse_rate("60/min", 20), _rate)
     # Seconds between two writes of API tokens' last_used_at (per process, one statement).
     token_usage_interval: int = setting("CHATD_TOKEN_USAGE_INTERVAL", 60)
-    # Bot webhook URLs may point at private, loopback or link-local addresses (SSRF guard off).
-    webhook_allow_private: bool = setting("CHATD_WEBHOOK_ALLOW_PRIVATE", False, _bool)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

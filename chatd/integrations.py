@@ -11,11 +11,17 @@ and, for a bot with a webhook, the event to deliver (the command, or else the me
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import asyncpg
 import msgspec
 
-from chatd.protocol import BotCommand, Command, CommandData, Event, Message, NewMessage
+from chatd.deliveries import enqueue_many
+from chatd.protocol import BotCommand, Command, CommandData, Event, Message, NewMessage, encode
+
+# The deliveries' kind (chatd/deliveries.py) of bots' webhooks; their target is the bot's id.
+WEBHOOK_KIND = "bot_webhook"
 
 BOTS_OF_CHATS = """
 SELECT cm.chat_id, b.id, b.user_id, b.username, b.commands, b.webhook_url IS NOT NULL AS hooked
@@ -96,3 +102,44 @@ def bot_events(message: Message, bots: list[ChatBot]) -> list[BotEvent]:
 def order_key(bot_id: int, chat_id: int) -> str:
     """Deliveries of one bot in one chat keep their order."""
     return f"bot:{bot_id}:chat:{chat_id}"
+
+
+async def enqueue_webhooks(conn: asyncpg.Connection, sent: Iterable[BotEvent]) -> None:
+    """Queue the webhook deliveries among `sent`, in the caller's transaction."""
+    rows = [
+        (WEBHOOK_KIND, e.bot.bot_id, order_key(e.bot.bot_id, chat_id_of(e.event)), encode(e.event))
+        for e in sent
+        if e.webhook
+    ]
+    await enqueue_many(conn, rows)
+
+
+# The bots with a webhook among a chat's members, and among users who just left it.
+_HOOKED_BOTS = """
+SELECT b.id FROM bots b
+WHERE b.webhook_url IS NOT NULL
+  AND (b.user_id IN (SELECT user_id FROM chat_members WHERE chat_id = $1)
+       OR b.user_id = ANY($2::uuid[]))
+ORDER BY b.id
+"""
+
+
+async def enqueue_chat_event(
+    conn: asyncpg.Connection, chat_id: int, event: Event, gone: Iterable[uuid.UUID] = ()
+) -> None:
+    """Queue a membership event (member_added, member_removed, chat_created,
+    chat_deleted) for the chat's bots with a webhook, and those in `gone` (who just left),
+    in the caller's transaction, which holds the chat's lock."""
+    bot_ids = [r["id"] for r in await conn.fetch(_HOOKED_BOTS, chat_id, list(gone))]
+    body = encode(event)
+    await enqueue_many(conn, [(WEBHOOK_KIND, b, order_key(b, chat_id), body) for b in bot_ids])
+
+
+def chat_id_of(event: Event) -> int:
+    """The chat an event for a bot is about."""
+    data = event.data  # type: ignore[attr-defined]
+    if hasattr(data, "chat_id"):
+        return data.chat_id
+    if hasattr(data, "chat"):
+        return data.chat.id
+    return data.id  # chat_created carries the Chat

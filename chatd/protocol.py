@@ -850,6 +850,7 @@ class PostHook(Struct, kw_only=True):
     webhook_id: Id
     secret: Annotated[str, Meta(max_length=128)]
     text: Text
+    client_msg_id: ClientMsgId | None = None  # or the Idempotency-Key header: sent once
 
 
 class Bot(Struct):

@@ -24,7 +24,14 @@ import asyncpg
 import msgspec
 
 from chatd.hub import Bus, publish
-from chatd.integrations import BOTS_OF_CHATS, BotEvent, ChatBot, bot_events, may_concern_bots
+from chatd.integrations import (
+    BOTS_OF_CHATS,
+    BotEvent,
+    ChatBot,
+    bot_events,
+    enqueue_webhooks,
+    may_concern_bots,
+)
 from chatd.metrics import MESSAGES_PERSISTED, SEND_BATCH_SIZE, SEND_SECONDS
 from chatd.protocol import (
     FORBIDDEN,
@@ -392,6 +399,8 @@ class MessageWriter:
             bots.setdefault(row["chat_id"], []).append(ChatBot.from_row(row))
         for s in concerned:
             s.bot_events = bot_events(s.message, bots.get(s.message.chat_id, []))
+        # One statement for the batch, in message order (each bot's order per chat).
+        await enqueue_webhooks(conn, [e for s in concerned for e in s.bot_events])
 
     async def _announce(self, persisted: Persisted) -> None:
         """Committed: tell everyone, in the order the messages were stored."""

@@ -21,6 +21,8 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     files.py     uploads recorded, who may download, signed links, attachments claimed
                  (the bytes: chatd/rest_files.py)
     bots.py      bots, their tokens and commands; personal access tokens (REST only)
+    webhooks.py  bots' webhook deliveries (the sender, the owner's list); chats'
+                 incoming webhooks (REST only)
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
 chatd/rest.py (or its Struct in SOCKET_ONLY).
@@ -44,6 +46,7 @@ from chatd.handlers import (
     messages,
     presence,
     reads,
+    webhooks,
 )
 from chatd.handlers.base import Context
 from chatd.protocol import (
@@ -69,10 +72,12 @@ from chatd.protocol import (
     CreateChat,
     Created,
     CreateToken,
+    CreateWebhook,
     DeleteBot,
     DeleteChat,
     DeleteMe,
     DeleteMessage,
+    DeleteWebhook,
     EditMessage,
     ExportMe,
     ForwardMessage,
@@ -89,13 +94,16 @@ from chatd.protocol import (
     ListBots,
     ListBotTokens,
     ListChats,
+    ListDeliveries,
     ListSessions,
     ListTokens,
     ListUsers,
+    ListWebhooks,
     Login,
     Logout,
     MarkRead,
     PinMessage,
+    PostHook,
     React,
     Read,
     Refresh,
@@ -189,6 +197,11 @@ REST_HANDLERS: dict[type, Handler] = {
     CreateToken: bots.create_token,
     ListTokens: bots.list_tokens,
     RevokeToken: bots.revoke_token,
+    ListDeliveries: webhooks.list_deliveries,
+    CreateWebhook: webhooks.create_webhook,
+    ListWebhooks: webhooks.list_webhooks,
+    DeleteWebhook: webhooks.delete_webhook,
+    PostHook: webhooks.post_hook,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live
@@ -225,12 +238,15 @@ READS: frozenset[type] = frozenset(
         AdminListAudit,
         GetCommands,
         ChatCommands,
+        ListDeliveries,
+        ListWebhooks,
     }
 )
 
 # Requests only a login may make, never an API token: the account's credentials (password,
 # sessions, tokens), the account itself, and bots (whose tokens a leaked token would
-# otherwise mint, or whose webhook it would point elsewhere). Whoever holds a token
+# otherwise mint, or whose webhook it would point elsewhere), and incoming webhooks (a
+# credential that would outlive the token). Whoever holds a token
 # cannot make it outlive its revocation, nor lock the owner out.
 LOGIN_ONLY: frozenset[type] = frozenset(
     {
@@ -250,6 +266,7 @@ LOGIN_ONLY: frozenset[type] = frozenset(
         CreateBotToken,
         ListBotTokens,
         RevokeBotToken,
+        CreateWebhook,
     }
 )
 

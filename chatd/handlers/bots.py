@@ -13,18 +13,15 @@ The bot itself may set its own commands (the SDK registers its decorators' comma
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import secrets
-import socket
 import uuid
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
 
 from chatd import tokens
+from chatd.deliveries import url_problem
 from chatd.handlers.base import Context
 from chatd.protocol import (
     FORBIDDEN,
@@ -172,7 +169,7 @@ async def update_bot(ctx: Context, action: UpdateBot) -> Bot:
         name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
     url = action.webhook_url
     if url:
-        url = await check_webhook_url(url, ctx.node.settings.webhook_allow_private)
+        url = await check_webhook_url(url, ctx.node.settings.outbound_allow_private)
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         row = await _owned_bot(conn, ctx, action.bot_id, lock=True)
         if name is not None:
@@ -416,32 +413,10 @@ async def chat_commands(ctx: Context, action: ChatCommands) -> ChatCommandList:
 
 
 async def check_webhook_url(url: str, allow_private: bool) -> str:
-    """The URL when chatd may POST to it: http(s), a host, and unless `allow_private`,
-    no address of the host private, loopback, link-local or otherwise not global (SSRF).
-    Checked again before each delivery (a name may resolve elsewhere later)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ChatError(INVALID, "webhook_url must be an http or https URL with a host")
-    if parts.username or parts.password:
-        raise ChatError(INVALID, "webhook_url must not carry credentials")
-    if not allow_private and not await host_is_public(parts.hostname, parts.port):
-        raise ChatError(
-            INVALID, "webhook_url points to a private, loopback or unresolvable address"
-        )
+    """The URL when chatd may POST to it (deliveries.url_problem: http(s), and unless
+    CHATD_OUTBOUND_ALLOW_PRIVATE no private, loopback or otherwise non-global address,
+    SSRF); checked again before each delivery, as a name may resolve elsewhere later."""
+    problem = await url_problem(url, allow_private)
+    if problem is not None:
+        raise ChatError(INVALID, f"webhook_url: {problem}")
     return url
-
-
-async def host_is_public(host: str, port: int | None) -> bool:
-    """Whether every address `host` resolves to is a global one."""
-    try:
-        addresses = [ipaddress.ip_address(host)]
-    except ValueError:
-        try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(host, port or 443, type=socket.SOCK_STREAM),
-                5,
-            )
-        except (OSError, TimeoutError):
-            return False
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
-    return bool(addresses) and all(a.is_global for a in addresses)
