@@ -61,6 +61,7 @@ class Ids:
     other_uuid: str  # a user who is not in the chat, for add_members and create_chat
     file_id: str  # an image the member uploaded and attached to their message
     bot_id: int = 0  # the owner's bot, a member of the chat
+    webhook_id: int = 0  # an incoming webhook the owner made for the chat
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ PUBLIC_ROUTES = {
     "POST /token/refresh",
     "GET /healthz",
     "GET /readyz",
+    "POST /hooks/{webhook_id:int}/{secret}",  # the URL's secret is the credential
 }
 
 # Bots and tokens (chatd/handlers/bots.py). A bot is its owner's alone: anyone else (the
@@ -149,6 +151,19 @@ BOT_ROWS: dict[str, Row] = {
     ),
     "GET /chats/{chat_id:int}/commands": Row(
         lambda i: (f"/chats/{i.chat_id}/commands", None), NF, NF, OK
+    ),
+    "GET /bots/{bot_id:int}/deliveries": Row(
+        lambda i: (f"/bots/{i.bot_id}/deliveries", None), NF, NF, NF
+    ),
+    # Incoming webhooks: any member makes one; its creator and admins delete it.
+    "POST /chats/{chat_id:int}/webhooks": Row(
+        lambda i: (f"/chats/{i.chat_id}/webhooks", {"name": "CI"}), NF, NF, OK
+    ),
+    "GET /chats/{chat_id:int}/webhooks": Row(
+        lambda i: (f"/chats/{i.chat_id}/webhooks", None), NF, NF, OK
+    ),
+    "DELETE /chats/{chat_id:int}/webhooks/{webhook_id:int}": Row(
+        lambda i: (f"/chats/{i.chat_id}/webhooks/{i.webhook_id}", None), NF, NF, FORBIDDEN
     ),
     "POST /me/tokens": Row(lambda i: ("/me/tokens", {"name": "script"}), OK, OK, OK),
     "GET /me/tokens": Row(lambda i: ("/me/tokens", None), OK, OK, OK),
@@ -323,7 +338,7 @@ def test_docs_show_this_matrix() -> None:
         openapi_key(key): [row.outsider, row.removed, row.member, "401"]
         for key, row in REST_MATRIX.items()
     }
-    expected.update({key: ["public"] * 4 for key in PUBLIC_ROUTES})
+    expected.update({openapi_key(key): ["public"] * 4 for key in PUBLIC_ROUTES})
     assert documented_matrix("route") == expected
 
 
@@ -402,6 +417,7 @@ async def make_scene(cast: Cast) -> Ids:
         json={"text": "x", "attachments": [upload["upload_id"]]},
     )
     owners = await cast.owner.call("POST", f"/chats/{chat['id']}/messages", json={"text": "o"})
+    hook = await cast.owner.call("POST", f"/chats/{chat['id']}/webhooks", json={"name": "CI"})
     await cast.owner.call("DELETE", f"/chats/{chat['id']}/members/{cast.removed.user_uuid}")
     return Ids(
         chat["id"],
@@ -411,6 +427,7 @@ async def make_scene(cast: Cast) -> Ids:
         cast.other.user_uuid,
         upload["upload_id"],
         cast.bot["bot"]["id"],
+        hook["id"],
     )
 
 
@@ -423,6 +440,7 @@ def missing(ids: Ids) -> Ids:
         owners_message_id=2**62 + ids.owners_message_id,
         file_id=str(uuid.uuid4()),
         bot_id=2**62 + ids.bot_id,
+        webhook_id=2**62 + ids.webhook_id,
     )
 
 
@@ -586,6 +604,7 @@ async def test_rest_refuses_bad_tokens(
 async def test_public_routes_need_no_token(server: Server, cast: Cast, key: str) -> None:
     """Not 401 without a token, nor with a bad one: the body (or nothing) is all they read."""
     method, path = key.split(" ", 1)
+    path = path.replace("{webhook_id:int}", "1").replace("{secret}", "x")
     for token in (None, bad_token(server, cast, "expired")):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:

@@ -512,6 +512,8 @@ def valid_rest_value(world: World, name: str) -> Any:
         "path:token_id": str(uuid.uuid4()),
         "body.username": f"hostile_{uuid.uuid4().hex[:12]}",
         "body.commands": [{"name": "hostile", "description": "x"}],
+        "path:webhook_id": str(2**62),
+        "path:secret": "not-the-secret",
     }
     return values.get(name, OMIT)
 

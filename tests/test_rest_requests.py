@@ -112,12 +112,15 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
 BOT_OPERATION_IDS = {
     "create_bot", "list_bots", "get_bot", "update_bot", "delete_bot", "create_bot_token",
     "list_bot_tokens", "revoke_bot_token", "set_commands", "get_commands", "chat_commands",
-    "create_token", "list_tokens", "revoke_token",
+    "create_token", "list_tokens", "revoke_token", "list_deliveries", "create_webhook",
+    "list_webhooks", "delete_webhook", "post_hook",
 }  # fmt: skip
 BOT_SCHEMAS = {
     "Bot", "BotCommand", "BotCreated", "BotList", "ChatCommand", "ChatCommandList",
     "CommandList", "CreateBotRequest", "CreateBotTokenRequest", "CreateTokenRequest",
     "NewToken", "SetCommandsRequest", "TokenInfo", "TokenList", "UpdateBotRequest",
+    "CreateWebhookRequest", "DeliveryInfo", "DeliveryList", "PostHookRequest", "Webhook",
+    "WebhookList",
 }  # fmt: skip
 
 
