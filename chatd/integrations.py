@@ -18,7 +18,16 @@ import asyncpg
 import msgspec
 
 from chatd.deliveries import enqueue_many
-from chatd.protocol import BotCommand, Command, CommandData, Event, Message, NewMessage, encode
+from chatd.protocol import (
+    BotCommand,
+    Command,
+    CommandData,
+    Event,
+    Message,
+    NewMessage,
+    encode,
+    parse_command,
+)
 
 # The deliveries' kind (chatd/deliveries.py) of bots' webhooks; their target is the bot's id.
 WEBHOOK_KIND = "bot_webhook"
@@ -51,20 +60,6 @@ class ChatBot:
             frozenset(c.name for c in _commands.decode(row["commands"])),  # type: ignore[index]
             row["hooked"],  # type: ignore[index]
         )
-
-
-def parse_command(text: str) -> tuple[str, str | None, str] | None:
-    """("roll", "dicebot", "2d6") for "/roll@dicebot 2d6", ("roll", None, "") for "/roll";
-    None when the text is no command."""
-    if not text.startswith("/"):
-        return None
-    parts = text[1:].split(maxsplit=1)
-    if not parts:
-        return None
-    name, _, username = parts[0].partition("@")
-    if not 1 <= len(name) <= 32 or not all(c.isascii() and (c.isalnum() or c == "_") for c in name):
-        return None
-    return name.lower(), username.lower() or None, parts[1].strip() if len(parts) > 1 else ""
 
 
 def may_concern_bots(text: str, bots: int, hooks: int) -> bool:

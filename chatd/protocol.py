@@ -1071,6 +1071,21 @@ class Command(Event, tag="command"):
     data: CommandData
 
 
+def parse_command(text: str) -> tuple[str, str | None, str] | None:
+    """A message's command, as bots hear it: ("roll", "dicebot", "2d6") for
+    "/roll@dicebot 2d6", ("roll", None, "") for "/roll"; None when the text is no command.
+    The name is lower-cased; "@username" names the one bot meant."""
+    if not text.startswith("/"):
+        return None
+    parts = text[1:].split(maxsplit=1)
+    if not parts:
+        return None
+    name, _, username = parts[0].partition("@")
+    if not 1 <= len(name) <= 32 or not all(c.isascii() and (c.isalnum() or c == "_") for c in name):
+        return None
+    return name.lower(), username.lower() or None, parts[1].strip() if len(parts) > 1 else ""
+
+
 # Every frame the server sends on /connect, for clients that decode them (chatd.client).
 ServerFrame = (
     UnreadMessages
@@ -1151,6 +1166,7 @@ class Me(Struct):
     created_at: Timestamp
     is_bot: bool = False
     bot_id: int | None = None  # a bot's id in /bots/{bot_id} (set for bots made by POST /bots)
+    bot_username: str | None = None  # and its username (commands may say /name@username)
 
 
 class SessionInfo(Struct):

@@ -67,6 +67,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.backup",
         "chatd.bench",
         "chatd.client",
+        "chatd.bot",
         "chatd.migrations",
     },
 }

@@ -263,7 +263,8 @@ async def _issue_pair(ctx: Context, user_id: uuid.UUID, session_id: uuid.UUID) -
 
 async def me(ctx: Context, action: GetMe) -> Me:
     row = await ctx.node.pool.fetchrow(
-        "SELECT u.id, u.name, u.email, u.created_at, u.is_bot, b.id AS bot_id"
+        "SELECT u.id, u.name, u.email, u.created_at, u.is_bot, b.id AS bot_id,"
+        " b.username AS bot_username"
         " FROM users u LEFT JOIN bots b ON b.user_id = u.id WHERE u.id = $1",
         ctx.user_id,
     )
@@ -280,6 +281,7 @@ def _me(row: Record) -> Me:
         created_at=row["created_at"],
         is_bot=row["is_bot"],
         bot_id=row["bot_id"],
+        bot_username=row["bot_username"],
     )
 
 
@@ -290,7 +292,8 @@ async def update_me(ctx: Context, action: UpdateMe) -> Me:
     row = await ctx.node.pool.fetchrow(
         "UPDATE users SET name = coalesce($2, name) WHERE id = $1"
         " RETURNING id, name, email, created_at, is_bot,"
-        " (SELECT id FROM bots WHERE user_id = users.id) AS bot_id",
+        " (SELECT id FROM bots WHERE user_id = users.id) AS bot_id,"
+        " (SELECT username FROM bots WHERE user_id = users.id) AS bot_username",
         ctx.user_id,
         name,
     )
