@@ -220,20 +220,20 @@ class Message(Struct):
     attachments: list[Attachment] = []  # in the order sent; none once deleted for everyone
 
 
-class Member(Struct):
+class Member(Struct, omit_defaults=True):
     user_uuid: UserUuid
     name: str
-    is_bot: bool = False
+    is_bot: bool = False  # sent only when true
 
 
 Role = Literal["owner", "admin", "member"]
 
 
-class ChatMember(Struct):
+class ChatMember(Struct, omit_defaults=True):
     user_uuid: UserUuid
     name: str
     role: Role  # private chats: both are "member"
-    is_bot: bool = False
+    is_bot: bool = False  # sent only when true
 
 
 class Chat(Struct):

@@ -40,8 +40,9 @@ async def test_a_bot_is_made_with_a_token_that_works_on_rest_and_the_socket(alic
     assert (await alice.me())["is_bot"] is False
 
     chat = await group_with(alice, bot.user_uuid)
-    assert {m["user_uuid"]: m["is_bot"] for m in chat["members"]} == {
-        alice.user_uuid: False,
+    # is_bot is sent only when true.
+    assert {m["user_uuid"]: m.get("is_bot") for m in chat["members"]} == {
+        alice.user_uuid: None,
         bot.user_uuid: True,
     }
     async with await bot.connect() as sock:
@@ -365,3 +366,70 @@ async def test_commands_are_checked(alice: Api) -> None:
             await alice.call("PUT", path, json={"commands": commands})
         assert refused.value.code == "invalid", commands
     assert (await alice.call("GET", path))["commands"] == []
+
+
+async def test_a_password_change_revokes_personal_tokens(alice: Api) -> None:
+    pat = await make_pat(alice, "read")
+    await alice.call("POST", "/me/password", json={"current": PASSWORD, "new": PASSWORD + "!"})
+    with pytest.raises(ChatdError) as refused:
+        await pat.me()
+    assert refused.value.status == 401
+    assert (await alice.me())["user_uuid"] == alice.user_uuid  # the login that changed it
+
+
+# --- the send path's cost ------------------------------------------------------------------
+
+
+async def test_the_send_path_asks_for_bots_only_where_they_may_hear(
+    alice: Api, database_url: str
+) -> None:
+    """A chat without bots costs the MessageWriter's batch no statement more (the lock it
+    takes anyway reads the chat's bot counts); a chat with socket bots only one for a "/"
+    text; a chat with a webhook bot one per batch, and its delivery row."""
+    from chatd.hub import Hub, LocalBus
+    from chatd.integrations import BOTS_OF_CHATS
+    from chatd.writer import MessageWriter
+
+    statements: list[str] = []
+
+    async def log_queries(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda logged: statements.append(logged.query))
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, init=log_queries)
+    writer = MessageWriter(pool, LocalBus(Hub()))
+    me = uuid.UUID(alice.user_uuid)
+
+    async def looked_up(chat_id: int, text: str) -> int:
+        statements.clear()
+        await writer.store(me, chat_id, text, None)
+        return sum(BOTS_OF_CHATS.strip() in q for q in statements)
+
+    try:
+        plain = await group_with(alice)
+        assert await looked_up(plain["id"], "hi") == 0
+        assert await looked_up(plain["id"], "/roll") == 0
+        _, socket_bot = await make_bot(alice)
+        with_bot = await group_with(alice, socket_bot.user_uuid)
+        assert await looked_up(with_bot["id"], "hi") == 0
+        assert await looked_up(with_bot["id"], "/roll") == 1
+        hooked, hook_bot = await make_bot(alice, "Hooked")
+        conn = await asyncpg.connect(database_url)
+        try:  # .invalid never resolves: the server's queue drops the delivery, sends nothing
+            await conn.execute(
+                "UPDATE bots SET webhook_url = $2, webhook_secret = 's' WHERE id = $1",
+                hooked["bot"]["id"],
+                "https://hook.invalid/",
+            )
+            with_hook = await group_with(alice, hook_bot.user_uuid)
+            assert await looked_up(with_hook["id"], "hi") == 1
+            queued = await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE kind = 'bot_webhook' AND target = $1"
+                " AND convert_from(body, 'UTF8')::jsonb ->> 'action' = 'new_message'",
+                hooked["bot"]["id"],
+            )
+            assert queued == 1
+            await conn.execute("DELETE FROM deliveries WHERE target = $1", hooked["bot"]["id"])
+        finally:
+            await conn.close()
+    finally:
+        await pool.close()
