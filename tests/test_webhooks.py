@@ -4,12 +4,14 @@ chats' incoming webhooks, against real servers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -30,11 +32,33 @@ HOOK_ENV = {
 }
 
 
+@contextlib.contextmanager
+def fresh_database(database_url: str) -> Iterator[str]:
+    """A database of its own, beside the session's: the delivery queue of every server on
+    a database sends its deliveries, and the suite's other servers refuse the loopback
+    receivers these tests use (CHATD_OUTBOUND_ALLOW_PRIVATE is off there)."""
+    name = f"chatd_test_hooks_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(scope="module")
 def hook_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(database_url, tmp_path_factory.mktemp("hooks"), **HOOK_ENV)
-    yield server
-    stop_server(server)
+    with fresh_database(database_url) as own:
+        server = start_server(own, tmp_path_factory.mktemp("hooks"), **HOOK_ENV)
+        yield server
+        stop_server(server)
 
 
 def event_of(received: Received) -> dict[str, Any]:
@@ -168,10 +192,7 @@ async def test_webhook_urls_must_be_public_by_default(alice: Api) -> None:
     assert (await alice.call("GET", f"/bots/{made['bot']['id']}"))["webhook_url"] is None
 
 
-async def test_a_chat_without_webhook_bots_queues_nothing(
-    hook_server: Server, database_url: str
-) -> None:
-    alice = await new_user(hook_server, "Alice")
+async def test_a_chat_without_webhook_bots_counts_none(alice: Api, database_url: str) -> None:
     _, bot = await make_bot(alice)  # a socket bot: no webhook
     chat = await group_with(alice, bot.user_uuid)
     for text in ("a", "/roll"):
@@ -187,7 +208,13 @@ async def test_a_chat_without_webhook_bots_queues_nothing(
 # --- kill -9 with deliveries pending ------------------------------------------------------
 
 
-async def test_kill_9_with_pending_deliveries_loses_none(database_url: str, tmp_path: Path) -> None:
+@pytest.fixture
+def own_database(database_url: str) -> Iterator[str]:
+    with fresh_database(database_url) as own:
+        yield own
+
+
+async def test_kill_9_with_pending_deliveries_loses_none(own_database: str, tmp_path: Path) -> None:
     """The receiver refuses (503) while messages pile up; chatd is killed with -9 mid-way
     through its retries; once restarted and the receiver answers, every message reaches the
     webhook, in order, and the bot's replies are posted once each."""
@@ -209,7 +236,7 @@ async def test_kill_9_with_pending_deliveries_loses_none(database_url: str, tmp_
 
     port = free_port()
     env = {**HOOK_ENV, "CHATD_DELIVERY_TIMEOUT": "1"}
-    server = start_server(database_url, tmp_path, port, **env)
+    server = start_server(own_database, tmp_path, port, **env)
     count = 30
     async with Receiver(answer) as receiver:
         try:
@@ -224,7 +251,7 @@ async def test_kill_9_with_pending_deliveries_loses_none(database_url: str, tmp_
         finally:
             stop_server(server)
         accepting.set()
-        server = start_server(database_url, tmp_path, port, **env)
+        server = start_server(own_database, tmp_path, port, **env)
         try:
             for _ in range(600):
                 if len(delivered) >= count + 1:

@@ -108,23 +108,29 @@ async def _owned_bot(
 # --- bots ----------------------------------------------------------------------------------
 
 
+async def insert_bot_user(conn: asyncpg.Connection, name: str, kind: str) -> uuid.UUID:
+    """A new bot user (a bot's, or an incoming webhook's): no password (none verifies '!'),
+    a placeholder email that no one can register."""
+    bot_user = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO users (id, name, email, password_hash, is_bot) VALUES ($1, $2, $3, '!', true)",
+        bot_user,
+        name,
+        f"{kind}-{bot_user}@bots.invalid",
+    )
+    return bot_user
+
+
 async def create_bot(ctx: Context, action: CreateBot) -> BotCreated:
     name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
     username = action.username.lower()
-    bot_user = uuid.uuid4()
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         # The owner's row: their bot creations take turns, so the cap holds.
         await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", ctx.user_id)
         count = await conn.fetchval("SELECT count(*) FROM bots WHERE owner_id = $1", ctx.user_id)
         if count >= MAX_BOTS_PER_OWNER:
             raise ChatError(FORBIDDEN, f"at most {MAX_BOTS_PER_OWNER} bots per user")
-        await conn.execute(
-            "INSERT INTO users (id, name, email, password_hash, is_bot)"
-            " VALUES ($1, $2, $3, '!', true)",
-            bot_user,
-            name,
-            f"bot-{bot_user}@bots.invalid",
-        )
+        bot_user = await insert_bot_user(conn, name, "bot")
         bot_id = await conn.fetchval(
             "INSERT INTO bots (user_id, owner_id, username) VALUES ($1, $2, $3)"
             " ON CONFLICT (username) DO NOTHING RETURNING id",

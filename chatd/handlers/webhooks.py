@@ -19,14 +19,13 @@ import hashlib
 import hmac
 import logging
 import secrets
-import uuid
 
 import msgspec
 
 from chatd import signing
 from chatd.deliveries import Attempt, Delivery, Outcome
 from chatd.handlers.base import Context, fetch_chat, lock_chat, member_ids, role_of
-from chatd.handlers.bots import no_such_bot
+from chatd.handlers.bots import insert_bot_user, no_such_bot
 from chatd.handlers.chats import insert_members
 from chatd.handlers.groups import Departure, announce_departure, depart
 from chatd.handlers.messages import send_message
@@ -189,7 +188,6 @@ async def create_webhook(ctx: Context, action: CreateWebhook) -> Webhook:
     """Any member; the webhook's bot joins the chat (members are told: member_added)."""
     name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
     secret = secrets.token_urlsafe(32)
-    bot_user = uuid.uuid4()
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         await lock_chat(conn, action.chat_id, ctx.user_id)
         count = await conn.fetchval(
@@ -197,13 +195,7 @@ async def create_webhook(ctx: Context, action: CreateWebhook) -> Webhook:
         )
         if count >= MAX_WEBHOOKS_PER_CHAT:
             raise ChatError(FORBIDDEN, f"a chat has at most {MAX_WEBHOOKS_PER_CHAT} webhooks")
-        await conn.execute(
-            "INSERT INTO users (id, name, email, password_hash, is_bot)"
-            " VALUES ($1, $2, $3, '!', true)",
-            bot_user,
-            name,
-            f"hook-{bot_user}@bots.invalid",
-        )
+        bot_user = await insert_bot_user(conn, name, "hook")
         await insert_members(conn, action.chat_id, [bot_user])
         row = await conn.fetchrow(
             "INSERT INTO chat_webhooks (chat_id, bot_user_id, creator_id, name, secret_hash)"
