@@ -175,6 +175,24 @@ async def test_membership_changes_reach_the_webhook(hook_server: Server) -> None
         assert len(receiver.requests) == 4
 
 
+async def test_a_webhook_set_later_hears_the_chats_the_bot_is_in(hook_server: Server) -> None:
+    """Setting (and removing) the webhook of a bot already in chats recounts them."""
+    alice = await new_user(hook_server, "Alice")
+    made, bot = await make_bot(alice)
+    chat = await group_with(alice, bot.user_uuid)
+    path = f"/bots/{made['bot']['id']}"
+    async with Receiver() as receiver:
+        await alice.call("PATCH", path, json={"webhook_url": receiver.url("/")})
+        await alice.call("POST", f"/chats/{chat['id']}/messages", json={"text": "heard"})
+        (received,) = await receiver.wait_for(1)
+        assert event_of(received)["data"]["text"] == "heard"
+        removed = await alice.call("PATCH", path, json={"webhook_url": ""})
+        assert (removed["webhook_url"], removed["webhook_secret"]) == (None, None)
+        await alice.call("POST", f"/chats/{chat['id']}/messages", json={"text": "unheard"})
+        await asyncio.sleep(0.5)
+        assert len(receiver.requests) == 1
+
+
 async def test_webhook_urls_must_be_public_by_default(alice: Api) -> None:
     made, _ = await make_bot(alice)
     for url in (

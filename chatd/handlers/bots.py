@@ -29,6 +29,7 @@ from chatd.protocol import (
     MAX_DEVICE_CHARS,
     MAX_USER_NAME_CHARS,
     NOT_FOUND,
+    UNAVAILABLE,
     USERNAME_TAKEN,
     Bot,
     BotCommand,
@@ -169,6 +170,13 @@ WHERE c.id = ANY($1::bigint[])
 """
 
 
+_BOT_CHATS = """
+SELECT coalesce(array_agg(cm.chat_id ORDER BY cm.chat_id), '{}')
+FROM chat_members cm JOIN bots b ON b.user_id = cm.user_id
+WHERE b.id = $1
+"""
+
+
 async def update_bot(ctx: Context, action: UpdateBot) -> Bot:
     name = None
     if action.name is not None:
@@ -176,42 +184,52 @@ async def update_bot(ctx: Context, action: UpdateBot) -> Bot:
     url = action.webhook_url
     if url:
         url = await check_webhook_url(url, ctx.node.settings.outbound_allow_private)
-    async with ctx.node.pool.acquire() as conn, conn.transaction():
-        row = await _owned_bot(conn, ctx, action.bot_id, lock=True)
-        if name is not None:
-            await conn.execute("UPDATE users SET name = $2 WHERE id = $1", row["user_id"], name)
-        if url is not None:
-            new_url = url or None
-            secret = row["webhook_secret"]
-            if new_url is None:
-                secret = None
-            elif secret is None or action.rotate_secret:
-                secret = secrets.token_urlsafe(32)
-            await conn.execute(
-                "UPDATE bots SET webhook_url = $2, webhook_secret = $3 WHERE id = $1",
-                action.bot_id,
-                new_url,
-                secret,
-            )
-            if (row["webhook_url"] is None) != (new_url is None):
-                chat_ids = await conn.fetchval(
-                    "SELECT coalesce(array_agg(chat_id ORDER BY chat_id), '{}')"
-                    " FROM chat_members WHERE user_id = $1",
-                    row["user_id"],
-                )
+    for _ in range(5):
+        async with ctx.node.pool.acquire() as conn, conn.transaction():
+            row = await _owned_bot(conn, ctx, action.bot_id)
+            recount = url is not None and (row["webhook_url"] is None) != (not url)
+            chat_ids: list[int] = []
+            if recount:
+                # The webhook comes or goes: the bot's chats' `hooks` are recounted. Lock
+                # order: its chats in id order (as the MessageWriter and membership
+                # changes lock them), then its row (which the membership trigger reads
+                # FOR SHARE), so no cycle with either.
+                chat_ids = await conn.fetchval(_BOT_CHATS, action.bot_id)
                 await conn.execute(
                     "SELECT 1 FROM chats WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
                     chat_ids,
                 )
+            row = await _owned_bot(conn, ctx, action.bot_id, lock=True)
+            if recount and await conn.fetchval(_BOT_CHATS, action.bot_id) != chat_ids:
+                continue  # it joined or left a chat meanwhile: again, with that one locked
+            await _apply_update(conn, row, action, name, url)
+            if recount:
                 await conn.execute(_RECOUNT_HOOKS, chat_ids)
-        elif action.rotate_secret and row["webhook_url"] is not None:
-            await conn.execute(
-                "UPDATE bots SET webhook_secret = $2 WHERE id = $1",
-                action.bot_id,
-                secrets.token_urlsafe(32),
-            )
-        row = await _owned_bot(conn, ctx, action.bot_id)
-    return bot_from_row(row)
+            return bot_from_row(await _owned_bot(conn, ctx, action.bot_id))
+    raise ChatError(UNAVAILABLE, "the bot's chats kept changing; retry", 503)
+
+
+async def _apply_update(
+    conn: asyncpg.Connection,
+    row: asyncpg.Record,
+    action: UpdateBot,
+    name: str | None,
+    url: str | None,
+) -> None:
+    if name is not None:
+        await conn.execute("UPDATE users SET name = $2 WHERE id = $1", row["user_id"], name)
+    secret = row["webhook_secret"]
+    new_url = row["webhook_url"] if url is None else (url or None)
+    if new_url is None:
+        secret = None
+    elif secret is None or action.rotate_secret:
+        secret = secrets.token_urlsafe(32)
+    await conn.execute(
+        "UPDATE bots SET webhook_url = $2, webhook_secret = $3 WHERE id = $1",
+        action.bot_id,
+        new_url,
+        secret,
+    )
 
 
 async def delete_bot(ctx: Context, action: DeleteBot) -> None:

@@ -23,6 +23,7 @@ import secrets
 import msgspec
 
 from chatd import signing
+from chatd.db import is_unavailable
 from chatd.deliveries import Attempt, Delivery, Outcome
 from chatd.handlers.base import Context, fetch_chat, lock_chat, member_ids, role_of
 from chatd.handlers.bots import insert_bot_user, no_such_bot
@@ -88,7 +89,17 @@ def register(node: Node) -> None:
 
 
 async def deliver(node: Node, delivery: Delivery) -> Attempt:
-    """POST one delivery to its bot's webhook; post the answer's text as the bot's reply."""
+    """POST one delivery to its bot's webhook; post the answer's text as the bot's reply.
+    The database away: tried again later (one log line, not a traceback)."""
+    try:
+        return await _deliver(node, delivery)
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        return Attempt(Outcome.RETRY, error=f"database unavailable: {exc!r}"[:500])
+
+
+async def _deliver(node: Node, delivery: Delivery) -> Attempt:
     bot = await node.pool.fetchrow(
         "SELECT user_id, webhook_url, webhook_secret FROM bots WHERE id = $1", delivery.target
     )
