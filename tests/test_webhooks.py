@@ -328,6 +328,20 @@ async def test_an_incoming_webhook_posts_as_its_bot(server: Server, alice: Api, 
     assert "[redacted]" in server.log() and hook["url"].split("/")[-1] not in server.log()
 
 
+async def test_an_incoming_webhook_stops_when_its_creator_leaves(
+    server: Server, alice: Api, bob: Api
+) -> None:
+    chat = await group_with(alice, bob.user_uuid)
+    hook = await bob.call("POST", f"/chats/{chat['id']}/webhooks", json={"name": "Bob's CI"})
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        assert (await http.post(hook["url"], json={"text": "before"})).status_code == 200
+        await alice.call("DELETE", f"/chats/{chat['id']}/members/{bob.user_uuid}")
+        after = await http.post(hook["url"], json={"text": "after"})
+    assert after.status_code == 404
+    history = await alice.call("GET", f"/history/{chat['id']}")
+    assert [m["text"] for m in history["messages"]] == ["before"]
+
+
 async def test_incoming_webhooks_are_rate_limited(database_url: str, tmp_path: Path) -> None:
     server = start_server(database_url, tmp_path, CHATD_HOOK_RATE="3/min")
     try:
