@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from chatd import signing
 from chatd.client import Api, ChatdError
-from tests.conftest import Server, free_port, new_user, start_server, stop_server
+from tests.conftest import PASSWORD, Server, free_port, new_user, start_server, stop_server
 from tests.receiver import Received, Receiver
 from tests.test_bots import group_with, make_bot
 
@@ -340,6 +340,21 @@ async def test_an_incoming_webhook_stops_when_its_creator_leaves(
     assert after.status_code == 404
     history = await alice.call("GET", f"/history/{chat['id']}")
     assert [m["text"] for m in history["messages"]] == ["before"]
+
+
+async def test_an_incoming_webhook_stops_with_its_creators_account(
+    server: Server, alice: Api, make_user: Any
+) -> None:
+    carol = await make_user("Carol")
+    chat = await alice.call(
+        "POST", "/chats", json={"type": "private", "user_ids": [carol.user_uuid]}
+    )
+    hook = await carol.call("POST", f"/chats/{chat['id']}/webhooks", json={"name": "Cron"})
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        assert (await http.post(hook["url"], json={"text": "before"})).status_code == 200
+        await carol.call("DELETE", "/me", json={"password": PASSWORD})
+        after = await http.post(hook["url"], json={"text": "after"})
+    assert after.status_code == 404
 
 
 async def test_incoming_webhooks_are_rate_limited(database_url: str, tmp_path: Path) -> None:

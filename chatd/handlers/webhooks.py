@@ -260,11 +260,12 @@ async def delete_webhook(ctx: Context, action: DeleteWebhook) -> None:
         await announce_departure(ctx.node, departure)
 
 
-# A webhook works while its creator is a member of its chat: a member removed (or gone)
-# cannot go on posting into the chat through a URL they kept.
+# A webhook works while its creator is an active member of its chat: someone removed,
+# disabled or deleted cannot go on posting into the chat through a URL they kept.
 _HOOK_TO_POST = """
 SELECT h.chat_id, h.bot_user_id, h.secret_hash FROM chat_webhooks h
-WHERE h.id = $1
+JOIN users creator ON creator.id = h.creator_id
+WHERE h.id = $1 AND creator.deleted_at IS NULL AND creator.disabled_at IS NULL
   AND EXISTS (
       SELECT 1 FROM chat_members cm WHERE cm.chat_id = h.chat_id AND cm.user_id = h.creator_id
   )
@@ -273,7 +274,8 @@ WHERE h.id = $1
 
 async def post_hook(ctx: Context, action: PostHook) -> Created[Message]:
     """POST /hooks/{id}/{secret}: public, the secret is the credential. A wrong secret, or
-    a webhook whose creator left the chat, is answered as a webhook that does not exist."""
+    a webhook whose creator left the chat (or was disabled), is answered as a webhook
+    that does not exist."""
     hook = await ctx.node.pool.fetchrow(_HOOK_TO_POST, action.webhook_id)
     if hook is None or not hmac.compare_digest(hook["secret_hash"], _digest(action.secret)):
         raise ChatError(NOT_FOUND, "no such webhook")
