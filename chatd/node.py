@@ -31,6 +31,7 @@ from chatd.protocol import Event, Readiness
 from chatd.ratelimit import Limits, TypingGate
 from chatd.redis_bus import RedisBus
 from chatd.revocations import Revocation, RevocationListener, SessionCache
+from chatd.tokens import ApiTokens
 from chatd.writer import MessageWriter
 
 # How often shutdown looks for sockets still in an action (one poll for all of them).
@@ -44,6 +45,7 @@ class Node:
             database_url, settings.db_pool_size, settings.db_timeout
         )
         self.sessions = SessionCache(self.pool)
+        self.tokens = ApiTokens(self.pool, settings.token_usage_interval)
         self.hub = Hub(settings.max_sockets_per_user, self.sessions)
         self.origin = uuid.uuid4().hex  # names this process's revocations on PostgreSQL
         self.revocations = RevocationListener(
@@ -102,6 +104,7 @@ class Node:
         self._watchdog = asyncio.create_task(self.hub.watch_writers())
         self._listener = asyncio.create_task(self.revocations.run())
         self.collector.start()
+        self.tokens.start()
         self.deliveries.start()
         # Serve once revocations are heard (a session is trusted from memory only then).
         with contextlib.suppress(TimeoutError):
@@ -115,6 +118,7 @@ class Node:
         await self.collector.stop()
         await self.deliveries.stop()
         await self.writer.wait_idle(timeout=5)
+        await self.tokens.stop()
         await self.bus.close()
         await self.limits.close()
         await self.pool.close()

@@ -39,6 +39,8 @@ LAYERS: dict[str, set[str]] = {
         "chatd.revocations",
         "chatd.ratelimit",
         "chatd.files",
+        "chatd.tokens",
+        "chatd.integrations",
         "chatd.deliveries",
     },
     # One function per request, with its SQL.
@@ -65,6 +67,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.backup",
         "chatd.bench",
         "chatd.client",
+        "chatd.bot",
         "chatd.migrations",
     },
 }
