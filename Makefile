@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Browser tests drive Debian's Chromium through Playwright; no browser is ever downloaded.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test soak lint migrate clean browser-deps browser-test
+.PHONY: run test soak lint migrate clean browser-deps browser-test sdk
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ browser-test: $(STAMP) browser-deps
 	  echo "*** browser tests NOT RUN: no Chromium at $(CHROMIUM)."; \
 	  echo "*** Install Debian's chromium (make browser-deps as root) or set CHROMIUM=..."; \
 	fi
+
+# The bot SDK's own wheel (chatd-bot: chatd.bot, chatd.client, chatd.protocol,
+# chatd.signing; httpx, websockets and msgspec only) into dist/.
+sdk: $(STAMP)
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist ./sdk
+	rm -rf sdk/build
 
 lint: $(STAMP)
 	$(BIN)/ruff check chatd tests examples

@@ -13,6 +13,7 @@ from starlette.routing import Route, WebSocketRoute
 from chatd import asyncapi, metrics, openapi, rest, webapp
 from chatd.config import Settings
 from chatd.db import MAYBE_UNAVAILABLE
+from chatd.handlers import webhooks
 from chatd.logs import RequestIdMiddleware, setup_logging
 from chatd.node import Node
 from chatd.protocol import ChatError
@@ -23,6 +24,7 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         node = Node(settings, database_url)
+        webhooks.register(node)  # this process sends bots' webhook deliveries
         await node.start()
         app.state.node = node
         try:

@@ -611,6 +611,7 @@ class Client:
         email: str | None = None,
         password: str | None = None,
         *,
+        token: str | None = None,
         backoff_base: float = 0.25,
         backoff_cap: float = 15.0,
         request_timeout: float = 10.0,
@@ -621,6 +622,8 @@ class Client:
         """`sync_limit`: new messages per chat per sync request. `gap_grace`: seconds an
         event that arrived ahead of its chat's next version waits for the ones before it
         (events of changes committed back to back may come out of order) before a sync.
+        `token`: an API token (a bot's `chatd_bot_…` or a personal access token) instead of
+        an email and a password; it is never renewed, and its refusal stops the client.
 
         `token_provider`: instead of an email and a password, a callable (plain or async)
         that returns a fresh access token: the app's own JWT, when chatd accepts them
@@ -629,6 +632,7 @@ class Client:
         on /connect), so renewal goes through the app's own sign-in; no login or refresh
         token is ever used."""
         self.api = Api(base_url)
+        self.token = token
         self.email = email
         self.password = password
         self.token_provider = token_provider
@@ -682,7 +686,9 @@ class Client:
     async def start(self) -> None:
         """Log in and wait for the first socket (retrying, with backoff, until it opens)."""
         await self._login()
-        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._keep_fresh())]
+        self._tasks = [asyncio.create_task(self._run())]
+        if self.token is None:
+            self._tasks.append(asyncio.create_task(self._keep_fresh()))
         first = asyncio.create_task(self._wait_socket())
         done, _ = await asyncio.wait({first, self._tasks[0]}, return_when=asyncio.FIRST_COMPLETED)
         if first not in done or first.exception() is not None:
@@ -897,8 +903,11 @@ class Client:
     # -- tokens -------------------------------------------------------------------------
 
     async def _login(self) -> None:
-        if self.token_provider is not None:
-            self._took(await self._provided())
+        if self.token_provider is not None or self.token is not None:
+            if self.token_provider is not None:
+                self._took(await self._provided())
+            else:
+                self.api.access_token = self.token
             self.api.user_uuid = (await self.api.me())["user_uuid"]
             return
         if self.email is None or self.password is None:
@@ -933,6 +942,8 @@ class Client:
                 self._took(await self._provided())
                 self.renewals += 1
                 return
+            if self.token is not None:  # nothing to renew it with: revoked or expired
+                raise ChatdError("unauthorized", "the API token was refused", 401)
             try:
                 if self.api.refresh_token is None:
                     raise ChatdError("unauthorized", "no refresh token", 401)

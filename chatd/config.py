@@ -319,6 +319,12 @@ class Settings:
     before_send_secret: str | None = setting("CHATD_BEFORE_SEND_SECRET", None, _optional)
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
+    # Bots (chatd/handlers/bots.py): their sends have their own bucket, per bot.
+    bot_message_rate: Rate | None = setting("CHATD_BOT_MESSAGE_RATE", parse_rate("20/s", 60), _rate)
+    # Posts to one incoming webhook (POST /hooks/{id}/{secret}), per webhook.
+    hook_rate: Rate | None = setting("CHATD_HOOK_RATE", parse_rate("60/min", 20), _rate)
+    # Seconds between two writes of API tokens' last_used_at (per process, one statement).
+    token_usage_interval: int = setting("CHATD_TOKEN_USAGE_INTERVAL", 60)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

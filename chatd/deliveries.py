@@ -348,8 +348,10 @@ class DeliveryQueue:
                     claimed = await self.pool.fetch(_CLAIM, free, self.lease, list(self._senders))
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # the database is away: look again later
-                    log.warning("delivery queue: claiming failed", exc_info=True)
+                except Exception as exc:  # the database is away: look again later
+                    # One line, no traceback: a database that is down is no bug of ours
+                    # (and this runs every few seconds while it is).
+                    log.warning("delivery queue: claiming failed: %r", exc)
             for row in claimed:
                 delivery = Delivery(
                     row["id"],
@@ -383,8 +385,8 @@ class DeliveryQueue:
             await self._record(delivery, attempt)
         except asyncio.CancelledError:
             raise
-        except Exception:  # the lease ends and the delivery is tried again
-            log.warning("delivery %d: recording its outcome failed", delivery.id, exc_info=True)
+        except Exception as exc:  # the lease ends and the delivery is tried again
+            log.warning("delivery %d: recording its outcome failed: %r", delivery.id, exc)
         self._wake.set()  # the next of its order key may go now
 
     async def _record(self, delivery: Delivery, attempt: Attempt) -> None:
@@ -445,8 +447,8 @@ class DeliveryQueue:
                 await self.housekeep()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("delivery queue housekeeping failed", exc_info=True)
+            except Exception as exc:
+                log.warning("delivery queue housekeeping failed: %r", exc)
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
 
     async def housekeep(self) -> tuple[int, int]:

@@ -60,12 +60,14 @@ class AddContext(logging.Filter):
 
 class RedactTokens(logging.Filter):
     """Keep credentials out of the logs: `?token=` in uvicorn's request lines, the
-    Authorization and Cookie headers the websockets library logs at debug level, and
-    anything shaped like a JWT."""
+    Authorization and Cookie headers the websockets library logs at debug level,
+    anything shaped like a JWT or an API token, and incoming webhooks' secrets."""
 
     _secrets = re.compile(
         r"(token=)[^&\s\"']+|((?:authorization|cookie):\s*).+|(Bearer\s+)\S+"
-        r"|()eyJ[\w-]+\.[\w-]+\.[\w-]+",  # a JWT anywhere, however its key was spelled
+        r"|()eyJ[\w-]+\.[\w-]+\.[\w-]+"  # a JWT anywhere, however its key was spelled
+        r"|(/hooks/\d+/)[^\s\"'?]+"  # an incoming webhook's secret, in its URL
+        r"|()chatd_(?:bot|pat)_[\w-]+",  # an API token anywhere
         re.IGNORECASE,
     )
 

@@ -33,6 +33,7 @@ from chatd.protocol import Event, Readiness
 from chatd.ratelimit import Limits, TypingGate
 from chatd.redis_bus import RedisBus
 from chatd.revocations import Revocation, RevocationListener, SessionCache
+from chatd.tokens import ApiTokens
 from chatd.writer import MessageWriter
 
 # How often shutdown looks for sockets still in an action (one poll for all of them).
@@ -46,6 +47,7 @@ class Node:
             database_url, settings.db_pool_size, settings.db_timeout
         )
         self.sessions = SessionCache(self.pool)
+        self.tokens = ApiTokens(self.pool, settings.token_usage_interval)
         self.hub = Hub(settings.max_sockets_per_user, self.sessions)
         self.origin = uuid.uuid4().hex  # names this process's revocations on PostgreSQL
         self.revocations = RevocationListener(
@@ -112,6 +114,7 @@ class Node:
         self._watchdog = asyncio.create_task(self.hub.watch_writers())
         self._listener = asyncio.create_task(self.revocations.run())
         self.collector.start()
+        self.tokens.start()
         self.deliveries.start()
         if self.identity is not None:
             self.identity.start()
@@ -131,6 +134,7 @@ class Node:
         if self.before_send is not None:
             await self.before_send.close()
         await self.writer.wait_idle(timeout=5)
+        await self.tokens.stop()
         await self.bus.close()
         await self.limits.close()
         await self.pool.close()

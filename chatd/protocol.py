@@ -38,6 +38,9 @@ INVALID_CREDENTIALS = "invalid_credentials"
 INTERNAL = "internal"  # a server-side failure; the request may be retried
 REJECTED = "rejected"  # the before-send hook refused the message; its reason is the message
 UNAVAILABLE = "unavailable"  # the database is unavailable; retry (sends: same client_msg_id)
+USERNAME_TAKEN = "username_taken"  # POST /bots: another bot has this username
+INSUFFICIENT_SCOPE = "insufficient_scope"  # a read-only API token asked for a change
+LOGIN_REQUIRED = "login_required"  # credentials and bots are managed from a login, not a token
 DATABASE_UNAVAILABLE_MESSAGE = "the database is unavailable; retry with the same client_msg_id"
 
 # The HTTP status REST answers each code with (the socket sends the code alone).
@@ -55,6 +58,9 @@ HTTP_STATUS = {
     INVALID_CREDENTIALS: 401,
     INTERNAL: 500,
     UNAVAILABLE: 503,
+    USERNAME_TAKEN: 409,
+    INSUFFICIENT_SCOPE: 403,
+    LOGIN_REQUIRED: 403,
     REJECTED: 403,
 }
 
@@ -216,20 +222,22 @@ class Message(Struct):
     attachments: list[Attachment] = []  # in the order sent; none once deleted for everyone
 
 
-class Member(Struct):
+class Member(Struct, omit_defaults=True):
     user_uuid: UserUuid
     name: str
     avatar: str | None  # a file id (GET /files/{id}, any signed-in user); null: none set
+    is_bot: bool = False  # sent only when true
 
 
 Role = Literal["owner", "admin", "member"]
 
 
-class ChatMember(Struct):
+class ChatMember(Struct, omit_defaults=True):
     user_uuid: UserUuid
     name: str
     role: Role  # private chats: both are "member"
     avatar: str | None  # a file id; null: none set
+    is_bot: bool = False  # sent only when true
 
 
 class Chat(Struct):
@@ -723,6 +731,235 @@ class Read(Struct, kw_only=True):
     up_to: Id  # a message id in this chat
 
 
+# --- bots and integrations (chatd/handlers/bots.py) ---
+
+MAX_COMMANDS = 100
+MAX_WEBHOOK_URL_CHARS = 2000
+MAX_TOKEN_TTL = 366 * 24 * 3600
+BotUsername = Annotated[
+    str,
+    Meta(
+        min_length=3,
+        max_length=32,
+        pattern="^[A-Za-z][A-Za-z0-9_]*$",
+        description="a letter, then letters, digits or _; unique among bots (case-insensitive)",
+    ),
+]
+CommandName = Annotated[
+    str, Meta(min_length=1, max_length=32, pattern="^[a-z0-9_]+$", description="without the /")
+]
+TokenName = stripped_text(1, MAX_DEVICE_CHARS)
+Scope = Literal["read", "write"]
+# A token's id (a handler turns it into a UUID, so a malformed one is `not_found`).
+TokenUuid = SessionUuid
+
+
+class BotCommand(Struct):
+    name: CommandName
+    description: Annotated[str, Meta(max_length=256)] = ""
+
+
+class CreateBot(Struct, kw_only=True):
+    """POST /bots: a bot account of yours, and its first token (shown once)."""
+
+    name: UserName
+    username: BotUsername
+
+
+class ListBots(Struct, kw_only=True):
+    """GET /bots: your bots."""
+
+
+class GetBot(Struct, kw_only=True):
+    bot_id: Id
+
+
+class UpdateBot(Struct, kw_only=True):
+    """PATCH /bots/{bot_id}: what is given changes. `webhook_url` "" removes the webhook;
+    a first URL (or `rotate_secret`) makes a new signing secret."""
+
+    bot_id: Id
+    name: UserName | None = None
+    webhook_url: Annotated[str, Meta(max_length=MAX_WEBHOOK_URL_CHARS)] | None = None
+    rotate_secret: bool = False
+
+
+class DeleteBot(Struct, kw_only=True):
+    """DELETE /bots/{bot_id}: its tokens stop, its sockets close, it leaves its chats."""
+
+    bot_id: Id
+
+
+class CreateBotToken(Struct, kw_only=True):
+    bot_id: Id
+    name: TokenName = "token"
+
+
+class ListBotTokens(Struct, kw_only=True):
+    bot_id: Id
+
+
+class RevokeBotToken(Struct, kw_only=True):
+    bot_id: Id
+    token_id: TokenUuid
+
+
+class SetCommands(Struct, kw_only=True):
+    """PUT /bots/{bot_id}/commands: the bot's whole command list (by its owner, or the bot)."""
+
+    bot_id: Id
+    commands: Annotated[list[BotCommand], Meta(max_length=MAX_COMMANDS)]
+
+
+class GetCommands(Struct, kw_only=True):
+    bot_id: Id
+
+
+class ChatCommands(Struct, kw_only=True):
+    """GET /chats/{chat_id}/commands: the commands of the chat's bots (for `/` completion)."""
+
+    chat_id: Id
+
+
+class ListDeliveries(Struct, kw_only=True):
+    """GET /bots/{bot_id}/deliveries: the bot's webhook deliveries, newest first."""
+
+    bot_id: Id
+    limit: PageSize = 50
+    before: Annotated[Id | None, Meta(description="the last id of the previous page")] = None
+
+
+class CreateToken(Struct, kw_only=True):
+    """POST /me/tokens: a personal access token (shown once)."""
+
+    name: TokenName
+    scopes: Annotated[list[Scope], Meta(min_length=1, max_length=2)] = msgspec.field(
+        default_factory=lambda: ["read", "write"]
+    )
+    expires_in: Annotated[
+        Annotated[int, Meta(ge=60, le=MAX_TOKEN_TTL)] | None,
+        Meta(description="seconds; null: until revoked"),
+    ] = None
+
+
+class ListTokens(Struct, kw_only=True):
+    """GET /me/tokens: your personal access tokens."""
+
+
+class RevokeToken(Struct, kw_only=True):
+    token_id: TokenUuid
+
+
+class CreateWebhook(Struct, kw_only=True):
+    """POST /chats/{chat_id}/webhooks: an incoming webhook (its URL is shown once)."""
+
+    chat_id: Id
+    name: UserName = "Webhook"
+
+
+class ListWebhooks(Struct, kw_only=True):
+    chat_id: Id
+
+
+class DeleteWebhook(Struct, kw_only=True):
+    chat_id: Id
+    webhook_id: Id
+
+
+class PostHook(Struct, kw_only=True):
+    """POST /hooks/{webhook_id}/{secret}: Slack's incoming-webhook body (other fields are
+    ignored)."""
+
+    webhook_id: Id
+    secret: Annotated[str, Meta(max_length=128)]
+    text: Text
+    client_msg_id: ClientMsgId | None = None  # or the Idempotency-Key header: sent once
+
+
+class Bot(Struct):
+    id: int
+    user_uuid: UserUuid
+    username: str
+    name: str
+    owner_uuid: UserUuid
+    created_at: Timestamp
+    commands: list[BotCommand]
+    webhook_url: str | None
+    webhook_secret: str | None  # the HMAC-SHA256 key of its deliveries (chatd.signing)
+
+
+class TokenInfo(Struct):
+    id: TokenUuid
+    name: str
+    scopes: list[Scope]
+    created_at: Timestamp
+    expires_at: Timestamp | None
+    last_used_at: Timestamp  # recorded at most once a minute per server process
+
+
+class NewToken(TokenInfo):
+    token: str  # shown this once: only its hash is kept
+
+
+class BotCreated(Struct):
+    bot: Bot
+    token: NewToken
+
+
+class BotList(Struct):
+    bots: list[Bot]
+
+
+class TokenList(Struct):
+    tokens: list[TokenInfo]
+
+
+class CommandList(Struct):
+    commands: list[BotCommand]
+
+
+class ChatCommand(Struct):
+    name: str
+    description: str
+    bot_uuid: UserUuid
+    bot_username: str
+
+
+class ChatCommandList(Struct):
+    commands: list[ChatCommand]  # by name, then bot
+
+
+class DeliveryInfo(Struct):
+    id: int
+    event: str  # the action of the event delivered ("new_message", "command", ...)
+    chat_id: int | None
+    state: Literal["pending", "delivered", "dead"]
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: Timestamp
+    finished_at: Timestamp | None
+
+
+class DeliveryList(Struct):
+    deliveries: list[DeliveryInfo]
+    has_more: bool
+
+
+class Webhook(Struct):
+    id: int
+    chat_id: int
+    name: str
+    bot_uuid: UserUuid  # the user it posts as
+    creator_uuid: UserUuid
+    created_at: Timestamp
+    url: str | None = None  # on creation only: the path with its secret
+
+
+class WebhookList(Struct):
+    webhooks: list[Webhook]
+
+
 # --- server → client frames ---------------------------------------------------------------
 
 
@@ -850,6 +1087,34 @@ class TypingEvent(Event, tag="typing"):
     data: TypingData
 
 
+class CommandData(Struct):
+    chat_id: int
+    command: str  # without the / (and without an @username)
+    args: str  # the rest of the text, stripped
+    message: Message
+
+
+class Command(Event, tag="command"):
+    """To a bot: a message of a chat it is in started with one of its commands."""
+
+    data: CommandData
+
+
+def parse_command(text: str) -> tuple[str, str | None, str] | None:
+    """A message's command, as bots hear it: ("roll", "dicebot", "2d6") for
+    "/roll@dicebot 2d6", ("roll", None, "") for "/roll"; None when the text is no command.
+    The name is lower-cased; "@username" names the one bot meant."""
+    if not text.startswith("/"):
+        return None
+    parts = text[1:].split(maxsplit=1)
+    if not parts:
+        return None
+    name, _, username = parts[0].partition("@")
+    if not 1 <= len(name) <= 32 or not all(c.isascii() and (c.isalnum() or c == "_") for c in name):
+        return None
+    return name.lower(), username.lower() or None, parts[1].strip() if len(parts) > 1 else ""
+
+
 # Every frame the server sends on /connect, for clients that decode them (chatd.client).
 ServerFrame = (
     UnreadMessages
@@ -868,6 +1133,7 @@ ServerFrame = (
     | UserUpdated
     | ChatDeleted
     | TypingEvent
+    | Command
 )
 
 # --- replies -----------------------------------------------------------------------------
@@ -929,6 +1195,9 @@ class Me(Struct):
     email: str
     created_at: Timestamp
     avatar: str | None  # a file id; null: none set
+    is_bot: bool = False
+    bot_id: int | None = None  # a bot's id in /bots/{bot_id} (set for bots made by POST /bots)
+    bot_username: str | None = None  # and its username (commands may say /name@username)
     # The `picture` claim's URL, for a user of the app's tokens (docs/embedding.md);
     # chatd never fetches it. null: none (and always for chatd's own accounts).
     picture: str | None = None

@@ -27,7 +27,7 @@ from starlette.responses import Response
 from chatd import rest_files
 from chatd.auth import bearer_token
 from chatd.db import is_unavailable
-from chatd.handlers import HANDLERS, REST_HANDLERS, SOCKET_ONLY, handler_for
+from chatd.handlers import HANDLERS, REST_HANDLERS, SOCKET_ONLY, authorize, handler_for
 from chatd.handlers.base import anonymous, authenticate
 from chatd.metrics import ERRORS
 from chatd.node import Node
@@ -53,17 +53,30 @@ from chatd.protocol import (
     AuditLog,
     BlockList,
     BlockUser,
+    Bot,
+    BotCreated,
+    BotList,
     ChangePassword,
     Chat,
+    ChatCommandList,
+    ChatCommands,
     ChatError,
     ChatOverview,
     ChatPage,
+    CommandList,
+    CreateBot,
+    CreateBotToken,
     CreateChat,
     Created,
+    CreateToken,
+    CreateWebhook,
+    DeleteBot,
     DeleteChat,
     DeletedMessage,
     DeleteMe,
     DeleteMessage,
+    DeleteWebhook,
+    DeliveryList,
     EditList,
     EditMessage,
     ErrorBody,
@@ -72,7 +85,9 @@ from chatd.protocol import (
     ExportMe,
     FileLink,
     ForwardMessage,
+    GetBot,
     GetChat,
+    GetCommands,
     GetEdits,
     GetFileLink,
     GetHistory,
@@ -81,14 +96,21 @@ from chatd.protocol import (
     Health,
     History,
     ListBlocks,
+    ListBots,
+    ListBotTokens,
     ListChats,
+    ListDeliveries,
     ListSessions,
+    ListTokens,
     ListUsers,
+    ListWebhooks,
     Login,
     Logout,
     Me,
     Message,
+    NewToken,
     PinMessage,
+    PostHook,
     React,
     Read,
     Readiness,
@@ -100,18 +122,25 @@ from chatd.protocol import (
     Report,
     ReportList,
     ReportMessage,
+    RevokeBotToken,
     RevokeSession,
+    RevokeToken,
     SendMessage,
     SessionList,
+    SetCommands,
     SetRole,
     Stats,
+    TokenList,
     TokenPair,
     UnblockUser,
     UnpinMessage,
     Unreact,
+    UpdateBot,
     UpdateChat,
     UpdateMe,
     UserList,
+    Webhook,
+    WebhookList,
     encode,
     refuse_nul,
     retry_after_ms,
@@ -358,6 +387,7 @@ def route(
         if auth:
             token = bearer_token(http.headers.get("authorization"))
             ctx = await authenticate(node, token, peer, user_agent)
+            authorize(ctx, request)
         else:
             ctx = anonymous(node, peer, user_agent)
         result = await handler(ctx, await shape.read(http))
@@ -452,6 +482,7 @@ TAGS = {
     "files": "Uploads, downloads and signed links",
     "health": "For load balancers and orchestrators",
     "admin": "For the server's admins (role admin): accounts, moderation, reports, audit",
+    "bots": "Bots, their tokens, commands and webhooks; personal access tokens",
 }
 
 # fmt: off
@@ -666,6 +697,94 @@ OPERATIONS = [
         "POST", "/files/{file_id:uuid}/link", GetFileLink,
         "Signed URLs of a file you may download, for <img src> (valid 5 minutes)", FileLink,
         tag="files", errors=(404, 503),
+    ),
+    # bots and tokens (chatd/handlers/bots.py)
+    route(
+        "POST", "/bots", CreateBot, "Create a bot, with its first token (shown once)",
+        BotCreated, 201, tag="bots", errors=(400, 403, 409, 413, 422, 503),
+    ),
+    route("GET", "/bots", ListBots, "Your bots", BotList, tag="bots", errors=(403, 503)),
+    route(
+        "GET", "/bots/{bot_id:int}", GetBot, "One of your bots", Bot,
+        tag="bots", errors=(403, 404, 503),
+    ),
+    route(
+        "PATCH", "/bots/{bot_id:int}", UpdateBot,
+        "Rename a bot, set or remove its webhook, rotate its signing secret", Bot,
+        tag="bots", errors=(400, 403, 404, 413, 422, 503),
+    ),
+    route(
+        "DELETE", "/bots/{bot_id:int}", DeleteBot,
+        "Delete a bot: its tokens stop, its sockets close, it leaves its chats", None, 204,
+        tag="bots", errors=(403, 404, 503),
+    ),
+    route(
+        "POST", "/bots/{bot_id:int}/tokens", CreateBotToken,
+        "Issue a token for a bot (shown once)", NewToken, 201,
+        tag="bots", errors=(400, 403, 404, 413, 422, 503),
+    ),
+    route(
+        "GET", "/bots/{bot_id:int}/tokens", ListBotTokens, "A bot's live tokens", TokenList,
+        tag="bots", errors=(403, 404, 503),
+    ),
+    route(
+        "DELETE", "/bots/{bot_id:int}/tokens/{token_id}", RevokeBotToken,
+        "Revoke a bot's token: refused from now on, its sockets closed (1008)", None, 204,
+        tag="bots", errors=(403, 404, 503),
+    ),
+    route(
+        "PUT", "/bots/{bot_id:int}/commands", SetCommands,
+        "Set a bot's slash commands (its owner, or the bot itself)", CommandList,
+        tag="bots", errors=(400, 403, 404, 413, 422, 503), json_body=True,
+    ),
+    route(
+        "GET", "/bots/{bot_id:int}/commands", GetCommands, "A bot's slash commands",
+        CommandList, tag="bots", errors=(403, 404, 503),
+    ),
+    route(
+        "GET", "/chats/{chat_id:int}/commands", ChatCommands,
+        "The slash commands of the chat's bots", ChatCommandList,
+        tag="chats", errors=(403, 404, 503),
+    ),
+    route(
+        "GET", "/bots/{bot_id:int}/deliveries", ListDeliveries,
+        "A bot's webhook deliveries, newest first (kept CHATD_DELIVERY_RETENTION once done)",
+        DeliveryList, tag="bots", errors=(403, 404, 422, 503),
+    ),
+    route(
+        "POST", "/chats/{chat_id:int}/webhooks", CreateWebhook,
+        "Create an incoming webhook: its URL (shown once) posts into the chat as its own bot",
+        Webhook, 201, tag="chats", errors=(400, 403, 404, 413, 422, 503),
+    ),
+    route(
+        "GET", "/chats/{chat_id:int}/webhooks", ListWebhooks,
+        "The chat's incoming webhooks (without their secrets)", WebhookList,
+        tag="chats", errors=(403, 404, 503),
+    ),
+    route(
+        "DELETE", "/chats/{chat_id:int}/webhooks/{webhook_id:int}", DeleteWebhook,
+        "Delete an incoming webhook (its creator, admins, the owner): its URL stops working",
+        None, 204, tag="chats", errors=(403, 404, 503),
+    ),
+    route(
+        "POST", "/hooks/{webhook_id:int}/{secret}", PostHook,
+        "Post into a chat through an incoming webhook (Slack's body: {\"text\"}); the URL's"
+        " secret is the credential", Message, tag="messages", auth=False,
+        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 404, 413, 422, 429, 503),
+    ),
+    route(
+        "POST", "/me/tokens", CreateToken,
+        "Create a personal access token (shown once)", NewToken, 201,
+        tag="accounts", errors=(400, 403, 413, 422, 503),
+    ),
+    route(
+        "GET", "/me/tokens", ListTokens, "Your personal access tokens", TokenList,
+        tag="accounts", errors=(403, 503),
+    ),
+    route(
+        "DELETE", "/me/tokens/{token_id}", RevokeToken,
+        "Revoke a personal access token: refused from now on, its sockets closed", None, 204,
+        tag="accounts", errors=(403, 404, 503),
     ),
     # health
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False, tag="health"),

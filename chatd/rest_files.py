@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 
 from chatd.auth import bearer_token, check_file_link
 from chatd.files import TempFile
+from chatd.handlers import require_write
 from chatd.handlers.base import Context, authenticate
 from chatd.handlers.files import (
     Received,
@@ -69,6 +70,7 @@ async def upload_file(http: Request) -> Response:
     body with a `file` part. 201 with the Upload."""
     node = _node(http)
     ctx = await authenticate(node, bearer_token(http.headers.get("authorization")), _client(http))
+    require_write(ctx)
     limit, left = node.settings.max_upload_bytes, await quota_left(ctx)
     multipart = http.headers.get("content-type", "").lower().startswith("multipart/form-data")
     length = http.headers.get("content-length", "")

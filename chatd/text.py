@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import unicodedata
 
-from email_validator import EmailNotValidError, validate_email
-
 MAX_EMAIL_CHARS = 254  # RFC 5321's limit on a path, and the bound of every email key
 
 # --- invisible characters ------------------------------------------------------------------
@@ -87,6 +85,10 @@ def normalize_email(raw: str) -> str:
         raise InvalidEmail("email must not contain invisible or control characters")
     if len(value) > MAX_EMAIL_CHARS:
         raise InvalidEmail(f"email must be at most {MAX_EMAIL_CHARS} characters")
+    # Imported here: chatd.protocol imports this module, and the bot SDK (sdk/, without the
+    # server's dependencies) imports chatd.protocol but never checks an email.
+    from email_validator import EmailNotValidError, validate_email
+
     try:
         parsed = validate_email(value, check_deliverability=False)
     except EmailNotValidError as exc:

@@ -24,6 +24,14 @@ import asyncpg
 import msgspec
 
 from chatd.hub import Bus, publish
+from chatd.integrations import (
+    BOTS_OF_CHATS,
+    BotEvent,
+    ChatBot,
+    bot_events,
+    enqueue_webhooks,
+    may_concern_bots,
+)
 from chatd.metrics import MESSAGES_PERSISTED, SEND_BATCH_SIZE, SEND_SECONDS
 from chatd.protocol import (
     FORBIDDEN,
@@ -43,7 +51,11 @@ from chatd.store import (
     publish_read_receipts,
 )
 
-_LOCK_CHATS = "SELECT id, read_seq FROM chats WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
+# Also reads how many bots (and bots with a webhook) each chat has: a chat without any
+# costs the batch nothing more (chatd/integrations.py).
+_LOCK_CHATS = """
+SELECT id, read_seq, bots, hooks FROM chats WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
+"""
 
 # A retry's original, and whether its sender is still a member of the original's chat
 # (read in the same statement: the duplicate path costs no extra query). In a batch this
@@ -195,6 +207,7 @@ class StoredSend:
     send: PendingSend
     message: Message
     member_ids: list[uuid.UUID]  # the chat's members when it was stored
+    bot_events: list[BotEvent] = field(default_factory=list)  # commands to its bots
 
 
 @dataclass(slots=True)
@@ -303,7 +316,9 @@ class MessageWriter:
         done = Persisted()
         async with self.pool.acquire() as conn, conn.transaction():
             chat_ids = sorted({send.chat_id for send in sends})
-            watermarks = {r["id"]: r["read_seq"] for r in await conn.fetch(_LOCK_CHATS, chat_ids)}
+            locked = await conn.fetch(_LOCK_CHATS, chat_ids)
+            watermarks = {r["id"]: r["read_seq"] for r in locked}
+            with_bots = {r["id"]: (r["bots"], r["hooks"]) for r in locked if r["bots"]}
             if keys:
                 found = await conn.fetch(
                     _FIND_BY_CLIENT_IDS, [k[0] for k in keys], [k[1] for k in keys]
@@ -343,35 +358,65 @@ class MessageWriter:
                 member_n = {refused[r["n"] - 1][0] for r in members}
                 done.blocked = {id(new[n - 1]) for n in member_n}
 
-        for row in done.newly_read:
-            watermarks[row["chat_id"]] = row["watermark"]
-        for row in sorted(rows, key=lambda r: r["id"]):
-            send = new[row["n"] - 1]
-            message = Message(
-                id=row["id"],
-                chat_id=send.chat_id,
-                seq=row["seq"],
-                sender_uuid=str(send.user_id),
-                text=send.text,
-                timestamp=row["created_at"],
-                read_status="read" if row["seq"] <= watermarks[send.chat_id] else "unread",
-                client_msg_id=send.client_msg_id,
-                edited_at=None,
-                deleted=False,
-                reply_to=send.extras.reply_to,
-                mentions=[str(user_id) for user_id in send.extras.mentions],
-                forwarded_from=send.extras.forwarded_from,
-                reactions=[],
-                version=row["version"],
-                attachments=list(send.extras.attachments),
-            )
-            done.stored.append(StoredSend(send, message, row["member_ids"]))
+            for row in done.newly_read:
+                watermarks[row["chat_id"]] = row["watermark"]
+            for row in sorted(rows, key=lambda r: r["id"]):
+                send = new[row["n"] - 1]
+                message = Message(
+                    id=row["id"],
+                    chat_id=send.chat_id,
+                    seq=row["seq"],
+                    sender_uuid=str(send.user_id),
+                    text=send.text,
+                    timestamp=row["created_at"],
+                    read_status="read" if row["seq"] <= watermarks[send.chat_id] else "unread",
+                    client_msg_id=send.client_msg_id,
+                    edited_at=None,
+                    deleted=False,
+                    reply_to=send.extras.reply_to,
+                    mentions=[str(user_id) for user_id in send.extras.mentions],
+                    forwarded_from=send.extras.forwarded_from,
+                    reactions=[],
+                    version=row["version"],
+                    attachments=list(send.extras.attachments),
+                )
+                done.stored.append(StoredSend(send, message, row["member_ids"]))
+            if with_bots:
+                await self._to_bots(conn, done.stored, with_bots)
         return done
+
+    async def _to_bots(
+        self,
+        conn: asyncpg.Connection,
+        stored: list[StoredSend],
+        with_bots: dict[int, tuple[int, int]],
+    ) -> None:
+        """The batch's messages in chats with bots: which bot gets what (in the
+        transaction, so a webhook's delivery commits with its message)."""
+        concerned = [
+            s
+            for s in stored
+            if s.message.chat_id in with_bots
+            and may_concern_bots(s.message.text, *with_bots[s.message.chat_id])
+        ]
+        if not concerned:
+            return
+        bots: dict[int, list[ChatBot]] = {}
+        chat_ids = sorted({s.message.chat_id for s in concerned})
+        for row in await conn.fetch(BOTS_OF_CHATS, chat_ids):
+            bots.setdefault(row["chat_id"], []).append(ChatBot.from_row(row))
+        for s in concerned:
+            s.bot_events = bot_events(s.message, bots.get(s.message.chat_id, []))
+        # One statement for the batch, in message order (each bot's order per chat).
+        await enqueue_webhooks(conn, [e for s in concerned for e in s.bot_events])
 
     async def _announce(self, persisted: Persisted) -> None:
         """Committed: tell everyone, in the order the messages were stored."""
         for stored in persisted.stored:
             await publish(self.bus, stored.member_ids, NewMessage(stored.message))
+            for sent in stored.bot_events:
+                if sent.socket:
+                    await publish(self.bus, [sent.bot.user_id], sent.event)
         await publish_read_receipts(self.bus, persisted.newly_read)
 
     def _settle(

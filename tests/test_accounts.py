@@ -211,9 +211,14 @@ async def test_tokens_are_not_interchangeable(http: httpx.AsyncClient, alice: Ap
     assert_error(as_access, 401, "unauthorized")
 
 
+# What GET /me says of a bot (tests/test_bots.py); of a person: false and null.
+BOT_FIELDS = {"is_bot", "bot_id", "bot_username"}
+
+
 async def test_me_describes_the_caller(alice: Api) -> None:
     me = await alice.me()
-    assert set(me) == {"user_uuid", "name", "email", "created_at", "avatar", "picture"}
+    assert set(me) == {"user_uuid", "name", "email", "created_at", "avatar", "picture"} | BOT_FIELDS
+    assert (me["is_bot"], me["bot_id"], me["bot_username"]) == (False, None, None)
     assert me["picture"] is None  # only users of the app's tokens have one
     assert me["name"] == "Alice"
     assert me["email"] == alice.email

@@ -73,6 +73,8 @@ class Ids:
     target_uuid: str  # a plain member of the chat, for the member-management rows
     other_uuid: str  # a user who is not in the chat, for add_members and create_chat
     file_id: str  # an image the member uploaded and attached to their message
+    bot_id: int = 0  # the owner's bot, a member of the chat
+    webhook_id: int = 0  # an incoming webhook the owner made for the chat
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,54 @@ PUBLIC_ROUTES = {
     "POST /token/refresh",
     "GET /healthz",
     "GET /readyz",
+    "POST /hooks/{webhook_id:int}/{secret}",  # the URL's secret is the credential
+}
+
+# Bots and tokens (chatd/handlers/bots.py). A bot is its owner's alone: anyone else (the
+# member too) gets not_found, as for a bot that does not exist. Everyone may make bots and
+# tokens of their own; someone else's token id is as unknown as none.
+BOT_ROWS: dict[str, Row] = {
+    "POST /bots": Row(
+        lambda i: ("/bots", {"name": "B", "username": f"b_{uuid.uuid4().hex[:12]}"}), OK, OK, OK
+    ),
+    "GET /bots": Row(lambda i: ("/bots", None), OK, OK, OK),
+    "GET /bots/{bot_id:int}": Row(lambda i: (f"/bots/{i.bot_id}", None), NF, NF, NF),
+    "PATCH /bots/{bot_id:int}": Row(lambda i: (f"/bots/{i.bot_id}", {"name": "Taken"}), NF, NF, NF),
+    "DELETE /bots/{bot_id:int}": Row(lambda i: (f"/bots/{i.bot_id}", None), NF, NF, NF),
+    "POST /bots/{bot_id:int}/tokens": Row(
+        lambda i: (f"/bots/{i.bot_id}/tokens", {"name": "stolen"}), NF, NF, NF
+    ),
+    "GET /bots/{bot_id:int}/tokens": Row(lambda i: (f"/bots/{i.bot_id}/tokens", None), NF, NF, NF),
+    "DELETE /bots/{bot_id:int}/tokens/{token_id}": Row(
+        lambda i: (f"/bots/{i.bot_id}/tokens/{uuid.UUID(int=i.chat_id)}", None), NF, NF, NF
+    ),
+    "PUT /bots/{bot_id:int}/commands": Row(
+        lambda i: (f"/bots/{i.bot_id}/commands", {"commands": [{"name": "x"}]}), NF, NF, NF
+    ),
+    "GET /bots/{bot_id:int}/commands": Row(
+        lambda i: (f"/bots/{i.bot_id}/commands", None), NF, NF, NF
+    ),
+    "GET /chats/{chat_id:int}/commands": Row(
+        lambda i: (f"/chats/{i.chat_id}/commands", None), NF, NF, OK
+    ),
+    "GET /bots/{bot_id:int}/deliveries": Row(
+        lambda i: (f"/bots/{i.bot_id}/deliveries", None), NF, NF, NF
+    ),
+    # Incoming webhooks: any member makes one; its creator and admins delete it.
+    "POST /chats/{chat_id:int}/webhooks": Row(
+        lambda i: (f"/chats/{i.chat_id}/webhooks", {"name": "CI"}), NF, NF, OK
+    ),
+    "GET /chats/{chat_id:int}/webhooks": Row(
+        lambda i: (f"/chats/{i.chat_id}/webhooks", None), NF, NF, OK
+    ),
+    "DELETE /chats/{chat_id:int}/webhooks/{webhook_id:int}": Row(
+        lambda i: (f"/chats/{i.chat_id}/webhooks/{i.webhook_id}", None), NF, NF, FORBIDDEN
+    ),
+    "POST /me/tokens": Row(lambda i: ("/me/tokens", {"name": "script"}), OK, OK, OK),
+    "GET /me/tokens": Row(lambda i: ("/me/tokens", None), OK, OK, OK),
+    "DELETE /me/tokens/{token_id}": Row(
+        lambda i: (f"/me/tokens/{uuid.UUID(int=i.chat_id)}", None), NF, NF, NF
+    ),
 }
 
 REST_MATRIX: dict[str, Row] = {
@@ -259,6 +309,7 @@ REST_MATRIX: dict[str, Row] = {
     "POST /files/{file_id:uuid}/link": Row(
         lambda i: (f"/files/{i.file_id}/link", None), NF, NF, OK
     ),
+    **BOT_ROWS,
 }
 
 OPERATIONS = {f"{op.method} {op.path}": op for op in rest.OPERATIONS}
@@ -301,7 +352,7 @@ def test_docs_show_this_matrix() -> None:
         openapi_key(key): [row.outsider, row.removed, row.member, "401"]
         for key, row in REST_MATRIX.items()
     }
-    expected.update({key: ["public"] * 4 for key in PUBLIC_ROUTES})
+    expected.update({openapi_key(key): ["public"] * 4 for key in PUBLIC_ROUTES})
     assert documented_matrix("route") == expected
 
 
@@ -316,6 +367,7 @@ class Cast:
     removed: Api
     outsider: Api
     other: Api
+    bot: dict[str, Any]  # the owner's bot (POST /bots's answer)
 
 
 def _register(server: Server, name: str) -> Api:
@@ -332,12 +384,14 @@ def _register(server: Server, name: str) -> Api:
 
 @pytest.fixture(scope="module")
 def cast(server: Server) -> Cast:
-    return Cast(
-        *(
-            _register(server, name)
-            for name in ("Owner", "Member", "Target", "Removed", "Outsider", "Other")
-        )
+    apis = [
+        _register(server, name)
+        for name in ("Owner", "Member", "Target", "Removed", "Outsider", "Other")
+    ]
+    bot = asyncio.run(
+        apis[0].call("POST", "/bots", json={"name": "Matrix", "username": "matrix_bot"})
     )
+    return Cast(*apis, bot=bot)
 
 
 @pytest.fixture
@@ -360,7 +414,12 @@ async def make_scene(cast: Cast) -> Ids:
         json={
             "type": "group",
             "name": "Matrix",
-            "user_ids": [cast.member.user_uuid, cast.target.user_uuid, cast.removed.user_uuid],
+            "user_ids": [
+                cast.member.user_uuid,
+                cast.target.user_uuid,
+                cast.removed.user_uuid,
+                cast.bot["bot"]["user_uuid"],
+            ],
         },
     )
     image = io.BytesIO()
@@ -372,6 +431,7 @@ async def make_scene(cast: Cast) -> Ids:
         json={"text": "x", "attachments": [upload["upload_id"]]},
     )
     owners = await cast.owner.call("POST", f"/chats/{chat['id']}/messages", json={"text": "o"})
+    hook = await cast.owner.call("POST", f"/chats/{chat['id']}/webhooks", json={"name": "CI"})
     await cast.owner.call("DELETE", f"/chats/{chat['id']}/members/{cast.removed.user_uuid}")
     return Ids(
         chat["id"],
@@ -380,6 +440,8 @@ async def make_scene(cast: Cast) -> Ids:
         cast.target.user_uuid,
         cast.other.user_uuid,
         upload["upload_id"],
+        cast.bot["bot"]["id"],
+        hook["id"],
     )
 
 
@@ -391,6 +453,8 @@ def missing(ids: Ids) -> Ids:
         message_id=2**62 + ids.message_id,
         owners_message_id=2**62 + ids.owners_message_id,
         file_id=str(uuid.uuid4()),
+        bot_id=2**62 + ids.bot_id,
+        webhook_id=2**62 + ids.webhook_id,
     )
 
 
@@ -575,6 +639,7 @@ async def test_public_routes_need_no_token(
 ) -> None:
     """Not 401 without a token, nor with a bad one: the body (or nothing) is all they read."""
     method, path = key.split(" ", 1)
+    path = path.replace("{webhook_id:int}", "1").replace("{secret}", "x")
     for token in (None, bad_token(server, cast, "expired", idp)):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
@@ -627,3 +692,95 @@ async def test_admins_matrix(server: Server, cast: Cast, scene: Ids, database_ur
         response = await call(server, key, scene, admin.access_token)
         assert rest_outcome(response) == expected, (key, response.text)
     await admin.aclose()
+
+
+# --- API tokens: what each scope may do -------------------------------------------------------
+#
+# Every action and route needs one of: `read` (a token with the read scope may make it),
+# `write` (a change: the write scope), `login only` (never an API token: credentials,
+# the account, bots). docs/security.md shows the same table; a login may make them all.
+
+# The file routes have no request Struct (chatd/rest_files.py).
+FILE_ROUTE_SCOPES = {
+    "POST /uploads": "write",
+    "GET /files/{file_id:uuid}": "read",
+    "GET /files/{file_id:uuid}/thumbnail": "read",
+}
+
+
+def scope_of(request_type: type) -> str:
+    from chatd.handlers import LOGIN_ONLY, READS
+
+    if request_type in LOGIN_ONLY:
+        return "login only"
+    return "read" if request_type in READS else "write"
+
+
+def route_scope(key: str) -> str:
+    request = OPERATIONS[key].request
+    return scope_of(request) if request is not None else FILE_ROUTE_SCOPES[key]
+
+
+def test_docs_show_the_scopes() -> None:
+    expected = {cls.__struct_config__.tag: [scope_of(cls)] for cls in HANDLERS}
+    expected.update(
+        {re.sub(r"\{(\w+):\w+\}", r"{\1}", key): [route_scope(key)] for key in REST_MATRIX}
+    )
+    assert documented_matrix("request") == expected
+
+
+@pytest.fixture(scope="module")
+def member_tokens(cast: Cast) -> dict[str, str]:
+    """The member's personal access tokens: "read" (read scope only) and "write"."""
+
+    async def make() -> dict[str, str]:
+        made = {}
+        for name, scopes in (("read", ["read"]), ("write", ["read", "write"])):
+            body = {"name": name, "scopes": scopes}
+            made[name] = (await cast.member.call("POST", "/me/tokens", json=body))["token"]
+        return made
+
+    return asyncio.run(make())
+
+
+REFUSAL = {"write": "insufficient_scope", "login only": "login_required"}
+
+
+@pytest.mark.parametrize("scope", ["read", "write"])
+@pytest.mark.parametrize("key", sorted(REST_MATRIX))
+async def test_rest_scopes(
+    server: Server, cast: Cast, scene: Ids, member_tokens: dict[str, str], key: str, scope: str
+) -> None:
+    """A token is refused what its scope does not cover, and changes nothing; what it
+    covers answers as the member's login does."""
+    need = route_scope(key)
+    before = await chat_state(cast, scene)
+    response = await call(server, key, scene, member_tokens[scope])
+    if need == "login only" or (need == "write" and scope == "read"):
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == REFUSAL[need]
+        assert await chat_state(cast, scene) == before
+    else:
+        assert rest_outcome(response) == REST_MATRIX[key].member, response.text
+
+
+@pytest.mark.parametrize("scope", ["read", "write"])
+@pytest.mark.parametrize("action", sorted(SOCKET_MATRIX))
+async def test_socket_scopes(
+    server: Server,
+    cast: Cast,
+    scene: Ids,
+    member_tokens: dict[str, str],
+    action: str,
+    scope: str,
+) -> None:
+    (cls,) = [c for c in HANDLERS if c.__struct_config__.tag == action]
+    need = scope_of(cls)
+    api = Api(server.base_url, member_tokens[scope])
+    before = await chat_state(cast, scene)
+    reply = await ask(server, api, action, SOCKET_MATRIX[action].request(scene))
+    if need == "write" and scope == "read":
+        assert outcome(reply, action) == "insufficient_scope", reply
+        assert await chat_state(cast, scene) == before
+    else:
+        assert outcome(reply, action) == SOCKET_MATRIX[action].member, reply

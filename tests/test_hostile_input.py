@@ -507,6 +507,13 @@ def valid_rest_value(world: World, name: str) -> Any:
         "body.new": PASSWORD,
         "path:session_id": str(uuid.uuid4()),
         "body.reason": "spam",
+        # Bots and tokens: no such bot or token (404, nothing changes), or a fresh one.
+        "path:bot_id": str(2**62),
+        "path:token_id": str(uuid.uuid4()),
+        "body.username": f"hostile_{uuid.uuid4().hex[:12]}",
+        "body.commands": [{"name": "hostile", "description": "x"}],
+        "path:webhook_id": str(2**62),
+        "path:secret": "not-the-secret",
     }
     return values.get(name, OMIT)
 

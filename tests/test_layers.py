@@ -39,6 +39,8 @@ LAYERS: dict[str, set[str]] = {
         "chatd.revocations",
         "chatd.ratelimit",
         "chatd.files",
+        "chatd.tokens",
+        "chatd.integrations",
         "chatd.deliveries",
         "chatd.identity",
         "chatd.hooks",
@@ -68,6 +70,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.backup",
         "chatd.bench",
         "chatd.client",
+        "chatd.bot",
         "chatd.migrations",
     },
 }

@@ -256,6 +256,7 @@ async def test_real_answers_fit_their_schemas(
     await alice.call("PATCH", f"/admin/users/{bob.user_uuid}", json={"role": "user"})
     await alice.call("PATCH", f"/admin/users/{bob.user_uuid}", json={"role": "admin"})
     await alice.call("PUT", f"/me/blocks/{bob.user_uuid}")
+    bot = await alice.call("POST", "/bots", json={"name": "Spec", "username": "spec_bot"})
 
     # Every GET route, with real ids, answers a body its documented schema accepts.
     image = io.BytesIO()
@@ -267,6 +268,7 @@ async def test_real_answers_fit_their_schemas(
         "message_id": sent.json()["id"],
         "user_uuid": bob.user_uuid,
         "file_id": upload.json()["upload_id"],
+        "bot_id": bot["bot"]["id"],
     }
     checked = 0
     for op in rest.OPERATIONS:

@@ -92,7 +92,7 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "report_message", "admin_list_users", "admin_create_user", "admin_update_user",
         "admin_delete_user", "admin_stats", "admin_delete_message", "admin_list_reports",
         "admin_list_audit", "upload_file", "download_file", "download_thumbnail", "file_link",
-    }  # fmt: skip
+    } | BOT_OPERATION_IDS  # fmt: skip
     assert set(document["components"]["schemas"]) == {
         "AddMembersRequest", "Chat", "ChatMember", "ChatOverview", "ChatPage",
         "CreateChatRequest", "ErrorBody", "ErrorResponse", "Health", "History",
@@ -105,7 +105,23 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "ExportedChat", "ReportMessageRequest", "Report", "AdminCreateUserRequest",
         "AdminUpdateUserRequest", "AdminUser", "AdminUserList", "Stats", "ReportList",
         "ReportedMessage", "AuditLog", "AuditEntry", "Attachment", "Upload", "FileLink",
-    }  # fmt: skip
+    } | BOT_SCHEMAS  # fmt: skip
+
+
+# Bots and integrations (issue 16), kept apart so other additions merge beside them.
+BOT_OPERATION_IDS = {
+    "create_bot", "list_bots", "get_bot", "update_bot", "delete_bot", "create_bot_token",
+    "list_bot_tokens", "revoke_bot_token", "set_commands", "get_commands", "chat_commands",
+    "create_token", "list_tokens", "revoke_token", "list_deliveries", "create_webhook",
+    "list_webhooks", "delete_webhook", "post_hook",
+}  # fmt: skip
+BOT_SCHEMAS = {
+    "Bot", "BotCommand", "BotCreated", "BotList", "ChatCommand", "ChatCommandList",
+    "CommandList", "CreateBotRequest", "CreateBotTokenRequest", "CreateTokenRequest",
+    "NewToken", "SetCommandsRequest", "TokenInfo", "TokenList", "UpdateBotRequest",
+    "CreateWebhookRequest", "DeliveryInfo", "DeliveryList", "PostHookRequest", "Webhook",
+    "WebhookList",
+}  # fmt: skip
 
 
 def test_a_route_row_naming_a_field_its_request_lacks_fails_at_import() -> None:

@@ -21,6 +21,9 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
                  reports, the audit log
     files.py     uploads recorded, who may download, signed links, attachments claimed
                  (the bytes: chatd/rest_files.py)
+    bots.py      bots, their tokens and commands; personal access tokens (REST only)
+    webhooks.py  bots' webhook deliveries (the sender, the owner's list); chats'
+                 incoming webhooks (REST only)
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
 chatd/rest.py (or its Struct in SOCKET_ONLY).
@@ -35,6 +38,7 @@ from chatd.handlers import (
     accounts,
     admin,
     blocks,
+    bots,
     changes,
     chats,
     files,
@@ -43,9 +47,13 @@ from chatd.handlers import (
     messages,
     presence,
     reads,
+    webhooks,
 )
 from chatd.handlers.base import Context
 from chatd.protocol import (
+    FORBIDDEN,
+    INSUFFICIENT_SCOPE,
+    LOGIN_REQUIRED,
     AddMembers,
     AdminCreateUser,
     AdminDeleteMessage,
@@ -57,16 +65,26 @@ from chatd.protocol import (
     AdminUpdateUser,
     BlockUser,
     ChangePassword,
+    ChatCommands,
+    ChatError,
     ClientAction,
+    CreateBot,
+    CreateBotToken,
     CreateChat,
     Created,
+    CreateToken,
+    CreateWebhook,
+    DeleteBot,
     DeleteChat,
     DeleteMe,
     DeleteMessage,
+    DeleteWebhook,
     EditMessage,
     ExportMe,
     ForwardMessage,
+    GetBot,
     GetChat,
+    GetCommands,
     GetEdits,
     GetFileLink,
     GetHistory,
@@ -74,13 +92,19 @@ from chatd.protocol import (
     GetMessage,
     LeaveChat,
     ListBlocks,
+    ListBots,
+    ListBotTokens,
     ListChats,
+    ListDeliveries,
     ListSessions,
+    ListTokens,
     ListUsers,
+    ListWebhooks,
     Login,
     Logout,
     MarkRead,
     PinMessage,
+    PostHook,
     React,
     Read,
     Refresh,
@@ -88,14 +112,18 @@ from chatd.protocol import (
     RemoveMember,
     RenameChat,
     ReportMessage,
+    RevokeBotToken,
     RevokeSession,
+    RevokeToken,
     SendMessage,
+    SetCommands,
     SetRole,
     Sync,
     Typing,
     UnblockUser,
     UnpinMessage,
     Unreact,
+    UpdateBot,
     UpdateChat,
     UpdateMe,
 )
@@ -158,6 +186,25 @@ REST_HANDLERS: dict[type, Handler] = {
     GetEdits: changes.list_edits,
     Read: reads.read_chat,
     GetFileLink: files.file_link,
+    CreateBot: bots.create_bot,
+    ListBots: bots.list_bots,
+    GetBot: bots.get_bot,
+    UpdateBot: bots.update_bot,
+    DeleteBot: bots.delete_bot,
+    CreateBotToken: bots.create_bot_token,
+    ListBotTokens: bots.list_bot_tokens,
+    RevokeBotToken: bots.revoke_bot_token,
+    SetCommands: bots.set_commands,
+    GetCommands: bots.get_commands,
+    ChatCommands: bots.chat_commands,
+    CreateToken: bots.create_token,
+    ListTokens: bots.list_tokens,
+    RevokeToken: bots.revoke_token,
+    ListDeliveries: webhooks.list_deliveries,
+    CreateWebhook: webhooks.create_webhook,
+    ListWebhooks: webhooks.list_webhooks,
+    DeleteWebhook: webhooks.delete_webhook,
+    PostHook: webhooks.post_hook,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live
@@ -171,6 +218,87 @@ if _missing:
     raise RuntimeError(f"actions and handlers differ: {sorted(c.__name__ for c in _missing)}")
 
 
+# --- what API tokens may do (bots' tokens and personal access tokens) -----------------------
+
+# Requests that change nothing: a token with the `read` scope alone may make them. Every
+# other request is a change and needs `write` (socket actions and REST alike; `typing` and
+# marking read too: others see them).
+READS: frozenset[type] = frozenset(
+    {
+        ListChats,
+        GetChat,
+        GetMessage,
+        Sync,
+        GetMe,
+        ExportMe,
+        ListBlocks,
+        ListUsers,
+        GetHistory,
+        GetEdits,
+        GetFileLink,
+        AdminListUsers,
+        AdminStats,
+        AdminListReports,
+        AdminListAudit,
+        GetCommands,
+        ChatCommands,
+        ListDeliveries,
+        ListWebhooks,
+    }
+)
+
+# Requests only a login may make, never an API token: the account's credentials (password,
+# sessions, tokens), the account itself, and bots (whose tokens a leaked token would
+# otherwise mint, or whose webhook it would point elsewhere), and incoming webhooks (a
+# credential that would outlive the token). Whoever holds a token
+# cannot make it outlive its revocation, nor lock the owner out.
+LOGIN_ONLY: frozenset[type] = frozenset(
+    {
+        Logout,
+        ChangePassword,
+        ListSessions,
+        RevokeSession,
+        DeleteMe,
+        CreateToken,
+        ListTokens,
+        RevokeToken,
+        CreateBot,
+        ListBots,
+        GetBot,
+        UpdateBot,
+        DeleteBot,
+        CreateBotToken,
+        ListBotTokens,
+        RevokeBotToken,
+        CreateWebhook,
+    }
+)
+
+# What a bot may not do beside LOGIN_ONLY: open chats (members add bots to theirs).
+BOTS_REFUSED: frozenset[type] = frozenset({CreateChat})
+
+
+def authorize(ctx: Context, request_type: type) -> None:
+    """Refuse a request the caller's credential does not allow: `login_required` for an API
+    token on LOGIN_ONLY, `forbidden` for a bot on BOTS_REFUSED, `insufficient_scope` for a
+    change with a read-only token. A login may make any request (its handler decides)."""
+    if ctx.kind == "login":
+        return
+    if request_type in LOGIN_ONLY:
+        raise ChatError(LOGIN_REQUIRED, "this needs a login session, not an API token")
+    if ctx.is_bot and request_type in BOTS_REFUSED:
+        raise ChatError(FORBIDDEN, "bots cannot do this; a member adds the bot to a chat")
+    if request_type not in READS:
+        require_write(ctx)
+
+
+def require_write(ctx: Context) -> None:
+    """`insufficient_scope` unless the caller may change things (the routes of
+    chatd/rest_files.py have no request Struct: an upload is a change, a download not)."""
+    if "write" not in ctx.scopes:
+        raise ChatError(INSUFFICIENT_SCOPE, "this token has the read scope only")
+
+
 def handler_for(request_type: type) -> Handler:
     """The handler of a socket action or a REST-only request."""
     return HANDLERS.get(request_type) or REST_HANDLERS[request_type]
@@ -178,5 +306,6 @@ def handler_for(request_type: type) -> Handler:
 
 async def dispatch(ctx: Context, action: ClientAction) -> Any:
     """Run a socket action; return its ack data."""
+    authorize(ctx, type(action))
     result = await HANDLERS[type(action)](ctx, action)
     return result.value if isinstance(result, Created) else result

@@ -130,7 +130,9 @@ async def login(ctx: Context, action: Login) -> TokenPair:
         raise ChatError(RATE_LIMITED, "too many failed logins; retry later", retry_after=wait)
     try:
         row = await ctx.node.pool.fetchrow(
-            "SELECT id, password_hash, disabled_at FROM users WHERE email = $1", email
+            # A bot has no password; one an admin set does not let it log in either.
+            "SELECT id, password_hash, disabled_at FROM users WHERE email = $1 AND NOT is_bot",
+            email,
         )
         # verify_password runs even for unknown emails, so timing does not tell them apart.
         verified = await auth.verify_password(row and row["password_hash"], action.password)
@@ -168,7 +170,7 @@ MAX_SESSIONS_PER_USER = 100
 _REVOKE_CROWDED = """
 UPDATE sessions SET revoked_at = now()
 WHERE id IN (
-    SELECT id FROM sessions WHERE user_id = $1 AND revoked_at IS NULL
+    SELECT id FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND kind = 'login'
     ORDER BY last_seen_at DESC, created_at DESC OFFSET $2
 )
 RETURNING id
@@ -269,7 +271,9 @@ async def _issue_pair(ctx: Context, user_id: uuid.UUID, session_id: uuid.UUID) -
 
 async def me(ctx: Context, action: GetMe) -> Me:
     row = await ctx.node.pool.fetchrow(
-        f"SELECT id, name, email, created_at, avatar, {_PICTURE} FROM users WHERE id = $1",
+        "SELECT u.id, u.name, u.email, u.created_at, u.avatar, u.is_bot, b.id AS bot_id,"
+        f" b.username AS bot_username, {_PICTURE}"
+        " FROM users u LEFT JOIN bots b ON b.user_id = u.id WHERE u.id = $1",
         ctx.user_id,
     )
     if row is None:
@@ -278,7 +282,7 @@ async def me(ctx: Context, action: GetMe) -> Me:
 
 
 # The picture claim of a user who comes from the app's tokens (chatd/identity.py).
-_PICTURE = "(SELECT picture FROM external_identities WHERE user_id = users.id) AS picture"
+_PICTURE = "(SELECT picture FROM external_identities i WHERE i.user_id = $1) AS picture"
 
 
 def _me(row: Record) -> Me:
@@ -288,6 +292,9 @@ def _me(row: Record) -> Me:
         email=row["email"],
         created_at=row["created_at"],
         avatar=file_id_text(row["avatar"]),
+        is_bot=row["is_bot"],
+        bot_id=row["bot_id"],
+        bot_username=row["bot_username"],
         picture=row["picture"],
     )
 
@@ -302,7 +309,9 @@ WHERE mine.user_id = $1
 _UPDATE_ME = f"""
 UPDATE users SET name = coalesce($2, name), avatar = CASE WHEN $3 THEN $4 ELSE avatar END
 WHERE id = $1
-RETURNING id, name, email, created_at, avatar, {_PICTURE},
+RETURNING id, name, email, created_at, avatar, is_bot, {_PICTURE},
+          (SELECT id FROM bots WHERE user_id = users.id) AS bot_id,
+          (SELECT username FROM bots WHERE user_id = users.id) AS bot_username,
           (SELECT (name, avatar) FROM users WHERE id = $1) IS DISTINCT FROM (name, avatar)
           AS changed
 """
@@ -367,7 +376,7 @@ async def check_current_password(ctx: Context, password: str) -> None:
 
 _SESSIONS = """
 SELECT id, device, ip, created_at, last_seen_at FROM sessions
-WHERE user_id = $1 AND revoked_at IS NULL
+WHERE user_id = $1 AND revoked_at IS NULL AND kind = 'login'
   AND last_seen_at > now() - make_interval(secs => $2)
 ORDER BY last_seen_at DESC, created_at DESC
 LIMIT $3
@@ -423,7 +432,7 @@ async def logout(ctx: Context, action: Logout) -> None:
 # q matches a name by prefix, an email only whole: a prefix search on emails would let
 # any user read every address out, a character at a time.
 _USERS_PAGE = """
-SELECT id, name, avatar FROM users
+SELECT id, name, avatar, is_bot FROM users
 WHERE deleted_at IS NULL AND ($1::text IS NULL OR lower(name) LIKE $1 || '%' OR email = $4)
   AND ($2::uuid IS NULL OR (name, id) > (SELECT name, id FROM users WHERE id = $2))
 ORDER BY name, id
@@ -506,6 +515,12 @@ async def delete_account(node: Node, user_id: uuid.UUID) -> None:
         )
         await conn.execute(_ERASE_PROFILE, user_id, DELETED_NAME)
     await node.revoke(Revocation(user_id))
+    # Its bots go with it; a bot's username is free again once it is gone.
+    for bot_user in await node.pool.fetch(
+        "DELETE FROM bots WHERE owner_id = $1 OR user_id = $1 RETURNING user_id", user_id
+    ):
+        if bot_user["user_id"] != user_id:
+            await delete_account(node, bot_user["user_id"])
     for tombstones, chat_after, members in erased:
         for tombstone in tombstones:
             await node.publish(members, MessageUpdated(tombstone))

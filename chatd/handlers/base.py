@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
@@ -22,6 +23,7 @@ from chatd.protocol import (
     encode,
     no_such_chat,
 )
+from chatd.tokens import is_api_token
 
 T = TypeVar("T")
 
@@ -38,6 +40,14 @@ class Context:
     peer: str = "unknown"  # the client's address (per-address limits)
     session_id: uuid.UUID | None = None  # the login the access token belongs to
     user_agent: str = ""  # the User-Agent header (a login's device name when it gives none)
+    # What authenticated: "login" (an access token of a login), "bot" (a bot's token) or
+    # "pat" (a personal access token). handlers/__init__.py `authorize` decides with it.
+    kind: str = "login"
+    scopes: frozenset[str] = frozenset({"read", "write"})
+
+    @property
+    def is_bot(self) -> bool:
+        return self.kind == "bot"
 
 
 async def authenticate(node: Node, token: str | None, peer: str, user_agent: str = "") -> Context:
@@ -49,6 +59,8 @@ async def authenticate(node: Node, token: str | None, peer: str, user_agent: str
     """
     if not token:
         raise ChatError(UNAUTHORIZED, "missing bearer access token")
+    if is_api_token(token):
+        return await _authenticate_api_token(node, token, peer, user_agent)
     if node.identity is not None and node.identity.claims(token):
         return await _authenticate_external(node, token, peer, user_agent)
     try:
@@ -60,6 +72,20 @@ async def authenticate(node: Node, token: str | None, peer: str, user_agent: str
     if session_id is None or not await node.sessions.is_live(session_id, user_id):
         raise ChatError(UNAUTHORIZED, "session revoked or unknown; log in again")
     return Context(node, user_id, peer, session_id, user_agent)
+
+
+async def _authenticate_api_token(node: Node, token: str, peer: str, user_agent: str) -> Context:
+    """A bot's token or a personal access token (chatd/tokens.py): its grant from memory,
+    its session's liveness from the SessionCache."""
+    grant = await node.tokens.grant(token)
+    if grant is None or (grant.expires_at is not None and grant.expires_at <= datetime.now(UTC)):
+        raise ChatError(UNAUTHORIZED, "invalid, expired or revoked API token")
+    if not await node.sessions.is_live(grant.session_id, grant.user_id):
+        raise ChatError(UNAUTHORIZED, "invalid, expired or revoked API token")
+    node.tokens.used(grant.session_id)
+    return Context(
+        node, grant.user_id, peer, grant.session_id, user_agent, grant.kind, grant.scopes
+    )
 
 
 async def _authenticate_external(node: Node, token: str, peer: str, user_agent: str) -> Context:
@@ -149,7 +175,7 @@ def fit_in_frame(items: Iterable[T], budget: int) -> tuple[list[T], int]:
 # --- chats as the wire shows them ---------------------------------------------------------
 
 _MEMBERS = """
-SELECT cm.chat_id, u.id, u.name, cm.role, u.avatar
+SELECT cm.chat_id, u.id, u.name, cm.role, u.avatar, u.is_bot
 FROM chat_members cm JOIN users u ON u.id = cm.user_id
 WHERE cm.chat_id = ANY($1::bigint[])
 ORDER BY cm.chat_id, cm.join_order
@@ -167,6 +193,7 @@ async def fetch_members(
                 name=row["name"],
                 role=row["role"],
                 avatar=file_id_text(row["avatar"]),
+                is_bot=row["is_bot"],
             )
         )
     return members
@@ -196,8 +223,13 @@ def file_id_text(file_id: uuid.UUID | None) -> str | None:
 
 
 def member_from_row(row: asyncpg.Record) -> Member:
-    """A users row (id, name, avatar) as the wire shows it."""
-    return Member(user_uuid=str(row["id"]), name=row["name"], avatar=file_id_text(row["avatar"]))
+    """A users row (id, name, avatar, is_bot) as the wire shows it."""
+    return Member(
+        user_uuid=str(row["id"]),
+        name=row["name"],
+        avatar=file_id_text(row["avatar"]),
+        is_bot=row["is_bot"],
+    )
 
 
 def member_ids(chat: Chat) -> list[uuid.UUID]:

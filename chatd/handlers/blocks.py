@@ -84,7 +84,7 @@ async def unblock_user(ctx: Context, action: UnblockUser) -> BlockList:
 
 async def list_blocks(ctx: Context, action: ListBlocks) -> UserList:
     rows = await ctx.node.pool.fetch(
-        "SELECT u.id, u.name, u.avatar FROM blocks b JOIN users u ON u.id = b.blocked_id"
+        "SELECT u.id, u.name, u.avatar, u.is_bot FROM blocks b JOIN users u ON u.id = b.blocked_id"
         " WHERE b.blocker_id = $1 ORDER BY b.created_at DESC, u.id",
         ctx.user_id,
     )

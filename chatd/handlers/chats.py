@@ -17,6 +17,7 @@ from chatd.handlers.base import (
     member_ids,
     parse_user_ids,
 )
+from chatd.integrations import enqueue_chat_event
 from chatd.protocol import (
     FORBIDDEN,
     INVALID,
@@ -82,6 +83,8 @@ async def create_chat(ctx: Context, action: CreateChat) -> Created[Chat]:
                 await insert_members(conn, chat_id, others)
                 created = True
             chat = await fetch_chat(conn, chat_id)
+            if created:
+                await enqueue_chat_event(conn, chat_id, ChatCreated(chat))
         stored = created  # committed
     finally:
         if not stored:

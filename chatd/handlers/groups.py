@@ -25,6 +25,7 @@ from chatd.handlers.base import (
     role_of,
 )
 from chatd.handlers.chats import insert_members, require_users
+from chatd.integrations import enqueue_chat_event
 from chatd.node import Node
 from chatd.protocol import (
     FORBIDDEN,
@@ -81,6 +82,9 @@ async def add_members(ctx: Context, action: AddMembers) -> Chat:
                     raise ChatError(INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members")
                 await conn.execute(_BUMP_ACTIVITY, action.chat_id)
             chat = await fetch_chat(conn, action.chat_id)
+            if added:
+                data = MemberAddedData(chat, [str(u) for u in added], by=str(ctx.user_id))
+                await enqueue_chat_event(conn, action.chat_id, MemberAdded(data))
     except BaseException:
         added = []
         raise
@@ -90,7 +94,6 @@ async def add_members(ctx: Context, action: AddMembers) -> Chat:
             await limit.give_back(me, charged - len(added))
 
     if added:
-        data = MemberAddedData(chat, [str(u) for u in added], by=str(ctx.user_id))
         await ctx.node.publish(member_ids(chat), MemberAdded(data))
     return chat
 
@@ -114,8 +117,9 @@ async def remove_member(ctx: Context, action: RemoveMember) -> Chat | None:
         # The removed member may have been the last one holding messages unread.
         newly_read = await advance_read_watermarks(conn, [action.chat_id])
         chat = await fetch_chat(conn, action.chat_id)
+        event = MemberRemoved(MemberRemovedData(action.chat_id, str(target), by=str(ctx.user_id)))
+        await enqueue_chat_event(conn, action.chat_id, event, gone=[target])
 
-    event = MemberRemoved(MemberRemovedData(action.chat_id, str(target), by=str(ctx.user_id)))
     await ctx.node.publish([*member_ids(chat), target], event)
     await publish_read_receipts(ctx.node.bus, newly_read)
     return chat
@@ -161,8 +165,12 @@ async def depart(
     if not await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM chat_members WHERE chat_id = $1)", chat_id
     ):
+        deleted = ChatDeleted(ChatDeletedData(chat_id, by=str(user_id)))
+        await enqueue_chat_event(conn, chat_id, deleted, gone=[user_id])
         await conn.execute("DELETE FROM chats WHERE id = $1", chat_id)
         return Departure(chat_id, user_id, role, None, [])
+    left = MemberRemoved(MemberRemovedData(chat_id, str(user_id), by=str(user_id)))
+    await enqueue_chat_event(conn, chat_id, left, gone=[user_id])
     if role == "owner":
         await conn.execute(_PROMOTE_HEIR, chat_id)
     newly_read = await advance_read_watermarks(conn, [chat_id])
@@ -247,7 +255,8 @@ async def delete_chat(ctx: Context, action: DeleteChat) -> None:
         members: list[uuid.UUID] = await conn.fetchval(
             "SELECT array_agg(user_id) FROM chat_members WHERE chat_id = $1", action.chat_id
         )
+        event = ChatDeleted(ChatDeletedData(action.chat_id, by=str(ctx.user_id)))
+        await enqueue_chat_event(conn, action.chat_id, event)
         await conn.execute("DELETE FROM chats WHERE id = $1", action.chat_id)
-    event = ChatDeleted(ChatDeletedData(action.chat_id, by=str(ctx.user_id)))
     await ctx.node.publish(members, event)
     return None

@@ -100,7 +100,9 @@ async def store_message(
     if client_msg_id is not None and "\x00" in client_msg_id:
         raise ChatError(INVALID, "client_msg_id must not contain NUL characters")
     writer = ctx.node.writer
-    limit, key = ctx.node.limits.message, str(ctx.user_id)  # socket and REST sends alike
+    limits = ctx.node.limits
+    # Socket and REST sends alike; bots have their own rate (CHATD_BOT_MESSAGE_RATE).
+    limit, key = (limits.bot_message if ctx.is_bot else limits.message), str(ctx.user_id)
     wait = await limit.take(key)
     if wait:
         # A retry of a stored message is answered even now: it stores nothing. Looked up

@@ -460,10 +460,12 @@ function handleFrame(frame) {
       setRead(d.chat_id, (m) => m.id <= d.up_to_message_id && m.sender_uuid === state.me.user_uuid);
       return;
     case "member_added":
+      commandCache.delete(d.chat.id); // a bot may have come: its commands too
       if (state.chats.has(d.chat.id)) upsertChat(d.chat);
       else fetchChat(d.chat.id);
       return;
     case "member_removed":
+      commandCache.delete(d.chat_id);
       if (d.user_uuid === state.me.user_uuid) removeChat(d.chat_id);
       else {
         const chat = state.chats.get(d.chat_id);
@@ -1786,7 +1788,50 @@ function mentionQuery() {
   return match ? { query: match[1], start: before.length - match[1].length - 1 } : null;
 }
 
+// --- slash commands: the commands of the chat's bots, offered on "/" ---------------------
+
+const commandCache = new Map(); // chat id -> its bots' commands (a Promise while asked)
+
+// The chat's commands as known now; asks the server once (only chats with a bot have any).
+function chatCommands(chatId) {
+  const chat = state.chats.get(chatId);
+  if (!chat || !(chat.members || []).some((u) => u.is_bot)) return [];
+  const known = commandCache.get(chatId);
+  if (Array.isArray(known)) return known;
+  if (!known) {
+    commandCache.set(
+      chatId,
+      api("GET", `chats/${chatId}/commands`).then(
+        (reply) => {
+          commandCache.set(chatId, reply.commands);
+          if (state.current === chatId) updateMentions();
+        },
+        () => commandCache.delete(chatId),
+      ),
+    );
+  }
+  return [];
+}
+
+// The "/name" being typed at the start of the message, if the caret is in it.
+function commandQuery() {
+  const input = $("message-input");
+  const match = /^\/([a-z0-9_]{0,32})$/i.exec(input.value.slice(0, input.selectionStart));
+  return match ? match[1].toLowerCase() : null;
+}
+
 function updateMentions() {
+  const command = state.current === null ? null : commandQuery();
+  if (command !== null) {
+    mentionState.matches = chatCommands(state.current)
+      .filter((c) => c.name.startsWith(command))
+      .slice(0, 8)
+      .map((c) => ({ command: c }));
+    mentionState.start = 0;
+    mentionState.active = 0;
+    renderMentions();
+    return;
+  }
   const found = state.current === null ? null : mentionQuery();
   const chat = state.chats.get(state.current);
   if (!found || !chat) {
@@ -1808,7 +1853,13 @@ function renderMentions() {
   list.hidden = mentionState.matches.length === 0;
   list.replaceChildren(
     ...mentionState.matches.map((u, i) => {
-      const li = el("li", "mention-option", u.name);
+      const li = u.command
+        ? el("li", "mention-option command-option", `/${u.command.name}`)
+        : el("li", "mention-option", u.name);
+      if (u.command) {
+        const about = u.command.description ? `${u.command.description} · ` : "";
+        li.append(el("span", "command-about", ` ${about}@${u.command.bot_username}`));
+      }
       li.id = `mention-${i}`;
       li.setAttribute("role", "option");
       li.setAttribute("aria-selected", String(i === mentionState.active));
@@ -1836,11 +1887,11 @@ function mentionsOpen() {
 function chooseMention(user) {
   const input = $("message-input");
   const end = input.selectionStart;
-  const insert = `@${user.name} `;
+  const insert = user.command ? `/${user.command.name} ` : `@${user.name} `;
   input.value = input.value.slice(0, mentionState.start) + insert + input.value.slice(end);
   const caret = mentionState.start + insert.length;
   input.setSelectionRange(caret, caret);
-  state.mentionPicks.set(user.user_uuid, user.name);
+  if (!user.command) state.mentionPicks.set(user.user_uuid, user.name);
   hideMentions();
   autoGrow();
 }

@@ -470,3 +470,30 @@ def test_changes_made_while_offline_arrive_with_the_resume(pair) -> None:
     assert syncs, frames
     # "four" came first, in the unread snapshot; the changes have versions it lacked.
     assert syncs[0]["chats"][str(chat["id"])] == {"seq": 4, "version": held_version}
+
+
+def test_slash_offers_the_commands_of_the_chats_bots(chromium, server: Server) -> None:
+    tag = uuid.uuid4().hex[:6]
+    alice = new_user(chromium, server, f"Alice{tag}")
+    made = alice.api.post("/bots", json={"name": "Dice", "username": f"dice_{tag}"}).json()
+    commands = [{"name": "roll", "description": "Roll dice"}, {"name": "poll"}]
+    alice.api.put(f"/bots/{made['bot']['id']}/commands", json={"commands": commands})
+    alice.api.post(
+        "/chats",
+        json={"type": "group", "name": f"Dice{tag}", "user_ids": [made["bot"]["user_uuid"]]},
+    )
+    alice.chat_item(f"Dice{tag}").click()
+
+    options = alice.page.locator("#mention-list [role=option]")
+    alice.composer().press_sequentially("/")
+    expect(options).to_have_text([f"/poll @dice_{tag}", f"/roll Roll dice · @dice_{tag}"])
+    alice.composer().press_sequentially("r")
+    expect(options).to_have_count(1)
+    alice.composer().press("Enter")  # picks /roll, does not send
+    expect(alice.composer()).to_have_value("/roll ")
+    expect(alice.page.locator("#mention-list")).to_be_hidden()
+    # Not at the start of the message: no command.
+    alice.composer().fill("see /")
+    expect(alice.page.locator("#mention-list")).to_be_hidden()
+    assert not alice.errors, alice.errors
+    alice.page.context.close()
