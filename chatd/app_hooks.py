@@ -55,7 +55,33 @@ WITH d AS (
 SELECT count(*), pg_notify('{DELIVERIES_CHANNEL}', '') FROM d
 """
 
+# Several events of one type: per event (in the given order), one per subscribed webhook.
+_ENQUEUE_MANY = f"""
+WITH d AS (
+    INSERT INTO deliveries (kind, target, order_key, body)
+    SELECT '{KIND}', h.id, 'app:' || h.id || ':' || e.key, e.body
+    FROM unnest($2::text[], $3::bytea[]) WITH ORDINALITY AS e(key, body, n)
+    JOIN app_webhooks h ON $1 = ANY(h.events)
+    ORDER BY e.n, h.id
+    RETURNING id
+)
+SELECT count(*), pg_notify('{DELIVERIES_CHANNEL}', '') FROM d
+"""
+
 _TARGET = "SELECT url, secret FROM app_webhooks WHERE id = $1"
+
+
+# This process's AppHooks (its Node's, set when it starts): what `enqueue_chat_event` and
+# `enqueue_user_created` use, called from places that hold no Node (a membership change
+# deep in a departure, the first sight of a user). A process has one Node.
+_current: AppHooks | None = None
+
+# The app event of each chatd event that has one.
+_APP_EVENT_OF = {
+    "chat_created": "chat.created",
+    "member_added": "member.added",
+    "member_removed": "member.removed",
+}
 
 
 class AppHooks:
@@ -68,6 +94,8 @@ class AppHooks:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        global _current
+        _current = self
         self._queue.register(KIND, self.send)
         self._task = asyncio.create_task(self._poll())
 
@@ -113,8 +141,39 @@ async def enqueue(
     app webhook exists."""
     if not hooks.active:
         return
-    body = msgspec.json.encode(
+    key = f"chat:{chat_id}" if chat_id is not None else (order or "none")
+    await conn.execute(_ENQUEUE, event, key, _body(event, chat_id, data))
+
+
+async def enqueue_many(
+    conn: asyncpg.Connection, hooks: AppHooks, event: str, events: list[tuple[int, Any]]
+) -> None:
+    """`enqueue` for several (chat_id, data) of one type, in one statement, in order."""
+    if not hooks.active or not events:
+        return
+    keys = [f"chat:{chat_id}" for chat_id, _ in events]
+    bodies = [_body(event, chat_id, data) for chat_id, data in events]
+    await conn.execute(_ENQUEUE_MANY, event, keys, bodies)
+
+
+def _body(event: str, chat_id: int | None, data: Any) -> bytes:
+    return msgspec.json.encode(
         {"type": event, "created_at": datetime.now(UTC), "chat_id": chat_id, "data": data}
     )
-    key = f"chat:{chat_id}" if chat_id is not None else (order or "none")
-    await conn.execute(_ENQUEUE, event, key, body)
+
+
+async def enqueue_chat_event(conn: asyncpg.Connection, chat_id: int, event: Any) -> None:
+    """The app event of a chatd membership event (chat_created, member_added,
+    member_removed), queued in the caller's transaction (chatd/integrations.py
+    `enqueue_chat_event` calls it beside bots' webhooks)."""
+    hooks = _current
+    name = _APP_EVENT_OF.get(type(event).__struct_config__.tag)
+    if hooks is not None and hooks.active and name is not None:
+        await enqueue(conn, hooks, name, event.data, chat_id=chat_id)
+
+
+async def enqueue_user_created(conn: asyncpg.Connection, user: Any) -> None:
+    """user.created for a new user (a Member), in the transaction that creates it."""
+    hooks = _current
+    if hooks is not None and hooks.active:
+        await enqueue(conn, hooks, "user.created", user, order=f"user:{user.user_uuid}")

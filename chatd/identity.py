@@ -49,7 +49,7 @@ import httpx
 import jwt
 import msgspec
 
-from chatd import metrics
+from chatd import app_hooks, metrics
 from chatd.config import Settings
 from chatd.protocol import (
     MAX_USER_NAME_CHARS,
@@ -422,6 +422,8 @@ class Identities:
             )
             if created is None:  # another request created it first: the user row goes
                 raise _Raced
+            member = Member(user_uuid=str(user_id), name=external.name or DEFAULT_NAME, avatar=None)
+            await app_hooks.enqueue_user_created(conn, member)
         return user_id
 
     async def _apply(

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import asyncpg
 
 from chatd import metrics
+from chatd.app_hooks import AppHooks
 from chatd.config import Settings
 from chatd.db import create_pool
 from chatd.deliveries import DeliveryQueue
@@ -85,6 +86,9 @@ class Node:
             if Identities.configured(settings)
             else None
         )
+        # App webhooks (chatd/app_hooks.py): whether any exists, and their sender.
+        self.app_hooks = AppHooks(self.pool, self.deliveries)
+        self.writer.app_hooks = self.app_hooks
         # The before-send hook (chatd/hooks.py); None: sends pay nothing for it.
         self.before_send = BeforeSend(settings) if settings.before_send_url else None
         self.limits = Limits(settings)
@@ -115,6 +119,7 @@ class Node:
         self._listener = asyncio.create_task(self.revocations.run())
         self.collector.start()
         self.tokens.start()
+        self.app_hooks.start()
         self.deliveries.start()
         if self.identity is not None:
             self.identity.start()
@@ -128,6 +133,7 @@ class Node:
             if task is not None:
                 task.cancel()
         await self.collector.stop()
+        await self.app_hooks.stop()
         await self.deliveries.stop()
         if self.identity is not None:
             await self.identity.close()

@@ -50,6 +50,15 @@ from chatd.protocol import (
     AdminUpdateUser,
     AdminUser,
     AdminUserList,
+    ApiKeyCreated,
+    ApiKeyList,
+    AppAddMembers,
+    AppChat,
+    AppCreateChat,
+    AppGetChat,
+    AppGetMessages,
+    AppPostMessage,
+    AppRemoveMembers,
     AuditLog,
     BlockList,
     BlockUser,
@@ -64,12 +73,14 @@ from chatd.protocol import (
     ChatOverview,
     ChatPage,
     CommandList,
+    CreateApiKey,
     CreateBot,
     CreateBotToken,
     CreateChat,
     Created,
     CreateToken,
     CreateWebhook,
+    DeactivateUsers,
     DeleteBot,
     DeleteChat,
     DeletedMessage,
@@ -95,6 +106,7 @@ from chatd.protocol import (
     GetMessage,
     Health,
     History,
+    ListApiKeys,
     ListBlocks,
     ListBots,
     ListBotTokens,
@@ -122,6 +134,7 @@ from chatd.protocol import (
     Report,
     ReportList,
     ReportMessage,
+    RevokeApiKey,
     RevokeBotToken,
     RevokeSession,
     RevokeToken,
@@ -138,6 +151,8 @@ from chatd.protocol import (
     UpdateBot,
     UpdateChat,
     UpdateMe,
+    UpsertedUsers,
+    UpsertUsers,
     UserList,
     Webhook,
     WebhookList,
@@ -483,6 +498,8 @@ TAGS = {
     "health": "For load balancers and orchestrators",
     "admin": "For the server's admins (role admin): accounts, moderation, reports, audit",
     "bots": "Bots, their tokens, commands and webhooks; personal access tokens",
+    "app": "The embedding app's backend, with an API key: users, chats, messages (admins"
+    " make the keys)",
 }
 
 # fmt: off
@@ -785,6 +802,61 @@ OPERATIONS = [
         "DELETE", "/me/tokens/{token_id}", RevokeToken,
         "Revoke a personal access token: refused from now on, its sockets closed", None, 204,
         tag="accounts", errors=(403, 404, 503),
+    ),
+    # the app API (chatd/handlers/app.py, docs/embedding.md): API keys and what they do
+    route(
+        "POST", "/admin/api_keys", CreateApiKey,
+        "Create an API key for the app's backend (the key and webhook secret are shown once)",
+        ApiKeyCreated, 201, tag="app", errors=(400, 403, 413, 422, 503),
+    ),
+    route(
+        "GET", "/admin/api_keys", ListApiKeys, "The API keys that are not revoked", ApiKeyList,
+        tag="app", errors=(403, 503),
+    ),
+    route(
+        "DELETE", "/admin/api_keys/{key_id}", RevokeApiKey,
+        "Revoke an API key: refused from now on, its webhook's deliveries dropped", None, 204,
+        tag="app", errors=(403, 404, 503),
+    ),
+    route(
+        "POST", "/app/users", UpsertUsers,
+        "Create or update the app's users by sub (the users its tokens name)", UpsertedUsers,
+        tag="app", errors=(400, 403, 413, 422, 429, 503),
+    ),
+    route(
+        "POST", "/app/users/deactivate", DeactivateUsers,
+        "Disable the app's users: their tokens and sockets stop", None, 204,
+        tag="app", errors=(400, 403, 413, 422, 429, 503),
+    ),
+    route(
+        "POST", "/app/chats", AppCreateChat,
+        "Create a chat of the app's users once per ext_id (201); after that, get it (200)",
+        AppChat, 201, tag="app", also_ok=(200,), errors=(400, 403, 413, 422, 429, 503),
+    ),
+    route(
+        "GET", "/app/chats/{ext_id}", AppGetChat, "A chat the app created, by its ext_id",
+        AppChat, tag="app", errors=(403, 404, 422, 429, 503),
+    ),
+    route(
+        "POST", "/app/chats/{ext_id}/members", AppAddMembers,
+        "Add the app's users to one of its groups", AppChat,
+        tag="app", errors=(400, 403, 404, 413, 422, 429, 503),
+    ),
+    route(
+        "DELETE", "/app/chats/{ext_id}/members", AppRemoveMembers,
+        "Remove the app's users from one of its groups", None, 204,
+        tag="app", errors=(400, 403, 404, 413, 422, 429, 503), json_body=True,
+    ),
+    route(
+        "POST", "/app/chats/{ext_id}/messages", AppPostMessage,
+        "Post as one of the app's users or as the key's identity (201); a retry with the"
+        " same client_msg_id returns the original (200)",
+        Message, 201, tag="app", also_ok=(200,), errors=(400, 403, 404, 413, 422, 429, 503),
+    ),
+    route(
+        "GET", "/app/chats/{ext_id}/messages", AppGetMessages,
+        "A chat's messages, newest page first", History,
+        tag="app", errors=(403, 404, 422, 429, 503),
     ),
     # health
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False, tag="health"),

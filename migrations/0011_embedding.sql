@@ -16,3 +16,25 @@ CREATE TABLE external_identities (
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (issuer, subject)
 );
+
+-- The app API (chatd/handlers/app.py). An API key is an API token (0009_bots) of kind
+-- 'app': a session of its own bot user, the key's identity, which owns the app's groups
+-- and posts its system messages.
+ALTER TABLE sessions DROP CONSTRAINT sessions_kind_check;
+ALTER TABLE sessions
+    ADD CONSTRAINT sessions_kind_check CHECK (kind IN ('login', 'bot', 'pat', 'app'));
+
+-- The app's own id of a chat it created: POST /app/chats is idempotent by it, and a key
+-- reaches only chats that have one.
+ALTER TABLE chats ADD COLUMN ext_id text UNIQUE;
+
+-- A key's webhook (chatd/app_hooks.py): the events it subscribed to, POSTed signed with
+-- `secret` through the delivery queue (kind 'app_webhook', target this id).
+CREATE TABLE app_webhooks (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key_id     uuid NOT NULL UNIQUE REFERENCES api_tokens (id) ON DELETE CASCADE,
+    url        text NOT NULL,
+    secret     text NOT NULL,
+    events     text[] NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);

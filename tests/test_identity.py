@@ -310,11 +310,13 @@ async def test_local_accounts_off(app_server: Server, idp: IdentityProvider) -> 
             with pytest.raises(ChatdError) as refused:
                 await api.call("POST", path, json=body)
             assert (refused.value.status, refused.value.code) == (403, "forbidden")
-    # An app user cannot "log out" the app's token: the app signs out.
+    # The app's token is no chatd session: nothing that manages sessions or mints
+    # credentials that would outlive it (logout, tokens, bots); the app signs out.
     async with Api(app_server.base_url, idp.token(subject())) as api:
-        with pytest.raises(ChatdError) as refused:
-            await api.call("POST", "/logout")
-        assert refused.value.code == "forbidden"
+        for method, path in (("POST", "/logout"), ("POST", "/me/tokens"), ("GET", "/bots")):
+            with pytest.raises(ChatdError) as refused:
+                await api.call(method, path, json={"name": "x"} if method == "POST" else None)
+            assert (refused.value.status, refused.value.code) == (403, "login_required")
 
 
 def test_settings_need_issuer_audience_and_a_strong_distinct_secret() -> None:

@@ -37,6 +37,7 @@ from typing import Any
 from chatd.handlers import (
     accounts,
     admin,
+    app,
     blocks,
     bots,
     changes,
@@ -63,17 +64,25 @@ from chatd.protocol import (
     AdminListUsers,
     AdminStats,
     AdminUpdateUser,
+    AppAddMembers,
+    AppCreateChat,
+    AppGetChat,
+    AppGetMessages,
+    AppPostMessage,
+    AppRemoveMembers,
     BlockUser,
     ChangePassword,
     ChatCommands,
     ChatError,
     ClientAction,
+    CreateApiKey,
     CreateBot,
     CreateBotToken,
     CreateChat,
     Created,
     CreateToken,
     CreateWebhook,
+    DeactivateUsers,
     DeleteBot,
     DeleteChat,
     DeleteMe,
@@ -91,6 +100,7 @@ from chatd.protocol import (
     GetMe,
     GetMessage,
     LeaveChat,
+    ListApiKeys,
     ListBlocks,
     ListBots,
     ListBotTokens,
@@ -112,6 +122,7 @@ from chatd.protocol import (
     RemoveMember,
     RenameChat,
     ReportMessage,
+    RevokeApiKey,
     RevokeBotToken,
     RevokeSession,
     RevokeToken,
@@ -126,6 +137,7 @@ from chatd.protocol import (
     UpdateBot,
     UpdateChat,
     UpdateMe,
+    UpsertUsers,
 )
 
 Handler = Callable[[Context, Any], Awaitable[Any]]
@@ -205,6 +217,17 @@ REST_HANDLERS: dict[type, Handler] = {
     ListWebhooks: webhooks.list_webhooks,
     DeleteWebhook: webhooks.delete_webhook,
     PostHook: webhooks.post_hook,
+    CreateApiKey: app.create_api_key,
+    ListApiKeys: app.list_api_keys,
+    RevokeApiKey: app.revoke_api_key,
+    UpsertUsers: app.upsert_users,
+    DeactivateUsers: app.deactivate_users,
+    AppCreateChat: app.app_create_chat,
+    AppGetChat: app.app_get_chat,
+    AppAddMembers: app.app_add_members,
+    AppRemoveMembers: app.app_remove_members,
+    AppPostMessage: app.app_post_message,
+    AppGetMessages: app.app_get_messages,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live
@@ -271,6 +294,9 @@ LOGIN_ONLY: frozenset[type] = frozenset(
         ListBotTokens,
         RevokeBotToken,
         CreateWebhook,
+        CreateApiKey,
+        ListApiKeys,
+        RevokeApiKey,
     }
 )
 
@@ -278,11 +304,40 @@ LOGIN_ONLY: frozenset[type] = frozenset(
 BOTS_REFUSED: frozenset[type] = frozenset({CreateChat})
 
 
+# The app API (handlers/app.py): the only requests an API key (kind "app") may make, and
+# only it; each handler checks the key's scope for it.
+APP_REQUESTS: frozenset[type] = frozenset(
+    {
+        UpsertUsers,
+        DeactivateUsers,
+        AppCreateChat,
+        AppGetChat,
+        AppAddMembers,
+        AppRemoveMembers,
+        AppPostMessage,
+        AppGetMessages,
+    }
+)
+
+
 def authorize(ctx: Context, request_type: type) -> None:
     """Refuse a request the caller's credential does not allow: `login_required` for an API
-    token on LOGIN_ONLY, `forbidden` for a bot on BOTS_REFUSED, `insufficient_scope` for a
-    change with a read-only token. A login may make any request (its handler decides)."""
-    if ctx.kind == "login":
+    token, or the app's token (external identity), on LOGIN_ONLY; `forbidden` for a bot on
+    BOTS_REFUSED, for an API key outside the app API and for anyone else in it;
+    `insufficient_scope` for a change with a read-only token. A login may make any other
+    request (its handler decides)."""
+    if (ctx.kind == "app") != (request_type in APP_REQUESTS):
+        raise ChatError(
+            FORBIDDEN,
+            "an API key reaches the app API only"
+            if ctx.kind == "app"
+            else "the app API needs an API key (POST /admin/api_keys)",
+        )
+    if ctx.kind in ("login", "app"):
+        return
+    if ctx.kind == "external":  # no session in chatd: nothing that manages one
+        if request_type in LOGIN_ONLY:
+            raise ChatError(LOGIN_REQUIRED, "this needs a chatd login, not the app's token")
         return
     if request_type in LOGIN_ONLY:
         raise ChatError(LOGIN_REQUIRED, "this needs a login session, not an API token")

@@ -24,11 +24,12 @@ import uuid
 
 import asyncpg
 
-from chatd import tokens
+from chatd import app_hooks, tokens
 from chatd.deliveries import url_problem
 from chatd.handlers import admin, groups
 from chatd.handlers.base import Context, fetch_chat, member_from_row, member_ids
 from chatd.handlers.chats import insert_members
+from chatd.integrations import enqueue_chat_event
 from chatd.node import Node
 from chatd.protocol import (
     FORBIDDEN,
@@ -55,6 +56,7 @@ from chatd.protocol import (
     DeactivateUsers,
     History,
     ListApiKeys,
+    Member,
     MemberAdded,
     MemberAddedData,
     MemberRemoved,
@@ -158,6 +160,8 @@ async def create_api_key(ctx: Context, request: CreateApiKey) -> Created[ApiKeyC
             await conn.execute(_CREATE_HOOK, key_id, request.webhook_url, secret, events)
         await admin._audit(conn, actor, "create_api_key", str(key_id), scopes=scopes)
         row = await conn.fetchrow(_KEYS, key_id)
+    if secret is not None:
+        await ctx.node.app_hooks.refresh()  # this process hears its events at once
     info = _key_info(row)
     created = ApiKeyCreated(
         **{f: getattr(info, f) for f in info.__struct_fields__}, key=key, webhook_secret=secret
@@ -188,6 +192,7 @@ async def revoke_api_key(ctx: Context, request: RevokeApiKey) -> None:
         await conn.execute("DELETE FROM app_webhooks WHERE key_id = $1", key_id)
         await admin._audit(conn, actor, "revoke_api_key", str(key_id))
     await ctx.node.revoke(Revocation(user_id, (key_id,)))
+    await ctx.node.app_hooks.refresh()
 
 
 # --- users -----------------------------------------------------------------------------------
@@ -222,7 +227,7 @@ WITH changes AS (
 UPDATE users u SET name = c.name
 FROM changes c
 WHERE u.id = c.id AND c.name IS NOT NULL AND u.name IS DISTINCT FROM c.name
-RETURNING u.id, u.name, u.avatar
+RETURNING u.id, u.name, u.avatar, u.is_bot
 """
 
 _CONTACTS = """
@@ -279,6 +284,10 @@ async def ensure_users(
             [u.picture for u in new],
         )
     }
+    for u in new:
+        if u.sub in inserted:
+            member = Member(user_uuid=str(fresh[u.sub]), name=u.name or DEFAULT_NAME, avatar=None)
+            await app_hooks.enqueue_user_created(conn, member)
     raced = [fresh[s] for s in fresh if s not in inserted]
     if raced:  # their users rows were made for nothing
         await conn.execute("DELETE FROM users WHERE id = ANY($1::uuid[])", raced)
@@ -363,6 +372,7 @@ async def app_create_chat(ctx: Context, request: AppCreateChat) -> Created[AppCh
             await insert_members(conn, chat_id, [ctx.user_id], role="owner")
             await insert_members(conn, chat_id, members)
         chat = await fetch_chat(conn, chat_id)
+        await enqueue_chat_event(conn, chat_id, ChatCreated(chat))
     await ctx.node.publish(member_ids(chat), ChatCreated(chat))
     return Created(_app_chat(chat, request.ext_id), True)
 
@@ -398,8 +408,10 @@ async def app_add_members(ctx: Context, request: AppAddMembers) -> AppChat:
                 raise ChatError(INVALID, f"a group has at most {MAX_GROUP_MEMBERS} members")
             await conn.execute(groups._BUMP_ACTIVITY, chat_id)
         chat = await fetch_chat(conn, chat_id)
-    if added:
         data = MemberAddedData(chat, [str(u) for u in added], by=str(ctx.user_id))
+        if added:
+            await enqueue_chat_event(conn, chat_id, MemberAdded(data))
+    if added:
         await ctx.node.publish(member_ids(chat), MemberAdded(data))
     return _app_chat(chat, request.ext_id)
 
@@ -427,8 +439,13 @@ async def app_remove_members(ctx: Context, request: AppRemoveMembers) -> None:
         # The removed members may have been the last ones holding messages unread.
         newly_read = await advance_read_watermarks(conn, [chat_id]) if removed else []
         chat = await fetch_chat(conn, chat_id)
-    for user_id in removed:
-        event = MemberRemoved(MemberRemovedData(chat_id, str(user_id), by=str(ctx.user_id)))
+        events = [
+            MemberRemoved(MemberRemovedData(chat_id, str(user_id), by=str(ctx.user_id)))
+            for user_id in removed
+        ]
+        for user_id, event in zip(removed, events, strict=True):
+            await enqueue_chat_event(conn, chat_id, event, gone=[user_id])
+    for user_id, event in zip(removed, events, strict=True):
         await ctx.node.publish([*member_ids(chat), user_id], event)
     await publish_read_receipts(ctx.node.bus, newly_read)
 

@@ -40,8 +40,9 @@ class Context:
     peer: str = "unknown"  # the client's address (per-address limits)
     session_id: uuid.UUID | None = None  # the login the access token belongs to
     user_agent: str = ""  # the User-Agent header (a login's device name when it gives none)
-    # What authenticated: "login" (an access token of a login), "bot" (a bot's token) or
-    # "pat" (a personal access token). handlers/__init__.py `authorize` decides with it.
+    # What authenticated: "login" (an access token of a login), "bot" (a bot's token),
+    # "pat" (a personal access token), "app" (an API key, handlers/app.py) or "external"
+    # (the app's own token, chatd/identity.py). handlers/__init__.py `authorize` decides with it.
     kind: str = "login"
     scopes: frozenset[str] = frozenset({"read", "write"})
 
@@ -93,7 +94,8 @@ async def _authenticate_external(node: Node, token: str, peer: str, user_agent: 
     first sight. It has no session (session_id None): it ends at its `exp`, or when the
     account is disabled or deleted."""
     assert node.identity is not None
-    return Context(node, await node.identity.authenticate(token), peer, None, user_agent)
+    user_id = await node.identity.authenticate(token)
+    return Context(node, user_id, peer, None, user_agent, kind="external")
 
 
 def anonymous(node: Node, peer: str, user_agent: str = "") -> Context:
