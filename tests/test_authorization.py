@@ -142,6 +142,63 @@ PUBLIC_ROUTES = {
 # Bots and tokens (chatd/handlers/bots.py). A bot is its owner's alone: anyone else (the
 # member too) gets not_found, as for a bot that does not exist. Everyone may make bots and
 # tokens of their own; someone else's token id is as unknown as none.
+# The app API (issue 19): API keys are the server admins' to make (forbidden to anyone
+# else, ADMIN_ROWS for an admin), and /app answers API keys only (tests/test_app_api.py):
+# every login is refused with 403 before anything is looked at.
+APP_ROWS: dict[str, Row] = {
+    "POST /admin/api_keys": Row(
+        lambda i: ("/admin/api_keys", {"name": "K", "scopes": ["users"]}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "GET /admin/api_keys": Row(
+        lambda i: ("/admin/api_keys", None), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+    "DELETE /admin/api_keys/{key_id}": Row(
+        lambda i: (f"/admin/api_keys/{uuid.UUID(int=i.chat_id)}", None),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "POST /app/users": Row(
+        lambda i: ("/app/users", {"users": [{"sub": "u1"}]}), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+    "POST /app/users/deactivate": Row(
+        lambda i: ("/app/users/deactivate", {"subs": ["u1"]}), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+    "POST /app/chats": Row(
+        lambda i: ("/app/chats", {"ext_id": "e1", "name": "E", "members": ["u1"]}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "GET /app/chats/{ext_id}": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}", None), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+    "POST /app/chats/{ext_id}/members": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}/members", {"subs": ["u1"]}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "DELETE /app/chats/{ext_id}/members": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}/members", {"subs": ["u1"]}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "POST /app/chats/{ext_id}/messages": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}/messages", {"text": "x", "client_msg_id": "c"}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "GET /app/chats/{ext_id}/messages": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}/messages", None), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+}
+
 BOT_ROWS: dict[str, Row] = {
     "POST /bots": Row(
         lambda i: ("/bots", {"name": "B", "username": f"b_{uuid.uuid4().hex[:12]}"}), OK, OK, OK
@@ -310,6 +367,7 @@ REST_MATRIX: dict[str, Row] = {
         lambda i: (f"/files/{i.file_id}/link", None), NF, NF, OK
     ),
     **BOT_ROWS,
+    **APP_ROWS,
 }
 
 OPERATIONS = {f"{op.method} {op.path}": op for op in rest.OPERATIONS}
@@ -669,6 +727,9 @@ ADMIN_ROWS = {
     "DELETE /admin/messages/{message_id:int}": OK,
     "GET /admin/reports": OK,
     "GET /admin/audit": OK,
+    "POST /admin/api_keys": OK,
+    "GET /admin/api_keys": OK,
+    "DELETE /admin/api_keys/{key_id}": NF,
 }
 
 
@@ -709,10 +770,12 @@ FILE_ROUTE_SCOPES = {
 
 
 def scope_of(request_type: type) -> str:
-    from chatd.handlers import LOGIN_ONLY, READS
+    from chatd.handlers import APP_REQUESTS, LOGIN_ONLY, READS
 
     if request_type in LOGIN_ONLY:
         return "login only"
+    if request_type in APP_REQUESTS:
+        return "API key"
     return "read" if request_type in READS else "write"
 
 
@@ -743,7 +806,7 @@ def member_tokens(cast: Cast) -> dict[str, str]:
     return asyncio.run(make())
 
 
-REFUSAL = {"write": "insufficient_scope", "login only": "login_required"}
+REFUSAL = {"write": "insufficient_scope", "login only": "login_required", "API key": "forbidden"}
 
 
 @pytest.mark.parametrize("scope", ["read", "write"])
@@ -756,7 +819,7 @@ async def test_rest_scopes(
     need = route_scope(key)
     before = await chat_state(cast, scene)
     response = await call(server, key, scene, member_tokens[scope])
-    if need == "login only" or (need == "write" and scope == "read"):
+    if need in ("login only", "API key") or (need == "write" and scope == "read"):
         assert response.status_code == 403, response.text
         assert response.json()["error"]["code"] == REFUSAL[need]
         assert await chat_state(cast, scene) == before
