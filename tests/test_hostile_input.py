@@ -185,6 +185,7 @@ class World:
     other: Api
     chat_id: int = 0
     message_id: int = 0
+    app_key: str = ""  # an API key with every scope: the /app routes are called with it
 
 
 _FINGERPRINT = """
@@ -215,6 +216,7 @@ class Harness:
         self.db: asyncpg.Connection = self.run(asyncpg.connect(database_url))
         self.http = httpx.AsyncClient(base_url=server.base_url, timeout=30)
         self.world = World(self.run(self._user("Owner")), self.run(self._user("Other")))
+        self.world.app_key = self.run(self._app_key())
         self.run(self.ensure_world())
 
     def run(self, coro: Any) -> Any:
@@ -232,6 +234,22 @@ class Harness:
         await api.login(email, PASSWORD)
         api.email = email  # type: ignore[attr-defined]
         return api
+
+    async def _app_key(self) -> str:
+        """An API key with every scope (made by an admin of its own: the world's owner is
+        no admin), and the app's chat APP_CHAT with its user APP_USER."""
+        admin = await self._user("Admin")
+        await self.db.execute(
+            "UPDATE users SET role = 'admin' WHERE id = $1", uuid.UUID(admin.user_uuid)
+        )
+        scopes = ["users", "chats", "messages", "history"]
+        key = await admin.call("POST", "/admin/api_keys", json={"name": "H", "scopes": scopes})
+        app = Api(self.server.base_url, key["key"])
+        body = {"ext_id": APP_CHAT, "name": "App", "members": [APP_USER]}
+        await app.call("POST", "/app/chats", json=body)
+        await app.aclose()
+        await admin.aclose()
+        return key["key"]
 
     async def ensure_world(self) -> None:
         """A group the owner owns with the other user and one message (again, if changed)."""
@@ -482,8 +500,23 @@ def rest_plans() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({}, optional=optional)
 
 
+APP_CHAT = f"hostile-{uuid.uuid4().hex[:8]}"  # the app's chat, by its ext_id
+APP_USER = f"hostile-user-{uuid.uuid4().hex[:8]}"
+
+
 def valid_rest_value(world: World, name: str) -> Any:
     values = {
+        # The app API: the app's chat and user, a new chat or user, no such key.
+        "path:ext_id": APP_CHAT,
+        "path:key_id": str(uuid.uuid4()),
+        "body.users": [{"sub": f"hostile-{uuid.uuid4().hex[:10]}", "name": "H"}],
+        "body.subs": [f"hostile-{uuid.uuid4().hex[:10]}"],
+        "body.ext_id": f"hostile-{uuid.uuid4().hex[:10]}",
+        "body.members": [APP_USER],
+        "body.client_msg_id": str(uuid.uuid4()),
+        "body.as_user": APP_USER,
+        "body.scopes": ["history"],
+        "body.events": [],
         "path:chat_id": str(world.chat_id),
         "path:message_id": str(world.message_id),
         "path:user_uuid": world.other.user_uuid,
@@ -570,6 +603,8 @@ async def call_rest(h: Harness, op: Operation, plan: dict[str, Any]) -> None:
         token = fresh.access_token
     elif key in ACCOUNT_ENDING:  # an account of its own to end
         token = (await h._user("Gone")).access_token
+    elif op.path.startswith("/app/"):  # the app API answers an API key only
+        token = h.world.app_key
     url, headers, body = rest_request(h.world, op, plan, token)
     before = await h.fingerprint()
     response = await h.http.request(op.method, url, headers=headers, content=body or None)

@@ -19,6 +19,7 @@ the ones it created, by `ext_id`: a key never reaches a chat users made themselv
 
 from __future__ import annotations
 
+import re
 import secrets
 import uuid
 
@@ -318,9 +319,18 @@ async def deactivate_users(ctx: Context, request: DeactivateUsers) -> None:
 # --- chats -----------------------------------------------------------------------------------
 
 _BY_EXT_ID = "SELECT id FROM chats WHERE ext_id = $1"
+# protocol.ExtId's pattern: a path's ext_id is not checked by the request Struct (path
+# fields are taken as they come), and no chat has one that does not match it.
+_EXT_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+def no_such_chat_unless_valid(ext_id: str) -> None:
+    if not _EXT_ID.fullmatch(ext_id):
+        raise ChatError(NOT_FOUND, "no such chat")
 
 
 async def chat_by_ext_id(conn: asyncpg.Connection, ext_id: str) -> int:
+    no_such_chat_unless_valid(ext_id)
     chat_id = await conn.fetchval(_BY_EXT_ID, ext_id)
     if chat_id is None:
         raise ChatError(NOT_FOUND, "no such chat")
@@ -385,6 +395,7 @@ async def app_get_chat(ctx: Context, request: AppGetChat) -> AppChat:
 
 
 async def _lock_app_group(conn: asyncpg.Connection, ext_id: str) -> int:
+    no_such_chat_unless_valid(ext_id)
     chat = await conn.fetchrow("SELECT id, type FROM chats WHERE ext_id = $1 FOR UPDATE", ext_id)
     if chat is None:
         raise ChatError(NOT_FOUND, "no such chat")
