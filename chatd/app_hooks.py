@@ -177,3 +177,11 @@ async def enqueue_user_created(conn: asyncpg.Connection, user: Any) -> None:
     hooks = _current
     if hooks is not None and hooks.active:
         await enqueue(conn, hooks, "user.created", user, order=f"user:{user.user_uuid}")
+
+
+async def enqueue_message_updated(conn: asyncpg.Connection, message: Any) -> None:
+    """message.updated (an edit, a delete for everyone, a reaction change: the whole
+    Message as it is now), in the transaction that changes it."""
+    hooks = _current
+    if hooks is not None and hooks.active:
+        await enqueue(conn, hooks, "message.updated", message, chat_id=message.chat_id)

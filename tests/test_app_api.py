@@ -248,10 +248,11 @@ def own_database(database_url: str) -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def hook_server(own_database: str, workdir: Any) -> Server:
+def hook_server(own_database: str, workdir: Any, idp: IdentityProvider) -> Server:
     return start_server(
         own_database,
         workdir,
+        **idp.server_env(),
         CHATD_OUTBOUND_ALLOW_PRIVATE="true",
         CHATD_DELIVERY_RETRY_MS="200",
         CHATD_DELIVERY_TIMEOUT="1",  # a killed process's lease ends in 32 s
@@ -259,10 +260,10 @@ def hook_server(own_database: str, workdir: Any) -> Server:
 
 
 async def test_app_webhooks_in_order_per_chat_and_kill_9_safe(
-    own_database: str, tmp_path_factory: pytest.TempPathFactory
+    own_database: str, tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider
 ) -> None:
     workdir = tmp_path_factory.mktemp("app-hooks")
-    server = hook_server(own_database, workdir)
+    server = hook_server(own_database, workdir, idp)
     try:
         async with Receiver() as receiver:
             admin = await make_admin(server, own_database)
@@ -292,6 +293,15 @@ async def test_app_webhooks_in_order_per_chat_and_kill_9_safe(
             assert [b["type"] for b in chat_events] == ["chat.created"] + ["message.new"] * 5
             assert [b["data"]["text"] for b in chat_events[1:]] == [f"m{n}" for n in range(5)]
 
+            # Ada (signed in with the app's token) edits her last message: message.updated.
+            last_id = chat_events[-1]["data"]["id"]
+            async with Api(server.base_url, idp.token(ada)) as ada_api:
+                await ada_api.call("PATCH", f"/messages/{last_id}", json={"text": "m4 edited"})
+            received = await receiver.wait_for(len(received) + 1)
+            updated = json.loads(received[-1].body)
+            assert (updated["type"], updated["data"]["text"]) == ("message.updated", "m4 edited")
+            assert updated["chat_id"] == chat_events[-1]["chat_id"]
+
             # kill -9 while a delivery is being retried (its receiver refuses it): it is
             # made after the restart, once the lease of the dead process ends.
             receiver.answer = lambda r: Response(status_code=503)
@@ -305,7 +315,7 @@ async def test_app_webhooks_in_order_per_chat_and_kill_9_safe(
             server.process.wait()
             refused = len(receiver.requests)
             receiver.answer = None
-            server = hook_server(own_database, workdir)
+            server = hook_server(own_database, workdir, idp)
             arrived = await receiver.wait_for(refused + 1, timeout=60)
             last = json.loads(arrived[-1].body)
             assert (last["type"], last["data"]["text"]) == ("message.new", "after the crash")

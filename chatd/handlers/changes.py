@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import emoji as emoji_data
 
+from chatd import app_hooks
 from chatd.handlers.base import ROLE_RANK, Context, fetch_chat, lock_chat, role_of
 from chatd.handlers.files import claim_attachments
 from chatd.handlers.messages import (
@@ -210,6 +211,7 @@ async def _edit(ctx: Context, action: EditMessage, text: str) -> Message:
         message = message_from_row(
             await conn.fetchrow(_EDIT, action.message_id, text, bump["version"])
         )
+        await app_hooks.enqueue_message_updated(conn, message)
     await _announce(ctx, bump["member_ids"], message)
     return message
 
@@ -347,6 +349,7 @@ async def delete_message(ctx: Context, action: DeleteMessage) -> DeletedMessage:
             tombstone = message_from_row(
                 await conn.fetchrow(_ERASE, action.message_id, bump["version"], chat_id, row["seq"])
             )
+            await app_hooks.enqueue_message_updated(conn, tombstone)
             if chat["pinned_message_id"] == action.message_id:
                 await conn.execute(_UNPIN_DELETED, chat_id, action.message_id)
                 chat_after = await fetch_chat(conn, chat_id)  # one change: the same version
@@ -380,6 +383,7 @@ async def moderate_delete(node: Node, message_id: int) -> DeletedMessage:
         tombstone = message_from_row(
             await conn.fetchrow(_ERASE, message_id, bump["version"], chat_id, row["seq"])
         )
+        await app_hooks.enqueue_message_updated(conn, tombstone)
         if pinned == message_id:
             await conn.execute(_UNPIN_DELETED, chat_id, message_id)
             chat_after = await fetch_chat(conn, chat_id)
@@ -489,7 +493,9 @@ async def _reactions_changed(
 ) -> tuple[Message, list[uuid.UUID]]:
     bump = await conn.fetchrow(_BUMP_VERSION, chat_id)
     row = await conn.fetchrow(_REBUILD_REACTIONS, message_id, bump["version"])
-    return message_from_row(row), bump["member_ids"]
+    message = message_from_row(row)
+    await app_hooks.enqueue_message_updated(conn, message)
+    return message, bump["member_ids"]
 
 
 # --- forward_message ------------------------------------------------------------------------
