@@ -24,6 +24,7 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     bots.py      bots, their tokens and commands; personal access tokens (REST only)
     webhooks.py  bots' webhook deliveries (the sender, the owner's list); chats'
                  incoming webhooks (REST only)
+    app.py       API keys (admins) and the app API under /app (API keys only)
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
 chatd/rest.py (or its Struct in SOCKET_ONLY).
