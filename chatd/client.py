@@ -210,7 +210,7 @@ class Api:
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """One request, with the access token unless `headers` has an Authorization;
         `kwargs` go to httpx. Returns the decoded body (None for 204)."""
-        headers = kwargs.pop("headers", {})
+        headers = dict(kwargs.pop("headers", {}))  # the caller's, unchanged: a retry reuses it
         if self.access_token and "Authorization" not in headers:
             headers["Authorization"] = f"Bearer {self.access_token}"
         response = await self.http.request(method, path, headers=headers, **kwargs)

@@ -8,6 +8,7 @@ only in the "app".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -387,3 +388,45 @@ async def test_provider_shaped_tokens(app_server: Server, idp: IdentityProvider)
     )
     async with Api(app_server.base_url, keycloak) as api:
         assert (await api.me())["name"] == "ada.l"
+
+
+async def test_the_bot_sdk_with_a_token_provider(app_server: Server, idp: IdentityProvider) -> None:
+    """chatd.bot.Bot signed in through the app: it answers over the socket and over REST,
+    and a refused token is replaced by the provider's next one."""
+    from chatd.bot import Bot
+
+    helper_sub, ada_sub = subject(), subject()
+    asked = []
+
+    def helper_token() -> str:
+        asked.append(1)
+        return idp.token(helper_sub, name="Helper")
+
+    bot = Bot(app_server.base_url, token_provider=helper_token)
+
+    @bot.on_message
+    async def echo(event) -> None:  # type: ignore[no-untyped-def]
+        await event.reply(f"echo: {event.message.text}")
+
+    started = asyncio.Event()
+    running = asyncio.create_task(bot.run_async(started))
+    await asyncio.wait_for(started.wait(), 10)
+    async with Api(app_server.base_url, idp.token(ada_sub, name="Ada")) as ada:
+        chat = await ada.call(
+            "POST", "/chats", json={"type": "private", "user_ids": [bot.user_uuid]}
+        )
+        async with await ada.connect() as sock:
+            await sock.request("send_message", chat_id=chat["id"], text="hi", client_msg_id="1")
+            while True:
+                event = await sock.next_event("new_message")
+                if event["data"]["sender_uuid"] == bot.user_uuid:
+                    break
+            assert event["data"]["text"] == "echo: hi"
+        # REST with a token chatd refuses (expired): the provider gives the next one.
+        bot.api.access_token = idp.token(helper_sub, exp=int(time.time()) - 1)
+        before = len(asked)
+        sent = await bot.send(chat["id"], "over REST")
+        assert sent["text"] == "over REST" and len(asked) == before + 1
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
