@@ -8,7 +8,6 @@ database, and one without CHATD_OUTBOUND_ALLOW_PRIVATE would claim loopback deli
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -20,11 +19,10 @@ import asyncpg
 import pytest
 from starlette.responses import Response
 
-from chatd import signing
+from chatd import app_hooks, signing
 from chatd.client import Api, ChatdError
 from tests.conftest import (
     Server,
-    _with_database,
     assert_no_tracebacks,
     new_user,
     start_server,
@@ -32,16 +30,10 @@ from tests.conftest import (
 )
 from tests.idp import IdentityProvider
 from tests.receiver import Receiver
+from tests.test_webhooks import fresh_database
 
 ALL_SCOPES = ["users", "chats", "messages", "history"]
-EVENTS = [
-    "message.new",
-    "message.updated",
-    "member.added",
-    "member.removed",
-    "chat.created",
-    "user.created",
-]
+EVENTS = list(app_hooks.EVENTS)
 
 
 async def make_admin(server: Server, database_url: str) -> Api:
@@ -232,20 +224,8 @@ async def test_a_key_has_its_own_rate_limit(
 @pytest.fixture(scope="module")
 def own_database(database_url: str) -> Iterator[str]:
     """A database of this module's own (see the module docstring)."""
-    name = f"chatd_app_hooks_{uuid.uuid4().hex[:8]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield _with_database(database_url, name)
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database(database_url) as own:
+        yield own
 
 
 def hook_server(own_database: str, workdir: Any, idp: IdentityProvider) -> Server:
