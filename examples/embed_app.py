@@ -19,6 +19,12 @@ and this app with:
 
 then open http://127.0.0.1:8080 and sign in as ada or bob (password: "demo"), each in a
 window of their own.
+
+With an API key (CHATD_API_KEY, made by a chatd admin: POST /admin/api_keys), the app's
+backend also creates its users in chatd when they sign in, and one chat they all share,
+"Shop support" (idempotent by its ext_id); with the key's webhook secret
+(CHATD_WEBHOOK_SECRET) it receives chatd's events at POST /chatd-events, checks their
+signature, and lists them at GET /chatd-events.
 """
 
 from __future__ import annotations
@@ -27,16 +33,20 @@ import argparse
 import hashlib
 import hmac
 import html
+import json
 import os
 import secrets
 import time
 
+import httpx
 import jwt
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+
+from chatd import signing
 
 # The product's own users: its database, in a real app. Passwords are "demo".
 USERS = {
@@ -48,9 +58,46 @@ TOKEN_TTL = 600  # seconds: short, the chat asks for a new one before it ends
 COOKIE = "shop_session"
 
 
-def make_app(chatd_url: str, secret: str, issuer: str, audience: str = "chatd") -> Starlette:
-    """The app: chatd at `chatd_url`, tokens signed with `secret` for `issuer`."""
+SUPPORT_CHAT = "shop-support"  # the ext_id of the chat the app makes for its users
+
+
+def make_app(
+    chatd_url: str,
+    secret: str,
+    issuer: str,
+    audience: str = "chatd",
+    api_key: str | None = None,
+    webhook_secret: str | None = None,
+) -> Starlette:
+    """The app: chatd at `chatd_url`, tokens signed with `secret` for `issuer`; with
+    `api_key` its backend manages users and a chat, with `webhook_secret` it hears events."""
     cookie_key = secrets.token_bytes(32)  # the app's own sessions: signed cookies
+    events: list[dict] = []  # chatd's webhook deliveries, newest last (a database, really)
+    seen: set[str] = set()  # delivery ids: at least once means maybe twice
+
+    async def provision(username: str) -> None:
+        """The user in chatd, and the support chat of all the shop's users (both are
+        idempotent: made the first time, found after)."""
+        headers = {"Authorization": f"Bearer {api_key}"}
+        async with httpx.AsyncClient(base_url=chatd_url, headers=headers, timeout=10) as chatd:
+            users = [{"sub": name, "name": user["name"]} for name, user in USERS.items()]
+            (await chatd.post("/app/users", json={"users": users})).raise_for_status()
+            body = {"ext_id": SUPPORT_CHAT, "name": "Shop support", "members": list(USERS)}
+            (await chatd.post("/app/chats", json=body)).raise_for_status()
+
+    async def chatd_events(request: Request) -> Response:
+        if request.method == "GET":
+            return JSONResponse(events)
+        body = await request.body()
+        if webhook_secret is None or not signing.verify(
+            webhook_secret.encode(), body, request.headers
+        ):
+            return JSONResponse({"error": "bad signature"}, 401)
+        delivery = request.headers.get(signing.DELIVERY, "")
+        if delivery not in seen:
+            seen.add(delivery)
+            events.append(json.loads(body))
+        return JSONResponse({})
 
     def session_cookie(username: str) -> str:
         mac = hmac.new(cookie_key, username.encode(), hashlib.sha256).hexdigest()
@@ -74,6 +121,8 @@ def make_app(chatd_url: str, secret: str, issuer: str, audience: str = "chatd") 
         user = USERS.get(username)
         if user is None or not hmac.compare_digest(user["password"], str(form.get("password"))):
             return HTMLResponse(LOGIN_PAGE.replace("<!--error-->", "Wrong name or password"), 401)
+        if api_key:
+            await provision(username)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(COOKIE, session_cookie(username), httponly=True, samesite="lax")
         return response
@@ -105,6 +154,7 @@ def make_app(chatd_url: str, secret: str, issuer: str, audience: str = "chatd") 
             Route("/login", login, methods=["POST"]),
             Route("/logout", logout, methods=["POST"]),
             Route("/chat-token", chat_token),
+            Route("/chatd-events", chatd_events, methods=["GET", "POST"]),
         ]
     )
 
@@ -160,7 +210,14 @@ def main() -> None:
     if not secret:
         parser.error("set CHATD_AUTH_JWT_SECRET, the same as chatd's")
     issuer = args.issuer or f"http://{args.host}:{args.port}"
-    uvicorn.run(make_app(args.chatd, secret, issuer), host=args.host, port=args.port)
+    app = make_app(
+        args.chatd,
+        secret,
+        issuer,
+        api_key=os.environ.get("CHATD_API_KEY"),
+        webhook_secret=os.environ.get("CHATD_WEBHOOK_SECRET"),
+    )
+    uvicorn.run(app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

@@ -311,13 +311,14 @@ async def test_local_accounts_off(app_server: Server, idp: IdentityProvider) -> 
             with pytest.raises(ChatdError) as refused:
                 await api.call("POST", path, json=body)
             assert (refused.value.status, refused.value.code) == (403, "forbidden")
-    # The app's token is no chatd session: nothing that manages sessions or mints
-    # credentials that would outlive it (logout, tokens, bots); the app signs out.
+    # The app's token has no chatd session to sign out: the app signs its users out.
     async with Api(app_server.base_url, idp.token(subject())) as api:
-        for method, path in (("POST", "/logout"), ("POST", "/me/tokens"), ("GET", "/bots")):
-            with pytest.raises(ChatdError) as refused:
-                await api.call(method, path, json={"name": "x"} if method == "POST" else None)
-            assert (refused.value.status, refused.value.code) == (403, "login_required")
+        with pytest.raises(ChatdError) as refused:
+            await api.call("POST", "/logout")
+        assert (refused.value.status, refused.value.code) == (403, "forbidden")
+        # Otherwise it is the user's login: tokens and bots of their own, say.
+        made = await api.call("POST", "/me/tokens", json={"name": "cli", "scopes": ["read"]})
+        assert made["token"].startswith("chatd_pat_")
 
 
 def test_settings_need_issuer_audience_and_a_strong_distinct_secret() -> None:

@@ -323,10 +323,10 @@ APP_REQUESTS: frozenset[type] = frozenset(
 
 def authorize(ctx: Context, request_type: type) -> None:
     """Refuse a request the caller's credential does not allow: `login_required` for an API
-    token, or the app's token (external identity), on LOGIN_ONLY; `forbidden` for a bot on
+    token on LOGIN_ONLY; `forbidden` for a bot on
     BOTS_REFUSED, for an API key outside the app API and for anyone else in it;
-    `insufficient_scope` for a change with a read-only token. A login may make any other
-    request (its handler decides)."""
+    `insufficient_scope` for a change with a read-only token. A login (or the app's token)
+    may make any other request (its handler decides)."""
     if (ctx.kind == "app") != (request_type in APP_REQUESTS):
         raise ChatError(
             FORBIDDEN,
@@ -334,11 +334,9 @@ def authorize(ctx: Context, request_type: type) -> None:
             if ctx.kind == "app"
             else "the app API needs an API key (POST /admin/api_keys)",
         )
-    if ctx.kind in ("login", "app"):
-        return
-    if ctx.kind == "external":  # no session in chatd: nothing that manages one
-        if request_type in LOGIN_ONLY:
-            raise ChatError(LOGIN_REQUIRED, "this needs a chatd login, not the app's token")
+    # The app's token (external identity) is its user's login, from the app's sign-in;
+    # only logout, which needs a chatd session, refuses it (handlers/accounts.py).
+    if ctx.kind in ("login", "app", "external"):
         return
     if request_type in LOGIN_ONLY:
         raise ChatError(LOGIN_REQUIRED, "this needs a login session, not an API token")

@@ -3,10 +3,13 @@ talk through chatd's web client in an iframe, on the app's tokens (real Chromium
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from playwright import sync_api
@@ -129,3 +132,109 @@ def test_other_sites_cannot_frame_the_client(browser, shop, tmp_path: Path) -> N
     finally:
         evil.terminate()
         evil.wait(5)
+
+
+@contextlib.contextmanager
+def own_database(database_url: str) -> Iterator[str]:
+    """A database of the test's own, as tests/test_webhooks.py's fresh_database (every
+    chatd on a database sends its deliveries; the suite's refuse loopback receivers), made
+    without asyncio: Playwright's sync API holds this thread's event loop."""
+    import psycopg
+
+    name = f"chatd_test_embed_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_shops_backend_makes_the_chat_and_hears_its_first_message(
+    browser, database_url: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The issue's "done when": users who exist only in the app open the chat its backend
+    made through an API key, talk, and the backend receives the webhook of the first
+    message."""
+    import time
+
+    import httpx
+    import jwt
+    import psycopg
+
+    port = free_port()
+    app_url = f"http://127.0.0.1:{port}"
+    with own_database(database_url) as own:  # its deliveries are its own server's
+        server = start_server(
+            own,
+            tmp_path,
+            CHATD_AUTH_JWT_SECRET=SECRET,
+            CHATD_AUTH_ISSUER=app_url,
+            CHATD_AUTH_AUDIENCE="chatd",
+            CHATD_EMBED_ORIGINS=app_url,
+            CHATD_LOCAL_ACCOUNTS="false",
+            CHATD_OUTBOUND_ALLOW_PRIVATE="true",  # the shop's webhook is on this machine
+        )
+        app = None
+        try:
+            # The operator: an admin (a user of the shop made admin in chatd) makes the key.
+            now = int(time.time())
+            claims = {"iss": app_url, "aud": "chatd", "sub": "operator", "exp": now + 300}
+            admin = {"Authorization": f"Bearer {jwt.encode(claims, SECRET, 'HS256')}"}
+            operator = httpx.get(server.base_url + "/me", headers=admin).json()["user_uuid"]
+
+            with psycopg.connect(own, autocommit=True) as conn:
+                conn.execute("UPDATE users SET role = 'admin' WHERE id = %s::uuid", (operator,))
+            key = httpx.post(
+                server.base_url + "/admin/api_keys",
+                headers=admin,
+                json={
+                    "name": "Shop",
+                    "scopes": ["users", "chats"],
+                    "webhook_url": f"{app_url}/chatd-events",
+                    "events": ["message.new"],
+                },
+            ).json()
+            log = (tmp_path / "embed_app.log").open("wb")
+            app = subprocess.Popen(
+                [sys.executable, "examples/embed_app.py", "--port", str(port), "--chatd",
+                 server.base_url],
+                cwd=ROOT,
+                env={
+                    "CHATD_AUTH_JWT_SECRET": SECRET,
+                    "CHATD_API_KEY": key["key"],
+                    "CHATD_WEBHOOK_SECRET": key["webhook_secret"],
+                    "PATH": "/usr/bin:/bin",
+                },
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            wait_for_port(app, port, 20, "examples/embed_app.py")
+
+            errors: list[str] = []
+            _, ada = sign_in(browser, app_url, "ada", errors)
+            _, bob = sign_in(browser, app_url, "bob", errors)
+            ada.locator(".chat-item", has_text="Shop support").click()
+            ada.locator("#message-input").fill("Is my order on its way?")
+            ada.locator("#message-input").press("Enter")
+            bob.locator(".chat-item", has_text="Shop support").click()
+            expect(bob.locator("#messages .message .text")).to_have_text(
+                ["Is my order on its way?"]
+            )
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                events = httpx.get(f"{app_url}/chatd-events").json()
+                if events:
+                    break
+                time.sleep(0.2)
+            assert [(e["type"], e["data"]["text"]) for e in events] == [
+                ("message.new", "Is my order on its way?")
+            ]
+            assert errors == []
+        finally:
+            if app is not None:
+                app.terminate()
+                app.wait(10)
+            stop_server(server)
+    assert_no_tracebacks(server)
