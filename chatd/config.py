@@ -257,6 +257,9 @@ class Settings:
     file_grace: int = setting("CHATD_FILE_GRACE", 600)
     # Seconds between two rounds of the file collector.
     file_gc_interval: int = setting("CHATD_FILE_GC_INTERVAL", 300)
+    # Presence events go to the members of private chats and of groups up to this size;
+    # bigger groups ask (get_presence).
+    presence_group_limit: int = setting("CHATD_PRESENCE_GROUP_LIMIT", 100)
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
 

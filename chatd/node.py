@@ -26,6 +26,7 @@ from chatd.config import Settings
 from chatd.db import create_pool
 from chatd.files import FileCollector, Files, open_blob_store
 from chatd.hub import Bus, Hub, LocalBus, publish
+from chatd.presence import PresenceTracker
 from chatd.protocol import Event, Readiness
 from chatd.ratelimit import Limits, TypingGate
 from chatd.redis_bus import RedisBus
@@ -63,6 +64,9 @@ class Node:
             grace=settings.file_grace,
             interval=settings.file_gc_interval,
         )
+        self.presence = PresenceTracker(
+            self.pool, self.bus, settings.redis_url, settings.presence_group_limit
+        )
         self.limits = Limits(settings)
         self.typing_gate = TypingGate(remote=self.limits.remote)
         self._watchdog: asyncio.Task[None] | None = None
@@ -90,6 +94,7 @@ class Node:
         self._watchdog = asyncio.create_task(self.hub.watch_writers())
         self._listener = asyncio.create_task(self.revocations.run())
         self.collector.start()
+        self.presence.start()
         # Serve once revocations are heard (a session is trusted from memory only then).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.revocations.listening.wait(), 10)
@@ -100,6 +105,7 @@ class Node:
             if task is not None:
                 task.cancel()
         await self.collector.stop()
+        await self.presence.stop()
         await self.writer.wait_idle(timeout=5)
         await self.bus.close()
         await self.limits.close()

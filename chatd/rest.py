@@ -78,6 +78,7 @@ from chatd.protocol import (
     GetHistory,
     GetMe,
     GetMessage,
+    GetUser,
     Health,
     History,
     ListBlocks,
@@ -88,6 +89,7 @@ from chatd.protocol import (
     Logout,
     Me,
     Message,
+    NotificationSettings,
     PinMessage,
     React,
     Read,
@@ -102,8 +104,11 @@ from chatd.protocol import (
     ReportList,
     ReportMessage,
     RevokeSession,
+    SearchMessages,
+    SearchResults,
     SendMessage,
     SessionList,
+    SetNotifications,
     SetRole,
     Stats,
     TokenPair,
@@ -112,6 +117,7 @@ from chatd.protocol import (
     Unreact,
     UpdateMe,
     UserList,
+    UserProfile,
     encode,
     refuse_nul,
     retry_after_ms,
@@ -521,6 +527,11 @@ OPERATIONS = [
         "GET", "/users_list", ListUsers, "List users by name, keyset-paginated", UserList,
         tag="users", errors=(422, 503),
     ),
+    route(
+        "GET", "/users/{user_uuid}", GetUser,
+        "A user's name, and their presence when you share a chat", UserProfile,
+        tag="users", errors=(404, 422, 503),
+    ),
     # chats
     route(
         "GET", "/chats", ListChats,
@@ -612,6 +623,11 @@ OPERATIONS = [
         tag="chats", errors=(403, 404, 429, 503),
     ),
     route(
+        "PATCH", "/chats/{chat_id:int}/notifications", SetNotifications,
+        "Mute a chat until a time, or choose what notifies you (all, mentions, none)",
+        NotificationSettings, tag="chats", errors=(400, 404, 413, 422, 503),
+    ),
+    route(
         "POST", "/chats/{chat_id:int}/read", Read,
         "Move your read pointer up to a message of this chat", ReadUpto,
         tag="messages", errors=(400, 404, 413, 422, 503), operation_id="mark_read",
@@ -619,6 +635,11 @@ OPERATIONS = [
     route(
         "GET", "/history/{chat_id:int}", GetHistory, "A page of a chat's messages", History,
         tag="messages", errors=(404, 422, 503),
+    ),
+    route(
+        "GET", "/search", SearchMessages,
+        "Search your chats' messages (full text), newest first, with highlight offsets",
+        SearchResults, tag="messages", errors=(404, 422, 503),
     ),
     route(
         "POST", "/messages/{message_id:int}/report", ReportMessage,

@@ -37,6 +37,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.redis_bus",
         "chatd.revocations",
         "chatd.ratelimit",
+        "chatd.presence",
         "chatd.files",
     },
     # One function per request, with its SQL.

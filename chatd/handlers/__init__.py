@@ -4,17 +4,18 @@ A handler runs its own SQL, raises ChatError for anything the client got wrong, 
 other sockets about changes only after its transaction has committed. What it returns is
 the socket's ack data, or the REST body (a `Created` is answered 201, or 200 when found).
 
-    chats.py     create_chat, list_chats, get_chat
+    chats.py     create_chat, list_chats, get_chat, set_notifications
     messages.py  send_message, get_message, sync, and the unread snapshot
     changes.py   edit_message, delete_message, react, unreact, forward_message,
                  pin_message, unpin_message, and a message's earlier texts
     reads.py     mark_read (and POST /chats/{id}/read)
     groups.py    add_members, remove_member, leave_chat, rename_chat, set_role, delete_chat
-    presence.py  typing
+    presence.py  typing, get_presence, and get_user (REST only)
     accounts.py  register, login, refresh, logout, me, update_me, change_password,
                  list_sessions, revoke_session, delete_me, export_me, users_list
                  (REST only)
     history.py   history (REST only)
+    search.py    search_messages (full text, newest first, highlight offsets)
     blocks.py    block_user, unblock_user, list_blocks (REST only)
     admin.py     report_message; the /admin API (REST only): users, stats, moderation,
                  reports, the audit log
@@ -42,6 +43,7 @@ from chatd.handlers import (
     messages,
     presence,
     reads,
+    search,
 )
 from chatd.handlers.base import Context
 from chatd.protocol import (
@@ -71,6 +73,8 @@ from chatd.protocol import (
     GetHistory,
     GetMe,
     GetMessage,
+    GetPresence,
+    GetUser,
     LeaveChat,
     ListBlocks,
     ListChats,
@@ -88,7 +92,9 @@ from chatd.protocol import (
     RenameChat,
     ReportMessage,
     RevokeSession,
+    SearchMessages,
     SendMessage,
+    SetNotifications,
     SetRole,
     Sync,
     Typing,
@@ -126,6 +132,9 @@ HANDLERS: dict[type, Handler] = {
     BlockUser: blocks.block_user,
     UnblockUser: blocks.unblock_user,
     ReportMessage: admin.report_message,
+    SearchMessages: search.search_messages,
+    GetPresence: presence.get_presence,
+    SetNotifications: chats.set_notifications,
 }
 
 # Requests only REST has: no socket action carries them.
@@ -155,12 +164,14 @@ REST_HANDLERS: dict[type, Handler] = {
     GetEdits: changes.list_edits,
     Read: reads.read_chat,
     GetFileLink: files.file_link,
+    GetUser: presence.get_user,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live
 # socket; mark_read's REST form is POST /chats/{id}/read (Read); leave_chat's is
-# DELETE /chats/{id}/members/{your own uuid}.
-SOCKET_ONLY = frozenset({Sync, Typing, MarkRead, LeaveChat})
+# DELETE /chats/{id}/members/{your own uuid}; get_presence's is GET /users/{uuid}, one user
+# at a time (a list in a query string has no place in the route table).
+SOCKET_ONLY = frozenset({Sync, Typing, MarkRead, LeaveChat, GetPresence})
 
 _missing = set(ClientAction.__args__) ^ set(HANDLERS)
 if _missing:

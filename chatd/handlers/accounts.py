@@ -261,7 +261,8 @@ async def _issue_pair(ctx: Context, user_id: uuid.UUID, session_id: uuid.UUID) -
 
 async def me(ctx: Context, action: GetMe) -> Me:
     row = await ctx.node.pool.fetchrow(
-        "SELECT id, name, email, created_at FROM users WHERE id = $1", ctx.user_id
+        "SELECT id, name, email, created_at, share_presence FROM users WHERE id = $1",
+        ctx.user_id,
     )
     if row is None:
         raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
@@ -270,7 +271,11 @@ async def me(ctx: Context, action: GetMe) -> Me:
 
 def _me(row: Record) -> Me:
     return Me(
-        user_uuid=str(row["id"]), name=row["name"], email=row["email"], created_at=row["created_at"]
+        user_uuid=str(row["id"]),
+        name=row["name"],
+        email=row["email"],
+        created_at=row["created_at"],
+        share_presence=row["share_presence"],
     )
 
 
@@ -279,13 +284,19 @@ async def update_me(ctx: Context, action: UpdateMe) -> Me:
     if action.name is not None:
         name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
     row = await ctx.node.pool.fetchrow(
-        "UPDATE users SET name = coalesce($2, name) WHERE id = $1"
-        " RETURNING id, name, email, created_at",
+        "UPDATE users SET name = coalesce($2, name),"
+        " share_presence = coalesce($3, share_presence) WHERE id = $1"
+        " RETURNING id, name, email, created_at, share_presence,"
+        " share_presence IS DISTINCT FROM (SELECT share_presence FROM users WHERE id = $1)"
+        " AS presence_changed",
         ctx.user_id,
         name,
+        action.share_presence,
     )
     if row is None:
         raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
+    if row["presence_changed"]:  # committed: tell the contacts what they may see now
+        await ctx.node.presence.share_changed(ctx.user_id)
     return _me(row)
 
 

@@ -1,10 +1,12 @@
-"""Chats: create_chat, and the chat list (list_chats, get_chat) with unread counts."""
+"""Chats: create_chat, the chat list (list_chats, get_chat) with unread counts, and your
+notification settings per chat (set_notifications)."""
 
 from __future__ import annotations
 
 import uuid
 
 import asyncpg
+from msgspec import UNSET
 
 from chatd import metrics
 from chatd.handlers.base import (
@@ -16,6 +18,7 @@ from chatd.handlers.base import (
     member_ids,
     parse_user_ids,
 )
+from chatd.node import Node
 from chatd.protocol import (
     FORBIDDEN,
     INVALID,
@@ -32,6 +35,9 @@ from chatd.protocol import (
     Created,
     GetChat,
     ListChats,
+    NotificationsChanged,
+    NotificationSettings,
+    SetNotifications,
     clean_text,
     no_such_chat,
 )
@@ -190,6 +196,7 @@ async def insert_members(
 _OVERVIEW = """
 SELECT c.id, c.type, c.name, c.created_at, c.last_seq, c.activity, c.version,
        c.pinned_message_id, cm.read_seq, cm.role, rm.id AS read_upto,
+       cm.mute_until, cm.notify,
        c.last_seq - cm.read_seq
          - (SELECT count(*) FROM messages d
             WHERE d.chat_id = c.id AND d.deleted AND d.seq > cm.read_seq)
@@ -231,7 +238,7 @@ async def list_chats(ctx: Context, action: ListChats) -> ChatPage:
     async with ctx.node.pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(_PAGE, ctx.user_id, before, action.limit + 1)
-            chats = await _overviews(conn, ctx.user_id, rows[: action.limit])
+            chats = await _overviews(conn, ctx.user_id, rows[: action.limit], ctx.node)
     # Big groups make big entries: a page ends early rather than outgrow a client's frame.
     fitting, _ = fit_in_frame(chats, FRAME_BUDGET_BYTES)
     chats = fitting or chats[:1]
@@ -249,16 +256,31 @@ async def get_chat(ctx: Context, action: GetChat) -> ChatOverview:
             row = await conn.fetchrow(_ONE, ctx.user_id, action.chat_id)
             if row is None:
                 raise no_such_chat()
-            (chat,) = await _overviews(conn, ctx.user_id, [row])
+            (chat,) = await _overviews(conn, ctx.user_id, [row], ctx.node)
     return chat
 
 
 async def _overviews(
-    conn: asyncpg.Connection, user_id: uuid.UUID, rows: list[asyncpg.Record]
+    conn: asyncpg.Connection,
+    user_id: uuid.UUID,
+    rows: list[asyncpg.Record],
+    node: Node | None = None,
 ) -> list[ChatOverview]:
-    """Three queries for a whole page: the chats, their members, their last messages."""
+    """Four queries for a whole page: the chats, their members, their last messages, and
+    the presence of the other member of the private ones."""
     chat_ids = [row["id"] for row in rows]
     members = await fetch_members(conn, chat_ids)
+    partners = {
+        row["id"]: uuid.UUID(m.user_uuid)
+        for row in rows
+        if row["type"] == "private"
+        for m in members[row["id"]]
+        if m.user_uuid != str(user_id)
+    }
+    presence = {}
+    if partners and node is not None:
+        found = await conn.fetch(_PARTNERS, list(set(partners.values())))
+        presence = await node.presence.presence_of(found)
     with_messages = [row["id"] for row in rows if row["last_seq"] > 0]
     last_messages = {
         m["chat_id"]: message_from_row(m)
@@ -280,6 +302,46 @@ async def _overviews(
             role=row["role"],
             version=row["version"],
             pinned_message_id=row["pinned_message_id"],
+            mute_until=row["mute_until"],
+            notify=row["notify"],
+            presence=presence.get(partners.get(row["id"])),  # type: ignore[arg-type]
         )
         for row in rows
     ]
+
+
+_PARTNERS = """
+SELECT id, share_presence, last_seen_at FROM users WHERE id = ANY($1::uuid[])
+"""
+
+
+# --- notification settings ----------------------------------------------------------------
+
+# $3: whether mute_until is given (null unmutes); $5: notify, or null to keep it.
+_SET_NOTIFICATIONS = """
+UPDATE chat_members
+SET mute_until = CASE WHEN $3 THEN $4 ELSE mute_until END,
+    notify = coalesce($5, notify)
+WHERE chat_id = $1 AND user_id = $2
+RETURNING chat_id, mute_until, notify
+"""
+
+
+async def set_notifications(ctx: Context, action: SetNotifications) -> NotificationSettings:
+    """Change the caller's notification settings of a chat they are in; every socket of
+    theirs hears the new settings (notifications_changed)."""
+    mute_given = action.mute_until is not UNSET
+    notify = None if action.notify is UNSET else action.notify
+    row = await ctx.node.pool.fetchrow(
+        _SET_NOTIFICATIONS,
+        action.chat_id,
+        ctx.user_id,
+        mute_given,
+        action.mute_until if mute_given else None,
+        notify,
+    )
+    if row is None:
+        raise no_such_chat()
+    settings = NotificationSettings(row["chat_id"], row["mute_until"], row["notify"])
+    await ctx.node.publish([ctx.user_id], NotificationsChanged(settings))
+    return settings
