@@ -65,9 +65,7 @@ async def test_pages_are_newest_first_across_chats(alice: Api, bob: Api, carol: 
         assert seen == sorted(sent, reverse=True)
         # One chat only; bob sees only what is in his chats.
         in_two = await _search(alice, "deploy", chat_id=two["id"], limit=100)
-        assert [h["message"]["id"] for h in in_two["results"]] == sorted(
-            sent[0::3], reverse=True
-        )
+        assert [h["message"]["id"] for h in in_two["results"]] == sorted(sent[0::3], reverse=True)
         bobs = await _search(bob, "deploy", limit=100)
         assert len(bobs["results"]) == 20
 

@@ -40,12 +40,18 @@ class _Page(msgspec.Struct):
 
 _decode_page = msgspec.json.Decoder(_Page).decode
 
+# A sentence of n random words (a function: an aggregate over the outer query's words
+# alone would be evaluated once for the whole INSERT).
+_SENTENCE = """
+CREATE OR REPLACE FUNCTION pg_temp.bench_sentence(n int, w text[]) RETURNS text
+LANGUAGE sql VOLATILE AS
+$$ SELECT string_agg(w[1 + floor(random() * array_length(w, 1))::int], ' ')
+   FROM generate_series(1, n) $$
+"""
 _SEED = """
 INSERT INTO messages (chat_id, seq, sender_id, text)
-SELECT $1, s, $2,
-       (SELECT string_agg(w[1 + floor(random() * array_length(w, 1))::int], ' ')
-        FROM generate_series(1, 3 + (s % 9) + 0 * s))
-FROM generate_series($3::bigint, $4::bigint) AS s, (SELECT string_to_array($5, ' ') AS w) v
+SELECT $1, s, $2, pg_temp.bench_sentence(3 + (s % 9)::int, string_to_array($5, ' '))
+FROM generate_series($3::bigint, $4::bigint) AS s
 """
 
 
@@ -58,6 +64,7 @@ async def seed_sql(
     conn = await asyncpg.connect(database_url)
     total = 0
     try:
+        await conn.execute(_SENTENCE)
         for i, (chat_id, sender) in enumerate(chats):
             async with conn.transaction():
                 last = await conn.fetchval(
