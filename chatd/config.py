@@ -260,6 +260,21 @@ class Settings:
     # Presence events go to the members of private chats and of groups up to this size;
     # bigger groups ask (get_presence).
     presence_group_limit: int = setting("CHATD_PRESENCE_GROUP_LIMIT", 100)
+    # The delivery queue (chatd/deliveries.py): webhooks and pushes chatd POSTs elsewhere.
+    # Attempts one process makes at once; seconds one may take.
+    delivery_concurrency: int = setting("CHATD_DELIVERY_CONCURRENCY", 8)
+    delivery_timeout: int = setting("CHATD_DELIVERY_TIMEOUT", 10)
+    # Milliseconds before the first retry, doubling after each failure (capped at 1 h).
+    delivery_retry_ms: int = setting("CHATD_DELIVERY_RETRY_MS", 2000)
+    # Attempts before a delivery is given up on (dead-lettered): about 2 h of retries.
+    delivery_max_attempts: int = setting("CHATD_DELIVERY_MAX_ATTEMPTS", 12)
+    # Pending deliveries one receiver may have; the oldest past it are dead-lettered.
+    delivery_max_pending: int = setting("CHATD_DELIVERY_MAX_PENDING", 10_000)
+    # Seconds delivered and dead deliveries stay listed before they are deleted.
+    delivery_retention: int = setting("CHATD_DELIVERY_RETENTION", 3 * 86400)
+    # Whether user-given URLs (webhooks, push endpoints) may point at loopback or private
+    # addresses. Off: no one can make chatd reach its own network (SSRF).
+    outbound_allow_private: bool = setting("CHATD_OUTBOUND_ALLOW_PRIVATE", False, _bool)
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
 

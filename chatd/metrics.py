@@ -84,6 +84,19 @@ HTTP_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+DELIVERIES = Counter(
+    "chatd_deliveries_total",
+    "Attempts of the delivery queue (webhooks, pushes), by kind and outcome "
+    "(delivered, retry, dead)",
+    ["kind", "outcome"],
+)
+DELIVERY_SECONDS = Histogram(
+    "chatd_delivery_seconds",
+    "One delivery attempt: the request to the receiver and its answer, by kind",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
 
 async def watch_pool(pool: Any, every: float = 1.0) -> None:
     """Report the pool's open and idle connections once a second (a gauge read at scrape

@@ -24,6 +24,7 @@ import asyncpg
 from chatd import metrics
 from chatd.config import Settings
 from chatd.db import create_pool
+from chatd.deliveries import DeliveryQueue
 from chatd.files import FileCollector, Files, open_blob_store
 from chatd.hub import Bus, Hub, LocalBus, publish
 from chatd.presence import PresenceTracker
@@ -67,6 +68,17 @@ class Node:
         self.presence = PresenceTracker(
             self.pool, self.bus, settings.redis_url, settings.presence_group_limit
         )
+        self.deliveries = DeliveryQueue(
+            self.pool,
+            database_url,
+            concurrency=settings.delivery_concurrency,
+            timeout=settings.delivery_timeout,
+            retry_base=settings.delivery_retry_ms / 1000,
+            max_attempts=settings.delivery_max_attempts,
+            max_pending=settings.delivery_max_pending,
+            retention=settings.delivery_retention,
+            allow_private=settings.outbound_allow_private,
+        )
         self.limits = Limits(settings)
         self.typing_gate = TypingGate(remote=self.limits.remote)
         self._watchdog: asyncio.Task[None] | None = None
@@ -95,6 +107,7 @@ class Node:
         self._listener = asyncio.create_task(self.revocations.run())
         self.collector.start()
         self.presence.start()
+        self.deliveries.start()
         # Serve once revocations are heard (a session is trusted from memory only then).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.revocations.listening.wait(), 10)
@@ -106,6 +119,7 @@ class Node:
                 task.cancel()
         await self.collector.stop()
         await self.presence.stop()
+        await self.deliveries.stop()
         await self.writer.wait_idle(timeout=5)
         await self.bus.close()
         await self.limits.close()

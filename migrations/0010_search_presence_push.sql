@@ -1,5 +1,5 @@
 -- Presence, message search and notifications (issue #17).
--- depends: 0007_accounts
+-- depends: 0008_deliveries
 
 -- Search: full text over messages' current text, in the 'russian' configuration (Cyrillic
 -- words through the Russian Snowball stemmer, Latin words through the English one: see

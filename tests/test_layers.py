@@ -27,6 +27,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.metrics",
         "chatd.logs",
         "chatd.media",
+        "chatd.signing",
     },
     # What handlers use: the node and everything it owns.
     "services": {
@@ -39,6 +40,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.ratelimit",
         "chatd.presence",
         "chatd.files",
+        "chatd.deliveries",
     },
     # One function per request, with its SQL.
     "handlers": {"chatd.handlers"},
