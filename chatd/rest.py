@@ -40,6 +40,7 @@ from chatd.protocol import (
     TOO_DEEP,
     UNAVAILABLE,
     AddMembers,
+    AddPushSubscription,
     AdminCreateUser,
     AdminDeleteMessage,
     AdminDeleteUser,
@@ -79,6 +80,7 @@ from chatd.protocol import (
     GetMe,
     GetMessage,
     GetUser,
+    GetVapidKey,
     Health,
     History,
     ListBlocks,
@@ -91,6 +93,7 @@ from chatd.protocol import (
     Message,
     NotificationSettings,
     PinMessage,
+    PushSubscriptionInfo,
     React,
     Read,
     Readiness,
@@ -99,6 +102,7 @@ from chatd.protocol import (
     Register,
     RegisterResponse,
     RemoveMember,
+    RemovePushSubscription,
     RenameChat,
     Report,
     ReportList,
@@ -118,6 +122,7 @@ from chatd.protocol import (
     UpdateMe,
     UserList,
     UserProfile,
+    VapidKey,
     encode,
     refuse_nul,
     retry_after_ms,
@@ -456,6 +461,7 @@ TAGS = {
     "chats": "Private chats and groups, their members and roles",
     "messages": "Sending, reading and paging through messages",
     "files": "Uploads, downloads and signed links",
+    "push": "Web Push subscriptions for notifications when no tab is open",
     "health": "For load balancers and orchestrators",
     "admin": "For the server's admins (role admin): accounts, moderation, reports, audit",
 }
@@ -645,6 +651,22 @@ OPERATIONS = [
         "POST", "/messages/{message_id:int}/report", ReportMessage,
         "Report a message to the server's admins (201); again: your first report (200)",
         Report, 201, tag="messages", also_ok=(200,), errors=(400, 404, 413, 422, 429, 503),
+    ),
+    # push
+    route(
+        "GET", "/push/vapid_public_key", GetVapidKey,
+        "The VAPID public key browsers subscribe with (applicationServerKey)", VapidKey,
+        tag="push", auth=False,
+    ),
+    route(
+        "POST", "/push/subscriptions", AddPushSubscription,
+        "Store a browser's Web Push subscription (201); again: updated (200)",
+        PushSubscriptionInfo, 201, tag="push", also_ok=(200,), errors=(400, 413, 422, 503),
+    ),
+    route(
+        "DELETE", "/push/subscriptions", RemovePushSubscription,
+        "Remove a Web Push subscription of yours (none: no change)", None, 204,
+        tag="push", errors=(400, 413, 422, 503), json_body=True,
     ),
     # admin
     route(

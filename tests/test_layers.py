@@ -39,6 +39,7 @@ LAYERS: dict[str, set[str]] = {
         "chatd.revocations",
         "chatd.ratelimit",
         "chatd.presence",
+        "chatd.push",
         "chatd.files",
         "chatd.deliveries",
     },

@@ -184,9 +184,7 @@ def render(report: dict[str, Any]) -> str:
         elif name == "history":
             out.append(render_history(result))
         elif name == "search":
-            from chatd.bench.search import render
-
-            out.append(render(result))
+            out.append(render_search(result))
         else:
             out.append(render_steps(name, result))
     rows = [
@@ -389,3 +387,20 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def render_search(r: dict[str, Any]) -> str:
+    lines = [
+        f"search: {r['messages']:,} messages in {r['chats']} chats; the searcher is in "
+        f"{r['searcher_chats']} ({r['searcher_messages']:,} messages); pages of {r['page_size']}"
+    ]
+    for key in ("common word", "phrase", "no match"):
+        m = r.get(key)
+        if m:
+            lat = m["latency_ms"]
+            lines.append(
+                f"  {key:12} {m['query']!r:22} {m['requests']:6} requests, "
+                f"{m['results_per_page']} results/page, p50 {lat['p50']} ms, "
+                f"p99 {lat['p99']} ms, max {lat['max']} ms {m['failures'] or ''}"
+            )
+    return "\n".join(lines)

@@ -165,20 +165,3 @@ def run(ctx: Any) -> dict[str, Any]:
         f"({common['requests']} requests)"
     )
     return result
-
-
-def render(r: dict[str, Any]) -> str:
-    lines = [
-        f"search: {r['messages']:,} messages in {r['chats']} chats; the searcher is in "
-        f"{r['searcher_chats']} ({r['searcher_messages']:,} messages); pages of {r['page_size']}"
-    ]
-    for key in QUERIES:
-        m = r.get(key)
-        if m:
-            lat = m["latency_ms"]
-            lines.append(
-                f"  {key:12} {m['query']!r:22} {m['requests']:6} requests, "
-                f"{m['results_per_page']} results/page, p50 {lat['p50']} ms, "
-                f"p99 {lat['p99']} ms, max {lat['max']} ms {m['failures'] or ''}"
-            )
-    return "\n".join(lines)

@@ -19,6 +19,7 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     blocks.py    block_user, unblock_user, list_blocks (REST only)
     admin.py     report_message; the /admin API (REST only): users, stats, moderation,
                  reports, the audit log
+    push.py      Web Push subscriptions and the VAPID key (REST only)
     files.py     uploads recorded, who may download, signed links, attachments claimed
                  (the bytes: chatd/rest_files.py)
 
@@ -42,12 +43,14 @@ from chatd.handlers import (
     history,
     messages,
     presence,
+    push,
     reads,
     search,
 )
 from chatd.handlers.base import Context
 from chatd.protocol import (
     AddMembers,
+    AddPushSubscription,
     AdminCreateUser,
     AdminDeleteMessage,
     AdminDeleteUser,
@@ -75,6 +78,7 @@ from chatd.protocol import (
     GetMessage,
     GetPresence,
     GetUser,
+    GetVapidKey,
     LeaveChat,
     ListBlocks,
     ListChats,
@@ -89,6 +93,7 @@ from chatd.protocol import (
     Refresh,
     Register,
     RemoveMember,
+    RemovePushSubscription,
     RenameChat,
     ReportMessage,
     RevokeSession,
@@ -165,6 +170,9 @@ REST_HANDLERS: dict[type, Handler] = {
     Read: reads.read_chat,
     GetFileLink: files.file_link,
     GetUser: presence.get_user,
+    AddPushSubscription: push.add_push_subscription,
+    RemovePushSubscription: push.remove_push_subscription,
+    GetVapidKey: push.vapid_key,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live
