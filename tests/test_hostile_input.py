@@ -309,6 +309,7 @@ def valid_socket_value(world: World, name: str) -> Any:
         "reason": "spam",
         "for_everyone": False,
         "mentions": [],
+        "q": "hello",
     }
     return values.get(name, OMIT)
 
@@ -507,6 +508,12 @@ def valid_rest_value(world: World, name: str) -> Any:
         "body.new": PASSWORD,
         "path:session_id": str(uuid.uuid4()),
         "body.reason": "spam",
+        "query:q": "hello",
+        "body.endpoint": "https://93.184.215.14/push/hostile",
+        "body.keys": {
+            "p256dh": "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM",
+            "auth": "tBHItJI5svbpez7KI4CCXg",
+        },
     }
     return values.get(name, OMIT)
 

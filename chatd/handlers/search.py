@@ -41,7 +41,11 @@ from chatd.store import MESSAGE_COLUMNS, NOT_HIDDEN, message_from_row
 # The text-search configuration; the index's expression names the same one.
 CONFIG = "russian"
 _MATCHES = "m.search @@ q.query"  # messages.search: to_tsvector(CONFIG, text), stored
-_QUERY = f"(SELECT websearch_to_tsquery('{CONFIG}'::regconfig, $2) AS query) q"
+
+
+def _query(param: str) -> str:
+    return f"(SELECT websearch_to_tsquery('{CONFIG}'::regconfig, {param}) AS query) q"
+
 
 # Messages tested per search in the windows, over all the chats searched.
 WINDOW_BUDGET = 4000
@@ -82,7 +86,7 @@ WHERE numnode(q.query) > 0
 # when its estimate of the query's frequency is wrong.
 _BY_INDEX = f"""
 SELECT m.id
-FROM messages m, {_QUERY}
+FROM messages m, {_query("$2")}
 WHERE m.chat_id = ANY($3::bigint[]) AND m.id < $4 AND NOT m.deleted
   AND numnode(q.query) > 0 AND {_MATCHES} AND {NOT_HIDDEN}
 ORDER BY m.id + 0 DESC
@@ -96,8 +100,8 @@ SELECT {MESSAGE_COLUMNS},
        ts_headline('{CONFIG}'::regconfig, translate(m.text, E'\\x01\\x02', '  '), q.query,
                    'StartSel=' || chr(1) || ', StopSel=' || chr(2) || ', HighlightAll=true')
            AS marked
-FROM messages m JOIN chats c ON c.id = m.chat_id, {_QUERY}
-WHERE m.id = ANY($3::bigint[]) AND $1::uuid IS NOT NULL
+FROM messages m JOIN chats c ON c.id = m.chat_id, {_query("$1")}
+WHERE m.id = ANY($2::bigint[])
 """
 
 
@@ -113,7 +117,7 @@ async def search_messages(ctx: Context, action: SearchMessages) -> SearchResults
             ids: list[int] = []
             if chat_ids and q:
                 ids = await _newest_matches(conn, ctx.user_id, q, chat_ids, before, want)
-            rows = await conn.fetch(_PAGE, ctx.user_id, q, ids[: action.limit]) if ids else []
+            rows = await conn.fetch(_PAGE, q, ids[: action.limit]) if ids else []
     by_id = {row["id"]: row for row in rows}
     page = [by_id[i] for i in ids[: action.limit] if i in by_id]
     has_more = len(ids) > action.limit
