@@ -46,6 +46,14 @@ SUITE_LIMITS = {
     "CHATD_GROUPS_PER_DAY": "off",
 }
 
+# A Web Push subscription's keys (a real P-256 public key, base64url) for requests that
+# only need valid ones; tests/test_push.py makes its own to decrypt with.
+PUSH_KEYS = {
+    "p256dh": "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1Xbjha"
+    "zAkj7I99e8QcYP7DkM",
+    "auth": "tBHItJI5svbpez7KI4CCXg",
+}
+
 # Routes that end the caller's session when they succeed: the authorization matrix and
 # the fuzzers log in again for each call of one, so the rest keep a working token.
 SESSION_ENDING = {"POST /logout"}

@@ -41,7 +41,7 @@ from PIL import Image
 from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
-from tests.conftest import ACCOUNT_ENDING, PASSWORD, SESSION_ENDING, Server
+from tests.conftest import ACCOUNT_ENDING, PASSWORD, PUSH_KEYS, SESSION_ENDING, Server
 
 NF = "not_found"  # and the reply is the same as for an id that does not exist
 FORBIDDEN = "forbidden"
@@ -65,10 +65,7 @@ class Ids:
 # A public https endpoint (an address literal: nothing to resolve) and a real P-256 key.
 PUSH_SUBSCRIPTION = {
     "endpoint": "https://93.184.215.14/push/authorization-matrix",
-    "keys": {
-        "p256dh": "BM4wK948V2tNz_4pwqwSHwW_7j4BGC2FBKNMmk2KrJRm84uMX2mkr4KL0mPV2MLrHFHBNYl0ci8ZUdm4pK5Kg-g",
-        "auth": "c2VjcmV0c2VjcmV0MTY",
-    },
+    "keys": PUSH_KEYS,
 }
 
 

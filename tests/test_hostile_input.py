@@ -41,7 +41,7 @@ from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
 from chatd.openapi import Operation
-from tests.conftest import ACCOUNT_ENDING, PASSWORD, SESSION_ENDING, Server
+from tests.conftest import ACCOUNT_ENDING, PASSWORD, PUSH_KEYS, SESSION_ENDING, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 # Examples near the 64 KiB frame limit make hypothesis warn that their repr is large.
@@ -510,10 +510,7 @@ def valid_rest_value(world: World, name: str) -> Any:
         "body.reason": "spam",
         "query:q": "hello",
         "body.endpoint": "https://93.184.215.14/push/hostile",
-        "body.keys": {
-            "p256dh": "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM",
-            "auth": "tBHItJI5svbpez7KI4CCXg",
-        },
+        "body.keys": PUSH_KEYS,
     }
     return values.get(name, OMIT)
 
