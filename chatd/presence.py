@@ -322,8 +322,10 @@ class PresenceTracker:
             if len(self._told) > MAX_REMEMBERED:
                 self._forget_told()
             told = self._told.get(user_id)
-            if told is not None and told[1] == presence.status:
-                return  # back where the contacts last heard: nothing to tell
+            if due and told is not None and told[1] == presence.status:
+                # Flapped back within the interval to what this process told last: nothing
+                # to tell. (Only then: another process may have told otherwise since.)
+                return
             self._told[user_id] = (time.monotonic(), presence.status)
             if not row["share_presence"]:
                 return
