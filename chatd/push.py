@@ -177,7 +177,8 @@ _SUBSCRIBED = "EXISTS (SELECT 1 FROM push_subscriptions p WHERE p.user_id = cm.u
 
 # Members behind: messages above both pointers. $1: chat ids (null: every chat, the sweep).
 _BEHIND = """
-SELECT cm.chat_id, cm.user_id
+SELECT cm.chat_id, cm.user_id, c.last_seq,
+       cm.notify = 'none' OR coalesce(cm.mute_until > now(), false) AS silent
 FROM chat_members cm JOIN chats c ON c.id = cm.chat_id
 WHERE ($1::bigint[] IS NULL OR cm.chat_id = ANY($1::bigint[]))
   AND c.last_seq > greatest(cm.notified_seq, cm.read_seq)
@@ -197,6 +198,14 @@ FOR UPDATE OF cm
 """
 
 _ADVANCE = "UPDATE chat_members SET notified_seq = $3 WHERE chat_id = $1 AND user_id = $2"
+
+# Members who will not be notified of these messages (online, muted, notify none): their
+# pointers move in one statement, never above the chat's seq they were read at.
+_SKIP = """
+UPDATE chat_members cm SET notified_seq = greatest(cm.notified_seq, v.seq)
+FROM unnest($1::bigint[], $2::uuid[], $3::bigint[]) AS v(chat_id, user_id, seq)
+WHERE cm.chat_id = v.chat_id AND cm.user_id = v.user_id
+"""
 
 _NEWEST = """
 SELECT m.id, m.sender_id, m.text, u.name AS sender_name
@@ -282,12 +291,13 @@ class PushNotifier:
                 log.warning("push: cannot look for members to notify (%r); the sweep will", exc)
 
     async def _sweep(self) -> None:
+        """At start (what a process that died left unlooked at), then every SWEEP_SECONDS."""
         while True:
-            await asyncio.sleep(SWEEP_SECONDS)
             try:
                 await self.look(None)
             except (asyncpg.PostgresError, OSError) as exc:
                 log.warning("push: sweep failed (%r)", exc)
+            await asyncio.sleep(SWEEP_SECONDS)
 
     async def look(self, chat_ids: list[int] | None) -> None:
         """Notify the members behind in these chats (None: in every chat)."""
@@ -297,10 +307,22 @@ class PushNotifier:
         if not behind:
             return
         online = await self.presence.online({r["user_id"] for r in behind})
+        skipped = [r for r in behind if r["silent"] or r["user_id"] in online]
+        if skipped:
+            await self.pool.execute(
+                _SKIP,
+                [r["chat_id"] for r in skipped],
+                [r["user_id"] for r in skipped],
+                [r["last_seq"] for r in skipped],
+            )
         for row in behind:
-            await self._consider(row["chat_id"], row["user_id"], row["user_id"] in online)
+            if not row["silent"] and row["user_id"] not in online:
+                await self._consider(row["chat_id"], row["user_id"])
 
-    async def _consider(self, chat_id: int, user_id: uuid.UUID, online: bool) -> None:
+    async def _consider(self, chat_id: int, user_id: uuid.UUID) -> None:
+        """Notify one member away from the chat, or not (settings read again, locked):
+        either way their pointer moves to the chat's last seq, in the same transaction as
+        the deliveries."""
         async with self.pool.acquire() as conn, conn.transaction():
             member = await conn.fetchrow(_MEMBER, chat_id, user_id)
             if member is None:
@@ -312,7 +334,7 @@ class PushNotifier:
             muted = member["mute_until"] is not None and member["mute_until"] > datetime.now(UTC)
             level = member["notify"]
             wanted = level == "all" or (level == "mentions" and member["mentioned"])
-            if online or muted or not wanted:
+            if muted or not wanted:
                 return  # considered: these messages will never notify
             newest = await conn.fetchrow(_NEWEST, chat_id, since, user_id)
             if newest is None:

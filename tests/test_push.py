@@ -221,6 +221,60 @@ async def test_web_push_and_the_gateway_for_members_away(
         await bob.aclose()
 
 
+async def test_messages_a_dead_process_never_looked_at_are_notified_at_start(
+    push_server: Server, receiver: Receiver, database_url: str, tmp_path: Path
+) -> None:
+    """Nothing lost: a message committed by a process that died before its notifier looked
+    (written here with SQL, as its writer would have) is found by the sweep of the next
+    process to start."""
+    alice, bob = await new_user(push_server, "Alice"), await new_user(push_server, "Bob")
+    browser = Browser(f"{receiver.url}/push/{alice.user_uuid}")
+    await alice.call("POST", "/push/subscriptions", json=browser.subscription)
+    chat = await bob.call("POST", "/chats", json={"type": "private", "user_ids": [alice.user_uuid]})
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            seq = await conn.fetchval(
+                "UPDATE chats SET last_seq = last_seq + 1, version = version + 1 WHERE id = $1"
+                " RETURNING last_seq",
+                chat["id"],
+            )
+            await conn.execute(
+                "INSERT INTO messages (chat_id, seq, sender_id, text, version)"
+                " VALUES ($1, $2, $3, 'written before a crash', $2)",
+                chat["id"],
+                seq,
+                bob.user_uuid,
+            )
+    finally:
+        await conn.close()
+    await asyncio.sleep(1)
+    assert receiver.take(f"/push/{alice.user_uuid}") == []  # nobody looked yet
+    key = (await alice.call("GET", "/push/vapid_public_key"))["public_key"]
+    second = start_server(
+        database_url,
+        tmp_path,
+        CHATD_OUTBOUND_ALLOW_PRIVATE="true",
+        CHATD_VAPID_PRIVATE_KEY=(
+            push_server_data(push_server) / "vapid_private_key.pem"
+        ).read_text(),
+    )
+    try:
+        ((_, headers, body),) = await arrivals(receiver, f"/push/{alice.user_uuid}")
+        assert browser.open(headers, body, key)["text"] == "written before a crash"
+    finally:
+        stop_server(second)
+        assert "Traceback" not in second.log(), second.log()
+        receiver.take("")
+        await alice.aclose()
+        await bob.aclose()
+
+
+def push_server_data(server: Server) -> Path:
+    """The data folder conftest.start_server gave the server (its generated VAPID key)."""
+    return server.log_path.parent / "data"
+
+
 async def test_subscriptions_are_checked_and_removed(
     push_server: Server, receiver: Receiver
 ) -> None:
