@@ -219,6 +219,8 @@ class Settings:
     message_rate: Rate | None = setting("CHATD_MESSAGE_RATE", parse_rate("10/s", 30), _rate)
     # Per user: edits, deletes, reactions and pins together (sends and forwards are messages).
     change_rate: Rate | None = setting("CHATD_CHANGE_RATE", parse_rate("10/s", 30), _rate)
+    # Per user: searches (socket and REST together), each up to a few thousand messages tested.
+    search_rate: Rate | None = setting("CHATD_SEARCH_RATE", parse_rate("5/s", 20), _rate)
     typing_rate: Rate | None = setting(  # per user, on top of the per-chat TypingGate
         "CHATD_TYPING_RATE", parse_rate("10/10s"), _rate
     )

@@ -39,6 +39,7 @@ SUITE_LIMITS = {
     "CHATD_REGISTER_RATE": "off",
     "CHATD_MESSAGE_RATE": "off",
     "CHATD_TYPING_RATE": "off",
+    "CHATD_SEARCH_RATE": "off",
     "CHATD_CHANGE_RATE": "off",
     "CHATD_MAX_SOCKETS_PER_USER": "off",
     "CHATD_CREATE_CHAT_RATE": "off",

@@ -30,6 +30,8 @@ import asyncpg
 
 from chatd.handlers.base import Context
 from chatd.protocol import (
+    RATE_LIMITED,
+    ChatError,
     Highlight,
     SearchHit,
     SearchMessages,
@@ -38,7 +40,7 @@ from chatd.protocol import (
 )
 from chatd.store import MESSAGE_COLUMNS, NOT_HIDDEN, message_from_row
 
-# The text-search configuration; the index's expression names the same one.
+# The text-search configuration: the stored column (migrations/0010) is computed with it.
 CONFIG = "russian"
 _MATCHES = "m.search @@ q.query"  # messages.search: to_tsvector(CONFIG, text), stored
 
@@ -108,6 +110,9 @@ WHERE m.id = ANY($2::bigint[])
 async def search_messages(ctx: Context, action: SearchMessages) -> SearchResults:
     """The caller's newest messages matching `q` below `before`: in `chat_id`, or in every
     chat the caller is in now (`not_found` for a chat they are not in)."""
+    wait = await ctx.node.limits.search.take(str(ctx.user_id))
+    if wait:
+        raise ChatError(RATE_LIMITED, "too many searches; slow down", retry_after=wait)
     q = action.q.strip()
     before = action.before or _NO_CURSOR
     want = action.limit + 1  # one more tells whether there is a next page
