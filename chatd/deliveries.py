@@ -42,6 +42,7 @@ import asyncpg
 import httpx
 
 from chatd import metrics
+from chatd.db import is_unavailable
 
 log = logging.getLogger("chatd.deliveries")
 
@@ -348,8 +349,11 @@ class DeliveryQueue:
                     claimed = await self.pool.fetch(_CLAIM, free, self.lease, list(self._senders))
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # the database is away: look again later
-                    log.warning("delivery queue: claiming failed", exc_info=True)
+                except Exception as exc:  # the database is away: look again later
+                    if is_unavailable(exc):  # expected: one line, not a traceback
+                        log.warning("delivery queue: claiming failed (%r)", exc)
+                    else:
+                        log.warning("delivery queue: claiming failed", exc_info=True)
             for row in claimed:
                 delivery = Delivery(
                     row["id"],

@@ -282,14 +282,13 @@ class PresenceTracker:
         """Presence as others see it, from rows of (id, share_presence, last_seen_at)."""
         rows = list(rows)
         online = await self.online(r["id"] for r in rows if r["share_presence"])
-        now = datetime.now(UTC)
         answer = {}
         for row in rows:
             user_id = row["id"]
             if not row["share_presence"]:
                 answer[user_id] = Presence(str(user_id), "offline", None)
             elif user_id in online:
-                answer[user_id] = Presence(str(user_id), "online", now)
+                answer[user_id] = Presence(str(user_id), "online", None)
             else:
                 answer[user_id] = Presence(str(user_id), "offline", row["last_seen_at"])
         return answer
@@ -311,7 +310,10 @@ class PresenceTracker:
             wait, lambda: self._spawn(self._tell(user_id, due=True))
         )
 
-    async def _tell(self, user_id: uuid.UUID, due: bool = False) -> None:
+    async def _tell(self, user_id: uuid.UUID, due: bool = False, hidden_too: bool = False) -> None:
+        """Publish the user's presence to their contacts. `due`: a coalesced event, left
+        out when it flapped back; `hidden_too`: told even when they do not share it (the
+        moment they stop sharing: contacts then see offline, last_seen null)."""
         if due:
             self._pending.pop(user_id, None)
         try:
@@ -327,7 +329,7 @@ class PresenceTracker:
                 # to tell. (Only then: another process may have told otherwise since.)
                 return
             self._told[user_id] = (time.monotonic(), presence.status)
-            if not row["share_presence"]:
+            if not (row["share_presence"] or hidden_too):
                 return
             contacts = [
                 r["user_id"] for r in await self.pool.fetch(_CONTACTS, user_id, self.group_limit)
@@ -346,20 +348,8 @@ class PresenceTracker:
         self._told = {u: t for u, t in self._told.items() if t[0] > horizon}
 
     async def share_changed(self, user_id: uuid.UUID) -> None:
-        """PATCH /me {share_presence}: tell the contacts what they may see now."""
-        self._told.pop(user_id, None)
-        row = await self.pool.fetchrow(_SHARES, user_id)
-        if row is None:
-            return
-        presence = (await self.presence_of([{"id": user_id, **dict(row)}]))[user_id]
-        contacts = [
-            r["user_id"] for r in await self.pool.fetch(_CONTACTS, user_id, self.group_limit)
-        ]
-        self._told[user_id] = (time.monotonic(), presence.status)
-        if contacts:
-            self.events_sent += 1
-            PRESENCE_EVENTS.inc()
-            await publish(self.bus, contacts, PresenceEvent(presence))
+        """PATCH /me {share_presence} changed it: tell the contacts what they may see now."""
+        await self._tell(user_id, hidden_too=True)
 
     # --- Redis upkeep --------------------------------------------------------------------
 

@@ -251,7 +251,9 @@ class Presence(Struct):
 
     user_uuid: UserUuid
     status: Literal["online", "offline"]
-    last_seen: Timestamp | None  # when they were last online; null: never, or not shared
+    # When they were last online, while offline; null while online, and when unknown or
+    # not shared.
+    last_seen: Timestamp | None
 
 
 class ChatOverview(Chat):

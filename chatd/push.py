@@ -173,16 +173,23 @@ class Notification(msgspec.Struct, omit_defaults=True):
 
 # --- the notifier -----------------------------------------------------------------------
 
+# Messages older than this are never notified (the notifier was down, or the gateway was
+# just configured): news, not history.
+STALE_AFTER = 3600
+
 _SUBSCRIBED = "EXISTS (SELECT 1 FROM push_subscriptions p WHERE p.user_id = cm.user_id)"
 
 # Members behind: messages above both pointers. $1: chat ids (null: every chat, the sweep).
-_BEHIND = """
+_BEHIND = f"""
 SELECT cm.chat_id, cm.user_id, c.last_seq,
-       cm.notify = 'none' OR coalesce(cm.mute_until > now(), false) AS silent
+       cm.notify = 'none' OR coalesce(cm.mute_until > now(), false)
+         OR coalesce(newest.created_at < now() - interval '{STALE_AFTER} seconds', false)
+         AS silent
 FROM chat_members cm JOIN chats c ON c.id = cm.chat_id
+LEFT JOIN messages newest ON newest.chat_id = c.id AND newest.seq = c.last_seq
 WHERE ($1::bigint[] IS NULL OR cm.chat_id = ANY($1::bigint[]))
   AND c.last_seq > greatest(cm.notified_seq, cm.read_seq)
-  AND ({everyone} OR {subscribed})
+  AND ({{everyone}} OR {{subscribed}})
 LIMIT 5000
 """
 

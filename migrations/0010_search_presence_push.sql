@@ -28,6 +28,8 @@ ALTER TABLE chat_members
     ADD COLUMN mute_until timestamptz,
     ADD COLUMN notify text NOT NULL DEFAULT 'all' CHECK (notify IN ('all', 'mentions', 'none')),
     ADD COLUMN notified_seq bigint NOT NULL DEFAULT 0;
+-- What was sent before this release is not news: nobody is notified of it.
+UPDATE chat_members cm SET notified_seq = c.last_seq FROM chats c WHERE c.id = cm.chat_id;
 
 -- A browser's Web Push subscription (PushSubscription.toJSON()). One row per endpoint: the
 -- same browser subscribing again (or for another user, after a logout and login) takes it

@@ -213,7 +213,8 @@ async def test_tokens_are_not_interchangeable(http: httpx.AsyncClient, alice: Ap
 
 async def test_me_describes_the_caller(alice: Api) -> None:
     me = await alice.me()
-    assert set(me) == {"user_uuid", "name", "email", "created_at"}
+    assert set(me) == {"user_uuid", "name", "email", "created_at", "share_presence"}
+    assert me["share_presence"] is True
     assert me["name"] == "Alice"
     assert me["email"] == alice.email
     assert me["created_at"].endswith("Z")

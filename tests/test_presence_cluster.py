@@ -11,7 +11,8 @@ import pytest
 
 from chatd.client import Api
 from chatd.presence import GRACE, HEARTBEAT, REAP_EVERY, TTL
-from tests.conftest import PASSWORD, Server, new_user, start_server, stop_server
+from tests.conftest import Server, new_user, start_server, stop_server
+from tests.test_cluster import on
 
 
 @pytest.fixture
@@ -26,12 +27,6 @@ def two_nodes(
         if node.process.poll() is None:
             stop_server(node)
         assert "Traceback" not in node.log(), node.log()
-
-
-async def on(node: Server, user: Api) -> Api:
-    api = Api(node.base_url)
-    await api.login(user.email, PASSWORD)  # type: ignore[attr-defined]
-    return api
 
 
 async def wait_status(sock, user: Api, status: str, timeout: float) -> dict:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from chatd import signing
 from chatd.client import Api, ChatdError
 from chatd.presence import GRACE
-from tests.conftest import Server, free_port, new_user, start_server, stop_server
+from tests.conftest import Server, _with_database, free_port, new_user, start_server, stop_server
 
 GATEWAY_SECRET = "gateway-secret-" + "g" * 32
 
@@ -68,11 +69,31 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
+def push_database(database_url: str) -> Iterator[str]:
+    """A database of its own: with the gateway configured, every member of every chat who
+    should hear of a message is notified, and the other tests' users would be too."""
+    name = f"chatd_push_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(database_url, name)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module")
 def push_server(
-    database_url: str, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
+    push_database: str, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     srv = start_server(
-        database_url,
+        push_database,
         Path(tmp_path_factory.mktemp("push")),
         CHATD_OUTBOUND_ALLOW_PRIVATE="true",  # the receiver is on the loopback
         CHATD_PUSH_GATEWAY_URL=receiver.url + "/gateway",
@@ -132,7 +153,7 @@ async def arrivals(receiver: Receiver, prefix: str, n: int = 1, timeout: float =
 
 
 async def test_web_push_and_the_gateway_for_members_away(
-    push_server: Server, receiver: Receiver, database_url: str
+    push_server: Server, receiver: Receiver, push_database: str
 ) -> None:
     alice, bob = await new_user(push_server, "Alice"), await new_user(push_server, "Bob")
     key = (await alice.call("GET", "/push/vapid_public_key"))["public_key"]
@@ -202,7 +223,7 @@ async def test_web_push_and_the_gateway_for_members_away(
             await b.request("send_message", chat_id=chat["id"], text="gone?")
             await arrivals(receiver, prefix)
             await arrivals(receiver, "/gateway")
-            conn = await asyncpg.connect(database_url)
+            conn = await asyncpg.connect(push_database)
             try:
                 for _ in range(50):
                     left = await conn.fetchval(
@@ -222,7 +243,7 @@ async def test_web_push_and_the_gateway_for_members_away(
 
 
 async def test_messages_a_dead_process_never_looked_at_are_notified_at_start(
-    push_server: Server, receiver: Receiver, database_url: str, tmp_path: Path
+    push_server: Server, receiver: Receiver, push_database: str, tmp_path: Path
 ) -> None:
     """Nothing lost: a message committed by a process that died before its notifier looked
     (written here with SQL, as its writer would have) is found by the sweep of the next
@@ -231,7 +252,7 @@ async def test_messages_a_dead_process_never_looked_at_are_notified_at_start(
     browser = Browser(f"{receiver.url}/push/{alice.user_uuid}")
     await alice.call("POST", "/push/subscriptions", json=browser.subscription)
     chat = await bob.call("POST", "/chats", json={"type": "private", "user_ids": [alice.user_uuid]})
-    conn = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(push_database)
     try:
         async with conn.transaction():
             seq = await conn.fetchval(
@@ -252,7 +273,7 @@ async def test_messages_a_dead_process_never_looked_at_are_notified_at_start(
     assert receiver.take(f"/push/{alice.user_uuid}") == []  # nobody looked yet
     key = (await alice.call("GET", "/push/vapid_public_key"))["public_key"]
     second = start_server(
-        database_url,
+        push_database,
         tmp_path,
         CHATD_OUTBOUND_ALLOW_PRIVATE="true",
         CHATD_VAPID_PRIVATE_KEY=(
