@@ -264,7 +264,7 @@ async def _overviews(
     conn: asyncpg.Connection,
     user_id: uuid.UUID,
     rows: list[asyncpg.Record],
-    node: Node | None = None,
+    node: Node,
 ) -> list[ChatOverview]:
     """Four queries for a whole page: the chats, their members, their last messages, and
     the presence of the other member of the private ones."""
@@ -278,7 +278,7 @@ async def _overviews(
         if m.user_uuid != str(user_id)
     }
     presence = {}
-    if partners and node is not None:
+    if partners:
         found = await conn.fetch(_PARTNERS, list(set(partners.values())))
         presence = await node.presence.presence_of(found)
     with_messages = [row["id"] for row in rows if row["last_seq"] > 0]
