@@ -11,9 +11,10 @@ The send path pays nothing for this. The MessageWriter only hands this process's
 `PushNotifier` the ids of the chats it committed to (in memory, after the commit); the
 notifier looks at those chats a moment later, off the writer's path, in one query for
 all of them, and most chats have nobody to notify. Nothing is lost on a crash between
-the commit and that look: `notified_seq` is durable, and a sweep every SWEEP_SECONDS
-finds every member still behind it (messages other processes' writers stored are found
-there too, when theirs died before looking). For each member to notify, one transaction
+the commit and that look: `notified_seq` is durable, and every process sweeps, every
+SWEEP_SECONDS, the chats written to in the last two sweeps (at start: in the last
+STALE_AFTER), so what a process that died never looked at is found by another, or by the
+next to start. For each member to notify, one transaction
 locks their membership row, enqueues the deliveries and moves `notified_seq` to the
 chat's last seq: a member is considered once per message, however many processes look.
 
@@ -54,7 +55,7 @@ log = logging.getLogger("chatd")
 WEB_PUSH = "web_push"
 GATEWAY = "push_gateway"
 NOTIFY_DELAY = 0.5  # seconds the notifier gathers committed chats before it looks
-SWEEP_SECONDS = 60.0
+SWEEP_SECONDS = 60.0  # the sweep looks at the chats written to in twice this
 MAX_PUSH_TEXT = 200  # characters of a message in a Web Push payload (4 KiB at most)
 VAPID_TTL = 12 * 3600  # a VAPID JWT's lifetime (RFC 8292: at most 24 h)
 PUSH_TTL = 24 * 3600  # how long a push service keeps an undelivered message
@@ -179,7 +180,17 @@ STALE_AFTER = 3600
 
 _SUBSCRIBED = "EXISTS (SELECT 1 FROM push_subscriptions p WHERE p.user_id = cm.user_id)"
 
-# Members behind: messages above both pointers. $1: chat ids (null: every chat, the sweep).
+# The chats with messages sent in the last $1 seconds: the sweep's. Two walks down the
+# primary key over those recent messages only (created_at grows with id).
+_RECENT_CHATS = """
+SELECT DISTINCT chat_id FROM messages
+WHERE id > coalesce(
+    (SELECT id FROM messages WHERE created_at < now() - make_interval(secs => $1)
+     ORDER BY id DESC LIMIT 1),
+    0)
+"""
+
+# Members behind in these chats: messages above both pointers.
 _BEHIND = f"""
 SELECT cm.chat_id, cm.user_id, c.last_seq,
        cm.notify = 'none' OR coalesce(cm.mute_until > now(), false)
@@ -187,7 +198,7 @@ SELECT cm.chat_id, cm.user_id, c.last_seq,
          AS silent
 FROM chat_members cm JOIN chats c ON c.id = cm.chat_id
 LEFT JOIN messages newest ON newest.chat_id = c.id AND newest.seq = c.last_seq
-WHERE ($1::bigint[] IS NULL OR cm.chat_id = ANY($1::bigint[]))
+WHERE cm.chat_id = ANY($1::bigint[])
   AND c.last_seq > greatest(cm.notified_seq, cm.read_seq)
   AND ({{everyone}} OR {{subscribed}})
 LIMIT 5000
@@ -298,17 +309,27 @@ class PushNotifier:
                 log.warning("push: cannot look for members to notify (%r); the sweep will", exc)
 
     async def _sweep(self) -> None:
-        """At start (what a process that died left unlooked at), then every SWEEP_SECONDS."""
+        """The chats written to lately, looked at again: at start, those of the last
+        STALE_AFTER seconds (what a process that died left unlooked at); then every
+        SWEEP_SECONDS, those of the last two sweeps (what another process's notifier may
+        have missed: a batch committed while it died)."""
+        window = STALE_AFTER
         while True:
             try:
-                await self.look(None)
+                await self.sweep(window)
+                window = 2 * SWEEP_SECONDS
             except (asyncpg.PostgresError, OSError) as exc:
                 log.warning("push: sweep failed (%r)", exc)
             await asyncio.sleep(SWEEP_SECONDS)
 
-    async def look(self, chat_ids: list[int] | None) -> None:
-        """Notify the members behind in these chats (None: in every chat)."""
-        if chat_ids == []:
+    async def sweep(self, seconds: float) -> None:
+        chats = [r["chat_id"] for r in await self.pool.fetch(_RECENT_CHATS, seconds)]
+        for start in range(0, len(chats), 1000):
+            await self.look(chats[start : start + 1000])
+
+    async def look(self, chat_ids: list[int]) -> None:
+        """Notify the members behind in these chats."""
+        if not chat_ids:
             return
         behind = await self.pool.fetch(self._behind, chat_ids)
         if not behind:
