@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from chatd import signing
 from chatd.deliveries import Attempt, Delivery, DeliveryQueue, Outcome, enqueue_many
 from chatd.presence import PresenceTracker
+from chatd.store import UNREAD_COUNT
 
 log = logging.getLogger("chatd")
 
@@ -232,15 +233,9 @@ WHERE m.chat_id = $1 AND m.seq > $2 AND m.sender_id <> $3 AND NOT m.deleted
 ORDER BY m.seq DESC LIMIT 1
 """
 
-# The chat list's unread_count (chatd/handlers/chats.py), per chat and summed.
-_UNREAD = """
-SELECT cm.chat_id,
-       c.last_seq - cm.read_seq
-         - (SELECT count(*) FROM messages d
-            WHERE d.chat_id = c.id AND d.deleted AND d.seq > cm.read_seq)
-         - (SELECT count(*) FROM hidden_messages h JOIN messages hm ON hm.id = h.message_id
-            WHERE h.user_id = $1 AND h.chat_id = c.id AND h.seq > cm.read_seq
-              AND NOT hm.deleted) AS unread
+# The chat list's unread_count (store.UNREAD_COUNT), per chat and summed.
+_UNREAD = f"""
+SELECT cm.chat_id, {UNREAD_COUNT} AS unread
 FROM chat_members cm JOIN chats c ON c.id = cm.chat_id
 WHERE cm.user_id = $1 AND c.last_seq > cm.read_seq
 """

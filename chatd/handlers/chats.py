@@ -41,7 +41,7 @@ from chatd.protocol import (
     clean_text,
     no_such_chat,
 )
-from chatd.store import MESSAGE_COLUMNS, NOT_HIDDEN, message_from_row
+from chatd.store import MESSAGE_COLUMNS, NOT_HIDDEN, UNREAD_COUNT, message_from_row
 
 # --- create_chat --------------------------------------------------------------------------
 
@@ -189,20 +189,12 @@ async def insert_members(
 
 # --- the chat list ------------------------------------------------------------------------
 
-# unread_count starts from last_seq - read_seq: sending moves the sender's pointer to
-# their own message, so every message above a pointer is someone else's. From that go the
-# ones deleted for everyone and those the caller hid: both few, each found by an index
-# range above the pointer. No COUNT over the messages themselves, however many.
-_OVERVIEW = """
+# unread_count: store.UNREAD_COUNT, the expression notifications use too.
+_OVERVIEW = f"""
 SELECT c.id, c.type, c.name, c.created_at, c.last_seq, c.activity, c.version,
        c.pinned_message_id, cm.read_seq, cm.role, rm.id AS read_upto,
        cm.mute_until, cm.notify,
-       c.last_seq - cm.read_seq
-         - (SELECT count(*) FROM messages d
-            WHERE d.chat_id = c.id AND d.deleted AND d.seq > cm.read_seq)
-         - (SELECT count(*) FROM hidden_messages h JOIN messages hm ON hm.id = h.message_id
-            WHERE h.user_id = $1 AND h.chat_id = c.id AND h.seq > cm.read_seq
-              AND NOT hm.deleted) AS unread_count,
+       {UNREAD_COUNT} AS unread_count,
        (SELECT count(*) FROM mentions mn
         WHERE mn.user_id = $1 AND mn.chat_id = c.id AND mn.seq > cm.read_seq
           AND NOT EXISTS (SELECT 1 FROM hidden_messages h
