@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         "--workers", type=int, help="processes to serve with (default $CHATD_WORKERS or 1)"
     )
     commands.add_parser("migrate", help="apply pending database migrations and exit")
-    backup = commands.add_parser("backup", help="write the database to FILE (pg_dump format)")
+    backup = commands.add_parser("backup", help="write the database and the files to FILE (a tar)")
     backup.add_argument("file", type=Path)
     restore = commands.add_parser("restore", help="load FILE into an empty database")
     restore.add_argument("file", type=Path)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         from chatd import backup
 
         run = backup.backup if args.command == "backup" else backup.restore
-        run(database_url, args.file)
+        run(database_url, args.file, settings)
         log.info("%s: done (%s)", args.command, args.file)
         return
     from chatd.db import migrate

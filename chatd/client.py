@@ -46,10 +46,10 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import websockets
@@ -58,10 +58,12 @@ from chatd.protocol import CLOSE_POLICY_VIOLATION, ServerFrame
 
 try:
     import httpx
-except ImportError as exc:  # the server does not need it: it comes with the `client` extra
+except ImportError as exc:  # it comes with the `client` extra (and with the server)
     raise ImportError("chatd.client needs httpx: pip install 'chatd[client]'") from exc
 
 log = logging.getLogger("chatd.client")
+
+T = TypeVar("T")
 
 CLOSE_ABNORMAL = 1006  # what a connection that died without a close frame reports
 # The 1008 reason when the user opened more sockets than CHATD_MAX_SOCKETS_PER_USER allows.
@@ -234,8 +236,13 @@ class Api:
         return await self.call("GET", "/me")
 
     async def update_me(self, **fields: Any) -> dict[str, Any]:
-        """PATCH /me: `name=`, `share_presence=`."""
+        """PATCH /me: `name=`, `avatar=` (an image's upload_id, or None to remove it),
+        `share_presence=`."""
         return await self.call("PATCH", "/me", json=fields)
+
+    async def update_chat(self, chat_id: int, **fields: Any) -> dict[str, Any]:
+        """PATCH /chats/{id} (admins): `name=`, `photo=` (an upload_id, or None)."""
+        return await self.call("PATCH", f"/chats/{chat_id}", json=fields)
 
     async def change_password(self, current: str, new: str) -> None:
         """Change the password; every other session of the account is signed out."""
@@ -874,16 +881,29 @@ class Client:
     async def chats(self, **params: Any) -> dict[str, Any]:
         return await self.rest("GET", "/chats", params=params)
 
+    async def upload(
+        self, file: str | os.PathLike[str] | bytes, name: str | None = None
+    ) -> dict[str, Any]:
+        """Upload a file (Api.upload); its `upload_id` goes to `send(attachments=[...])`."""
+        return await self._renewing(self.api.upload, file, name)
+
+    async def download(self, file_id: str, *, thumbnail: bool = False) -> bytes:
+        """A file's bytes, or its thumbnail's (Api.download)."""
+        return await self._renewing(self.api.download, file_id, thumbnail=thumbnail)
+
     async def rest(self, method: str, path: str, **kwargs: Any) -> Any:
         """A REST call; a 401 renews the tokens and tries once more."""
+        return await self._renewing(self.api.call, method, path, **kwargs)
+
+    async def _renewing(self, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         token = self.api.access_token
         try:
-            return await self.api.call(method, path, **kwargs)
+            return await call(*args, **kwargs)
         except ChatdError as exc:
             if exc.status != 401:
                 raise
         await self._renew(token)
-        return await self.api.call(method, path, **kwargs)
+        return await call(*args, **kwargs)
 
     async def request(self, action: str, *, retry: bool = False, **fields: Any) -> Any:
         """Any /connect action; return its ack data. Without `retry` a drop before the reply

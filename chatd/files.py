@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -339,8 +338,3 @@ class FileCollector:
 
 def new_file_id() -> uuid.UUID:
     return uuid.uuid4()
-
-
-def copy_tree(source: Path, target: Path) -> None:
-    """Copy a local store's blobs (backup/restore), leaving its temporary files out."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("tmp"), dirs_exist_ok=True)

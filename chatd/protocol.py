@@ -222,6 +222,7 @@ class Message(Struct):
 class Member(Struct):
     user_uuid: UserUuid
     name: str
+    avatar: str | None  # a file id (GET /files/{id}, any signed-in user); null: none set
 
 
 Role = Literal["owner", "admin", "member"]
@@ -231,6 +232,7 @@ class ChatMember(Struct):
     user_uuid: UserUuid
     name: str
     role: Role  # private chats: both are "member"
+    avatar: str | None  # a file id; null: none set
 
 
 class Chat(Struct):
@@ -243,6 +245,7 @@ class Chat(Struct):
     # every pin or unpin.
     version: int
     pinned_message_id: int | None
+    photo: str | None  # groups: a file id (GET /files/{id}, members); null: none set
 
 
 class Presence(Struct):
@@ -404,8 +407,21 @@ class LeaveChat(Action, tag="leave_chat"):
 
 
 class RenameChat(Action, tag="rename_chat"):
+    """update_chat with a name alone (kept for the clients that use it)."""
+
     chat_id: Id
     name: GroupName
+
+
+class UpdateChat(Action, tag="update_chat"):
+    """Change what is given of a group (admins and the owner)."""
+
+    chat_id: Id
+    name: GroupName | UnsetType = UNSET
+    photo: Annotated[
+        FileUuid | UnsetType | None,
+        Meta(description="an image you uploaded (upload_id); null removes the photo"),
+    ] = UNSET
 
 
 class SetRole(Action, tag="set_role"):
@@ -491,6 +507,7 @@ ClientAction = (
     | RemoveMember
     | LeaveChat
     | RenameChat
+    | UpdateChat
     | SetRole
     | DeleteChat
     | BlockUser
@@ -609,6 +626,10 @@ class UpdateMe(Struct, kw_only=True):
     """PATCH /me: change what is given of your profile."""
 
     name: UserName | None = None
+    avatar: Annotated[
+        FileUuid | UnsetType | None,
+        Meta(description="an image you uploaded (upload_id); null removes the avatar"),
+    ] = UNSET
     # false: others see you "offline" with last_seen null, and get no presence events.
     share_presence: bool | None = None
 
@@ -892,6 +913,12 @@ class ChatUpdated(Event, tag="chat_updated"):
     data: Chat
 
 
+class UserUpdated(Event, tag="user_updated"):
+    """A user you share a chat with (or you) changed their name or avatar."""
+
+    data: Member
+
+
 class ChatDeletedData(Struct):
     chat_id: int
     by: UserUuid
@@ -943,6 +970,7 @@ ServerFrame = (
     | MemberAdded
     | MemberRemoved
     | ChatUpdated
+    | UserUpdated
     | ChatDeleted
     | TypingEvent
     | PresenceEvent
@@ -1007,6 +1035,7 @@ class Me(Struct):
     name: str
     email: str
     created_at: Timestamp
+    avatar: str | None  # a file id; null: none set
     share_presence: bool = True  # PATCH /me {share_presence}
 
 

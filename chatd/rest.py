@@ -103,7 +103,6 @@ from chatd.protocol import (
     RegisterResponse,
     RemoveMember,
     RemovePushSubscription,
-    RenameChat,
     Report,
     ReportList,
     ReportMessage,
@@ -119,6 +118,7 @@ from chatd.protocol import (
     UnblockUser,
     UnpinMessage,
     Unreact,
+    UpdateChat,
     UpdateMe,
     UserList,
     UserProfile,
@@ -487,8 +487,8 @@ OPERATIONS = [
     ),
     route("GET", "/me", GetMe, "The caller's account", Me, tag="accounts", errors=(503,)),
     route(
-        "PATCH", "/me", UpdateMe, "Change your name", Me,
-        tag="accounts", errors=(400, 413, 422, 503),
+        "PATCH", "/me", UpdateMe, "Change your name or avatar", Me,
+        tag="accounts", errors=(400, 413, 422, 429, 503),
     ),
     route(
         "POST", "/me/password", ChangePassword,
@@ -554,8 +554,9 @@ OPERATIONS = [
         ChatOverview, tag="chats", errors=(404, 503),
     ),
     route(
-        "PATCH", "/chats/{chat_id:int}", RenameChat, "Rename a group (admins and the owner)",
-        Chat, tag="chats", errors=(400, 403, 404, 413, 422, 503),
+        "PATCH", "/chats/{chat_id:int}", UpdateChat,
+        "Change a group's name or photo (admins and the owner)", Chat,
+        tag="chats", errors=(400, 403, 404, 413, 422, 503),
     ),
     route(
         "DELETE", "/chats/{chat_id:int}", DeleteChat,

@@ -49,12 +49,20 @@ _LOCK_CHATS = "SELECT id, read_seq FROM chats WHERE id = ANY($1::bigint[]) ORDER
 # A retry's original, and whether its sender is still a member of the original's chat
 # (read in the same statement: the duplicate path costs no extra query). In a batch this
 # runs with the chats locked, so a removal committed before the lock is seen.
+# One unique-index probe per key, whatever the planner believes about the table: LIMIT 1
+# keeps the lookup a parameterized subquery. As a plain join, the generic plan asyncpg's
+# prepared statement caches while `messages` is new (and small) is a hash join over a
+# sequential scan, which then costs every batch a scan of the whole table.
 _FIND_BY_CLIENT_IDS = f"""
 SELECT {MESSAGE_COLUMNS},
        EXISTS (SELECT 1 FROM chat_members cm
                WHERE cm.chat_id = m.chat_id AND cm.user_id = k.sender_id) AS sender_is_member
 FROM unnest($1::uuid[], $2::text[]) AS k(sender_id, client_msg_id)
-JOIN messages m ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id
+CROSS JOIN LATERAL (
+    SELECT * FROM messages
+    WHERE messages.sender_id = k.sender_id AND messages.client_msg_id = k.client_msg_id
+    LIMIT 1
+) m
 JOIN chats c ON c.id = m.chat_id
 """
 

@@ -164,7 +164,7 @@ async def test_export_holds_the_profile_chats_and_own_messages(
     ]
     assert export["profile"] == await alice.me()
     assert [s["current"] for s in export["sessions"]] == [True]
-    assert export["blocked"] == [{"user_uuid": carol.user_uuid, "name": "Carol"}]
+    assert export["blocked"] == [{"user_uuid": carol.user_uuid, "name": "Carol", "avatar": None}]
     assert [(c["id"], c["role"]) for c in export["chats"]] == [
         (group["id"], "owner"),
         (private["id"], "member"),

@@ -213,7 +213,7 @@ async def test_tokens_are_not_interchangeable(http: httpx.AsyncClient, alice: Ap
 
 async def test_me_describes_the_caller(alice: Api) -> None:
     me = await alice.me()
-    assert set(me) == {"user_uuid", "name", "email", "created_at", "share_presence"}
+    assert set(me) == {"user_uuid", "name", "email", "created_at", "avatar", "share_presence"}
     assert me["share_presence"] is True
     assert me["name"] == "Alice"
     assert me["email"] == alice.email
@@ -260,7 +260,7 @@ async def test_users_list_matches_name_prefixes_but_only_whole_emails(make_user)
     await make_user(f"Zoe{tag}")
     by_name = await zed.users(q=f"zed{tag}")
     assert [u["name"] for u in by_name] == [f"Zed{tag}"]
-    assert set(by_name[0]) == {"user_uuid", "name"}  # nobody's email is listed
+    assert set(by_name[0]) == {"user_uuid", "name", "avatar"}  # nobody's email is listed
     email = zed.email
     for prefix in (email[:12], email.split("@")[0], email.split("@")[0] + "@", email[:-1]):
         assert await zed.users(q=prefix) == [], prefix

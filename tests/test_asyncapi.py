@@ -164,6 +164,8 @@ async def test_real_frames_fit_the_document(
         await a.request("unblock_user", user_uuid=bob.user_uuid)
         await a.request("set_role", chat_id=chat["id"], user_uuid=bob.user_uuid, role="admin")
         await a.request("rename_chat", chat_id=chat["id"], name="H")
+        await a.request("update_chat", chat_id=chat["id"], name="I", photo=None)
+        await alice.update_me(name="Alicia")  # user_updated, to Bob too
         await a.request("delete_message", message_id=sent["id"], for_everyone=False)
         await b.request("delete_message", message_id=sent["id"])
         await a.request("send_message", chat_id=chat["id"], text="")  # an error
@@ -204,7 +206,13 @@ async def test_real_frames_fit_the_document(
     # Every action was exercised, and so were most events.
     actions = {f"action_{cls.__struct_config__.tag}" for cls in ClientAction.__args__}
     assert actions <= seen, actions - seen
-    assert {"error", "event_new_message", "event_message_updated", "event_chat_updated"} <= seen
+    assert {
+        "error",
+        "event_new_message",
+        "event_message_updated",
+        "event_chat_updated",
+        "event_user_updated",
+    } <= seen
     # The check has teeth: a frame that breaks its schema does not pass.
     with pytest.raises(AssertionError):
         check("event_new_message", {"action": "new_message", "data": {"id": "x"}})

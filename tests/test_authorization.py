@@ -98,6 +98,7 @@ SOCKET_MATRIX: dict[str, Row] = {
     ),
     "leave_chat": Row(lambda i: {"chat_id": i.chat_id}, NF, NF, OK),
     "rename_chat": Row(lambda i: {"chat_id": i.chat_id, "name": "Taken"}, NF, NF, FORBIDDEN),
+    "update_chat": Row(lambda i: {"chat_id": i.chat_id, "name": "Taken"}, NF, NF, FORBIDDEN),
     "set_role": Row(
         lambda i: {"chat_id": i.chat_id, "user_uuid": i.target_uuid, "role": "admin"},
         NF,

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from chatd.bench import main as bench_main
+from chatd.bench.workloads import cpu_ms_per_message
 from tests.conftest import Server
 
 TINY = ["--rates", "40", "--max-rate", "0", "--step-seconds", "1", "--grace", "1"]
@@ -51,6 +52,8 @@ def test_fanout_and_direct_against_chatd(server: Server, tmp_path: Path) -> None
     # The server was found by its port: its CPU and memory are in the report.
     assert report["server"]["pid"] == server.process.pid
     assert fanout["steps"][0]["server_rss_mib"] > 0
+    # Server and PostgreSQL CPU per message, the figure A/B comparisons go by.
+    assert fanout["steps"][0]["cpu_ms_per_msg"] > 0
     targets = {t["id"]: t for t in report["targets"]}
     # Measured on 2x3, not the targets' 10x10: shown, but neither passed nor failed.
     assert targets["fanout_messages_per_s"]["pass"] is None
@@ -106,3 +109,11 @@ def test_history_through_the_api(server: Server, tmp_path: Path) -> None:
     for key in ("sequential", "concurrent"):
         assert history[key]["pages"] > 0
         assert history[key]["failures"] == {}
+
+
+def test_cpu_per_message() -> None:
+    # 2 s at 50% + 30% of a core for 400 messages: 1.6 CPU seconds, 4 ms each.
+    cpu = {"server_cpu_pct": 50.0, "postgres_cpu_pct": 30.0}
+    assert cpu_ms_per_message(cpu, 2.0, 400) == 4.0
+    assert cpu_ms_per_message({**cpu, "postgres_cpu_pct": None}, 2.0, 400) is None
+    assert cpu_ms_per_message(cpu, 2.0, 0) is None

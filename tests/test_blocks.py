@@ -41,8 +41,8 @@ async def test_block_and_unblock_tell_every_socket_of_the_blocker(
         assert (await second.next_event("blocks_changed"))["data"] == both  # once
     users = (await alice.call("GET", "/me/blocks"))["users"]
     assert users == [
-        {"user_uuid": carol.user_uuid, "name": "Carol"},
-        {"user_uuid": bob.user_uuid, "name": "Bob"},
+        {"user_uuid": carol.user_uuid, "name": "Carol", "avatar": None},
+        {"user_uuid": bob.user_uuid, "name": "Bob", "avatar": None},
     ]
     async with await alice.connect() as fresh:
         assert fresh.unread["blocked"] == [carol.user_uuid, bob.user_uuid]  # type: ignore[index]

@@ -121,6 +121,25 @@ async def test_send_receive_create_chat_and_read_receipts(
             assert [m["id"] for m in history["messages"]] == [sent["id"], reply["id"]]
 
 
+async def test_files_through_the_client(server: Server, alice: Api, bob: Api) -> None:
+    async with (
+        client_for(alice, server.base_url) as (a, _),
+        client_for(bob, server.base_url) as (b, b_events),
+    ):
+        chat = await a.create_chat([bob.user_uuid], name="files")
+        upload = await a.upload(b"a report, in bytes", "report.txt")
+        sent = await a.send(chat["id"], "", attachments=[upload["upload_id"]])
+        [attachment] = sent["attachments"]
+        assert (attachment["id"], attachment["name"]) == (upload["upload_id"], "report.txt")
+        await b_events.wait(lambda: b_events.messages(chat["id"]))
+        [got] = b_events.messages(chat["id"])
+        assert got["attachments"] == sent["attachments"]
+        assert await b.download(attachment["id"]) == b"a report, in bytes"
+        with pytest.raises(ChatdError) as caught:
+            await b.download(str(uuid.uuid4()))
+        assert caught.value.code == "not_found"
+
+
 async def test_unread_snapshot_surfaces_once(server: Server, alice: Api, bob: Api) -> None:
     async with await alice.connect() as sock:
         chat = await sock.request("create_chat", type="private", user_ids=[bob.user_uuid])

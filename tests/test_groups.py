@@ -81,9 +81,9 @@ async def test_creator_owns_the_group_and_members_are_listed_in_join_order(
     async with sockets(alice) as (a,):
         chat = await make_group(a, carol, bob)
         assert chat["members"] == [
-            {"user_uuid": alice.user_uuid, "name": "Alice", "role": "owner"},
-            {"user_uuid": carol.user_uuid, "name": "Carol", "role": "member"},
-            {"user_uuid": bob.user_uuid, "name": "Bob", "role": "member"},
+            {"user_uuid": alice.user_uuid, "name": "Alice", "role": "owner", "avatar": None},
+            {"user_uuid": carol.user_uuid, "name": "Carol", "role": "member", "avatar": None},
+            {"user_uuid": bob.user_uuid, "name": "Bob", "role": "member", "avatar": None},
         ]
         assert (await alice.chat(chat["id"]))["role"] == "owner"
         assert (await bob.chat(chat["id"]))["role"] == "member"

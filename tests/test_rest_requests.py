@@ -83,7 +83,7 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
     ids = {op["operationId"] for item in document["paths"].values() for op in item.values()}
     assert ids == {
         "register", "login", "refresh", "me", "users_list", "history", "list_chats",
-        "create_chat", "get_chat", "rename_chat", "delete_chat", "add_members",
+        "create_chat", "get_chat", "update_chat", "delete_chat", "add_members",
         "remove_member", "set_role", "send_message", "get_message", "mark_read",
         "healthz", "readyz", "edit_message", "delete_message", "list_edits", "react",
         "unreact", "forward_message", "pin_message", "unpin_message", "logout",
@@ -99,7 +99,7 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "AddMembersRequest", "Chat", "ChatMember", "ChatOverview", "ChatPage",
         "CreateChatRequest", "ErrorBody", "ErrorResponse", "Health", "History",
         "LoginRequest", "Me", "Member", "Message", "ReadRequest", "ReadUpto", "Readiness",
-        "RefreshRequest", "RegisterRequest", "RegisterResponse", "RenameChatRequest",
+        "RefreshRequest", "RegisterRequest", "RegisterResponse", "UpdateChatRequest",
         "SendMessageRequest", "SetRoleRequest", "TokenPair", "UserList", "DeletedMessage",
         "Edit", "EditList", "EditMessageRequest", "ForwardMessageRequest", "ForwardedFrom",
         "PinMessageRequest", "Reaction", "ChangePasswordRequest", "SessionInfo",

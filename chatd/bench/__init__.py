@@ -270,7 +270,7 @@ def _healthy(base_url: str) -> bool:
 
 
 def run_history(ctx: Any) -> dict[str, Any]:
-    from chatd.bench import accounts, history, procs, workloads
+    from chatd.bench import accounts, history, workloads
 
     args = ctx.args
     users = asyncio.run(
@@ -316,10 +316,10 @@ def run_history(ctx: Any) -> dict[str, Any]:
         "page_size": history.PAGE,
     }
     server = ctx.server_group()
-    workloads.wait_quiet(server, ctx.progress, "history")
+    workloads.wait_quiet(server, ctx.postgres_group(), ctx.progress, "history")
     for key, concurrency in (("sequential", 1), ("concurrent", args.history_concurrency)):
         ctx.progress(f"history: {key} pages for {args.history_seconds:g}s", force=True)
-        meter = workloads.CpuMeter({"server": server, "postgres": procs.postgres_group()})
+        meter = workloads.CpuMeter({"server": server, "postgres": ctx.postgres_group()})
         meter.start()
         result[key] = asyncio.run(
             history.measure(

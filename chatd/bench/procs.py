@@ -82,13 +82,41 @@ def server_group(pid: int) -> ProcGroup:
     return ProcGroup("server", find)
 
 
-def postgres_group() -> ProcGroup:
-    """Every PostgreSQL process on the machine (backends come and go, so looked up each time)."""
+def postgres_group(server_pid: int | None = None) -> ProcGroup:
+    """The PostgreSQL the server talks to: the postmaster listening on a port the server is
+    connected to, with its children (backends come and go, so looked up each time). Every
+    PostgreSQL process on the machine when that cannot be told (no server pid, a Unix
+    socket): then another cluster's work, tests running beside the bench say, counts too.
+    """
+    postmaster = postmaster_of(server_pid) if server_pid else None
 
     def find() -> list[psutil.Process]:
+        if postmaster is not None:
+            with contextlib.suppress(psutil.Error):
+                return [postmaster, *postmaster.children()]
         return [p for p in psutil.process_iter(["name"]) if _is_postgres(p)]
 
     return ProcGroup("postgres", find)
+
+
+def postmaster_of(server_pid: int) -> psutil.Process | None:
+    """The postmaster of the PostgreSQL `server_pid` (or a child of it) has a TCP connection
+    to, if one can be seen."""
+    with contextlib.suppress(psutil.Error):
+        server = psutil.Process(server_pid)
+        ports = set()
+        for proc in [server, *server.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                for conn in proc.net_connections(kind="tcp"):
+                    if conn.raddr and conn.status == psutil.CONN_ESTABLISHED:
+                        ports.add(conn.raddr.port)
+        for port in sorted(ports):
+            pid = listening_pid(port)
+            if pid is not None:
+                proc = psutil.Process(pid)
+                if _is_postgres(proc):
+                    return proc
+    return None
 
 
 def pids_group(label: str, pids: list[int]) -> ProcGroup:

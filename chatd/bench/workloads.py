@@ -64,6 +64,10 @@ class Context:
             return procs.server_group(self.server_pid)
         return None
 
+    def postgres_group(self) -> procs.ProcGroup:
+        """The server's PostgreSQL (every PostgreSQL process when it cannot be told)."""
+        return procs.postgres_group(self.server_pid)
+
 
 class Fleet:
     """The worker processes of one workload, each holding a share of the sockets."""
@@ -224,14 +228,18 @@ class CpuMeter:
 
 
 def wait_quiet(
-    group: procs.ProcGroup | None, progress: Progress, label: str, limit: float = 60
+    group: procs.ProcGroup | None,
+    postgres: procs.ProcGroup,
+    progress: Progress,
+    label: str,
+    limit: float = 60,
 ) -> None:
     """Wait (up to `limit` s) until the server and PostgreSQL idle below 10% of a core.
 
     A step that overloaded the server leaves it working through a backlog for a while;
     the next measurement starts once that is done.
     """
-    groups = [g for g in (group, procs.postgres_group()) if g is not None]
+    groups = [g for g in (group, postgres) if g is not None]
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         for g in groups:
@@ -303,7 +311,7 @@ def run_stepped(ctx: Context, kind: str) -> dict[str, Any]:
                     f"{kind}: only {opened}/{len(sockets)} sockets connected: {failures}"
                 )
             server = procs.server_group(server_pid) if server_pid else None
-            wait_quiet(server, ctx.progress, kind)
+            wait_quiet(server, ctx.postgres_group(), ctx.progress, kind)
             steps = []
             for index, rate in enumerate(rate_schedule(args.rates, args.max_rate)):
                 step = run_step(ctx, fleet, kind, index, rate, size, server)
@@ -351,7 +359,7 @@ def run_step(
     meter = CpuMeter(
         {
             "server": server,
-            "postgres": procs.postgres_group(),
+            "postgres": ctx.postgres_group(),
             "client": procs.pids_group("client", fleet.pids()),
         }
     )
@@ -439,11 +447,22 @@ def step_result(
         "ack_latency_ms": percentiles(stats.ack_latency_ns),
         "send_lag_ms": {"p99": lag["p99"], "max": lag["max"]},
         **cpu,
+        "cpu_ms_per_msg": cpu_ms_per_message(cpu, duration, len(acked)),
         "server_rss_mib": round(rss_peak / 2**20, 1) if rss_peak else None,
         "ok": not reasons,
         "fail_reasons": reasons,
         "warnings": warnings,
     }
+
+
+def cpu_ms_per_message(
+    cpu: dict[str, float | None], duration: float, messages: int
+) -> float | None:
+    """Server and PostgreSQL CPU milliseconds per message stored and fanned out."""
+    server, postgres = cpu.get("server_cpu_pct"), cpu.get("postgres_cpu_pct")
+    if server is None or postgres is None or not messages:
+        return None
+    return round((server + postgres) / 100 * duration * 1000 / messages, 3)
 
 
 def best_step(steps: list[dict[str, Any]], p99_ms: float) -> dict[str, Any] | None:
@@ -551,9 +570,9 @@ def run_idle(ctx: Context) -> dict[str, Any]:
             f"the server's open-file limit ({limit[0]}) is below {n + 100}: "
             "raise it (ulimit -n) before starting chatd"
         )
-    wait_quiet(server, ctx.progress, "idle")
+    wait_quiet(server, ctx.postgres_group(), ctx.progress, "idle")
     rss_before = server.rss() if server else None
-    meter = CpuMeter({"server": server, "postgres": procs.postgres_group()})
+    meter = CpuMeter({"server": server, "postgres": ctx.postgres_group()})
     meter.start()
     fleet = Fleet(CHATD, ctx.run_id, sockets, args.client_procs, args.connect_concurrency)
     try:

@@ -9,7 +9,8 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     changes.py   edit_message, delete_message, react, unreact, forward_message,
                  pin_message, unpin_message, and a message's earlier texts
     reads.py     mark_read (and POST /chats/{id}/read)
-    groups.py    add_members, remove_member, leave_chat, rename_chat, set_role, delete_chat
+    groups.py    add_members, remove_member, leave_chat, rename_chat, update_chat, set_role,
+                 delete_chat
     presence.py  typing, get_presence, and get_user (REST only)
     accounts.py  register, login, refresh, logout, me, update_me, change_password,
                  list_sessions, revoke_session, delete_me, export_me, users_list
@@ -106,6 +107,7 @@ from chatd.protocol import (
     UnblockUser,
     UnpinMessage,
     Unreact,
+    UpdateChat,
     UpdateMe,
 )
 
@@ -132,6 +134,7 @@ HANDLERS: dict[type, Handler] = {
     RemoveMember: groups.remove_member,
     LeaveChat: groups.leave_chat,
     RenameChat: groups.rename_chat,
+    UpdateChat: groups.update_chat,
     SetRole: groups.set_role,
     DeleteChat: groups.delete_chat,
     BlockUser: blocks.block_user,
@@ -179,7 +182,8 @@ REST_HANDLERS: dict[type, Handler] = {
 # socket; mark_read's REST form is POST /chats/{id}/read (Read); leave_chat's is
 # DELETE /chats/{id}/members/{your own uuid}; get_presence's is GET /users/{uuid}, one user
 # at a time (a list in a query string has no place in the route table).
-SOCKET_ONLY = frozenset({Sync, Typing, MarkRead, LeaveChat, GetPresence})
+# RenameChat: PATCH /chats/{id} is UpdateChat, of which renaming is a part.
+SOCKET_ONLY = frozenset({Sync, Typing, MarkRead, LeaveChat, RenameChat, GetPresence})
 
 _missing = set(ClientAction.__args__) ^ set(HANDLERS)
 if _missing:

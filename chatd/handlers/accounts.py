@@ -17,10 +17,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from asyncpg import Record
+from msgspec import UNSET
 
 from chatd import auth
 from chatd.handlers import blocks, changes, files, groups
-from chatd.handlers.base import Context
+from chatd.handlers.base import Context, file_id_text, member_from_row
 from chatd.node import Node
 from chatd.protocol import (
     EMAIL_TAKEN,
@@ -49,7 +50,6 @@ from chatd.protocol import (
     Login,
     Logout,
     Me,
-    Member,
     Message,
     MessageUpdated,
     Refresh,
@@ -61,6 +61,7 @@ from chatd.protocol import (
     TokenPair,
     UpdateMe,
     UserList,
+    UserUpdated,
     clean_text,
 )
 from chatd.ratelimit import take_all
@@ -261,7 +262,7 @@ async def _issue_pair(ctx: Context, user_id: uuid.UUID, session_id: uuid.UUID) -
 
 async def me(ctx: Context, action: GetMe) -> Me:
     row = await ctx.node.pool.fetchrow(
-        "SELECT id, name, email, created_at, share_presence FROM users WHERE id = $1",
+        "SELECT id, name, email, created_at, avatar, share_presence FROM users WHERE id = $1",
         ctx.user_id,
     )
     if row is None:
@@ -275,26 +276,51 @@ def _me(row: Record) -> Me:
         name=row["name"],
         email=row["email"],
         created_at=row["created_at"],
+        avatar=file_id_text(row["avatar"]),
         share_presence=row["share_presence"],
     )
 
 
+# Everyone who shares a chat with $1, and $1: who hears of a new name or avatar.
+_CONTACTS = """
+SELECT DISTINCT other.user_id FROM chat_members mine
+JOIN chat_members other ON other.chat_id = mine.chat_id
+WHERE mine.user_id = $1
+"""
+
+_UPDATE_ME = """
+UPDATE users SET name = coalesce($2, name), avatar = CASE WHEN $3 THEN $4 ELSE avatar END,
+                 share_presence = coalesce($5, share_presence)
+WHERE id = $1
+RETURNING id, name, email, created_at, avatar, share_presence,
+          (SELECT (name, avatar) FROM users WHERE id = $1) IS DISTINCT FROM (name, avatar)
+          AS changed,
+          (SELECT share_presence FROM users WHERE id = $1) IS DISTINCT FROM share_presence
+          AS presence_changed
+"""
+
+
 async def update_me(ctx: Context, action: UpdateMe) -> Me:
+    """Change what is given; tell everyone who shares a chat with you when your name or
+    avatar changed (counted as a change: it fans out)."""
     name = None
     if action.name is not None:
         name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
-    row = await ctx.node.pool.fetchrow(
-        "UPDATE users SET name = coalesce($2, name),"
-        " share_presence = coalesce($3, share_presence) WHERE id = $1"
-        " RETURNING id, name, email, created_at, share_presence,"
-        " share_presence IS DISTINCT FROM (SELECT share_presence FROM users WHERE id = $1)"
-        " AS presence_changed",
-        ctx.user_id,
-        name,
-        action.share_presence,
-    )
-    if row is None:
-        raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
+    set_avatar = action.avatar is not UNSET
+    async with changes.counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
+        avatar = None
+        if isinstance(action.avatar, str):
+            avatar = await files.claim_image(conn, ctx.user_id, action.avatar, "avatar")
+        row = await conn.fetchrow(
+            _UPDATE_ME, ctx.user_id, name, set_avatar, avatar, action.share_presence
+        )
+        if row is None:
+            raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
+        contacts = []
+        if row["changed"]:
+            contacts = [r["user_id"] for r in await conn.fetch(_CONTACTS, ctx.user_id)]
+    if row["changed"]:
+        await ctx.node.publish({ctx.user_id, *contacts}, UserUpdated(member_from_row(row)))
     if row["presence_changed"]:  # committed: tell the contacts what they may see now
         await ctx.node.presence.share_changed(ctx.user_id)
     return _me(row)
@@ -392,7 +418,7 @@ async def logout(ctx: Context, action: Logout) -> None:
 # q matches a name by prefix, an email only whole: a prefix search on emails would let
 # any user read every address out, a character at a time.
 _USERS_PAGE = """
-SELECT id, name FROM users
+SELECT id, name, avatar FROM users
 WHERE deleted_at IS NULL AND ($1::text IS NULL OR lower(name) LIKE $1 || '%' OR email = $4)
   AND ($2::uuid IS NULL OR (name, id) > (SELECT name, id FROM users WHERE id = $2))
 ORDER BY name, id
@@ -409,7 +435,7 @@ async def users_list(ctx: Context, action: ListUsers) -> UserList:
                 email = email_key(q)
         q = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     rows = await ctx.node.pool.fetch(_USERS_PAGE, q, action.after, action.limit, email)
-    return UserList([Member(user_uuid=str(r["id"]), name=r["name"]) for r in rows])
+    return UserList([member_from_row(r) for r in rows])
 
 
 # --- deleting and exporting the account ----------------------------------------------------

@@ -18,6 +18,7 @@ from chatd.protocol import (
     Chat,
     ChatError,
     ChatMember,
+    Member,
     encode,
     no_such_chat,
 )
@@ -138,7 +139,7 @@ def fit_in_frame(items: Iterable[T], budget: int) -> tuple[list[T], int]:
 # --- chats as the wire shows them ---------------------------------------------------------
 
 _MEMBERS = """
-SELECT cm.chat_id, u.id, u.name, cm.role
+SELECT cm.chat_id, u.id, u.name, cm.role, u.avatar
 FROM chat_members cm JOIN users u ON u.id = cm.user_id
 WHERE cm.chat_id = ANY($1::bigint[])
 ORDER BY cm.chat_id, cm.join_order
@@ -151,14 +152,20 @@ async def fetch_members(
     members: dict[int, list[ChatMember]] = {chat_id: [] for chat_id in chat_ids}
     for row in await conn.fetch(_MEMBERS, chat_ids):
         members[row["chat_id"]].append(
-            ChatMember(user_uuid=str(row["id"]), name=row["name"], role=row["role"])
+            ChatMember(
+                user_uuid=str(row["id"]),
+                name=row["name"],
+                role=row["role"],
+                avatar=file_id_text(row["avatar"]),
+            )
         )
     return members
 
 
 async def fetch_chat(conn: asyncpg.Connection, chat_id: int) -> Chat:
     chat = await conn.fetchrow(
-        "SELECT id, type, name, created_at, version, pinned_message_id FROM chats WHERE id = $1",
+        "SELECT id, type, name, created_at, version, pinned_message_id, photo"
+        " FROM chats WHERE id = $1",
         chat_id,
     )
     members = await fetch_members(conn, [chat_id])
@@ -170,7 +177,17 @@ async def fetch_chat(conn: asyncpg.Connection, chat_id: int) -> Chat:
         members=members[chat_id],
         version=chat["version"],
         pinned_message_id=chat["pinned_message_id"],
+        photo=file_id_text(chat["photo"]),
     )
+
+
+def file_id_text(file_id: uuid.UUID | None) -> str | None:
+    return None if file_id is None else str(file_id)
+
+
+def member_from_row(row: asyncpg.Record) -> Member:
+    """A users row (id, name, avatar) as the wire shows it."""
+    return Member(user_uuid=str(row["id"]), name=row["name"], avatar=file_id_text(row["avatar"]))
 
 
 def member_ids(chat: Chat) -> list[uuid.UUID]:

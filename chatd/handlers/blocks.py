@@ -15,7 +15,7 @@ import uuid
 
 import asyncpg
 
-from chatd.handlers.base import Context, parse_user_id
+from chatd.handlers.base import Context, member_from_row, parse_user_id
 from chatd.protocol import (
     INVALID,
     MAX_BLOCKS,
@@ -25,7 +25,6 @@ from chatd.protocol import (
     BlockUser,
     ChatError,
     ListBlocks,
-    Member,
     UnblockUser,
     UserList,
 )
@@ -85,8 +84,8 @@ async def unblock_user(ctx: Context, action: UnblockUser) -> BlockList:
 
 async def list_blocks(ctx: Context, action: ListBlocks) -> UserList:
     rows = await ctx.node.pool.fetch(
-        "SELECT u.id, u.name FROM blocks b JOIN users u ON u.id = b.blocked_id"
+        "SELECT u.id, u.name, u.avatar FROM blocks b JOIN users u ON u.id = b.blocked_id"
         " WHERE b.blocker_id = $1 ORDER BY b.created_at DESC, u.id",
         ctx.user_id,
     )
-    return UserList([Member(user_uuid=str(r["id"]), name=r["name"]) for r in rows])
+    return UserList([member_from_row(r) for r in rows])

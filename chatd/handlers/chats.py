@@ -14,6 +14,7 @@ from chatd.handlers.base import (
     Context,
     fetch_chat,
     fetch_members,
+    file_id_text,
     fit_in_frame,
     member_ids,
     parse_user_ids,
@@ -192,7 +193,7 @@ async def insert_members(
 # unread_count: store.UNREAD_COUNT, the expression notifications use too.
 _OVERVIEW = f"""
 SELECT c.id, c.type, c.name, c.created_at, c.last_seq, c.activity, c.version,
-       c.pinned_message_id, cm.read_seq, cm.role, rm.id AS read_upto,
+       c.pinned_message_id, c.photo, cm.read_seq, cm.role, rm.id AS read_upto,
        cm.mute_until, cm.notify,
        {UNREAD_COUNT} AS unread_count,
        (SELECT count(*) FROM mentions mn
@@ -294,6 +295,7 @@ async def _overviews(
             role=row["role"],
             version=row["version"],
             pinned_message_id=row["pinned_message_id"],
+            photo=file_id_text(row["photo"]),
             mute_until=row["mute_until"],
             notify=row["notify"],
             presence=presence.get(partners.get(row["id"])),  # type: ignore[arg-type]

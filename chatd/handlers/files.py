@@ -257,6 +257,30 @@ def attachment_from_row(row: asyncpg.Record) -> Attachment:
     )
 
 
+_IMAGE_OF = """
+SELECT mime, width FROM files WHERE id = $1 AND owner_id = $2
+FOR UPDATE  -- the collector, deleting it meanwhile, waits and then finds it claimed
+"""
+
+
+async def claim_image(
+    conn: asyncpg.Connection, user_id: uuid.UUID, raw: str, field: str
+) -> uuid.UUID:
+    """The caller's uploaded image `raw` as an avatar or group photo, claimed in the
+    caller's transaction; `invalid` when it is not an image upload of theirs."""
+    try:
+        file_id = uuid.UUID(raw)
+    except ValueError:
+        raise ChatError(INVALID, f"{field}: {raw[:64]!r} is not an upload_id") from None
+    row = await conn.fetchrow(_IMAGE_OF, file_id, user_id)
+    if row is None:
+        raise ChatError(INVALID, f"{field}: {file_id} is not an upload of yours")
+    if row["width"] is None or row["mime"] not in media.SAFE_RASTER.values():
+        raise ChatError(INVALID, f"{field}: must be a PNG, JPEG, GIF or WebP image")
+    await conn.execute(_CLAIM, [file_id])
+    return file_id
+
+
 async def claim_attachments(ctx: Context, attachments: list[Attachment]) -> None:
     """Renew the claim on a message's attachments being copied (a forward)."""
     if attachments:

@@ -12,7 +12,9 @@ import uuid
 from dataclasses import dataclass
 
 import asyncpg
+from msgspec import UNSET
 
+from chatd.handlers import files
 from chatd.handlers.base import (
     Context,
     fetch_chat,
@@ -46,6 +48,7 @@ from chatd.protocol import (
     RemoveMember,
     RenameChat,
     SetRole,
+    UpdateChat,
     clean_text,
 )
 from chatd.store import advance_read_watermarks, publish_read_receipts
@@ -181,17 +184,33 @@ async def announce_departure(node: Node, departure: Departure) -> None:
 
 
 async def rename_chat(ctx: Context, action: RenameChat) -> Chat:
-    name = clean_text(action.name, "name", min_len=1, max_len=MAX_GROUP_NAME_CHARS)
+    return await update_chat(ctx, UpdateChat(chat_id=action.chat_id, name=action.name))
+
+
+# Moves the chat up everyone's list, as a new message does, when something changed.
+_UPDATE_CHAT = """
+UPDATE chats
+SET name = coalesce($2, name), photo = CASE WHEN $3 THEN $4 ELSE photo END,
+    activity = nextval('chat_activity_seq')
+WHERE id = $1
+  AND (name, photo) IS DISTINCT FROM (coalesce($2, name), CASE WHEN $3 THEN $4 ELSE photo END)
+"""
+
+
+async def update_chat(ctx: Context, action: UpdateChat) -> Chat:
+    """Admins and the owner change a group's name and photo (an image they uploaded)."""
+    name = None
+    if isinstance(action.name, str):
+        name = clean_text(action.name, "name", min_len=1, max_len=MAX_GROUP_NAME_CHARS)
+    set_photo = action.photo is not UNSET
     async with ctx.node.pool.acquire() as conn, conn.transaction():
         await lock_group(conn, action.chat_id, ctx.user_id, at_least="admin")
-        renamed = await conn.execute(
-            "UPDATE chats SET name = $2, activity = nextval('chat_activity_seq')"
-            " WHERE id = $1 AND name IS DISTINCT FROM $2",
-            action.chat_id,
-            name,
-        )
+        photo = None
+        if isinstance(action.photo, str):
+            photo = await files.claim_image(conn, ctx.user_id, action.photo, "photo")
+        updated = await conn.execute(_UPDATE_CHAT, action.chat_id, name, set_photo, photo)
         chat = await fetch_chat(conn, action.chat_id)
-    if renamed != "UPDATE 0":
+    if updated != "UPDATE 0":
         await ctx.node.publish(member_ids(chat), ChatUpdated(chat))
     return chat
 

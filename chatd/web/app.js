@@ -434,6 +434,9 @@ function handleFrame(frame) {
       if (pinChanged) noteVersion(d.id, d.version);
       return;
     }
+    case "user_updated":
+      updateUser(d);
+      return;
     case "blocks_changed":
       state.blocked = new Set(d.blocked);
       renderMessages();
@@ -649,9 +652,13 @@ function chatTitle(chat) {
 
 function memberName(chatId, uuid) {
   if (uuid === state.me.user_uuid) return "You";
-  const chat = state.chats.get(chatId);
-  const member = chat && (chat.members || []).find((u) => u.user_uuid === uuid);
+  const member = memberOf(chatId, uuid);
   return member ? member.name : "Someone";
+}
+
+function memberOf(chatId, uuid) {
+  const chat = state.chats.get(chatId);
+  return chat && (chat.members || []).find((u) => u.user_uuid === uuid);
 }
 
 function myRole(chat) {
@@ -729,7 +736,7 @@ function renderChatList() {
       button.dataset.chatId = chat.id;
       if (chat.id === state.current) button.setAttribute("aria-current", "true");
       const top = el("span", "chat-item-top");
-      top.append(el("span", "chat-name", chatTitle(chat)));
+      top.append(chatAvatar(chat), el("span", "chat-name", chatTitle(chat)));
       const seen = partnerPresence(chat);
       if (seen && seen.status === "online") {
         const dot = el("span", "presence-dot");
@@ -835,7 +842,15 @@ function messageItem(m, chat, pending = false) {
   if (m.deleted) li.classList.add("deleted");
   if (mentionsMe(m)) li.classList.add("mentions-me");
   if (state.highlight && state.highlight.id === m.id) li.classList.add("highlight");
-  if (!mine && chat && chat.type === "group") li.append(el("span", "sender", memberName(m.chat_id, m.sender_uuid)));
+  if (!mine && chat && chat.type === "group") {
+    const member = memberOf(m.chat_id, m.sender_uuid);
+    const sender = el("span", "sender");
+    sender.append(
+      avatarEl(member && member.avatar, memberName(m.chat_id, m.sender_uuid), m.sender_uuid, "small"),
+      memberName(m.chat_id, m.sender_uuid),
+    );
+    li.append(sender);
+  }
   if (!mine && !m.deleted && state.blocked.has(m.sender_uuid) && !state.unfolded.has(m.id)) {
     // Someone I block, in a group we share: folded until asked for (docs/protocol.md#blocking).
     li.classList.add("collapsed");
@@ -916,6 +931,15 @@ function renderMessages() {
 function renderChatHeader() {
   const chat = state.chats.get(state.current);
   $("chat-title").textContent = chat ? chatTitle(chat) : "Pick a chat";
+  const picture = $("chat-avatar");
+  picture.hidden = !chat;
+  if (chat) {
+    const mayChange = chat.type === "group" && isAdmin(chat);
+    picture.replaceChildren(chatAvatar(chat));
+    picture.disabled = !mayChange;
+    picture.title = mayChange ? "Change the group's photo" : "";
+    picture.setAttribute("aria-label", mayChange ? "Change the group's photo" : chatTitle(chat));
+  }
   $("chat-settings").hidden = !chat;
   $("chat-settings").textContent = chat && isMuted(chat) ? "🔕" : "🔔";
   renderChatStatus(chat);
@@ -1076,6 +1100,112 @@ function send() {
   renderMessages();
   $("messages-scroll").scrollTop = $("messages-scroll").scrollHeight;
   if (state.wsReady) sendOut(client_msg_id, out);
+}
+
+// --- avatars and group photos -------------------------------------------------------------
+
+const AVATAR_COLOURS = ["#b03a2e", "#7d3c98", "#2e6fd0", "#148f77", "#b9770e", "#2d6a4f", "#6e4b3a", "#34495e"];
+
+function initials(name) {
+  const words = (name || "?").trim().split(/\s+/).filter(Boolean);
+  const picked = words.length > 1 ? [words[0], words.at(-1)] : [words[0] || "?"];
+  return picked.map((w) => [...w][0].toUpperCase()).join("");
+}
+
+// A round picture: the thumbnail of `fileId` (fetched and cached like any thumbnail) over
+// the initials of `name`, on a colour picked by `seed`. The initials show until the image
+// arrives, and stay when there is none or it cannot be had. The initials are drawn by CSS
+// (data-initials), so they are not part of the text around them.
+function avatarEl(fileId, name, seed, size = "") {
+  const span = el("span", size ? `avatar ${size}` : "avatar");
+  span.dataset.initials = initials(name);
+  span.setAttribute("aria-hidden", "true");
+  let hash = 0;
+  for (const ch of seed || name || "") hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+  span.style.background = AVATAR_COLOURS[hash % AVATAR_COLOURS.length];
+  if (fileId) {
+    const img = el("img", "avatar-img");
+    img.alt = "";
+    img.dataset.fileId = fileId;
+    const thumb = state.thumbs.get(fileId);
+    if (thumb && thumb.url) img.src = thumb.url;
+    else if (!thumb) loadThumb(fileId);
+    if (!thumb || !thumb.failed) span.append(img);
+  }
+  return span;
+}
+
+// A group shows its photo; a private chat the other member's avatar.
+function chatAvatar(chat) {
+  if (chat.type === "group") return avatarEl(chat.photo, chat.name || "Group", `chat:${chat.id}`);
+  const other = (chat.members || []).find((u) => u.user_uuid !== state.me.user_uuid) || state.me;
+  return avatarEl(other.avatar, other.name, other.user_uuid);
+}
+
+function renderMe() {
+  $("me-name").textContent = state.me.name;
+  $("me-avatar").replaceChildren(avatarEl(state.me.avatar, state.me.name, state.me.user_uuid));
+}
+
+// Someone's new name or avatar: wherever they are shown.
+function updateUser(user) {
+  if (user.user_uuid === state.me.user_uuid) {
+    state.me = { ...state.me, name: user.name, avatar: user.avatar };
+    renderMe();
+  }
+  for (const chat of state.chats.values()) {
+    for (const member of chat.members || []) {
+      if (member.user_uuid !== user.user_uuid) continue;
+      member.name = user.name;
+      member.avatar = user.avatar;
+    }
+  }
+  renderChatList();
+  renderChatHeader();
+  renderMessages();
+}
+
+let pictureFor = null; // "me", or the id of the group whose photo is being picked
+
+function pickPicture(target) {
+  pictureFor = target;
+  $("picture-input").value = "";
+  $("picture-input").click();
+}
+
+async function changePicture() {
+  const file = $("picture-input").files[0];
+  const target = pictureFor;
+  if (!file || target === null) return;
+  try {
+    const image = await uploadImage(file);
+    if (target === "me") {
+      state.me = await api("PATCH", "me", { avatar: image.upload_id });
+      renderMe();
+    } else {
+      upsertChat(await api("PATCH", `chats/${target}`, { photo: image.upload_id }));
+    }
+  } catch (err) {
+    notify(`Could not change the picture: ${err.message}`);
+  }
+}
+
+async function uploadImage(file, retry = true) {
+  const res = await fetch(new URL(`uploads?name=${encodeURIComponent(file.name || "picture")}`, BASE), {
+    method: "POST",
+    headers: {
+      authorization: `Bearer ${await accessToken()}`,
+      "content-type": file.type || "application/octet-stream",
+    },
+    body: file,
+  });
+  if (res.status === 401 && retry) {
+    await refreshTokens();
+    return uploadImage(file, false);
+  }
+  const data = await res.json().catch(() => null);
+  if (!res.ok) throw new Error((data && data.error && data.error.message) || `HTTP ${res.status}`);
+  return data;
 }
 
 // --- files: uploading, thumbnails, the viewer, downloads --------------------------------
@@ -1308,9 +1438,10 @@ async function loadThumb(id) {
     if (old.url) URL.revokeObjectURL(old.url);
     state.thumbs.delete(oldest);
   }
-  for (const img of document.querySelectorAll("img.thumb-img")) {
+  for (const img of document.querySelectorAll("img.thumb-img, img.avatar-img")) {
     if (img.dataset.fileId !== id) continue;
     if (entry.url) img.src = entry.url;
+    else if (img.classList.contains("avatar-img")) img.remove(); // the initials stay
     else img.parentElement.classList.add("unavailable");
   }
 }
@@ -2106,7 +2237,7 @@ async function submitAuth(event) {
 
 async function start() {
   state.me = await api("GET", "me");
-  $("me-name").textContent = state.me.name;
+  renderMe();
   $("auth-view").hidden = true;
   $("app-view").hidden = false;
   openChat(null);
@@ -2152,6 +2283,11 @@ function init() {
   $("auth-form").addEventListener("submit", submitAuth);
   $("auth-toggle").addEventListener("click", toggleRegister);
   $("logout").addEventListener("click", () => signOut());
+  $("me-avatar").addEventListener("click", () => pickPicture("me"));
+  $("chat-avatar").addEventListener("click", () => {
+    if (state.current !== null) pickPicture(state.current);
+  });
+  $("picture-input").addEventListener("change", changePicture);
   $("back").addEventListener("click", () => openChat(null));
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();

@@ -13,7 +13,14 @@ from pathlib import Path
 from PIL import Image
 from playwright import sync_api
 
-from tests.browser.test_browser_chat import ARTIFACTS, browser, log_in, logged_in_client, register
+from tests.browser.test_browser_chat import (
+    ARTIFACTS,
+    browser,
+    log_in,
+    logged_in_client,
+    page_user_uuid,
+    register,
+)
 from tests.conftest import Server, start_server, stop_server
 
 __all__ = ["browser"]  # the fixture, shared with test_browser_chat
@@ -267,3 +274,65 @@ def test_a_refused_upload_says_why_and_is_never_sent(
         assert not errors, errors
     finally:
         stop_server(server)
+
+
+def square(color: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(out, "PNG")
+    return out.getvalue()
+
+
+def shown_colour(page, img) -> list[int]:
+    page.wait_for_function(
+        "(img) => img.complete && img.naturalWidth > 0", arg=img.element_handle()
+    )
+    return page.evaluate(PIXEL, [img.element_handle(), 20, 20])
+
+
+def test_avatars_and_group_photos(browser, server: Server) -> None:
+    errors: list[str] = []
+    _chat, bob_api, alice, bob = two_pages_in_a_chat(browser, server, errors)
+    entry = bob.locator(".chat-item", has_text="Alice")
+    # No avatar yet: Alice's initial, on a colour of her own, and no picture.
+    expect(entry.locator(".avatar")).to_have_attribute("data-initials", "A")
+    expect(entry.locator(".avatar img")).to_have_count(0)
+
+    # Alice picks a red picture for herself.
+    with alice.expect_file_chooser() as chooser:
+        alice.get_by_role("button", name="Change your picture").click()
+    chooser.value.set_files(
+        files=[{"name": "me.png", "mimeType": "image/png", "buffer": square(RED)}]
+    )
+    assert close_to(shown_colour(alice, alice.locator("#me-avatar img")), RED, 30)
+
+    # Bob sees it arrive (user_updated) in his chat list and the chat's header.
+    assert close_to(shown_colour(bob, entry.locator(".avatar img")), RED, 30)
+    assert close_to(shown_colour(bob, bob.locator("#chat-avatar img")), RED, 30)
+    expect(bob.locator("#chat-avatar")).to_be_disabled()  # a private chat has no photo
+
+    # Bob makes a group with Alice and gives it a blue photo from its header.
+    alice_uuid = page_user_uuid(alice)
+    group = bob_api.post(
+        "/chats", json={"type": "group", "name": "Blue team", "user_ids": [alice_uuid]}
+    ).json()
+    bob.locator(".chat-item", has_text="Blue team").click()
+    expect(bob.locator("#chat-avatar")).to_be_enabled()
+    with bob.expect_file_chooser() as chooser:
+        bob.get_by_role("button", name="Change the group's photo").click()
+    chooser.value.set_files(
+        files=[{"name": "g.png", "mimeType": "image/png", "buffer": square(BLUE)}]
+    )
+    group_entry = alice.locator(".chat-item", has_text="Blue team")
+    assert close_to(shown_colour(alice, group_entry.locator(".avatar img")), BLUE, 30)
+    assert bob_api.get(f"/chats/{group['id']}").json()["photo"]
+
+    # In the group, Alice's messages carry her avatar beside her name; she may not change
+    # the group's photo (a plain member).
+    group_entry.click()
+    expect(alice.locator("#chat-avatar")).to_be_disabled()
+    alice.get_by_label("Message", exact=True).fill("hello blue team")
+    alice.get_by_label("Message", exact=True).press("Enter")
+    bob_message = bob.locator("#messages .message", has_text="hello blue team")
+    expect(bob_message.locator(".sender")).to_have_text("Alice")  # initials are not text
+    assert close_to(shown_colour(bob, bob_message.locator(".sender .avatar img")), RED, 30)
+    assert not errors, errors
