@@ -27,7 +27,9 @@ from chatd.db import create_pool
 from chatd.deliveries import DeliveryQueue
 from chatd.files import FileCollector, Files, open_blob_store
 from chatd.hub import Bus, Hub, LocalBus, publish
+from chatd.presence import PresenceTracker
 from chatd.protocol import Event, Readiness
+from chatd.push import PushNotifier, stored_vapid
 from chatd.ratelimit import Limits, TypingGate
 from chatd.redis_bus import RedisBus
 from chatd.revocations import Revocation, RevocationListener, SessionCache
@@ -66,6 +68,9 @@ class Node:
             grace=settings.file_grace,
             interval=settings.file_gc_interval,
         )
+        self.presence = PresenceTracker(
+            self.pool, self.bus, settings.redis_url, settings.presence_group_limit
+        )
         self.deliveries = DeliveryQueue(
             self.pool,
             database_url,
@@ -77,6 +82,16 @@ class Node:
             retention=settings.delivery_retention,
             allow_private=settings.outbound_allow_private,
         )
+        self.push = PushNotifier(
+            self.pool,
+            self.presence,
+            self.deliveries,
+            stored_vapid(settings.data_dir, settings.vapid_private_key, settings.vapid_subject),
+            settings.push_gateway_url,
+            (settings.push_gateway_secret or "").encode(),
+            settings.push_gateway_text,
+        )
+        self.writer.committed = self.push.committed  # in memory: no I/O on the send path
         self.limits = Limits(settings)
         self.typing_gate = TypingGate(remote=self.limits.remote)
         self._watchdog: asyncio.Task[None] | None = None
@@ -105,7 +120,9 @@ class Node:
         self._listener = asyncio.create_task(self.revocations.run())
         self.collector.start()
         self.tokens.start()
+        self.presence.start()
         self.deliveries.start()
+        self.push.start()
         # Serve once revocations are heard (a session is trusted from memory only then).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.revocations.listening.wait(), 10)
@@ -116,6 +133,8 @@ class Node:
             if task is not None:
                 task.cancel()
         await self.collector.stop()
+        await self.presence.stop()
+        await self.push.stop()
         await self.deliveries.stop()
         await self.writer.wait_idle(timeout=5)
         await self.tokens.stop()

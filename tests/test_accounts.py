@@ -217,8 +217,12 @@ BOT_FIELDS = {"is_bot", "bot_id", "bot_username"}
 
 async def test_me_describes_the_caller(alice: Api) -> None:
     me = await alice.me()
-    assert set(me) == {"user_uuid", "name", "email", "created_at", "avatar"} | BOT_FIELDS
+    assert (
+        set(me)
+        == {"user_uuid", "name", "email", "created_at", "avatar", "share_presence"} | BOT_FIELDS
+    )
     assert (me["is_bot"], me["bot_id"], me["bot_username"]) == (False, None, None)
+    assert me["share_presence"] is True
     assert me["name"] == "Alice"
     assert me["email"] == alice.email
     assert me["created_at"].endswith("Z")
