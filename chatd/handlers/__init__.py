@@ -263,6 +263,10 @@ READS: frozenset[type] = frozenset(
         ChatCommands,
         ListDeliveries,
         ListWebhooks,
+        SearchMessages,
+        GetPresence,
+        GetUser,
+        GetVapidKey,
     }
 )
 
