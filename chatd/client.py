@@ -54,6 +54,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -246,7 +247,8 @@ class Api:
         return await self.call("GET", "/me")
 
     async def update_me(self, **fields: Any) -> dict[str, Any]:
-        """PATCH /me: `name=`, `avatar=` (an image's upload_id, or None to remove it)."""
+        """PATCH /me: `name=`, `avatar=` (an image's upload_id, or None to remove it),
+        `share_presence=`."""
         return await self.call("PATCH", "/me", json=fields)
 
     async def update_chat(self, chat_id: int, **fields: Any) -> dict[str, Any]:
@@ -301,6 +303,32 @@ class Api:
 
     async def chat(self, chat_id: int) -> dict[str, Any]:
         return await self.call("GET", f"/chats/{chat_id}")
+
+    async def user(self, user_uuid: str) -> dict[str, Any]:
+        """GET /users/{uuid}: the name, and the presence when you share a chat (else null)."""
+        return await self.call("GET", f"/users/{user_uuid}")
+
+    async def search(self, q: str, **params: Any) -> dict[str, Any]:
+        """GET /search: `chat_id=`, `before=` (next_before of the last page), `limit=`.
+        Each result's highlights are code point offsets: text[start:end]."""
+        return await self.call("GET", "/search", params={"q": q, **params})
+
+    async def mute(
+        self, chat_id: int, until: datetime | None = None, *, notify: str | None = None
+    ) -> dict[str, Any]:
+        """Mute a chat until `until` (None: unmute), and set `notify` (all, mentions, none)
+        when given."""
+        body: dict[str, Any] = {"mute_until": until.isoformat() if until else None}
+        if notify is not None:
+            body["notify"] = notify
+        return await self.call("PATCH", f"/chats/{chat_id}/notifications", json=body)
+
+    async def subscribe_push(self, subscription: dict[str, Any]) -> dict[str, Any]:
+        """Store a browser-style PushSubscription ({endpoint, keys: {p256dh, auth}})."""
+        return await self.call("POST", "/push/subscriptions", json=subscription)
+
+    async def unsubscribe_push(self, endpoint: str) -> None:
+        await self.call("DELETE", "/push/subscriptions", json={"endpoint": endpoint})
 
     async def upload(
         self, file: str | os.PathLike[str] | bytes, name: str | None = None
@@ -850,6 +878,27 @@ class Client:
 
     async def typing(self, chat_id: int) -> Any:
         return await self.request("typing", chat_id=chat_id)
+
+    async def presence(self, user_uuids: str | Iterable[str]) -> dict[str, dict[str, Any]]:
+        """get_presence: user uuid → {status, last_seen} for those you share a chat with
+        (the others are not in the answer). `presence` events tell changes in private
+        chats and small groups as they happen."""
+        ids = [user_uuids] if isinstance(user_uuids, str) else list(user_uuids)
+        answer = await self.request("get_presence", retry=True, user_ids=ids)
+        return {p["user_uuid"]: p for p in answer["presence"]}
+
+    async def search(self, q: str, **fields: Any) -> dict[str, Any]:
+        """search_messages: `chat_id=`, `before=`, `limit=` (see Api.search)."""
+        return await self.request("search_messages", retry=True, q=q, **fields)
+
+    async def mute(
+        self, chat_id: int, until: datetime | None = None, *, notify: str | None = None
+    ) -> dict[str, Any]:
+        """set_notifications: muted until `until` (None: unmuted); `notify` when given."""
+        fields: dict[str, Any] = {"mute_until": until.isoformat() if until else None}
+        if notify is not None:
+            fields["notify"] = notify
+        return await self.request("set_notifications", retry=True, chat_id=chat_id, **fields)
 
     async def history(self, chat_id: int, **params: Any) -> dict[str, Any]:
         """GET /history/{chat_id} (`page`/`page_size` or `before`/`limit`)."""

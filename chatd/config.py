@@ -236,6 +236,8 @@ class Settings:
     message_rate: Rate | None = setting("CHATD_MESSAGE_RATE", parse_rate("10/s", 30), _rate)
     # Per user: edits, deletes, reactions and pins together (sends and forwards are messages).
     change_rate: Rate | None = setting("CHATD_CHANGE_RATE", parse_rate("10/s", 30), _rate)
+    # Per user: searches (socket and REST together), each up to a few thousand messages tested.
+    search_rate: Rate | None = setting("CHATD_SEARCH_RATE", parse_rate("5/s", 20), _rate)
     typing_rate: Rate | None = setting(  # per user, on top of the per-chat TypingGate
         "CHATD_TYPING_RATE", parse_rate("10/10s"), _rate
     )
@@ -276,6 +278,9 @@ class Settings:
     file_grace: int = setting("CHATD_FILE_GRACE", 600)
     # Seconds between two rounds of the file collector.
     file_gc_interval: int = setting("CHATD_FILE_GC_INTERVAL", 300)
+    # Presence events go to the members of private chats and of groups up to this size;
+    # bigger groups ask (get_presence).
+    presence_group_limit: int = setting("CHATD_PRESENCE_GROUP_LIMIT", 100)
     # The delivery queue (chatd/deliveries.py): webhooks and pushes chatd POSTs elsewhere.
     # Attempts one process makes at once; seconds one may take.
     delivery_concurrency: int = setting("CHATD_DELIVERY_CONCURRENCY", 8)
@@ -291,6 +296,17 @@ class Settings:
     # Whether user-given URLs (webhooks, push endpoints) may point at loopback or private
     # addresses. Off: no one can make chatd reach its own network (SSRF).
     outbound_allow_private: bool = setting("CHATD_OUTBOUND_ALLOW_PRIVATE", False, _bool)
+    # Web Push (chatd/push.py): the VAPID private key (PEM, or the raw scalar in base64url);
+    # unset: one generated into the data folder. Every node must share it.
+    vapid_private_key: str | None = setting("CHATD_VAPID_PRIVATE_KEY", None, _optional)
+    # Who runs this server, for push services (RFC 8292 "sub"): a mailto: or https: URL.
+    vapid_subject: str = setting("CHATD_VAPID_SUBJECT", "mailto:chatd@localhost", _str)
+    # The push gateway: notifications POSTed there, signed with CHATD_PUSH_GATEWAY_SECRET
+    # (HMAC-SHA256, chatd/signing.py), for an operator's relay to FCM/APNs.
+    push_gateway_url: str | None = setting("CHATD_PUSH_GATEWAY_URL", None, _optional)
+    push_gateway_secret: str | None = setting("CHATD_PUSH_GATEWAY_SECRET", None, _optional)
+    # Whether the gateway's notifications carry the message's text (off: metadata only).
+    push_gateway_text: bool = setting("CHATD_PUSH_GATEWAY_TEXT", False, _bool)
     # External identity (chatd/identity.py): the app's own JWTs accepted as access tokens,
     # signed with a shared secret (HS256) and/or by keys published at a JWKS URL (RS256,
     # ES256). Either needs the issuer and audience every token must name.
@@ -338,6 +354,8 @@ class Settings:
         if rate is not None and env.get("CHATD_MESSAGE_BURST"):
             burst = _int(env, "CHATD_MESSAGE_BURST", rate.burst)
             values["message_rate"] = Rate(rate.count, rate.period, burst)
+        if values["push_gateway_url"] and not values["push_gateway_secret"]:
+            raise SystemExit("CHATD_PUSH_GATEWAY_URL needs CHATD_PUSH_GATEWAY_SECRET to sign with")
         secret = env.get("CHATD_SECRET")
         if secret:
             _check_secret(secret, values["dev"])

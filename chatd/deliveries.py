@@ -42,6 +42,7 @@ import asyncpg
 import httpx
 
 from chatd import metrics
+from chatd.db import is_unavailable
 
 log = logging.getLogger("chatd.deliveries")
 
@@ -349,9 +350,10 @@ class DeliveryQueue:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the database is away: look again later
-                    # One line, no traceback: a database that is down is no bug of ours
-                    # (and this runs every few seconds while it is).
-                    log.warning("delivery queue: claiming failed: %r", exc)
+                    if is_unavailable(exc):  # expected: one line, not a traceback
+                        log.warning("delivery queue: claiming failed (%r)", exc)
+                    else:
+                        log.warning("delivery queue: claiming failed", exc_info=True)
             for row in claimed:
                 delivery = Delivery(
                     row["id"],

@@ -49,6 +49,9 @@ SEND_BATCH_SIZE = Histogram(
 QUEUE_OVERFLOWS = Counter(
     "chatd_queue_overflows_total", "Sockets closed with 1013 because they did not read"
 )
+PRESENCE_EVENTS = Counter(
+    "chatd_presence_events_total", "Presence events published (each to all of a user's contacts)"
+)
 ERRORS = Counter("chatd_errors_total", "Errors answered to clients, by code", ["code"])
 RATE_LIMITED = Counter(
     "chatd_rate_limited_total",

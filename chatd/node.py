@@ -30,7 +30,9 @@ from chatd.files import FileCollector, Files, open_blob_store
 from chatd.hooks import BeforeSend
 from chatd.hub import Bus, Hub, LocalBus, publish
 from chatd.identity import Identities
+from chatd.presence import PresenceTracker
 from chatd.protocol import Event, Readiness
+from chatd.push import PushNotifier, stored_vapid
 from chatd.ratelimit import Limits, TypingGate
 from chatd.redis_bus import RedisBus
 from chatd.revocations import Revocation, RevocationListener, SessionCache
@@ -69,6 +71,9 @@ class Node:
             grace=settings.file_grace,
             interval=settings.file_gc_interval,
         )
+        self.presence = PresenceTracker(
+            self.pool, self.bus, settings.redis_url, settings.presence_group_limit
+        )
         self.deliveries = DeliveryQueue(
             self.pool,
             database_url,
@@ -80,6 +85,16 @@ class Node:
             retention=settings.delivery_retention,
             allow_private=settings.outbound_allow_private,
         )
+        self.push = PushNotifier(
+            self.pool,
+            self.presence,
+            self.deliveries,
+            stored_vapid(settings.data_dir, settings.vapid_private_key, settings.vapid_subject),
+            settings.push_gateway_url,
+            (settings.push_gateway_secret or "").encode(),
+            settings.push_gateway_text,
+        )
+        self.writer.committed = self.push.committed  # in memory: no I/O on the send path
         # The app's own JWTs as access tokens (chatd/identity.py), when configured.
         self.identity = (
             Identities(settings, self.pool, self.sessions, self.publish)
@@ -120,7 +135,9 @@ class Node:
         self.collector.start()
         self.tokens.start()
         self.app_hooks.start()
+        self.presence.start()
         self.deliveries.start()
+        self.push.start()
         if self.identity is not None:
             self.identity.start()
         # Serve once revocations are heard (a session is trusted from memory only then).
@@ -133,6 +150,8 @@ class Node:
             if task is not None:
                 task.cancel()
         await self.collector.stop()
+        await self.presence.stop()
+        await self.push.stop()
         await self.app_hooks.stop()
         await self.deliveries.stop()
         if self.identity is not None:

@@ -172,6 +172,11 @@ Attachments = Annotated[
 # One emoji grapheme cluster (handlers check it is one); the schema bounds its length.
 Emoji = Annotated[str, Meta(min_length=1, max_length=32)]
 MAX_REPORT_REASON_CHARS = 500
+MAX_SEARCH_CHARS = 256
+MAX_SEARCH_RESULTS = 100
+MAX_PRESENCE_USERS = 1000
+MAX_PUSH_ENDPOINT_CHARS = 2048
+NotifyLevel = Literal["all", "mentions", "none"]
 ReportReason = stripped_text(1, MAX_REPORT_REASON_CHARS)
 
 # --- shared objects -----------------------------------------------------------------------
@@ -253,6 +258,17 @@ class Chat(Struct):
     photo: str | None  # groups: a file id (GET /files/{id}, members); null: none set
 
 
+class Presence(Struct):
+    """Whether a user is online. A user who does not share presence is always "offline"
+    with last_seen null."""
+
+    user_uuid: UserUuid
+    status: Literal["online", "offline"]
+    # When they were last online, while offline; null while online, and when unknown or
+    # not shared.
+    last_seen: Timestamp | None
+
+
 class ChatOverview(Chat):
     """A chat as the caller's chat list shows it."""
 
@@ -264,6 +280,11 @@ class ChatOverview(Chat):
     unread_count: int
     unread_mentions: int  # of those, the ones that mention you
     role: Role  # the caller's role
+    # Your notification settings for this chat (set_notifications).
+    mute_until: Timestamp | None = None  # muted until then; null: not muted
+    notify: NotifyLevel = "all"
+    # Private chats: the other member's presence (null in groups).
+    presence: Presence | None = None
 
 
 class ErrorBody(Struct, omit_defaults=True):
@@ -441,6 +462,41 @@ class UnblockUser(Action, tag="unblock_user"):
     user_uuid: UserUuid
 
 
+class SearchMessages(Action, tag="search_messages"):
+    """Full-text search in the text of the messages of your chats, newest first."""
+
+    q: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=MAX_SEARCH_CHARS,
+            description='websearch syntax: words, "a phrase", -excluded, or',
+        ),
+    ]
+    chat_id: Annotated[Id | None, Meta(description="search this chat only")] = None
+    before: Annotated[Id | None, Meta(description="next_before of the previous page")] = None
+    limit: Annotated[int, Meta(ge=1, le=MAX_SEARCH_RESULTS, description="page size")] = 20
+
+
+class GetPresence(Action, tag="get_presence"):
+    """Presence of users you share a chat with (the others are left out of the answer)."""
+
+    user_ids: Annotated[list[UserUuid], Meta(min_length=1, max_length=MAX_PRESENCE_USERS)]
+
+
+class SetNotifications(Action, tag="set_notifications"):
+    """Your notification settings for one chat: what is given changes."""
+
+    chat_id: Id
+    mute_until: Annotated[
+        Timestamp | UnsetType | None,
+        Meta(description="muted until then; null: not muted"),
+    ] = UNSET
+    notify: Annotated[
+        NotifyLevel | UnsetType, Meta(description="all, mentions (of you) or none")
+    ] = UNSET
+
+
 ClientAction = (
     CreateChat
     | ListChats
@@ -467,6 +523,9 @@ ClientAction = (
     | BlockUser
     | UnblockUser
     | ReportMessage
+    | SearchMessages
+    | GetPresence
+    | SetNotifications
 )
 ACTION_NAMES = frozenset(cls.__struct_config__.tag for cls in ClientAction.__args__)
 
@@ -581,6 +640,8 @@ class UpdateMe(Struct, kw_only=True):
         FileUuid | UnsetType | None,
         Meta(description="an image you uploaded (upload_id); null removes the avatar"),
     ] = UNSET
+    # false: others see you "offline" with last_seen null, and get no presence events.
+    share_presence: bool | None = None
 
 
 class ChangePassword(Struct, kw_only=True):
@@ -710,6 +771,34 @@ class GetHistory(Struct, kw_only=True):
         ),
     ] = None
     limit: Annotated[int, Meta(ge=1, le=MAX_PAGE_SIZE, description="keyset page size")] = 50
+
+
+class GetUser(Struct, kw_only=True):
+    """GET /users/{user_uuid}: a user's name, and their presence when you share a chat."""
+
+    user_uuid: UserUuid
+
+
+class PushKeys(Struct, forbid_unknown_fields=False):
+    p256dh: Annotated[str, Meta(min_length=1, max_length=256)]  # base64url, as the browser gives
+    auth: Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class AddPushSubscription(Struct, kw_only=True, forbid_unknown_fields=False):
+    """POST /push/subscriptions: a browser's PushSubscription (its toJSON())."""
+
+    endpoint: Annotated[str, Meta(min_length=1, max_length=MAX_PUSH_ENDPOINT_CHARS)]
+    keys: PushKeys
+
+
+class RemovePushSubscription(Struct, kw_only=True):
+    """DELETE /push/subscriptions: forget a subscription of yours (none: no change)."""
+
+    endpoint: Annotated[str, Meta(min_length=1, max_length=MAX_PUSH_ENDPOINT_CHARS)]
+
+
+class GetVapidKey(Struct, kw_only=True):
+    """GET /push/vapid_public_key: the key browsers subscribe with (applicationServerKey)."""
 
 
 class GetEdits(Struct, kw_only=True):
@@ -1115,6 +1204,24 @@ def parse_command(text: str) -> tuple[str, str | None, str] | None:
     return name.lower(), username.lower() or None, parts[1].strip() if len(parts) > 1 else ""
 
 
+class PresenceEvent(Event, tag="presence"):
+    """A user you share a private chat or a small group with came online or went offline."""
+
+    data: Presence
+
+
+class NotificationSettings(Struct):
+    chat_id: int
+    mute_until: Timestamp | None
+    notify: NotifyLevel
+
+
+class NotificationsChanged(Event, tag="notifications_changed"):
+    """You changed a chat's notification settings (sent to your own sockets)."""
+
+    data: NotificationSettings
+
+
 # Every frame the server sends on /connect, for clients that decode them (chatd.client).
 ServerFrame = (
     UnreadMessages
@@ -1134,6 +1241,8 @@ ServerFrame = (
     | ChatDeleted
     | TypingEvent
     | Command
+    | PresenceEvent
+    | NotificationsChanged
 )
 
 # --- replies -----------------------------------------------------------------------------
@@ -1195,6 +1304,7 @@ class Me(Struct):
     email: str
     created_at: Timestamp
     avatar: str | None  # a file id; null: none set
+    share_presence: bool = True  # PATCH /me {share_presence}
     is_bot: bool = False
     bot_id: int | None = None  # a bot's id in /bots/{bot_id} (set for bots made by POST /bots)
     bot_username: str | None = None  # and its username (commands may say /name@username)
@@ -1301,6 +1411,45 @@ class SessionList(Struct):
 
 class UserList(Struct):
     users: list[Member]
+
+
+class Highlight(Struct):
+    """Where a search matched, in characters (Unicode code points) of the message's text:
+    text[start:end]. Offsets, never markup: the client highlights, so no HTML is made."""
+
+    start: int
+    end: int
+
+
+class SearchHit(Struct):
+    message: Message
+    highlights: list[Highlight]  # in text order, not overlapping
+
+
+class SearchResults(Struct):
+    results: list[SearchHit]  # newest first
+    has_more: bool
+    next_before: int | None  # pass as `before` for the next page
+
+
+class PresenceList(Struct):
+    presence: list[Presence]  # the users asked for that you share a chat with
+
+
+class UserProfile(Struct):
+    user_uuid: UserUuid
+    name: str
+    presence: Presence | None  # null unless you share a chat
+
+
+class PushSubscriptionInfo(Struct):
+    id: int
+    endpoint: str
+    created_at: Timestamp
+
+
+class VapidKey(Struct):
+    public_key: str  # the VAPID public key, base64url (uncompressed P-256 point)
 
 
 class History(Struct):

@@ -321,6 +321,7 @@ class Limits:
         self.message = RateLimiter("message", settings.message_rate, remote=remote)
         self.change = RateLimiter("change", settings.change_rate, remote=remote)
         self.typing = RateLimiter("typing", settings.typing_rate, remote=remote)
+        self.search = RateLimiter("search", settings.search_rate, remote=remote)
         self.create_chat = RateLimiter("create_chat", settings.create_chat_rate, remote=remote)
         self.add_members = RateLimiter("add_members", settings.add_members_rate, remote=remote)
         self.bot_message = RateLimiter("bot_message", settings.bot_message_rate, remote=remote)

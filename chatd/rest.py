@@ -40,6 +40,7 @@ from chatd.protocol import (
     TOO_DEEP,
     UNAVAILABLE,
     AddMembers,
+    AddPushSubscription,
     AdminCreateUser,
     AdminDeleteMessage,
     AdminDeleteUser,
@@ -104,6 +105,8 @@ from chatd.protocol import (
     GetHistory,
     GetMe,
     GetMessage,
+    GetUser,
+    GetVapidKey,
     Health,
     History,
     ListApiKeys,
@@ -121,8 +124,10 @@ from chatd.protocol import (
     Me,
     Message,
     NewToken,
+    NotificationSettings,
     PinMessage,
     PostHook,
+    PushSubscriptionInfo,
     React,
     Read,
     Readiness,
@@ -131,6 +136,7 @@ from chatd.protocol import (
     Register,
     RegisterResponse,
     RemoveMember,
+    RemovePushSubscription,
     Report,
     ReportList,
     ReportMessage,
@@ -138,9 +144,12 @@ from chatd.protocol import (
     RevokeBotToken,
     RevokeSession,
     RevokeToken,
+    SearchMessages,
+    SearchResults,
     SendMessage,
     SessionList,
     SetCommands,
+    SetNotifications,
     SetRole,
     Stats,
     TokenList,
@@ -154,6 +163,8 @@ from chatd.protocol import (
     UpsertedUsers,
     UpsertUsers,
     UserList,
+    UserProfile,
+    VapidKey,
     Webhook,
     WebhookList,
     encode,
@@ -495,6 +506,7 @@ TAGS = {
     "chats": "Private chats and groups, their members and roles",
     "messages": "Sending, reading and paging through messages",
     "files": "Uploads, downloads and signed links",
+    "push": "Web Push subscriptions for notifications when no tab is open",
     "health": "For load balancers and orchestrators",
     "admin": "For the server's admins (role admin): accounts, moderation, reports, audit",
     "bots": "Bots, their tokens, commands and webhooks; personal access tokens",
@@ -569,6 +581,11 @@ OPERATIONS = [
     route(
         "GET", "/users_list", ListUsers, "List users by name, keyset-paginated", UserList,
         tag="users", errors=(422, 503),
+    ),
+    route(
+        "GET", "/users/{user_uuid}", GetUser,
+        "A user's name, and their presence when you share a chat", UserProfile,
+        tag="users", errors=(404, 422, 503),
     ),
     # chats
     route(
@@ -663,6 +680,11 @@ OPERATIONS = [
         tag="chats", errors=(403, 404, 429, 503),
     ),
     route(
+        "PATCH", "/chats/{chat_id:int}/notifications", SetNotifications,
+        "Mute a chat until a time, or choose what notifies you (all, mentions, none)",
+        NotificationSettings, tag="chats", errors=(400, 404, 413, 422, 503),
+    ),
+    route(
         "POST", "/chats/{chat_id:int}/read", Read,
         "Move your read pointer up to a message of this chat", ReadUpto,
         tag="messages", errors=(400, 404, 413, 422, 503), operation_id="mark_read",
@@ -672,9 +694,30 @@ OPERATIONS = [
         tag="messages", errors=(404, 422, 503),
     ),
     route(
+        "GET", "/search", SearchMessages,
+        "Search your chats' messages (full text), newest first, with highlight offsets",
+        SearchResults, tag="messages", errors=(404, 422, 503),
+    ),
+    route(
         "POST", "/messages/{message_id:int}/report", ReportMessage,
         "Report a message to the server's admins (201); again: your first report (200)",
         Report, 201, tag="messages", also_ok=(200,), errors=(400, 404, 413, 422, 429, 503),
+    ),
+    # push
+    route(
+        "GET", "/push/vapid_public_key", GetVapidKey,
+        "The VAPID public key browsers subscribe with (applicationServerKey)", VapidKey,
+        tag="push", auth=False,
+    ),
+    route(
+        "POST", "/push/subscriptions", AddPushSubscription,
+        "Store a browser's Web Push subscription (201); again: updated (200)",
+        PushSubscriptionInfo, 201, tag="push", also_ok=(200,), errors=(400, 413, 422, 503),
+    ),
+    route(
+        "DELETE", "/push/subscriptions", RemovePushSubscription,
+        "Remove a Web Push subscription of yours (none: no change)", None, 204,
+        tag="push", errors=(400, 413, 422, 503), json_body=True,
     ),
     # admin
     route(

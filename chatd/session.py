@@ -94,6 +94,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     )
     node.hub.add(session)  # from here on, events for this user are held until the snapshot
     started = time.monotonic()
+    counted = False  # in presence: from a working socket on
     log.info("session started")
     try:
         try:
@@ -112,6 +113,8 @@ async def connect_endpoint(websocket: WebSocket) -> None:
             return
         # Only a socket that works pushes the user's oldest one over the cap.
         await node.bus.admit(session)
+        node.presence.connected(user_id)
+        counted = True
         await session.run(ctx, settings.max_frame_bytes, node.drain)
     except asyncio.CancelledError:
         # uvicorn cancels what is left when the shutdown grace period ends (an action
@@ -121,6 +124,8 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         log.warning("session cut off at the end of the shutdown grace period")
     finally:
         node.hub.remove(session)
+        if counted:
+            node.presence.disconnected(user_id)
         await node.bus.release(session)
         await node.bus.unwatch(user_id)  # balances watch, even one that failed
         code, reason = session.close_reason or (None, "closed by the client or the network")

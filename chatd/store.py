@@ -61,6 +61,23 @@ def message_from_row(row: asyncpg.Record) -> Message:
     )
 
 
+# A member's unread messages in a chat: `c` the chats row, `cm` their chat_members row, $1
+# the member. The chat list shows it (unread_count) and notifications carry it: one
+# expression, so a badge cannot drift from the list.
+#
+# It starts from last_seq - read_seq: sending moves the sender's pointer to their own
+# message, so every message above a pointer is someone else's. From that go the ones
+# deleted for everyone and those the member hid: both few, each found by an index range
+# above the pointer. No COUNT over the messages themselves, however many.
+UNREAD_COUNT = """(
+    c.last_seq - cm.read_seq
+      - (SELECT count(*) FROM messages d
+         WHERE d.chat_id = c.id AND d.deleted AND d.seq > cm.read_seq)
+      - (SELECT count(*) FROM hidden_messages h JOIN messages hm ON hm.id = h.message_id
+         WHERE h.user_id = $1 AND h.chat_id = c.id AND h.seq > cm.read_seq
+           AND NOT hm.deleted)
+)"""
+
 # Clauses for the caller's view of messages `m`: $1 is always the caller.
 NOT_HIDDEN = """NOT EXISTS (
     SELECT 1 FROM hidden_messages h WHERE h.user_id = $1 AND h.chat_id = m.chat_id AND h.seq = m.seq

@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -231,6 +232,8 @@ class MessageWriter:
         self.app_hooks: AppHooks | None = None  # app webhooks' message.new (the Node sets it)
         self._queue: list[PendingSend] = []
         self._running: set[asyncio.Task[None]] = set()
+        # Told the chats of each committed batch, in memory (the push notifier): no query.
+        self.committed: Callable[[set[int]], None] | None = None
 
     async def store(
         self,
@@ -428,6 +431,8 @@ class MessageWriter:
                 if sent.socket:
                     await publish(self.bus, [sent.bot.user_id], sent.event)
         await publish_read_receipts(self.bus, persisted.newly_read)
+        if self.committed is not None and persisted.stored:
+            self.committed({stored.message.chat_id for stored in persisted.stored})
 
     def _settle(
         self, unique: list[PendingSend], copies: list[PendingSend], persisted: Persisted

@@ -1,5 +1,5 @@
 -- Embedding chatd in a product: users who come from the app's own identity provider.
--- depends: 0009_bots
+-- depends: 0010_search_presence_push
 
 -- A user known by the app's tokens (chatd/identity.py): the (iss, sub) of their JWTs.
 -- Created on first sight with a users row of their own: no password ('!' verifies

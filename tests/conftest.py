@@ -40,11 +40,20 @@ SUITE_LIMITS = {
     "CHATD_REGISTER_RATE": "off",
     "CHATD_MESSAGE_RATE": "off",
     "CHATD_TYPING_RATE": "off",
+    "CHATD_SEARCH_RATE": "off",
     "CHATD_CHANGE_RATE": "off",
     "CHATD_MAX_SOCKETS_PER_USER": "off",
     "CHATD_CREATE_CHAT_RATE": "off",
     "CHATD_ADD_MEMBERS_RATE": "off",
     "CHATD_GROUPS_PER_DAY": "off",
+}
+
+# A Web Push subscription's keys (a real P-256 public key, base64url) for requests that
+# only need valid ones; tests/test_push.py makes its own to decrypt with.
+PUSH_KEYS = {
+    "p256dh": "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1Xbjha"
+    "zAkj7I99e8QcYP7DkM",
+    "auth": "tBHItJI5svbpez7KI4CCXg",
 }
 
 # Routes that end the caller's session when they succeed: the authorization matrix and

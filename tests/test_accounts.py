@@ -217,8 +217,13 @@ BOT_FIELDS = {"is_bot", "bot_id", "bot_username"}
 
 async def test_me_describes_the_caller(alice: Api) -> None:
     me = await alice.me()
-    assert set(me) == {"user_uuid", "name", "email", "created_at", "avatar", "picture"} | BOT_FIELDS
+    assert (
+        set(me)
+        == {"user_uuid", "name", "email", "created_at", "avatar", "share_presence", "picture"}
+        | BOT_FIELDS
+    )
     assert (me["is_bot"], me["bot_id"], me["bot_username"]) == (False, None, None)
+    assert me["share_presence"] is True
     assert me["picture"] is None  # only users of the app's tokens have one
     assert me["name"] == "Alice"
     assert me["email"] == alice.email

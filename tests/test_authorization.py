@@ -41,7 +41,7 @@ from PIL import Image
 from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
-from tests.conftest import ACCOUNT_ENDING, PASSWORD, SESSION_ENDING, Server
+from tests.conftest import ACCOUNT_ENDING, PASSWORD, PUSH_KEYS, SESSION_ENDING, Server
 from tests.idp import IdentityProvider, hand_signed, new_key
 
 NF = "not_found"  # and the reply is the same as for an id that does not exist
@@ -75,6 +75,13 @@ class Ids:
     file_id: str  # an image the member uploaded and attached to their message
     bot_id: int = 0  # the owner's bot, a member of the chat
     webhook_id: int = 0  # an incoming webhook the owner made for the chat
+
+
+# A public https endpoint (an address literal: nothing to resolve) and a real P-256 key.
+PUSH_SUBSCRIPTION = {
+    "endpoint": "https://93.184.215.14/push/authorization-matrix",
+    "keys": PUSH_KEYS,
+}
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,10 @@ SOCKET_MATRIX: dict[str, Row] = {
     "block_user": Row(lambda i: {"user_uuid": i.target_uuid}, OK, OK, OK),
     "unblock_user": Row(lambda i: {"user_uuid": i.target_uuid}, OK, OK, OK),
     "report_message": Row(lambda i: {"message_id": i.message_id, "reason": "spam"}, NF, NF, OK),
+    "search_messages": Row(lambda i: {"q": "hi", "chat_id": i.chat_id}, NF, NF, OK),
+    # Users the caller shares no chat with are left out of the answer.
+    "get_presence": Row(lambda i: {"user_ids": [i.target_uuid]}, OK, OK, OK),
+    "set_notifications": Row(lambda i: {"chat_id": i.chat_id, "notify": "none"}, NF, NF, OK),
 }
 
 # Routes anyone may call: no token is needed, and a bad one is not looked at.
@@ -137,6 +148,7 @@ PUBLIC_ROUTES = {
     "GET /healthz",
     "GET /readyz",
     "POST /hooks/{webhook_id:int}/{secret}",  # the URL's secret is the credential
+    "GET /push/vapid_public_key",  # a public key: browsers subscribe with it
 }
 
 # Bots and tokens (chatd/handlers/bots.py). A bot is its owner's alone: anyone else (the
@@ -299,6 +311,19 @@ REST_MATRIX: dict[str, Row] = {
         lambda i: (f"/me/blocks/{i.target_uuid}", None), OK, OK, OK
     ),
     "GET /users_list": Row(lambda i: ("/users_list", None), OK, OK, OK),
+    # Anyone's name (as /users_list); presence only for those sharing a chat.
+    "GET /users/{user_uuid}": Row(lambda i: (f"/users/{i.target_uuid}", None), OK, OK, OK),
+    "GET /search": Row(lambda i: (f"/search?q=hi&chat_id={i.chat_id}", None), NF, NF, OK),
+    "PATCH /chats/{chat_id:int}/notifications": Row(
+        lambda i: (f"/chats/{i.chat_id}/notifications", {"notify": "none"}), NF, NF, OK
+    ),
+    # Not of a chat: a subscription is the caller's own.
+    "POST /push/subscriptions": Row(
+        lambda i: ("/push/subscriptions", PUSH_SUBSCRIPTION), OK, OK, OK
+    ),
+    "DELETE /push/subscriptions": Row(
+        lambda i: ("/push/subscriptions", {"endpoint": PUSH_SUBSCRIPTION["endpoint"]}), OK, OK, OK
+    ),
     "GET /chats": Row(lambda i: ("/chats", None), OK, OK, OK),
     "POST /chats": Row(
         lambda i: ("/chats", {"type": "group", "name": "Mine", "user_ids": [i.other_uuid]}),

@@ -7,6 +7,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -383,3 +384,22 @@ async def test_changes_retried_after_a_lost_ack_apply_once(
         assert hidden == {"chat_id": chat["id"], "message_id": message["id"], "for_everyone": False}
         assert a.reconnects == 4
         assert (await a.history(chat["id"]))["messages"] == []
+
+
+async def test_presence_search_and_mute(server: Server, alice: Api, bob: Api) -> None:
+    async with client_for(alice, server.base_url) as (a, _):
+        async with client_for(bob, server.base_url) as (b, b_events):
+            chat = await a.create_chat([bob.user_uuid], type="private")
+            seen = await b.presence([alice.user_uuid, bob.user_uuid])
+            assert seen[alice.user_uuid]["status"] == "online" and bob.user_uuid in seen
+            sent = await a.send(chat["id"], "Приветы из клиента")
+            found = await b.search("привет")
+            assert [r["message"]["id"] for r in found["results"]] == [sent["id"]]
+            assert (await bob.search("привет", chat_id=chat["id"]))["results"] == found["results"]
+            until = datetime(2100, 1, 1, tzinfo=UTC)
+            muted = await b.mute(chat["id"], until, notify="mentions")
+            assert muted["notify"] == "mentions" and muted["mute_until"].startswith("2100-01-01")
+            changed = await b_events.next("notifications_changed")
+            assert changed["data"] == muted
+            assert (await bob.mute(chat["id"]))["mute_until"] is None
+            assert (await bob.user(alice.user_uuid))["presence"]["status"] == "online"

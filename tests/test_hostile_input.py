@@ -41,7 +41,7 @@ from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
 from chatd.openapi import Operation
-from tests.conftest import ACCOUNT_ENDING, PASSWORD, SESSION_ENDING, Server
+from tests.conftest import ACCOUNT_ENDING, PASSWORD, PUSH_KEYS, SESSION_ENDING, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 # Examples near the 64 KiB frame limit make hypothesis warn that their repr is large.
@@ -327,6 +327,7 @@ def valid_socket_value(world: World, name: str) -> Any:
         "reason": "spam",
         "for_everyone": False,
         "mentions": [],
+        "q": "hello",
     }
     return values.get(name, OMIT)
 
@@ -547,6 +548,9 @@ def valid_rest_value(world: World, name: str) -> Any:
         "body.commands": [{"name": "hostile", "description": "x"}],
         "path:webhook_id": str(2**62),
         "path:secret": "not-the-secret",
+        "query:q": "hello",
+        "body.endpoint": "https://93.184.215.14/push/hostile",
+        "body.keys": PUSH_KEYS,
     }
     return values.get(name, OMIT)
 

@@ -38,6 +38,8 @@ LAYERS: dict[str, set[str]] = {
         "chatd.redis_bus",
         "chatd.revocations",
         "chatd.ratelimit",
+        "chatd.presence",
+        "chatd.push",
         "chatd.files",
         "chatd.tokens",
         "chatd.integrations",

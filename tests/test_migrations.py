@@ -161,3 +161,58 @@ async def test_0003_gives_stored_emails_their_normal_form(database_url: str) -> 
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_0010_indexes_old_messages_and_notifies_nobody_of_them(database_url: str) -> None:
+    name = f"chatd_migration_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(database_url, name)
+    try:
+        await asyncio.to_thread(migrate, url, "0008_deliveries")
+        conn = await asyncpg.connect(url)
+        try:
+            for user_id, user in ((ANN, "ann"), (BEN, "ben")):
+                await conn.execute(
+                    "INSERT INTO users (id, name, email, password_hash) VALUES ($1, $2, $3, 'x')",
+                    user_id,
+                    user,
+                    f"{user}@example.com",
+                )
+            chat = await conn.fetchval(
+                "INSERT INTO chats (type, name, last_seq) VALUES ('group', 'g', 2) RETURNING id"
+            )
+            await conn.execute(
+                "INSERT INTO chat_members (chat_id, user_id) VALUES ($1, $2), ($1, $3)",
+                chat,
+                ANN,
+                BEN,
+            )
+            await conn.execute(
+                "INSERT INTO messages (chat_id, seq, sender_id, text) VALUES"
+                " ($1, 1, $2, 'Приветы из прошлого'), ($1, 2, $2, 'old news')",
+                chat,
+                ANN,
+            )
+            await asyncio.to_thread(migrate, url)
+            # Old messages are searchable...
+            found = await conn.fetch(
+                "SELECT seq FROM messages WHERE search @@ websearch_to_tsquery('russian', $1)",
+                "привет",
+            )
+            assert [r["seq"] for r in found] == [1]
+            # ...but not news: Ben's unread messages notify nobody.
+            pointers = await conn.fetch(
+                "SELECT user_id, read_seq, notified_seq, notify, mute_until FROM chat_members"
+            )
+            assert {(r["notified_seq"], r["notify"], r["mute_until"]) for r in pointers} == {
+                (2, "all", None)
+            }
+            assert {r["read_seq"] for r in pointers} == {0}
+            shares = await conn.fetch("SELECT share_presence, last_seen_at FROM users")
+            assert {(r["share_presence"], r["last_seen_at"]) for r in shares} == {(True, None)}
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -33,6 +33,7 @@ LIMITS = {
     "CHATD_MESSAGE_RATE": "1/5s",
     "CHATD_MESSAGE_BURST": "4",
     "CHATD_TYPING_RATE": "2/20s",
+    "CHATD_SEARCH_RATE": "2/20s",
     "CHATD_MAX_SOCKETS_PER_USER": "2",
     "CHATD_CREATE_CHAT_RATE": "5/50s",  # a chat every 10 s, 5 at once
     "CHATD_ADD_MEMBERS_RATE": "6/60s",  # counted per user added
@@ -446,6 +447,20 @@ async def test_typing_frames_per_user_are_limited(limited: Server, http: httpx.A
             events.append(await b.next_event())
         typing = [e["data"]["chat_id"] for e in events if e["action"] == "typing"]
         assert sorted(typing) == [chats[0]["id"], chats[1]["id"]]
+
+
+async def test_searches_per_user_are_limited(limited: Server, http: httpx.AsyncClient) -> None:
+    alice = await user(limited, http)
+    async with await alice.connect() as a:
+        assert (await a.request("search_messages", q="one"))["results"] == []
+        assert (await alice.search("two"))["results"] == []  # REST counts too
+        with pytest.raises(ChatdError) as caught:
+            await a.request("search_messages", q="three")
+        assert caught.value.code == "rate_limited"
+        assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 10
+        with pytest.raises(ChatdError) as caught:
+            await alice.search("four")
+        assert caught.value.status == 429
 
 
 # --- sockets per user -------------------------------------------------------------------

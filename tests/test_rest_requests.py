@@ -92,6 +92,8 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "report_message", "admin_list_users", "admin_create_user", "admin_update_user",
         "admin_delete_user", "admin_stats", "admin_delete_message", "admin_list_reports",
         "admin_list_audit", "upload_file", "download_file", "download_thumbnail", "file_link",
+        "search_messages", "get_user", "set_notifications", "vapid_key",
+        "add_push_subscription", "remove_push_subscription",
     } | BOT_OPERATION_IDS | APP_OPERATION_IDS  # fmt: skip
     assert set(document["components"]["schemas"]) == {
         "AddMembersRequest", "Chat", "ChatMember", "ChatOverview", "ChatPage",
@@ -105,6 +107,10 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "ExportedChat", "ReportMessageRequest", "Report", "AdminCreateUserRequest",
         "AdminUpdateUserRequest", "AdminUser", "AdminUserList", "Stats", "ReportList",
         "ReportedMessage", "AuditLog", "AuditEntry", "Attachment", "Upload", "FileLink",
+        "Highlight", "SearchHit", "SearchResults", "NotificationSettings",
+        "SetNotificationsRequest", "Presence", "UserProfile", "PushKeys",
+        "PushSubscriptionInfo", "AddPushSubscriptionRequest", "RemovePushSubscriptionRequest",
+        "VapidKey",
     } | BOT_SCHEMAS | APP_SCHEMAS  # fmt: skip
 
 

@@ -3,8 +3,9 @@
     chatd bench all --url http://127.0.0.1:8000 --database-url postgresql://.../chatd
 
 Workloads: fanout (groups of members all sending), direct (1:1 pairs), idle (many quiet
-authenticated sockets), history (keyset pages of a 1M-message chat) and baseline (the
-fanout load against a bare broadcast server the bench starts itself). Each run prints a
+authenticated sockets), history (keyset pages of a 1M-message chat), search (GET /search
+for a common word in a 1M-message database) and baseline (the fanout load against a bare
+broadcast server the bench starts itself). Each run prints a
 table, and writes bench-results/<time>-<workload>.json and a PNG chart. docs/performance.md
 explains the measures and holds the latest figures.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-WORKLOADS = ("baseline", "fanout", "direct", "history", "idle")
+WORKLOADS = ("baseline", "fanout", "direct", "history", "idle", "search")
 DEFAULT_RATES = "250,500,1000,2000,4000,8000"
 
 
@@ -150,11 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="connections of the throughput measurement",
     )
+    _search_options(parser)
     return parser
 
 
 # What `chatd bench` needs beyond the server: the `bench` extra (pyproject.toml).
 EXTRA_MODULES = ("httpx", "psutil", "matplotlib")
+
+
+def _search_options(parser: argparse.ArgumentParser) -> None:
+    search = parser.add_argument_group("search (seeded with SQL: needs --database-url)")
+    search.add_argument("--search-messages", type=int, default=1_000_000, help="messages")
+    search.add_argument("--search-chats", type=int, default=200, help="groups they are in")
+    search.add_argument(
+        "--search-member-of", type=int, default=20, help="of those, groups the searcher is in"
+    )
+    search.add_argument("--search-seconds", type=float, default=20, help="time per query")
 
 
 def missing_extra() -> list[str]:
@@ -210,6 +222,10 @@ def main(argv: list[str]) -> int:
                 results[name] = workloads.run_idle(ctx)
             elif name == "history":
                 results[name] = run_history(ctx)
+            elif name == "search":
+                from chatd.bench import search
+
+                results[name] = search.run(ctx)
             else:
                 results[name] = workloads.run_stepped(ctx, name)
         except Exception as exc:  # one workload failing must not lose the others' report

@@ -38,6 +38,7 @@ TARGETS = [
     ("idle_rss_per_socket", "server RSS per idle authenticated socket at 10,000", 30, "KiB", "<="),
     ("connects_per_s", "authenticated connects/s", 1000, "connects/s", ">="),
     ("history_p99", "keyset history page of 50 on a 1M-message chat, p99", 20, "ms", "<="),
+    ("search_p99", "search page of 20, a common word, 1M messages, p99", 50, "ms", "<="),
 ]
 
 
@@ -84,6 +85,12 @@ def evaluate_targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
         note = "" if same else f"measured at {idle['sockets']:,} sockets"
         measured["idle_rss_per_socket"] = (idle.get("rss_per_socket_kib"), note, same)
         measured["connects_per_s"] = (idle.get("connects_per_s"), "", True)
+    search = ran.get("search")
+    if search is not None:
+        common = search.get("common word") or {}
+        same = search["messages"] >= 1_000_000
+        note = "" if same else f"{search['messages']:,} messages"
+        measured["search_p99"] = ((common.get("latency_ms") or {}).get("p99"), note, same)
     if history is not None:
         seq = history.get("sequential") or {}
         same = history["messages"] >= 1_000_000
@@ -176,6 +183,8 @@ def render(report: dict[str, Any]) -> str:
             out.append(render_idle(result))
         elif name == "history":
             out.append(render_history(result))
+        elif name == "search":
+            out.append(render_search(result))
         else:
             out.append(render_steps(name, result))
     rows = [
@@ -380,3 +389,20 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def render_search(r: dict[str, Any]) -> str:
+    lines = [
+        f"search: {r['messages']:,} messages in {r['chats']} chats; the searcher is in "
+        f"{r['searcher_chats']} ({r['searcher_messages']:,} messages); pages of {r['page_size']}"
+    ]
+    for key in ("common word", "phrase", "no match"):
+        m = r.get(key)
+        if m:
+            lat = m["latency_ms"]
+            lines.append(
+                f"  {key:12} {m['query']!r:22} {m['requests']:6} requests, "
+                f"{m['results_per_page']} results/page, p50 {lat['p50']} ms, "
+                f"p99 {lat['p99']} ms, max {lat['max']} ms {m['failures'] or ''}"
+            )
+    return "\n".join(lines)

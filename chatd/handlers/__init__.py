@@ -4,21 +4,23 @@ A handler runs its own SQL, raises ChatError for anything the client got wrong, 
 other sockets about changes only after its transaction has committed. What it returns is
 the socket's ack data, or the REST body (a `Created` is answered 201, or 200 when found).
 
-    chats.py     create_chat, list_chats, get_chat
+    chats.py     create_chat, list_chats, get_chat, set_notifications
     messages.py  send_message, get_message, sync, and the unread snapshot
     changes.py   edit_message, delete_message, react, unreact, forward_message,
                  pin_message, unpin_message, and a message's earlier texts
     reads.py     mark_read (and POST /chats/{id}/read)
     groups.py    add_members, remove_member, leave_chat, rename_chat, update_chat, set_role,
                  delete_chat
-    presence.py  typing
+    presence.py  typing, get_presence, and get_user (REST only)
     accounts.py  register, login, refresh, logout, me, update_me, change_password,
                  list_sessions, revoke_session, delete_me, export_me, users_list
                  (REST only)
     history.py   history (REST only)
+    search.py    search_messages (full text, newest first, highlight offsets)
     blocks.py    block_user, unblock_user, list_blocks (REST only)
     admin.py     report_message; the /admin API (REST only): users, stats, moderation,
                  reports, the audit log
+    push.py      Web Push subscriptions and the VAPID key (REST only)
     files.py     uploads recorded, who may download, signed links, attachments claimed
                  (the bytes: chatd/rest_files.py)
     bots.py      bots, their tokens and commands; personal access tokens (REST only)
@@ -48,7 +50,9 @@ from chatd.handlers import (
     history,
     messages,
     presence,
+    push,
     reads,
+    search,
     webhooks,
 )
 from chatd.handlers.base import Context
@@ -57,6 +61,7 @@ from chatd.protocol import (
     INSUFFICIENT_SCOPE,
     LOGIN_REQUIRED,
     AddMembers,
+    AddPushSubscription,
     AdminCreateUser,
     AdminDeleteMessage,
     AdminDeleteUser,
@@ -100,6 +105,9 @@ from chatd.protocol import (
     GetHistory,
     GetMe,
     GetMessage,
+    GetPresence,
+    GetUser,
+    GetVapidKey,
     LeaveChat,
     ListApiKeys,
     ListBlocks,
@@ -121,14 +129,17 @@ from chatd.protocol import (
     Refresh,
     Register,
     RemoveMember,
+    RemovePushSubscription,
     RenameChat,
     ReportMessage,
     RevokeApiKey,
     RevokeBotToken,
     RevokeSession,
     RevokeToken,
+    SearchMessages,
     SendMessage,
     SetCommands,
+    SetNotifications,
     SetRole,
     Sync,
     Typing,
@@ -170,6 +181,9 @@ HANDLERS: dict[type, Handler] = {
     BlockUser: blocks.block_user,
     UnblockUser: blocks.unblock_user,
     ReportMessage: admin.report_message,
+    SearchMessages: search.search_messages,
+    GetPresence: presence.get_presence,
+    SetNotifications: chats.set_notifications,
 }
 
 # Requests only REST has: no socket action carries them.
@@ -218,6 +232,10 @@ REST_HANDLERS: dict[type, Handler] = {
     ListWebhooks: webhooks.list_webhooks,
     DeleteWebhook: webhooks.delete_webhook,
     PostHook: webhooks.post_hook,
+    GetUser: presence.get_user,
+    AddPushSubscription: push.add_push_subscription,
+    RemovePushSubscription: push.remove_push_subscription,
+    GetVapidKey: push.vapid_key,
     CreateApiKey: app.create_api_key,
     ListApiKeys: app.list_api_keys,
     RevokeApiKey: app.revoke_api_key,
@@ -233,9 +251,10 @@ REST_HANDLERS: dict[type, Handler] = {
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live
 # socket; mark_read's REST form is POST /chats/{id}/read (Read); leave_chat's is
-# DELETE /chats/{id}/members/{your own uuid}.
+# DELETE /chats/{id}/members/{your own uuid}; get_presence's is GET /users/{uuid}, one user
+# at a time (a list in a query string has no place in the route table).
 # RenameChat: PATCH /chats/{id} is UpdateChat, of which renaming is a part.
-SOCKET_ONLY = frozenset({Sync, Typing, MarkRead, LeaveChat, RenameChat})
+SOCKET_ONLY = frozenset({Sync, Typing, MarkRead, LeaveChat, RenameChat, GetPresence})
 
 _missing = set(ClientAction.__args__) ^ set(HANDLERS)
 if _missing:
@@ -268,6 +287,10 @@ READS: frozenset[type] = frozenset(
         ChatCommands,
         ListDeliveries,
         ListWebhooks,
+        SearchMessages,
+        GetPresence,
+        GetUser,
+        GetVapidKey,
     }
 )
 

@@ -271,8 +271,8 @@ async def _issue_pair(ctx: Context, user_id: uuid.UUID, session_id: uuid.UUID) -
 
 async def me(ctx: Context, action: GetMe) -> Me:
     row = await ctx.node.pool.fetchrow(
-        "SELECT u.id, u.name, u.email, u.created_at, u.avatar, u.is_bot, b.id AS bot_id,"
-        f" b.username AS bot_username, {_PICTURE}"
+        "SELECT u.id, u.name, u.email, u.created_at, u.avatar, u.share_presence, u.is_bot,"
+        f" b.id AS bot_id, b.username AS bot_username, {_PICTURE}"
         " FROM users u LEFT JOIN bots b ON b.user_id = u.id WHERE u.id = $1",
         ctx.user_id,
     )
@@ -292,6 +292,7 @@ def _me(row: Record) -> Me:
         email=row["email"],
         created_at=row["created_at"],
         avatar=file_id_text(row["avatar"]),
+        share_presence=row["share_presence"],
         is_bot=row["is_bot"],
         bot_id=row["bot_id"],
         bot_username=row["bot_username"],
@@ -307,13 +308,16 @@ WHERE mine.user_id = $1
 """
 
 _UPDATE_ME = f"""
-UPDATE users SET name = coalesce($2, name), avatar = CASE WHEN $3 THEN $4 ELSE avatar END
+UPDATE users SET name = coalesce($2, name), avatar = CASE WHEN $3 THEN $4 ELSE avatar END,
+                 share_presence = coalesce($5, share_presence)
 WHERE id = $1
-RETURNING id, name, email, created_at, avatar, is_bot, {_PICTURE},
+RETURNING id, name, email, created_at, avatar, share_presence, is_bot, {_PICTURE},
           (SELECT id FROM bots WHERE user_id = users.id) AS bot_id,
           (SELECT username FROM bots WHERE user_id = users.id) AS bot_username,
           (SELECT (name, avatar) FROM users WHERE id = $1) IS DISTINCT FROM (name, avatar)
-          AS changed
+          AS changed,
+          (SELECT share_presence FROM users WHERE id = $1) IS DISTINCT FROM share_presence
+          AS presence_changed
 """
 
 
@@ -328,7 +332,9 @@ async def update_me(ctx: Context, action: UpdateMe) -> Me:
         avatar = None
         if isinstance(action.avatar, str):
             avatar = await files.claim_image(conn, ctx.user_id, action.avatar, "avatar")
-        row = await conn.fetchrow(_UPDATE_ME, ctx.user_id, name, set_avatar, avatar)
+        row = await conn.fetchrow(
+            _UPDATE_ME, ctx.user_id, name, set_avatar, avatar, action.share_presence
+        )
         if row is None:
             raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
         contacts = []
@@ -336,6 +342,8 @@ async def update_me(ctx: Context, action: UpdateMe) -> Me:
             contacts = [r["user_id"] for r in await conn.fetch(_CONTACTS, ctx.user_id)]
     if row["changed"]:
         await ctx.node.publish({ctx.user_id, *contacts}, UserUpdated(member_from_row(row)))
+    if row["presence_changed"]:  # committed: tell the contacts what they may see now
+        await ctx.node.presence.share_changed(ctx.user_id)
     return _me(row)
 
 

@@ -1,10 +1,12 @@
-"""Chats: create_chat, and the chat list (list_chats, get_chat) with unread counts."""
+"""Chats: create_chat, the chat list (list_chats, get_chat) with unread counts, and your
+notification settings per chat (set_notifications)."""
 
 from __future__ import annotations
 
 import uuid
 
 import asyncpg
+from msgspec import UNSET
 
 from chatd import metrics
 from chatd.handlers.base import (
@@ -18,6 +20,7 @@ from chatd.handlers.base import (
     parse_user_ids,
 )
 from chatd.integrations import enqueue_chat_event
+from chatd.node import Node
 from chatd.protocol import (
     FORBIDDEN,
     INVALID,
@@ -34,10 +37,13 @@ from chatd.protocol import (
     Created,
     GetChat,
     ListChats,
+    NotificationsChanged,
+    NotificationSettings,
+    SetNotifications,
     clean_text,
     no_such_chat,
 )
-from chatd.store import MESSAGE_COLUMNS, NOT_HIDDEN, message_from_row
+from chatd.store import MESSAGE_COLUMNS, NOT_HIDDEN, UNREAD_COUNT, message_from_row
 
 # --- create_chat --------------------------------------------------------------------------
 
@@ -187,19 +193,12 @@ async def insert_members(
 
 # --- the chat list ------------------------------------------------------------------------
 
-# unread_count starts from last_seq - read_seq: sending moves the sender's pointer to
-# their own message, so every message above a pointer is someone else's. From that go the
-# ones deleted for everyone and those the caller hid: both few, each found by an index
-# range above the pointer. No COUNT over the messages themselves, however many.
-_OVERVIEW = """
+# unread_count: store.UNREAD_COUNT, the expression notifications use too.
+_OVERVIEW = f"""
 SELECT c.id, c.type, c.name, c.created_at, c.last_seq, c.activity, c.version,
        c.pinned_message_id, c.photo, cm.read_seq, cm.role, rm.id AS read_upto,
-       c.last_seq - cm.read_seq
-         - (SELECT count(*) FROM messages d
-            WHERE d.chat_id = c.id AND d.deleted AND d.seq > cm.read_seq)
-         - (SELECT count(*) FROM hidden_messages h JOIN messages hm ON hm.id = h.message_id
-            WHERE h.user_id = $1 AND h.chat_id = c.id AND h.seq > cm.read_seq
-              AND NOT hm.deleted) AS unread_count,
+       cm.mute_until, cm.notify,
+       {UNREAD_COUNT} AS unread_count,
        (SELECT count(*) FROM mentions mn
         WHERE mn.user_id = $1 AND mn.chat_id = c.id AND mn.seq > cm.read_seq
           AND NOT EXISTS (SELECT 1 FROM hidden_messages h
@@ -235,7 +234,7 @@ async def list_chats(ctx: Context, action: ListChats) -> ChatPage:
     async with ctx.node.pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(_PAGE, ctx.user_id, before, action.limit + 1)
-            chats = await _overviews(conn, ctx.user_id, rows[: action.limit])
+            chats = await _overviews(conn, ctx.user_id, rows[: action.limit], ctx.node)
     # Big groups make big entries: a page ends early rather than outgrow a client's frame.
     fitting, _ = fit_in_frame(chats, FRAME_BUDGET_BYTES)
     chats = fitting or chats[:1]
@@ -253,16 +252,31 @@ async def get_chat(ctx: Context, action: GetChat) -> ChatOverview:
             row = await conn.fetchrow(_ONE, ctx.user_id, action.chat_id)
             if row is None:
                 raise no_such_chat()
-            (chat,) = await _overviews(conn, ctx.user_id, [row])
+            (chat,) = await _overviews(conn, ctx.user_id, [row], ctx.node)
     return chat
 
 
 async def _overviews(
-    conn: asyncpg.Connection, user_id: uuid.UUID, rows: list[asyncpg.Record]
+    conn: asyncpg.Connection,
+    user_id: uuid.UUID,
+    rows: list[asyncpg.Record],
+    node: Node,
 ) -> list[ChatOverview]:
-    """Three queries for a whole page: the chats, their members, their last messages."""
+    """Four queries for a whole page: the chats, their members, their last messages, and
+    the presence of the other member of the private ones."""
     chat_ids = [row["id"] for row in rows]
     members = await fetch_members(conn, chat_ids)
+    partners = {
+        row["id"]: uuid.UUID(m.user_uuid)
+        for row in rows
+        if row["type"] == "private"
+        for m in members[row["id"]]
+        if m.user_uuid != str(user_id)
+    }
+    presence = {}
+    if partners:
+        found = await conn.fetch(_PARTNERS, list(set(partners.values())))
+        presence = await node.presence.presence_of(found)
     with_messages = [row["id"] for row in rows if row["last_seq"] > 0]
     last_messages = {
         m["chat_id"]: message_from_row(m)
@@ -285,6 +299,46 @@ async def _overviews(
             version=row["version"],
             pinned_message_id=row["pinned_message_id"],
             photo=file_id_text(row["photo"]),
+            mute_until=row["mute_until"],
+            notify=row["notify"],
+            presence=presence.get(partners.get(row["id"])),  # type: ignore[arg-type]
         )
         for row in rows
     ]
+
+
+_PARTNERS = """
+SELECT id, share_presence, last_seen_at FROM users WHERE id = ANY($1::uuid[])
+"""
+
+
+# --- notification settings ----------------------------------------------------------------
+
+# $3: whether mute_until is given (null unmutes); $5: notify, or null to keep it.
+_SET_NOTIFICATIONS = """
+UPDATE chat_members
+SET mute_until = CASE WHEN $3 THEN $4 ELSE mute_until END,
+    notify = coalesce($5, notify)
+WHERE chat_id = $1 AND user_id = $2
+RETURNING chat_id, mute_until, notify
+"""
+
+
+async def set_notifications(ctx: Context, action: SetNotifications) -> NotificationSettings:
+    """Change the caller's notification settings of a chat they are in; every socket of
+    theirs hears the new settings (notifications_changed)."""
+    mute_given = action.mute_until is not UNSET
+    notify = None if action.notify is UNSET else action.notify
+    row = await ctx.node.pool.fetchrow(
+        _SET_NOTIFICATIONS,
+        action.chat_id,
+        ctx.user_id,
+        mute_given,
+        action.mute_until if mute_given else None,
+        notify,
+    )
+    if row is None:
+        raise no_such_chat()
+    settings = NotificationSettings(row["chat_id"], row["mute_until"], row["notify"])
+    await ctx.node.publish([ctx.user_id], NotificationsChanged(settings))
+    return settings

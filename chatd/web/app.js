@@ -56,6 +56,9 @@ const state = {
   replyTo: null, // id of the message the composer answers
   mentionPicks: new Map(), // user uuid -> name, picked in the composer since the last send
   highlight: null, // {id, until}: the message a jump landed on
+  presence: new Map(), // user uuid -> {status, last_seen} (presence events, the chat list)
+  onlineInGroup: new Map(), // chat id -> members online when last asked (get_presence)
+  search: { q: "", results: [], next: null, seq: 0 }, // the sidebar's message search
 };
 
 // --- tokens -----------------------------------------------------------------------------
@@ -439,7 +442,7 @@ function handleFrame(frame) {
     }
     case "new_message":
       if (!state.chats.has(d.chat_id)) fetchChat(d.chat_id);
-      addMessage(d);
+      if (addMessage(d)) notifyHidden(d);
       clearTyping(d.chat_id, d.sender_uuid);
       markReadIfVisible();
       return;
@@ -492,6 +495,14 @@ function handleFrame(frame) {
       return;
     case "typing":
       showTyping(d.chat_id, d.user_uuid);
+      return;
+    case "presence":
+      state.presence.set(d.user_uuid, d);
+      renderChatList();
+      renderChatHeader();
+      return;
+    case "notifications_changed":
+      if (state.chats.has(d.chat_id)) upsertChat({ id: d.chat_id, mute_until: d.mute_until, notify: d.notify });
       return;
     default:
   }
@@ -623,6 +634,8 @@ function upsertChat(data) {
     if (k === "last_seq" || k === "read_seq") chat[k] = Math.max(chat[k] || 0, v);
     else if (k === "last_message") {
       if (v && (!chat.last_message || v.seq >= chat.last_message.seq)) chat.last_message = v;
+    } else if (k === "presence") {
+      if (v) state.presence.set(v.user_uuid, v);
     } else if (k !== "unread_count" && k !== "unread_mentions") chat[k] = v;
   }
   if (data.unread_count !== undefined) {
@@ -773,6 +786,18 @@ function renderChatList() {
       if (chat.id === state.current) button.setAttribute("aria-current", "true");
       const top = el("span", "chat-item-top");
       top.append(chatAvatar(chat), el("span", "chat-name", chatTitle(chat)));
+      const seen = partnerPresence(chat);
+      if (seen && seen.status === "online") {
+        const dot = el("span", "presence-dot");
+        dot.title = "online";
+        dot.setAttribute("aria-label", "online");
+        top.append(dot);
+      }
+      if (isMuted(chat)) {
+        const mark = el("span", "muted-mark", "🔕");
+        mark.title = "muted";
+        top.append(mark);
+      }
       const { count, mentions } = unread(chat);
       if (mentions > 0) {
         const at = el("span", "badge mention-badge", "@");
@@ -793,6 +818,7 @@ function renderChatList() {
     }),
   );
   $("no-chats").hidden = chats.length > 0;
+  updateTitle();
 }
 
 function formatTime(ts) {
@@ -963,6 +989,9 @@ function renderChatHeader() {
     picture.title = mayChange ? "Change the group's photo" : "";
     picture.setAttribute("aria-label", mayChange ? "Change the group's photo" : chatTitle(chat));
   }
+  $("chat-settings").hidden = !chat;
+  $("chat-settings").textContent = chat && isMuted(chat) ? "🔕" : "🔔";
+  renderChatStatus(chat);
   renderTyping();
   renderPinBanner();
 }
@@ -998,6 +1027,7 @@ async function openChat(chatId) {
   renderMessages();
   scroller.scrollTop = scroller.scrollHeight;
   if (chatId === null) return;
+  askGroupPresence(chatId);
   $("message-input").focus();
   const s = store(chatId);
   if (!s.loaded) await loadHistory(chatId, false);
@@ -1740,6 +1770,237 @@ async function jumpTo(chatId, id) {
   }, 2000);
 }
 
+// --- presence ---------------------------------------------------------------------------
+
+function partnerPresence(chat) {
+  if (!chat || chat.type !== "private") return null;
+  const other = (chat.members || []).find((u) => u.user_uuid !== state.me.user_uuid);
+  return other ? state.presence.get(other.user_uuid) || null : null;
+}
+
+function lastSeenText(p) {
+  if (!p) return "";
+  if (p.status === "online") return "online";
+  if (!p.last_seen) return "last seen a while ago";
+  return `last seen ${formatTime(p.last_seen)}`;
+}
+
+function renderChatStatus(chat) {
+  const status = $("chat-status");
+  status.classList.remove("online");
+  if (!chat) {
+    status.textContent = "";
+  } else if (chat.type === "private") {
+    const p = partnerPresence(chat);
+    status.textContent = lastSeenText(p);
+    status.classList.toggle("online", !!p && p.status === "online");
+  } else {
+    const n = (chat.members || []).length;
+    const online = state.onlineInGroup.get(chat.id);
+    status.textContent = `${n} ${n === 1 ? "member" : "members"}${online ? `, ${online} online` : ""}`;
+  }
+}
+
+// Groups are not told presence as it changes (big ones would cost too much): ask on open.
+async function askGroupPresence(chatId) {
+  const chat = state.chats.get(chatId);
+  if (!chat || chat.type !== "group" || !state.wsReady) return;
+  const ids = (chat.members || []).map((u) => u.user_uuid).slice(0, 1000);
+  try {
+    const reply = await request("get_presence", { user_ids: ids });
+    for (const p of reply.presence) state.presence.set(p.user_uuid, p);
+    const online = reply.presence.filter((p) => p.status === "online" && p.user_uuid !== state.me.user_uuid);
+    state.onlineInGroup.set(chatId, online.length);
+    if (state.current === chatId) renderChatStatus(chat);
+  } catch {
+    /* shown without it */
+  }
+}
+
+// --- search -----------------------------------------------------------------------------
+
+// Highlights are offsets in code points (the server's characters), not UTF-16 units.
+function highlighted(text, highlights) {
+  const chars = Array.from(text);
+  const span = el("span", "search-text");
+  let at = 0;
+  for (const h of highlights) {
+    if (h.start > at) span.append(document.createTextNode(chars.slice(at, h.start).join("")));
+    span.append(el("mark", null, chars.slice(h.start, h.end).join("")));
+    at = h.end;
+  }
+  if (at < chars.length) span.append(document.createTextNode(chars.slice(at).join("")));
+  return span;
+}
+
+async function runSearch(more = false) {
+  const q = $("search-input").value.trim();
+  const results = $("search-results");
+  const search = state.search;
+  if (!q) {
+    search.q = "";
+    search.results = [];
+    search.next = null;
+    results.hidden = true;
+    $("search-more").hidden = true;
+    $("chat-list").hidden = false;
+    $("no-chats").hidden = state.chats.size > 0;
+    return;
+  }
+  const seq = ++search.seq;
+  const fields = { q, limit: 20 };
+  if (more && search.next) fields.before = search.next;
+  let reply;
+  try {
+    reply = await request("search_messages", fields);
+  } catch (err) {
+    notify(`Search failed: ${err.message}`);
+    return;
+  }
+  if (seq !== search.seq) return; // a newer search started meanwhile
+  search.q = q;
+  search.results = more ? [...search.results, ...reply.results] : reply.results;
+  search.next = reply.has_more ? reply.next_before : null;
+  renderSearch();
+}
+
+function renderSearch() {
+  const results = $("search-results");
+  const { results: hits } = state.search;
+  results.hidden = false;
+  $("chat-list").hidden = true;
+  $("no-chats").hidden = true;
+  results.replaceChildren(
+    ...(hits.length ? hits : [null]).map((hit) => {
+      const li = el("li");
+      if (!hit) {
+        li.append(el("p", "hint", "No messages found"));
+        return li;
+      }
+      const m = hit.message;
+      const button = el("button", "search-result");
+      button.type = "button";
+      button.dataset.messageId = m.id;
+      button.append(el("span", "search-chat", chatTitle(state.chats.get(m.chat_id)) || "A chat"));
+      button.append(highlighted(m.text, hit.highlights));
+      button.append(el("span", "meta", formatTime(m.timestamp)));
+      button.addEventListener("click", () => openFound(m));
+      li.append(button);
+      return li;
+    }),
+  );
+  $("search-more").hidden = !state.search.next;
+}
+
+// Open the message's chat and scroll to it, loading history down to it.
+async function openFound(m) {
+  if (!state.chats.has(m.chat_id)) await fetchChat(m.chat_id);
+  await openChat(m.chat_id);
+  await jumpTo(m.chat_id, m.id);
+}
+
+// --- notifications ----------------------------------------------------------------------
+
+function isMuted(chat) {
+  return !!chat && !!chat.mute_until && Date.parse(chat.mute_until) > Date.now();
+}
+
+function wantsNotice(chat, m) {
+  if (!chat || isMuted(chat)) return false;
+  const level = chat.notify || "all";
+  return level === "all" || (level === "mentions" && mentionsMe(m));
+}
+
+// The tab's title counts unread messages in chats that are not muted.
+function updateTitle() {
+  let total = 0;
+  for (const chat of state.chats.values()) if (!isMuted(chat)) total += unread(chat).count;
+  document.title = total > 0 ? `(${total > 99 ? "99+" : total}) chatd` : "chatd";
+}
+
+// A message while the tab is hidden: a system notification (the page's own, not a push).
+function notifyHidden(m) {
+  if (!document.hidden || !("Notification" in window) || Notification.permission !== "granted") return;
+  if (m.sender_uuid === state.me.user_uuid) return;
+  const chat = state.chats.get(m.chat_id);
+  if (!wantsNotice(chat, m)) return;
+  const sender = memberName(m.chat_id, m.sender_uuid);
+  const title = chat.type === "group" ? `${sender} in ${chatTitle(chat)}` : sender;
+  const notice = new Notification(title, { body: messageSummary(m) || "", tag: `chat-${m.chat_id}` });
+  notice.onclick = () => {
+    window.focus();
+    openChat(m.chat_id);
+    notice.close();
+  };
+}
+
+function base64UrlToBytes(text) {
+  const padded = text.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - (text.length % 4)) % 4);
+  return Uint8Array.from(atob(padded), (c) => c.charCodeAt(0));
+}
+
+// The prompt: permission for notifications, then (where the browser can) a Web Push
+// subscription, so messages arrive even with no tab open.
+function renderNotificationPrompt() {
+  const button = $("enable-notifications");
+  button.hidden = !("Notification" in window) || Notification.permission !== "default";
+}
+
+async function enableNotifications() {
+  const permission = await Notification.requestPermission();
+  renderNotificationPrompt();
+  if (permission === "granted") await subscribePush();
+}
+
+async function subscribePush() {
+  if (!("serviceWorker" in navigator) || !("PushManager" in window)) return;
+  try {
+    const registration = await navigator.serviceWorker.register("chat/sw.js");
+    await navigator.serviceWorker.ready;
+    let subscription = await registration.pushManager.getSubscription();
+    if (!subscription) {
+      const { public_key: key } = await api("GET", "push/vapid_public_key");
+      subscription = await registration.pushManager.subscribe({
+        userVisibleOnly: true,
+        applicationServerKey: base64UrlToBytes(key),
+      });
+    }
+    await api("POST", "push/subscriptions", subscription.toJSON());
+  } catch (err) {
+    console.warn("Web Push is not available here", err);
+  }
+}
+
+function openNotifySettings() {
+  const chat = state.chats.get(state.current);
+  if (!chat) return;
+  $("notify-level").value = chat.notify || "all";
+  const until = chat.mute_until ? Date.parse(chat.mute_until) : 0;
+  $("mute-for").value = until > Date.now() ? (until > Date.now() + 365 * 86400e3 ? "forever" : "") : "";
+  $("notify-error").textContent = "";
+  $("notify-dialog").showModal();
+}
+
+async function saveNotifySettings(event) {
+  event.preventDefault();
+  const chatId = state.current;
+  const choice = $("mute-for").value;
+  let muteUntil = null;
+  if (choice === "forever") muteUntil = "2100-01-01T00:00:00Z";
+  else if (choice) muteUntil = new Date(Date.now() + Number(choice) * 1000).toISOString();
+  try {
+    const settings = await request("set_notifications", {
+      chat_id: chatId,
+      notify: $("notify-level").value,
+      mute_until: muteUntil,
+    });
+    upsertChat({ id: chatId, mute_until: settings.mute_until, notify: settings.notify });
+    $("notify-dialog").close();
+  } catch (err) {
+    $("notify-error").textContent = err.message;
+  }
+}
+
 // --- forwarding -------------------------------------------------------------------------
 
 let forwarding = null; // the message being forwarded
@@ -2085,8 +2346,10 @@ async function start() {
   $("auth-view").hidden = true;
   $("app-view").hidden = false;
   openChat(null);
+  renderNotificationPrompt();
   await loadChatList();
   connect();
+  if ("Notification" in window && Notification.permission === "granted") subscribePush();
 }
 
 // The log-out button: sign this session out on the server too (its tokens stop working
@@ -2193,6 +2456,16 @@ function init() {
   document.addEventListener("visibilitychange", markReadIfVisible);
   window.addEventListener("focus", markReadIfVisible);
   $("new-chat").addEventListener("click", openNewChat);
+  let messageSearchTimer = null;
+  $("search-input").addEventListener("input", () => {
+    clearTimeout(messageSearchTimer);
+    messageSearchTimer = setTimeout(() => runSearch(false), 250);
+  });
+  $("search-more").addEventListener("click", () => runSearch(true));
+  $("chat-settings").addEventListener("click", openNotifySettings);
+  $("notify-form").addEventListener("submit", saveNotifySettings);
+  $("notify-cancel").addEventListener("click", () => $("notify-dialog").close());
+  $("enable-notifications").addEventListener("click", () => enableNotifications());
   $("new-chat-cancel").addEventListener("click", () => $("new-chat-dialog").close());
   $("new-chat-form").addEventListener("submit", createChat);
   let searchTimer = null;
