@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import uuid
 from collections import OrderedDict
@@ -51,7 +52,7 @@ from typing import Any
 import msgspec
 
 from chatd import signing
-from chatd.client import Api, Client
+from chatd.client import Api, ChatdError, Client, TokenProvider
 from chatd.protocol import (
     BotCommand,
     Command,
@@ -164,19 +165,33 @@ _frame_decoder = msgspec.json.Decoder(ServerFrame)
 # --- the bot ---------------------------------------------------------------------------------
 
 
+async def _provide(provider: TokenProvider) -> str:
+    token = provider()
+    if inspect.isawaitable(token):
+        token = await token
+    return token
+
+
 class Bot:
     def __init__(
         self,
         url: str,
-        token: str,
+        token: str | None = None,
         *,
+        token_provider: TokenProvider | None = None,
         webhook_secret: str | None = None,
         signature_tolerance: int = signing.DEFAULT_TOLERANCE,
     ) -> None:
-        """`url`: the chatd server; `token`: the bot's token (`chatd_bot_…`);
-        `webhook_secret`: the bot's `webhook_secret` (PATCH /bots/{id}), for asgi_app."""
+        """`url`: the chatd server; `token`: the bot's token (`chatd_bot_…`), or
+        `token_provider`: a callable (plain or async) returning a fresh access token, for
+        a bot that signs in through the embedding app (its JWTs, docs/embedding.md), asked
+        again whenever chatd refuses the one it has; `webhook_secret`: the bot's
+        `webhook_secret` (PATCH /bots/{id}), for asgi_app."""
+        if (token is None) == (token_provider is None):
+            raise ValueError("give the bot a token or a token_provider")
         self.url = url.rstrip("/")
         self.token = token
+        self.token_provider = token_provider
         self.webhook_secret = webhook_secret
         self.signature_tolerance = signature_tolerance
         self.api = Api(self.url, token)
@@ -226,19 +241,31 @@ class Bot:
     async def send(self, chat_id: int, text: str, client_msg_id: str | None = None) -> Any:
         """Post a message in a chat of the bot's, over REST (sent once per client_msg_id)."""
         headers = {"Idempotency-Key": client_msg_id or str(uuid.uuid4())}
-        return await self.api.call(
+        return await self._rest(
             "POST", f"/chats/{chat_id}/messages", json={"text": text}, headers=headers
         )
+
+    async def _rest(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A REST call; with a token provider, a refused token is replaced once."""
+        if self.token_provider is not None and self.api.access_token is None:
+            self.api.access_token = await _provide(self.token_provider)
+        try:
+            return await self.api.call(method, path, **kwargs)
+        except ChatdError as exc:
+            if exc.status != 401 or self.token_provider is None:
+                raise
+        self.api.access_token = await _provide(self.token_provider)
+        return await self.api.call(method, path, **kwargs)
 
     async def setup(self) -> None:
         """Learn who the bot is, and register its commands (once)."""
         async with self._setup_lock:
             if self._ready:
                 return
-            self.me = await self.api.me()
+            self.me = await self._rest("GET", "/me")
             if self.me.get("bot_id") is not None and self._commands:
                 commands = [BotCommand(name, d) for name, (_, d) in self._commands.items()]
-                await self.api.call(
+                await self._rest(
                     "PUT",
                     f"/bots/{self.me['bot_id']}/commands",
                     json={"commands": msgspec.to_builtins(commands)},
@@ -295,7 +322,7 @@ class Bot:
 
     async def run_async(self, started: asyncio.Event | None = None) -> None:
         """Run over the socket until cancelled, or until the token is refused (raised)."""
-        self.client = Client(self.url, token=self.token)
+        self.client = Client(self.url, token=self.token, token_provider=self.token_provider)
         await self.client.start()
         # Once the socket is up: a command the web client offers from now on is heard.
         await self.setup()

@@ -29,6 +29,12 @@ event a newer server added). `sock.unread` is a Frame too (UnreadMessages).
                 case NewMessage(data=message) if message.sender_uuid != c.user_uuid:
                     await c.send(message.chat_id, "echo: " + message.text)
 
+An app that signs its users in itself, and whose JWTs chatd accepts (docs/embedding.md),
+gives the Client a token provider instead of a password; it is asked again before each
+token expires and whenever chatd refuses one:
+
+    async with Client("http://127.0.0.1:8000", token_provider=my_app.chat_token) as c: ...
+
 Replies (`sock.request`, `c.send`, ...) and REST bodies are plain decoded JSON.
 """
 
@@ -39,6 +45,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import inspect
 import itertools
 import json
 import logging
@@ -64,6 +71,10 @@ except ImportError as exc:  # it comes with the `client` extra (and with the ser
 log = logging.getLogger("chatd.client")
 
 T = TypeVar("T")
+
+# Returns a fresh access token (the app's JWT), plainly or as an awaitable: Client's
+# token_provider.
+TokenProvider = Callable[[], str | Awaitable[str]]
 
 CLOSE_ABNORMAL = 1006  # what a connection that died without a close frame reports
 # The 1008 reason when the user opened more sockets than CHATD_MAX_SOCKETS_PER_USER allows.
@@ -200,7 +211,7 @@ class Api:
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """One request, with the access token unless `headers` has an Authorization;
         `kwargs` go to httpx. Returns the decoded body (None for 204)."""
-        headers = kwargs.pop("headers", {})
+        headers = dict(kwargs.pop("headers", {}))  # the caller's, unchanged: a retry reuses it
         if self.access_token and "Authorization" not in headers:
             headers["Authorization"] = f"Bearer {self.access_token}"
         response = await self.http.request(method, path, headers=headers, **kwargs)
@@ -634,16 +645,25 @@ class Client:
         request_timeout: float = 10.0,
         sync_limit: int = 100,
         gap_grace: float = 0.5,
+        token_provider: TokenProvider | None = None,
     ) -> None:
         """`sync_limit`: new messages per chat per sync request. `gap_grace`: seconds an
         event that arrived ahead of its chat's next version waits for the ones before it
         (events of changes committed back to back may come out of order) before a sync.
         `token`: an API token (a bot's `chatd_bot_…` or a personal access token) instead of
-        an email and a password; it is never renewed, and its refusal stops the client."""
+        an email and a password; it is never renewed, and its refusal stops the client.
+
+        `token_provider`: instead of an email and a password, a callable (plain or async)
+        that returns a fresh access token: the app's own JWT, when chatd accepts them
+        (docs/embedding.md). It is called to start, a minute before the token it gave
+        expires (by its `exp`), and whenever chatd refuses the token (401 on REST, 1008
+        on /connect), so renewal goes through the app's own sign-in; no login or refresh
+        token is ever used."""
         self.api = Api(base_url)
         self.token = token
         self.email = email
         self.password = password
+        self.token_provider = token_provider
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.request_timeout = request_timeout
@@ -932,13 +952,27 @@ class Client:
     # -- tokens -------------------------------------------------------------------------
 
     async def _login(self) -> None:
-        if self.token is not None:
-            self.api.access_token = self.token
+        if self.token_provider is not None or self.token is not None:
+            if self.token_provider is not None:
+                self._took(await self._provided())
+            else:
+                self.api.access_token = self.token
             self.api.user_uuid = (await self.api.me())["user_uuid"]
             return
         if self.email is None or self.password is None:
-            raise ChatdError("invalid", "Client needs an email and a password")
+            raise ChatdError("invalid", "Client needs an email and a password, or a token_provider")
         self._took(await self.api.login(self.email, self.password))
+
+    async def _provided(self) -> dict[str, Any]:
+        """A fresh token from the token provider, taken as the Api's access token."""
+        assert self.token_provider is not None
+        token = self.token_provider()
+        if inspect.isawaitable(token):
+            token = await token
+        if not isinstance(token, str) or not token:
+            raise ChatdError("invalid", "the token provider returned no token")
+        self.api.access_token, self.api.refresh_token = token, None
+        return {"access_token": token}
 
     def _took(self, tokens: dict[str, Any]) -> None:
         """Schedule the renewal of a new pair: a minute before the access token expires,
@@ -952,6 +986,10 @@ class Client:
         """Replace the token pair, unless someone did already since `stale` was in use."""
         async with self._token_lock:
             if self.api.access_token != stale:
+                return
+            if self.token_provider is not None:  # the app's sign-in renews, not chatd's
+                self._took(await self._provided())
+                self.renewals += 1
                 return
             if self.token is not None:  # nothing to renew it with: revoked or expired
                 raise ChatdError("unauthorized", "the API token was refused", 401)

@@ -90,6 +90,11 @@ def _int(env: Env, name: str, default: int) -> int:
     return value
 
 
+def _non_negative(env: Env, name: str, default: int) -> int:
+    raw = (env.get(name) or "").strip()
+    return 0 if raw == "0" else _int(env, name, default)
+
+
 def _str(env: Env, name: str, default: str) -> str:
     return env.get(name, default).strip()
 
@@ -148,6 +153,18 @@ def _origins(env: Env, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     if raw is None:
         return default
     return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
+
+
+def _embed_origins(env: Env, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Origins (scheme://host[:port]), each a source of a CSP header: nothing else."""
+    origins = _origins(env, name, default)
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise SystemExit(f"{name}: {origin!r} is not an origin like https://app.example.com")
+    return origins
 
 
 def _path(env: Env, name: str, default: Path) -> Path:
@@ -233,6 +250,8 @@ class Settings:
     add_members_rate: Rate | None = setting(  # per user, counting users added, not calls
         "CHATD_ADD_MEMBERS_RATE", parse_rate("1000/day"), _rate
     )
+    # Requests per API key of the app API (/app/..., chatd/handlers/app.py).
+    app_key_rate: Rate | None = setting("CHATD_APP_KEY_RATE", parse_rate("100/s"), _rate)
     # Groups a user creates in any 24 h, counted in the database.
     groups_per_day: int | None = setting("CHATD_GROUPS_PER_DAY", 100, _cap)
     # A sync that would replay more changes than this in one chat answers too_long.
@@ -288,6 +307,32 @@ class Settings:
     push_gateway_secret: str | None = setting("CHATD_PUSH_GATEWAY_SECRET", None, _optional)
     # Whether the gateway's notifications carry the message's text (off: metadata only).
     push_gateway_text: bool = setting("CHATD_PUSH_GATEWAY_TEXT", False, _bool)
+    # External identity (chatd/identity.py): the app's own JWTs accepted as access tokens,
+    # signed with a shared secret (HS256) and/or by keys published at a JWKS URL (RS256,
+    # ES256). Either needs the issuer and audience every token must name.
+    auth_jwt_secret: str | None = setting("CHATD_AUTH_JWT_SECRET", None, _optional)
+    auth_jwks_url: str | None = setting("CHATD_AUTH_JWKS_URL", None, _optional)
+    auth_issuer: str | None = setting("CHATD_AUTH_ISSUER", None, _optional)
+    auth_audience: str | None = setting("CHATD_AUTH_AUDIENCE", None, _optional)
+    # Seconds between two fetches of the JWKS at least (an unknown kid asks again only
+    # then: tokens with made-up kids cannot make chatd hammer the identity provider), and
+    # at most (so a key the provider withdrew stops being trusted).
+    auth_jwks_min_refresh: int = setting("CHATD_AUTH_JWKS_MIN_REFRESH", 60)
+    auth_jwks_max_age: int = setting("CHATD_AUTH_JWKS_MAX_AGE", 3600)
+    # Seconds of clock difference tolerated on exp, nbf and iat (0: none, as for chatd's own).
+    auth_leeway: int = setting("CHATD_AUTH_LEEWAY", 0, _non_negative)
+    # Origins whose pages may show /chat in an iframe (/chat?embed, docs/embedding.md): the
+    # page's frame-ancestors. Unset: only chatd's own pages (no clickjacking).
+    embed_origins: tuple[str, ...] = setting("CHATD_EMBED_ORIGINS", (), _embed_origins)
+    # false: no /register and no password login (users come from the app's tokens).
+    local_accounts: bool = setting("CHATD_LOCAL_ACCOUNTS", True, _bool)
+    # The before-send hook (chatd/hooks.py): POSTed every message about to be stored;
+    # milliseconds it may take; what a timeout or failure means (open: send, closed: refuse).
+    before_send_url: str | None = setting("CHATD_BEFORE_SEND_URL", None, _optional)
+    before_send_timeout_ms: int = setting("CHATD_BEFORE_SEND_TIMEOUT_MS", 1000)
+    before_send_fail_open: bool = setting("CHATD_BEFORE_SEND_FAIL_OPEN", False, _bool)
+    # When set, the hook's requests are signed with it (X-Chatd-Signature, chatd/signing.py).
+    before_send_secret: str | None = setting("CHATD_BEFORE_SEND_SECRET", None, _optional)
     # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = setting("CHATD_FORWARDED_ALLOW_IPS", "127.0.0.1,::1", _str)
     # Bots (chatd/handlers/bots.py): their sends have their own bucket, per bot.
@@ -314,6 +359,7 @@ class Settings:
         secret = env.get("CHATD_SECRET")
         if secret:
             _check_secret(secret, values["dev"])
+        _check_identity(values, secret)
         return cls(secret=secret or _stored_secret(values["data_dir"]), **values)
 
 
@@ -340,6 +386,35 @@ def _check_secret(secret: str, dev: bool) -> None:
         )
     if weak:
         log.warning("CHATD_SECRET is weak; accepted because CHATD_DEV is set")
+
+
+def _check_identity(values: dict[str, Any], secret: str | None) -> None:
+    """External tokens need an issuer and an audience to check, and a shared secret as
+    strong as CHATD_SECRET and not the same (with it, the app could mint chatd's own)."""
+    shared, jwks = values["auth_jwt_secret"], values["auth_jwks_url"]
+    if not (shared or jwks):
+        return
+    missing = [
+        v
+        for v, f in (("CHATD_AUTH_ISSUER", "auth_issuer"), ("CHATD_AUTH_AUDIENCE", "auth_audience"))
+        if not values[f]
+    ]
+    if missing:
+        raise SystemExit(
+            f"{' and '.join(missing)} must be set with CHATD_AUTH_JWT_SECRET or "
+            "CHATD_AUTH_JWKS_URL: a token is accepted only from that issuer, for that audience"
+        )
+    if jwks and not jwks.startswith(("https://", "http://")):
+        raise SystemExit(f"CHATD_AUTH_JWKS_URL must be an http(s) URL, got {jwks!r}")
+    if shared:
+        if secret and shared == secret:
+            raise SystemExit("CHATD_AUTH_JWT_SECRET must differ from CHATD_SECRET")
+        weak = len(shared) < MIN_SECRET_CHARS or shared.strip().lower() in _WEAK_SECRETS
+        if weak and not values["dev"]:
+            raise SystemExit(
+                f"CHATD_AUTH_JWT_SECRET is too weak: use at least {MIN_SECRET_CHARS} random "
+                "characters; CHATD_DEV=true accepts it for development"
+            )
 
 
 def _stored_secret(data_dir: Path) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import asyncpg
 import msgspec
 
+from chatd import app_hooks
 from chatd.deliveries import enqueue_many
 from chatd.protocol import (
     BotCommand,
@@ -124,10 +125,12 @@ async def enqueue_chat_event(
 ) -> None:
     """Queue a membership event (member_added, member_removed, chat_created,
     chat_deleted) for the chat's bots with a webhook, and those in `gone` (who just left),
-    in the caller's transaction, which holds the chat's lock."""
+    and for the app webhooks subscribed to it (chatd/app_hooks.py), in the caller's
+    transaction, which holds the chat's lock."""
     bot_ids = [r["id"] for r in await conn.fetch(_HOOKED_BOTS, chat_id, list(gone))]
     body = encode(event)
     await enqueue_many(conn, [(WEBHOOK_KIND, b, order_key(b, chat_id), body) for b in bot_ids])
+    await app_hooks.enqueue_chat_event(conn, chat_id, event)  # and the app's webhooks
 
 
 def chat_id_of(event: Event) -> int:

@@ -96,6 +96,17 @@ DELIVERY_SECONDS = Histogram(
     ["kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+JWKS_FETCHES = Counter(
+    "chatd_jwks_fetches_total",
+    "Fetches of CHATD_AUTH_JWKS_URL (external identity keys), by outcome",
+    ["outcome"],
+)
+BEFORE_SEND_SECONDS = Histogram(
+    "chatd_before_send_seconds",
+    "Calls of the before-send hook (CHATD_BEFORE_SEND_URL), by outcome",
+    ["outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 
 
 async def watch_pool(pool: Any, every: float = 1.0) -> None:

@@ -22,11 +22,14 @@ from collections.abc import Iterable
 import asyncpg
 
 from chatd import metrics
+from chatd.app_hooks import AppHooks
 from chatd.config import Settings
 from chatd.db import create_pool
 from chatd.deliveries import DeliveryQueue
 from chatd.files import FileCollector, Files, open_blob_store
+from chatd.hooks import BeforeSend
 from chatd.hub import Bus, Hub, LocalBus, publish
+from chatd.identity import Identities
 from chatd.presence import PresenceTracker
 from chatd.protocol import Event, Readiness
 from chatd.push import PushNotifier, stored_vapid
@@ -92,6 +95,17 @@ class Node:
             settings.push_gateway_text,
         )
         self.writer.committed = self.push.committed  # in memory: no I/O on the send path
+        # The app's own JWTs as access tokens (chatd/identity.py), when configured.
+        self.identity = (
+            Identities(settings, self.pool, self.sessions, self.publish)
+            if Identities.configured(settings)
+            else None
+        )
+        # App webhooks (chatd/app_hooks.py): whether any exists, and their sender.
+        self.app_hooks = AppHooks(self.pool, self.deliveries)
+        self.writer.app_hooks = self.app_hooks
+        # The before-send hook (chatd/hooks.py); None: sends pay nothing for it.
+        self.before_send = BeforeSend(settings) if settings.before_send_url else None
         self.limits = Limits(settings)
         self.typing_gate = TypingGate(remote=self.limits.remote)
         self._watchdog: asyncio.Task[None] | None = None
@@ -120,9 +134,12 @@ class Node:
         self._listener = asyncio.create_task(self.revocations.run())
         self.collector.start()
         self.tokens.start()
+        self.app_hooks.start()
         self.presence.start()
         self.deliveries.start()
         self.push.start()
+        if self.identity is not None:
+            self.identity.start()
         # Serve once revocations are heard (a session is trusted from memory only then).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.revocations.listening.wait(), 10)
@@ -135,7 +152,12 @@ class Node:
         await self.collector.stop()
         await self.presence.stop()
         await self.push.stop()
+        await self.app_hooks.stop()
         await self.deliveries.stop()
+        if self.identity is not None:
+            await self.identity.close()
+        if self.before_send is not None:
+            await self.before_send.close()
         await self.writer.wait_idle(timeout=5)
         await self.tokens.stop()
         await self.bus.close()

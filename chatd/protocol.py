@@ -36,6 +36,7 @@ TOO_LARGE = "too_large"  # an upload over CHATD_MAX_UPLOAD_BYTES
 QUOTA_EXCEEDED = "quota_exceeded"  # an upload past the user's CHATD_USER_QUOTA_BYTES
 INVALID_CREDENTIALS = "invalid_credentials"
 INTERNAL = "internal"  # a server-side failure; the request may be retried
+REJECTED = "rejected"  # the before-send hook refused the message; its reason is the message
 UNAVAILABLE = "unavailable"  # the database is unavailable; retry (sends: same client_msg_id)
 USERNAME_TAKEN = "username_taken"  # POST /bots: another bot has this username
 INSUFFICIENT_SCOPE = "insufficient_scope"  # a read-only API token asked for a change
@@ -60,6 +61,7 @@ HTTP_STATUS = {
     USERNAME_TAKEN: 409,
     INSUFFICIENT_SCOPE: 403,
     LOGIN_REQUIRED: 403,
+    REJECTED: 403,
 }
 
 # --- close codes of /connect (RFC 6455 section 7.4; docs/protocol.md says when each is sent) --
@@ -1306,6 +1308,9 @@ class Me(Struct):
     is_bot: bool = False
     bot_id: int | None = None  # a bot's id in /bots/{bot_id} (set for bots made by POST /bots)
     bot_username: str | None = None  # and its username (commands may say /name@username)
+    # The `picture` claim's URL, for a user of the app's tokens (docs/embedding.md);
+    # chatd never fetches it. null: none (and always for chatd's own accounts).
+    picture: str | None = None
 
 
 class SessionInfo(Struct):
@@ -1495,6 +1500,151 @@ class Readiness(Struct):
     status: Literal["ready", "not ready"]
     database: str  # "ok", or what is wrong
     redis: str  # "ok", "not configured", or what is wrong
+
+
+# --- the app API (API keys, docs/embedding.md) ------------------------------------------------
+
+# The app's own id of a user (the `sub` of its tokens) and of a chat.
+Subject = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ExtId = Annotated[
+    str,
+    Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$", description="the app's id"),
+]
+ApiScope = Literal["users", "chats", "messages", "history"]
+AppEvent = Literal[
+    "message.new",
+    "message.updated",
+    "member.added",
+    "member.removed",
+    "chat.created",
+    "user.created",
+]
+MAX_UPSERT_USERS = 1000
+MAX_APP_MEMBERS = 1000
+
+
+class CreateApiKey(Struct, kw_only=True):
+    """POST /admin/api_keys: a key for the app's backend, with the scopes it may use; its
+    own identity (a bot user named `name`) posts the app's system messages. With a
+    `webhook_url`, the `events` are POSTed there, signed with a secret shown once."""
+
+    name: UserName
+    scopes: Annotated[list[ApiScope], Meta(min_length=1, max_length=4)]
+    webhook_url: Annotated[str, Meta(max_length=2048)] | None = None
+    events: Annotated[list[AppEvent], Meta(max_length=6)] = []
+
+
+class ListApiKeys(Struct, kw_only=True):
+    """GET /admin/api_keys: every key that is not revoked, newest first."""
+
+
+class RevokeApiKey(Struct, kw_only=True):
+    """DELETE /admin/api_keys/{key_id}: the key stops working on every process at once,
+    and its webhook's pending deliveries are dropped."""
+
+    key_id: Annotated[str, Meta(extra_json_schema={"format": "uuid"})]
+
+
+class ApiKeyInfo(Struct, kw_only=True):
+    id: str
+    name: str
+    scopes: list[str]
+    user_uuid: UserUuid  # the key's own identity (system messages)
+    webhook_url: str | None
+    events: list[str]
+    created_at: Timestamp
+    last_used_at: Timestamp
+
+
+class ApiKeyCreated(ApiKeyInfo, kw_only=True):
+    key: str  # shown this once: only its hash is kept
+    webhook_secret: str | None  # likewise; signs every delivery (X-Chatd-Signature)
+
+
+class ApiKeyList(Struct):
+    keys: list[ApiKeyInfo]
+
+
+class AppUser(Struct, kw_only=True):
+    sub: Subject
+    name: UserName | None = None
+    picture: Annotated[str, Meta(max_length=2048)] | None = None
+
+
+class UpsertUsers(Struct, kw_only=True):
+    """POST /app/users: create or update the app's users by `sub` (the users its tokens
+    name: the same chatd user either way)."""
+
+    users: Annotated[list[AppUser], Meta(min_length=1, max_length=MAX_UPSERT_USERS)]
+
+
+class UpsertedUser(Struct):
+    sub: str
+    user_uuid: UserUuid
+    created: bool
+
+
+class UpsertedUsers(Struct):
+    users: list[UpsertedUser]
+
+
+class DeactivateUsers(Struct, kw_only=True):
+    """POST /app/users/deactivate: disable these users (their tokens and sockets stop at
+    once, as an admin's disable does); unknown subs are skipped."""
+
+    subs: Annotated[list[Subject], Meta(min_length=1, max_length=MAX_UPSERT_USERS)]
+
+
+class AppCreateChat(Struct, kw_only=True):
+    """POST /app/chats: a chat of the app's users, created once per `ext_id` (201), then
+    found (200, as it is: the rest of the request is not applied again). A group is owned
+    by the key's identity; a private chat has exactly two members."""
+
+    ext_id: ExtId
+    type: Literal["private", "group"] = "group"
+    name: GroupName | None = None
+    members: Annotated[list[Subject], Meta(max_length=MAX_APP_MEMBERS)] = []
+
+
+class AppGetChat(Struct, kw_only=True):
+    ext_id: ExtId
+
+
+class AppAddMembers(Struct, kw_only=True):
+    """POST /app/chats/{ext_id}/members: add the app's users (created if new) to a group."""
+
+    ext_id: ExtId
+    subs: Annotated[list[Subject], Meta(min_length=1, max_length=MAX_APP_MEMBERS)]
+
+
+class AppRemoveMembers(Struct, kw_only=True):
+    """DELETE /app/chats/{ext_id}/members: remove the app's users from a group."""
+
+    ext_id: ExtId
+    subs: Annotated[list[Subject], Meta(min_length=1, max_length=MAX_APP_MEMBERS)]
+
+
+class AppPostMessage(Struct, kw_only=True):
+    """POST /app/chats/{ext_id}/messages: a message as the app's user `as_user` (a member),
+    or as the key's own identity; stored once per client_msg_id (a retry answers 200 with
+    the message stored first)."""
+
+    ext_id: ExtId
+    text: Text
+    client_msg_id: ClientMsgId
+    as_user: Subject | None = None
+
+
+class AppGetMessages(Struct, kw_only=True):
+    """GET /app/chats/{ext_id}/messages: newest first, keyset-paginated."""
+
+    ext_id: ExtId
+    before: Annotated[Id | None, Meta(description="messages with an id below this one")] = None
+    limit: PageSize = 50
+
+
+class AppChat(Chat, kw_only=True):
+    ext_id: str
 
 
 class ErrorResponse(Struct):

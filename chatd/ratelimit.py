@@ -326,6 +326,7 @@ class Limits:
         self.add_members = RateLimiter("add_members", settings.add_members_rate, remote=remote)
         self.bot_message = RateLimiter("bot_message", settings.bot_message_rate, remote=remote)
         self.hook = RateLimiter("hook", settings.hook_rate, remote=remote)
+        self.app_key = RateLimiter("app_key", settings.app_key_rate, remote=remote)  # per key
 
     async def close(self) -> None:
         if self.remote is not None:

@@ -51,6 +51,15 @@ from chatd.protocol import (
     AdminUpdateUser,
     AdminUser,
     AdminUserList,
+    ApiKeyCreated,
+    ApiKeyList,
+    AppAddMembers,
+    AppChat,
+    AppCreateChat,
+    AppGetChat,
+    AppGetMessages,
+    AppPostMessage,
+    AppRemoveMembers,
     AuditLog,
     BlockList,
     BlockUser,
@@ -65,12 +74,14 @@ from chatd.protocol import (
     ChatOverview,
     ChatPage,
     CommandList,
+    CreateApiKey,
     CreateBot,
     CreateBotToken,
     CreateChat,
     Created,
     CreateToken,
     CreateWebhook,
+    DeactivateUsers,
     DeleteBot,
     DeleteChat,
     DeletedMessage,
@@ -98,6 +109,7 @@ from chatd.protocol import (
     GetVapidKey,
     Health,
     History,
+    ListApiKeys,
     ListBlocks,
     ListBots,
     ListBotTokens,
@@ -128,6 +140,7 @@ from chatd.protocol import (
     Report,
     ReportList,
     ReportMessage,
+    RevokeApiKey,
     RevokeBotToken,
     RevokeSession,
     RevokeToken,
@@ -147,6 +160,8 @@ from chatd.protocol import (
     UpdateBot,
     UpdateChat,
     UpdateMe,
+    UpsertedUsers,
+    UpsertUsers,
     UserList,
     UserProfile,
     VapidKey,
@@ -495,6 +510,8 @@ TAGS = {
     "health": "For load balancers and orchestrators",
     "admin": "For the server's admins (role admin): accounts, moderation, reports, audit",
     "bots": "Bots, their tokens, commands and webhooks; personal access tokens",
+    "app": "The embedding app's backend, with an API key: users, chats, messages (admins"
+    " make the keys)",
 }
 
 # fmt: off
@@ -502,7 +519,8 @@ OPERATIONS = [
     # accounts
     route(
         "POST", "/register", Register, "Create an account", RegisterResponse, 201,
-        tag="accounts", auth=False, errors=(400, 409, 413, 422, 429, 503),
+        # 403: CHATD_LOCAL_ACCOUNTS=false
+        tag="accounts", auth=False, errors=(400, 403, 409, 413, 422, 429, 503),
     ),
     route(
         "POST", "/login", Login, "Log in: get an access and a refresh token", TokenPair,
@@ -514,7 +532,7 @@ OPERATIONS = [
     ),
     route(
         "POST", "/logout", Logout, "Sign out this session: its tokens and sockets stop", None,
-        204, tag="accounts", errors=(503,),
+        204, tag="accounts", errors=(403, 503),  # 403: the app's token (no session)
     ),
     route("GET", "/me", GetMe, "The caller's account", Me, tag="accounts", errors=(503,)),
     route(
@@ -614,7 +632,8 @@ OPERATIONS = [
         "POST", "/chats/{chat_id:int}/messages", SendMessage,
         "Send a message (201); a retry with the same client_msg_id returns the original (200)",
         Message, 201, tag="messages", also_ok=(200,),
-        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 404, 413, 422, 429, 503),
+        # 403: `rejected` by the before-send hook (docs/embedding.md).
+        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 403, 404, 413, 422, 429, 503),
     ),
     route(
         "GET", "/messages/{message_id:int}", GetMessage, "One message of a chat you are in",
@@ -648,7 +667,7 @@ OPERATIONS = [
         "POST", "/messages/{message_id:int}/forward", ForwardMessage,
         "Forward a message to a chat of yours (201); a retry with the same client_msg_id"
         " returns the copy (200)", Message, 201, tag="messages", also_ok=(200,),
-        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 404, 413, 422, 429, 503),
+        headers={"Idempotency-Key": "client_msg_id"}, errors=(400, 403, 404, 413, 422, 429, 503),
     ),
     route(
         "PUT", "/chats/{chat_id:int}/pin", PinMessage,
@@ -826,6 +845,61 @@ OPERATIONS = [
         "DELETE", "/me/tokens/{token_id}", RevokeToken,
         "Revoke a personal access token: refused from now on, its sockets closed", None, 204,
         tag="accounts", errors=(403, 404, 503),
+    ),
+    # the app API (chatd/handlers/app.py, docs/embedding.md): API keys and what they do
+    route(
+        "POST", "/admin/api_keys", CreateApiKey,
+        "Create an API key for the app's backend (the key and webhook secret are shown once)",
+        ApiKeyCreated, 201, tag="app", errors=(400, 403, 413, 422, 503),
+    ),
+    route(
+        "GET", "/admin/api_keys", ListApiKeys, "The API keys that are not revoked", ApiKeyList,
+        tag="app", errors=(403, 503),
+    ),
+    route(
+        "DELETE", "/admin/api_keys/{key_id}", RevokeApiKey,
+        "Revoke an API key: refused from now on, its webhook's deliveries dropped", None, 204,
+        tag="app", errors=(403, 404, 503),
+    ),
+    route(
+        "POST", "/app/users", UpsertUsers,
+        "Create or update the app's users by sub (the users its tokens name)", UpsertedUsers,
+        tag="app", errors=(400, 403, 413, 422, 429, 503),
+    ),
+    route(
+        "POST", "/app/users/deactivate", DeactivateUsers,
+        "Disable the app's users: their tokens and sockets stop", None, 204,
+        tag="app", errors=(400, 403, 413, 422, 429, 503),
+    ),
+    route(
+        "POST", "/app/chats", AppCreateChat,
+        "Create a chat of the app's users once per ext_id (201); after that, get it (200)",
+        AppChat, 201, tag="app", also_ok=(200,), errors=(400, 403, 413, 422, 429, 503),
+    ),
+    route(
+        "GET", "/app/chats/{ext_id}", AppGetChat, "A chat the app created, by its ext_id",
+        AppChat, tag="app", errors=(403, 404, 422, 429, 503),
+    ),
+    route(
+        "POST", "/app/chats/{ext_id}/members", AppAddMembers,
+        "Add the app's users to one of its groups", AppChat,
+        tag="app", errors=(400, 403, 404, 413, 422, 429, 503),
+    ),
+    route(
+        "DELETE", "/app/chats/{ext_id}/members", AppRemoveMembers,
+        "Remove the app's users from one of its groups", None, 204,
+        tag="app", errors=(400, 403, 404, 413, 422, 429, 503), json_body=True,
+    ),
+    route(
+        "POST", "/app/chats/{ext_id}/messages", AppPostMessage,
+        "Post as one of the app's users or as the key's identity (201); a retry with the"
+        " same client_msg_id returns the original (200)",
+        Message, 201, tag="app", also_ok=(200,), errors=(400, 403, 404, 413, 422, 429, 503),
+    ),
+    route(
+        "GET", "/app/chats/{ext_id}/messages", AppGetMessages,
+        "A chat's messages, newest page first", History,
+        tag="app", errors=(403, 404, 422, 429, 503),
     ),
     # health
     Operation("GET", "/healthz", healthz, "Liveness check", Health, auth=False, tag="health"),

@@ -41,6 +41,8 @@ WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL
 RETURNING true
 """
 
+_ACTIVE = "SELECT disabled_at IS NULL AND deleted_at IS NULL FROM users WHERE id = $1"
+
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
@@ -62,6 +64,11 @@ class SessionCache:
         self._max_entries = max_entries
         self.generation = 0  # moves on every revocation heard and every suspend/resume
         self._deaf: set[str] = set()  # the channels of revocations that are down now
+        # Users of external tokens (chatd/identity.py) known to be active: they have no
+        # session, so disabling or deleting the account (a revocation of all its
+        # sessions) is what ends them. Only "active" is remembered: an account can be
+        # enabled again without any revocation being published.
+        self._active: OrderedDict[uuid.UUID, None] = OrderedDict()
 
     async def is_live(self, session_id: uuid.UUID, user_id: uuid.UUID) -> bool:
         """Whether the user's session is live; from memory when this process knows."""
@@ -80,9 +87,28 @@ class SessionCache:
                 self._live.popitem(last=False)
         return live
 
+    async def is_active(self, user_id: uuid.UUID) -> bool:
+        """Whether the account exists and is neither disabled nor deleted; from memory
+        when this process saw it active and heard no revocation of all its sessions."""
+        if user_id in self._active:
+            self._active.move_to_end(user_id)
+            return True
+        for _ in range(_MAX_READS):
+            generation = self.generation
+            active = bool(await self._pool.fetchval(_ACTIVE, user_id))
+            if generation == self.generation:
+                break
+        if active and not self._deaf and generation == self.generation:
+            self._active[user_id] = None
+            if len(self._active) > self._max_entries:
+                self._active.popitem(last=False)
+        return active
+
     def revoked(self, revocation: Revocation) -> None:
         """A revocation was heard: forget what it covers."""
         self.generation += 1
+        if revocation.session_ids is None:
+            self._active.pop(revocation.user_id, None)
         if revocation.session_ids is not None:
             for session_id in revocation.session_ids:
                 self._live.pop(session_id, None)
@@ -98,6 +124,7 @@ class SessionCache:
         self.generation += 1
         self._deaf.add(channel)
         self._live.clear()
+        self._active.clear()
 
     def resume(self, channel: str) -> None:
         """Revocations on `channel` are heard again: anything may have been revoked
@@ -105,6 +132,7 @@ class SessionCache:
         self.generation += 1
         self._deaf.discard(channel)
         self._live.clear()
+        self._active.clear()
 
 
 class RevocationListener:

@@ -65,7 +65,10 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     token = token or websocket.query_params.get("token")
     try:
         ctx = await authenticate(node, token, client_address(websocket))
-    except ChatError:
+    except ChatError as exc:
+        if exc.code == UNAVAILABLE:  # the identity provider's keys could not be had
+            await close_quietly(websocket, CLOSE_TRY_AGAIN_LATER, exc.message)
+            return
         # Accept-then-close: a refused upgrade would show a browser no close code at all.
         reason = "missing, invalid or expired access token, or a revoked session"
         await close_quietly(websocket, CLOSE_POLICY_VIOLATION, reason)

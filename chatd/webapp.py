@@ -20,10 +20,18 @@ def web_routes() -> list[BaseRoute]:
     """GET /chat (the page), its assets under /chat/ (app.js, style.css), and GET / to it."""
 
     async def index(request: Request) -> Response:
+        # Which pages may frame it: chatd's own, and the apps of CHATD_EMBED_ORIGINS (which
+        # show it with ?embed and hand it their users' tokens). Any other framing page is
+        # refused by the browser, so no site can overlay it to steal clicks.
+        embed_origins = request.app.state.node.settings.embed_origins
+        ancestors = " ".join(("'self'", *embed_origins))
         return FileResponse(
             WEB_DIR / "index.html",
             media_type="text/html; charset=utf-8",
-            headers={"Cache-Control": "no-cache"},
+            headers={
+                "Cache-Control": "no-cache",
+                "Content-Security-Policy": f"frame-ancestors {ancestors}",
+            },
         )
 
     async def slash(request: Request) -> Response:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import asyncpg
 import msgspec
 
+from chatd import app_hooks
+from chatd.app_hooks import AppHooks
 from chatd.hub import Bus, publish
 from chatd.integrations import (
     BOTS_OF_CHATS,
@@ -227,6 +229,7 @@ class MessageWriter:
     def __init__(self, pool: asyncpg.Pool, bus: Bus) -> None:
         self.pool = pool
         self.bus = bus
+        self.app_hooks: AppHooks | None = None  # app webhooks' message.new (the Node sets it)
         self._queue: list[PendingSend] = []
         self._running: set[asyncio.Task[None]] = set()
         # Told the chats of each committed batch, in memory (the push notifier): no query.
@@ -386,6 +389,13 @@ class MessageWriter:
                 done.stored.append(StoredSend(send, message, row["member_ids"]))
             if with_bots:
                 await self._to_bots(conn, done.stored, with_bots)
+            if self.app_hooks is not None and self.app_hooks.active:  # else: no cost at all
+                await app_hooks.enqueue_many(
+                    conn,
+                    self.app_hooks,
+                    "message.new",
+                    [(s.message.chat_id, s.message) for s in done.stored],
+                )
         return done
 
     async def _to_bots(

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -285,8 +286,21 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
 
 
 @pytest.fixture(scope="session")
-def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(database_url, tmp_path_factory.mktemp("chatd"))
+def idp() -> Iterator[Any]:
+    """The app's identity provider (tests/idp.py): a real JWKS endpoint for the run. The
+    session's server accepts its tokens (shared secret and JWKS), as an embedding app's
+    chatd does, so the authorization and hostile-input suites try its tokens too."""
+    from tests.idp import IdentityProvider
+
+    with IdentityProvider() as provider:
+        yield provider
+
+
+@pytest.fixture(scope="session")
+def server(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory, idp: Any
+) -> Iterator[Server]:
+    srv = start_server(database_url, tmp_path_factory.mktemp("chatd"), **idp.server_env())
     yield srv
     stop_server(srv)
     assert_no_tracebacks(srv)

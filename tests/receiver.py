@@ -40,11 +40,12 @@ def _free_port() -> int:
 
 
 class Receiver:
-    def __init__(self, answer: Answer | None = None) -> None:
+    def __init__(self, answer: Answer | None = None, port: int | None = None) -> None:
+        """`port`: a fixed one (a chatd started earlier was told its URL), else a free one."""
         self.answer = answer
         self.requests: list[Received] = []
         self._arrived = asyncio.Condition()
-        self.port = _free_port()
+        self.port = port or _free_port()
         app = Starlette(routes=[Route("/{path:path}", self._receive, methods=["POST"])])
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self._server = uvicorn.Server(config)

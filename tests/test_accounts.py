@@ -219,10 +219,12 @@ async def test_me_describes_the_caller(alice: Api) -> None:
     me = await alice.me()
     assert (
         set(me)
-        == {"user_uuid", "name", "email", "created_at", "avatar", "share_presence"} | BOT_FIELDS
+        == {"user_uuid", "name", "email", "created_at", "avatar", "share_presence", "picture"}
+        | BOT_FIELDS
     )
     assert (me["is_bot"], me["bot_id"], me["bot_username"]) == (False, None, None)
     assert me["share_presence"] is True
+    assert me["picture"] is None  # only users of the app's tokens have one
     assert me["name"] == "Alice"
     assert me["email"] == alice.email
     assert me["created_at"].endswith("Z")

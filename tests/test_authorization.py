@@ -42,12 +42,25 @@ from chatd import rest
 from chatd.client import Api
 from chatd.handlers import HANDLERS
 from tests.conftest import ACCOUNT_ENDING, PASSWORD, PUSH_KEYS, SESSION_ENDING, Server
+from tests.idp import IdentityProvider, hand_signed, new_key
 
 NF = "not_found"  # and the reply is the same as for an id that does not exist
 FORBIDDEN = "forbidden"
 OK = "ok"
 NF_ENTRY = "not_found entry"  # sync: an ack whose entry for the chat says not_found
-TOKEN_ACTORS = ("expired", "refresh", "wrong_key", "none")
+TOKEN_ACTORS = (
+    "expired",
+    "refresh",
+    "wrong_key",
+    "none",
+    # The app's tokens (external identity, tests/idp.py): the session's server accepts
+    # the provider's, but not these.
+    "app_expired",
+    "app_foreign_issuer",
+    "app_alg_none",
+    "app_key_confusion",
+    "app_unknown_key",
+)
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,63 @@ PUBLIC_ROUTES = {
 # Bots and tokens (chatd/handlers/bots.py). A bot is its owner's alone: anyone else (the
 # member too) gets not_found, as for a bot that does not exist. Everyone may make bots and
 # tokens of their own; someone else's token id is as unknown as none.
+# The app API (issue 19): API keys are the server admins' to make (forbidden to anyone
+# else, ADMIN_ROWS for an admin), and /app answers API keys only (tests/test_app_api.py):
+# every login is refused with 403 before anything is looked at.
+APP_ROWS: dict[str, Row] = {
+    "POST /admin/api_keys": Row(
+        lambda i: ("/admin/api_keys", {"name": "K", "scopes": ["users"]}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "GET /admin/api_keys": Row(
+        lambda i: ("/admin/api_keys", None), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+    "DELETE /admin/api_keys/{key_id}": Row(
+        lambda i: (f"/admin/api_keys/{uuid.UUID(int=i.chat_id)}", None),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "POST /app/users": Row(
+        lambda i: ("/app/users", {"users": [{"sub": "u1"}]}), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+    "POST /app/users/deactivate": Row(
+        lambda i: ("/app/users/deactivate", {"subs": ["u1"]}), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+    "POST /app/chats": Row(
+        lambda i: ("/app/chats", {"ext_id": "e1", "name": "E", "members": ["u1"]}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "GET /app/chats/{ext_id}": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}", None), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+    "POST /app/chats/{ext_id}/members": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}/members", {"subs": ["u1"]}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "DELETE /app/chats/{ext_id}/members": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}/members", {"subs": ["u1"]}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "POST /app/chats/{ext_id}/messages": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}/messages", {"text": "x", "client_msg_id": "c"}),
+        FORBIDDEN,
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "GET /app/chats/{ext_id}/messages": Row(
+        lambda i: (f"/app/chats/e{i.chat_id}/messages", None), FORBIDDEN, FORBIDDEN, FORBIDDEN
+    ),
+}
+
 BOT_ROWS: dict[str, Row] = {
     "POST /bots": Row(
         lambda i: ("/bots", {"name": "B", "username": f"b_{uuid.uuid4().hex[:12]}"}), OK, OK, OK
@@ -322,6 +392,7 @@ REST_MATRIX: dict[str, Row] = {
         lambda i: (f"/files/{i.file_id}/link", None), NF, NF, OK
     ),
     **BOT_ROWS,
+    **APP_ROWS,
 }
 
 OPERATIONS = {f"{op.method} {op.path}": op for op in rest.OPERATIONS}
@@ -474,15 +545,34 @@ async def chat_state(cast: Cast, ids: Ids) -> Any:
     return await cast.owner.call("GET", f"/chats/{ids.chat_id}")
 
 
-def bad_token(server: Server, cast: Cast, kind: str) -> str | None:
+def bad_token(server: Server, cast: Cast, kind: str, idp: IdentityProvider) -> str | None:
     now = int(time.time())
     claims = {"sub": cast.member.user_uuid, "typ": "access", "exp": now + 60}
+    if kind.startswith("app_"):
+        return bad_app_token(idp, kind)
     return {
         "expired": jwt.encode({**claims, "exp": now - 5}, server.secret, "HS256"),
         "refresh": cast.member.refresh_token,
         "wrong_key": jwt.encode(claims, "another-key-" + "y" * 40, "HS256"),
         "none": None,
     }[kind]
+
+
+def bad_app_token(idp: IdentityProvider, kind: str) -> str:
+    """A token of the app's user "member-of-the-app" that chatd must refuse."""
+    sub = "member-of-the-app"
+    rsa = idp.key("RS256")
+    claims = idp.claims(sub)
+    if kind == "app_expired":
+        return idp.token(sub, exp=int(time.time()) - 5)
+    if kind == "app_foreign_issuer":  # the provider's own key, another issuer
+        return idp.token(sub, iss="https://evil.example.test")
+    if kind == "app_alg_none":
+        return hand_signed({"alg": "none", "kid": rsa.kid}, claims, None)
+    if kind == "app_key_confusion":  # HS256 with the provider's public key as the secret
+        return hand_signed({"alg": "HS256", "kid": rsa.kid}, claims, rsa.public_pem())
+    assert kind == "app_unknown_key"  # signed by a key the provider never published
+    return jwt.encode(claims, new_key("RS256").private, "RS256", headers={"kid": rsa.kid})
 
 
 # --- the socket ------------------------------------------------------------------------------
@@ -540,9 +630,9 @@ async def test_socket_matrix(server: Server, cast: Cast, scene: Ids, action: str
 @pytest.mark.parametrize("kind", TOKEN_ACTORS)
 @pytest.mark.parametrize("action", sorted(SOCKET_MATRIX))
 async def test_socket_refuses_bad_tokens_before_any_action(
-    server: Server, cast: Cast, shared_scene: Ids, action: str, kind: str
+    server: Server, cast: Cast, shared_scene: Ids, action: str, kind: str, idp: IdentityProvider
 ) -> None:
-    token = bad_token(server, cast, kind)
+    token = bad_token(server, cast, kind, idp)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     before = await chat_state(cast, shared_scene)
     async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
@@ -616,10 +706,10 @@ async def test_rest_matrix(server: Server, cast: Cast, scene: Ids, key: str) -> 
 @pytest.mark.parametrize("kind", TOKEN_ACTORS)
 @pytest.mark.parametrize("key", sorted(REST_MATRIX))
 async def test_rest_refuses_bad_tokens(
-    server: Server, cast: Cast, shared_scene: Ids, key: str, kind: str
+    server: Server, cast: Cast, shared_scene: Ids, key: str, kind: str, idp: IdentityProvider
 ) -> None:
     before = await chat_state(cast, shared_scene)
-    response = await call(server, key, shared_scene, bad_token(server, cast, kind))
+    response = await call(server, key, shared_scene, bad_token(server, cast, kind, idp))
     assert response.status_code == 401, response.text
     assert response.json()["error"]["code"] == "unauthorized"
     assert response.headers["www-authenticate"] == "Bearer"
@@ -627,11 +717,13 @@ async def test_rest_refuses_bad_tokens(
 
 
 @pytest.mark.parametrize("key", sorted(PUBLIC_ROUTES))
-async def test_public_routes_need_no_token(server: Server, cast: Cast, key: str) -> None:
+async def test_public_routes_need_no_token(
+    server: Server, cast: Cast, key: str, idp: IdentityProvider
+) -> None:
     """Not 401 without a token, nor with a bad one: the body (or nothing) is all they read."""
     method, path = key.split(" ", 1)
     path = path.replace("{webhook_id:int}", "1").replace("{secret}", "x")
-    for token in (None, bad_token(server, cast, "expired")):
+    for token in (None, bad_token(server, cast, "expired", idp)):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
             body = {} if method == "POST" else None
@@ -660,6 +752,9 @@ ADMIN_ROWS = {
     "DELETE /admin/messages/{message_id:int}": OK,
     "GET /admin/reports": OK,
     "GET /admin/audit": OK,
+    "POST /admin/api_keys": OK,
+    "GET /admin/api_keys": OK,
+    "DELETE /admin/api_keys/{key_id}": NF,
 }
 
 
@@ -700,10 +795,12 @@ FILE_ROUTE_SCOPES = {
 
 
 def scope_of(request_type: type) -> str:
-    from chatd.handlers import LOGIN_ONLY, READS
+    from chatd.handlers import APP_REQUESTS, LOGIN_ONLY, READS
 
     if request_type in LOGIN_ONLY:
         return "login only"
+    if request_type in APP_REQUESTS:
+        return "API key"
     return "read" if request_type in READS else "write"
 
 
@@ -734,7 +831,7 @@ def member_tokens(cast: Cast) -> dict[str, str]:
     return asyncio.run(make())
 
 
-REFUSAL = {"write": "insufficient_scope", "login only": "login_required"}
+REFUSAL = {"write": "insufficient_scope", "login only": "login_required", "API key": "forbidden"}
 
 
 @pytest.mark.parametrize("scope", ["read", "write"])
@@ -747,7 +844,7 @@ async def test_rest_scopes(
     need = route_scope(key)
     before = await chat_state(cast, scene)
     response = await call(server, key, scene, member_tokens[scope])
-    if need == "login only" or (need == "write" and scope == "read"):
+    if need in ("login only", "API key") or (need == "write" and scope == "read"):
         assert response.status_code == 403, response.text
         assert response.json()["error"]["code"] == REFUSAL[need]
         assert await chat_state(cast, scene) == before

@@ -185,6 +185,7 @@ class World:
     other: Api
     chat_id: int = 0
     message_id: int = 0
+    app_key: str = ""  # an API key with every scope: the /app routes are called with it
 
 
 _FINGERPRINT = """
@@ -215,6 +216,7 @@ class Harness:
         self.db: asyncpg.Connection = self.run(asyncpg.connect(database_url))
         self.http = httpx.AsyncClient(base_url=server.base_url, timeout=30)
         self.world = World(self.run(self._user("Owner")), self.run(self._user("Other")))
+        self.world.app_key = self.run(self._app_key())
         self.run(self.ensure_world())
 
     def run(self, coro: Any) -> Any:
@@ -232,6 +234,22 @@ class Harness:
         await api.login(email, PASSWORD)
         api.email = email  # type: ignore[attr-defined]
         return api
+
+    async def _app_key(self) -> str:
+        """An API key with every scope (made by an admin of its own: the world's owner is
+        no admin), and the app's chat APP_CHAT with its user APP_USER."""
+        admin = await self._user("Admin")
+        await self.db.execute(
+            "UPDATE users SET role = 'admin' WHERE id = $1", uuid.UUID(admin.user_uuid)
+        )
+        scopes = ["users", "chats", "messages", "history"]
+        key = await admin.call("POST", "/admin/api_keys", json={"name": "H", "scopes": scopes})
+        app = Api(self.server.base_url, key["key"])
+        body = {"ext_id": APP_CHAT, "name": "App", "members": [APP_USER]}
+        await app.call("POST", "/app/chats", json=body)
+        await app.aclose()
+        await admin.aclose()
+        return key["key"]
 
     async def ensure_world(self) -> None:
         """A group the owner owns with the other user and one message (again, if changed)."""
@@ -483,8 +501,23 @@ def rest_plans() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({}, optional=optional)
 
 
+APP_CHAT = f"hostile-{uuid.uuid4().hex[:8]}"  # the app's chat, by its ext_id
+APP_USER = f"hostile-user-{uuid.uuid4().hex[:8]}"
+
+
 def valid_rest_value(world: World, name: str) -> Any:
     values = {
+        # The app API: the app's chat and user, a new chat or user, no such key.
+        "path:ext_id": APP_CHAT,
+        "path:key_id": str(uuid.uuid4()),
+        "body.users": [{"sub": f"hostile-{uuid.uuid4().hex[:10]}", "name": "H"}],
+        "body.subs": [f"hostile-{uuid.uuid4().hex[:10]}"],
+        "body.ext_id": f"hostile-{uuid.uuid4().hex[:10]}",
+        "body.members": [APP_USER],
+        "body.client_msg_id": str(uuid.uuid4()),
+        "body.as_user": APP_USER,
+        "body.scopes": ["history"],
+        "body.events": [],
         "path:chat_id": str(world.chat_id),
         "path:message_id": str(world.message_id),
         "path:user_uuid": world.other.user_uuid,
@@ -574,6 +607,8 @@ async def call_rest(h: Harness, op: Operation, plan: dict[str, Any]) -> None:
         token = fresh.access_token
     elif key in ACCOUNT_ENDING:  # an account of its own to end
         token = (await h._user("Gone")).access_token
+    elif op.path.startswith("/app/"):  # the app API answers an API key only
+        token = h.world.app_key
     url, headers, body = rest_request(h.world, op, plan, token)
     before = await h.fingerprint()
     response = await h.http.request(op.method, url, headers=headers, content=body or None)
@@ -712,3 +747,93 @@ def test_hostile_tokens_are_401_and_1008(
         assert ws.close_code == 1008, (claims, garbage)
 
     harness.run(check())
+
+
+# --- the app's tokens (external identity, tests/idp.py) ------------------------------------
+
+app_claim_values = st.one_of(
+    json_values,
+    st.sampled_from(["", "x" * 300, "\u0000", "\ud800", 2**70, -1, 10**20, float("inf")]),
+)
+app_headers = st.fixed_dictionaries(
+    {"alg": st.sampled_from(["RS256", "ES256", "HS256", "none", "PS256", "HS512", "", "RS2560"])},
+    optional={"kid": app_claim_values, "typ": app_claim_values, "jku": app_claim_values},
+)
+app_claims = st.fixed_dictionaries(
+    {},
+    optional={
+        k: app_claim_values for k in ("iss", "aud", "sub", "exp", "nbf", "iat", "name", "picture")
+    },
+)
+
+
+@HYPOTHESIS
+@given(header=app_headers, claims=app_claims, key=st.sampled_from(["rsa", "ec", "secret"]))
+@example(header={"alg": "HS256", "kid": "x"}, claims={"sub": {"a": 1}}, key="secret")
+@example(header={"alg": "RS256", "kid": ["k"]}, claims={}, key="rsa")
+@example(header={"alg": "none"}, claims={"sub": "x", "aud": "chatd", "exp": 2**40}, key="rsa")
+@example(
+    header={"alg": "HS256"}, claims={"sub": "\u0000", "aud": "chatd", "exp": 2**40}, key="secret"
+)
+@example(
+    header={"alg": "HS256"}, claims={"sub": "\ud800", "aud": "chatd", "exp": 2**40}, key="secret"
+)
+def test_hostile_app_tokens(
+    harness: Harness, idp: Any, header: dict[str, Any], claims: dict[str, Any], key: str
+) -> None:
+    """Tokens that say they are the app's (its issuer, mostly) with odd headers and
+    claims, signed by the provider's keys or the shared secret or by hand: 200 only for a
+    good one, 401 (1008) for the rest, never a crash; a refused one creates nobody."""
+    from tests.idp import AUDIENCE, ISSUER, SHARED_SECRET, hand_signed
+
+    body = {"iss": ISSUER, **claims}
+    signing_key = {"rsa": idp.key("RS256"), "ec": idp.key("ES256"), "secret": None}[key]
+    if (
+        header["alg"] in ("RS256", "ES256")
+        and signing_key is not None
+        and (signing_key.algorithm == header["alg"])
+    ):
+        token = jwt_encode(body, signing_key.private, header)
+    elif header["alg"] == "HS256" and key == "secret":
+        token = jwt_encode(body, SHARED_SECRET, header)
+    else:
+        token = hand_signed(header, body, None if header["alg"] == "none" else b"k" * 32)
+    good = (
+        header["alg"] in ("RS256", "ES256", "HS256")
+        and (header["alg"] == "HS256" or header.get("kid") == getattr(signing_key, "kid", None))
+        and body.get("iss") == ISSUER
+        and (
+            body.get("aud") == AUDIENCE
+            or (isinstance(body.get("aud"), list) and AUDIENCE in body["aud"])
+        )
+        and isinstance(body.get("sub"), str)
+        and 0 < len(body["sub"]) <= 255
+        and body["sub"].isprintable()
+        and isinstance(body.get("exp"), int)
+        and time.time() < body["exp"]
+    )
+
+    async def check() -> None:
+        before = await harness.fingerprint()
+        header_value = f"Bearer {token}".encode("latin-1", "replace")
+        response = await harness.http.get("/me", headers={"authorization": header_value})
+        assert response.status_code in (200, 401), response.text
+        if response.status_code == 401:
+            assert response.json()["error"]["code"] == "unauthorized"
+            assert await harness.fingerprint() == before
+        elif not good:
+            pytest.fail(f"accepted: {header} {body}")
+
+    harness.run(check())
+
+
+def jwt_encode(claims: dict[str, Any], key: Any, header: dict[str, Any]) -> str:
+    import jwt
+
+    extra = {k: v for k, v in header.items() if k != "alg"}
+    try:
+        return jwt.encode(claims, key, header["alg"], headers=extra)
+    except (TypeError, ValueError, jwt.PyJWTError):  # one PyJWT will not write: by hand
+        from tests.idp import hand_signed
+
+        return hand_signed(header, claims, None)

@@ -44,6 +44,9 @@ LAYERS: dict[str, set[str]] = {
         "chatd.tokens",
         "chatd.integrations",
         "chatd.deliveries",
+        "chatd.identity",
+        "chatd.hooks",
+        "chatd.app_hooks",
     },
     # One function per request, with its SQL.
     "handlers": {"chatd.handlers"},

@@ -263,7 +263,27 @@ async def test_real_answers_fit_their_schemas(
     Image.new("RGB", (4, 4)).save(image, "PNG")  # an image: it has a thumbnail too
     upload = await http.post("/uploads", content=image.getvalue(), headers=auth)
     check_response(document, OPERATIONS["POST /uploads"], upload)
+    # The app API answers an API key: one, with a chat of the app and a message in it.
+    key = await alice.call(
+        "POST",
+        "/admin/api_keys",
+        json={"name": "Spec", "scopes": ["users", "chats", "messages", "history"]},
+    )
+    app_auth = {"Authorization": f"Bearer {key['key']}"}
+    created = await http.post(
+        "/app/chats",
+        json={"ext_id": "spec-chat", "name": "Spec", "members": ["s1"]},
+        headers=app_auth,
+    )
+    check_response(document, OPERATIONS["POST /app/chats"], created)
+    posted = await http.post(
+        "/app/chats/spec-chat/messages",
+        json={"text": "hi", "client_msg_id": "spec-1", "as_user": "s1"},
+        headers=app_auth,
+    )
+    check_response(document, OPERATIONS["POST /app/chats/{ext_id}/messages"], posted)
     values = {
+        "ext_id": "spec-chat",
         "chat_id": chat_id,
         "message_id": sent.json()["id"],
         "user_uuid": bob.user_uuid,
@@ -279,7 +299,8 @@ async def test_real_answers_fit_their_schemas(
         assert not missing, f"give this test a real value for {missing} of {op.path}"
         path = re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: str(values[m[1]]), op.path)
         path += REQUIRED_QUERY.get(op.path, "")
-        response = await http.get(path, headers=auth if op.auth else {})
+        caller = app_auth if op.path.startswith("/app/") else auth
+        response = await http.get(path, headers=caller if op.auth else {})
         assert response.status_code == op.status, (op.path, response.text)
         check_response(document, op, response)
         checked += 1

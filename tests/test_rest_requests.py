@@ -94,7 +94,7 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "admin_list_audit", "upload_file", "download_file", "download_thumbnail", "file_link",
         "search_messages", "get_user", "set_notifications", "vapid_key",
         "add_push_subscription", "remove_push_subscription",
-    } | BOT_OPERATION_IDS  # fmt: skip
+    } | BOT_OPERATION_IDS | APP_OPERATION_IDS  # fmt: skip
     assert set(document["components"]["schemas"]) == {
         "AddMembersRequest", "Chat", "ChatMember", "ChatOverview", "ChatPage",
         "CreateChatRequest", "ErrorBody", "ErrorResponse", "Health", "History",
@@ -111,7 +111,7 @@ def test_operation_ids_and_schema_names_stay_as_clients_know_them() -> None:
         "SetNotificationsRequest", "Presence", "UserProfile", "PushKeys",
         "PushSubscriptionInfo", "AddPushSubscriptionRequest", "RemovePushSubscriptionRequest",
         "VapidKey",
-    } | BOT_SCHEMAS  # fmt: skip
+    } | BOT_SCHEMAS | APP_SCHEMAS  # fmt: skip
 
 
 # Bots and integrations (issue 16), kept apart so other additions merge beside them.
@@ -127,6 +127,20 @@ BOT_SCHEMAS = {
     "NewToken", "SetCommandsRequest", "TokenInfo", "TokenList", "UpdateBotRequest",
     "CreateWebhookRequest", "DeliveryInfo", "DeliveryList", "PostHookRequest", "Webhook",
     "WebhookList",
+}  # fmt: skip
+
+
+# The app API (issue 19, chatd/handlers/app.py).
+APP_OPERATION_IDS = {
+    "create_api_key", "list_api_keys", "revoke_api_key", "upsert_users", "deactivate_users",
+    "app_create_chat", "app_get_chat", "app_add_members", "app_remove_members",
+    "app_post_message", "app_get_messages",
+}  # fmt: skip
+APP_SCHEMAS = {
+    "ApiKeyCreated", "ApiKeyInfo", "ApiKeyList", "AppChat", "AppUser", "UpsertedUser",
+    "UpsertedUsers", "CreateApiKeyRequest", "UpsertUsersRequest", "DeactivateUsersRequest",
+    "AppCreateChatRequest", "AppAddMembersRequest", "AppRemoveMembersRequest",
+    "AppPostMessageRequest",
 }  # fmt: skip
 
 

@@ -80,3 +80,10 @@ def test_user_text_never_becomes_html() -> None:
     js = (WEB_DIR / "app.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in js, sink
+
+
+async def test_only_chatd_itself_may_frame_the_client(http: httpx.AsyncClient) -> None:
+    """frame-ancestors: no other site can show /chat in a frame (clickjacking), unless
+    CHATD_EMBED_ORIGINS names it (tests/browser/test_browser_embed.py)."""
+    page = await http.get("/chat")
+    assert page.headers["content-security-policy"] == "frame-ancestors 'self'"

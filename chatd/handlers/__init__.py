@@ -26,6 +26,7 @@ the socket's ack data, or the REST body (a `Created` is answered 201, or 200 whe
     bots.py      bots, their tokens and commands; personal access tokens (REST only)
     webhooks.py  bots' webhook deliveries (the sender, the owner's list); chats'
                  incoming webhooks (REST only)
+    app.py       API keys (admins) and the app API under /app (API keys only)
 
 Adding a request: its Struct in chatd/protocol.py, its handler here, and its route in
 chatd/rest.py (or its Struct in SOCKET_ONLY).
@@ -39,6 +40,7 @@ from typing import Any
 from chatd.handlers import (
     accounts,
     admin,
+    app,
     blocks,
     bots,
     changes,
@@ -68,17 +70,25 @@ from chatd.protocol import (
     AdminListUsers,
     AdminStats,
     AdminUpdateUser,
+    AppAddMembers,
+    AppCreateChat,
+    AppGetChat,
+    AppGetMessages,
+    AppPostMessage,
+    AppRemoveMembers,
     BlockUser,
     ChangePassword,
     ChatCommands,
     ChatError,
     ClientAction,
+    CreateApiKey,
     CreateBot,
     CreateBotToken,
     CreateChat,
     Created,
     CreateToken,
     CreateWebhook,
+    DeactivateUsers,
     DeleteBot,
     DeleteChat,
     DeleteMe,
@@ -99,6 +109,7 @@ from chatd.protocol import (
     GetUser,
     GetVapidKey,
     LeaveChat,
+    ListApiKeys,
     ListBlocks,
     ListBots,
     ListBotTokens,
@@ -121,6 +132,7 @@ from chatd.protocol import (
     RemovePushSubscription,
     RenameChat,
     ReportMessage,
+    RevokeApiKey,
     RevokeBotToken,
     RevokeSession,
     RevokeToken,
@@ -137,6 +149,7 @@ from chatd.protocol import (
     UpdateBot,
     UpdateChat,
     UpdateMe,
+    UpsertUsers,
 )
 
 Handler = Callable[[Context, Any], Awaitable[Any]]
@@ -223,6 +236,17 @@ REST_HANDLERS: dict[type, Handler] = {
     AddPushSubscription: push.add_push_subscription,
     RemovePushSubscription: push.remove_push_subscription,
     GetVapidKey: push.vapid_key,
+    CreateApiKey: app.create_api_key,
+    ListApiKeys: app.list_api_keys,
+    RevokeApiKey: app.revoke_api_key,
+    UpsertUsers: app.upsert_users,
+    DeactivateUsers: app.deactivate_users,
+    AppCreateChat: app.app_create_chat,
+    AppGetChat: app.app_get_chat,
+    AppAddMembers: app.app_add_members,
+    AppRemoveMembers: app.app_remove_members,
+    AppPostMessage: app.app_post_message,
+    AppGetMessages: app.app_get_messages,
 }
 
 # Actions REST has no route for, and why: sync and typing only make sense on a live
@@ -294,6 +318,9 @@ LOGIN_ONLY: frozenset[type] = frozenset(
         ListBotTokens,
         RevokeBotToken,
         CreateWebhook,
+        CreateApiKey,
+        ListApiKeys,
+        RevokeApiKey,
     }
 )
 
@@ -301,11 +328,38 @@ LOGIN_ONLY: frozenset[type] = frozenset(
 BOTS_REFUSED: frozenset[type] = frozenset({CreateChat})
 
 
+# The app API (handlers/app.py): the only requests an API key (kind "app") may make, and
+# only it; each handler checks the key's scope for it.
+APP_REQUESTS: frozenset[type] = frozenset(
+    {
+        UpsertUsers,
+        DeactivateUsers,
+        AppCreateChat,
+        AppGetChat,
+        AppAddMembers,
+        AppRemoveMembers,
+        AppPostMessage,
+        AppGetMessages,
+    }
+)
+
+
 def authorize(ctx: Context, request_type: type) -> None:
     """Refuse a request the caller's credential does not allow: `login_required` for an API
-    token on LOGIN_ONLY, `forbidden` for a bot on BOTS_REFUSED, `insufficient_scope` for a
-    change with a read-only token. A login may make any request (its handler decides)."""
-    if ctx.kind == "login":
+    token on LOGIN_ONLY; `forbidden` for a bot on
+    BOTS_REFUSED, for an API key outside the app API and for anyone else in it;
+    `insufficient_scope` for a change with a read-only token. A login (or the app's token)
+    may make any other request (its handler decides)."""
+    if (ctx.kind == "app") != (request_type in APP_REQUESTS):
+        raise ChatError(
+            FORBIDDEN,
+            "an API key reaches the app API only"
+            if ctx.kind == "app"
+            else "the app API needs an API key (POST /admin/api_keys)",
+        )
+    # The app's token (external identity) is its user's login, from the app's sign-in;
+    # only logout, which needs a chatd session, refuses it (handlers/accounts.py).
+    if ctx.kind in ("login", "app", "external"):
         return
     if request_type in LOGIN_ONLY:
         raise ChatError(LOGIN_REQUIRED, "this needs a login session, not an API token")

@@ -78,7 +78,12 @@ def valid_email(raw: str, normalize: Callable[[str], str]) -> str:
         raise ChatError(INVALID, str(exc)) from None
 
 
+LOCAL_ACCOUNTS_OFF = "local accounts are switched off here: sign in through the app"
+
+
 async def register(ctx: Context, action: Register) -> RegisterResponse:
+    if not ctx.node.settings.local_accounts:
+        raise ChatError(FORBIDDEN, LOCAL_ACCOUNTS_OFF)
     name = clean_text(action.name, "name", min_len=1, max_len=MAX_USER_NAME_CHARS)
     email = valid_email(action.email, normalize_email)
     check_password(action.password)
@@ -108,6 +113,8 @@ def check_password(password: str) -> None:
 
 
 async def login(ctx: Context, action: Login) -> TokenPair:
+    if not ctx.node.settings.local_accounts:
+        raise ChatError(FORBIDDEN, LOCAL_ACCOUNTS_OFF)
     email = valid_email(action.email, email_key)
     limits = ctx.node.limits
     # Failed attempts count, per email and per address. Each attempt takes its token
@@ -265,13 +272,17 @@ async def _issue_pair(ctx: Context, user_id: uuid.UUID, session_id: uuid.UUID) -
 async def me(ctx: Context, action: GetMe) -> Me:
     row = await ctx.node.pool.fetchrow(
         "SELECT u.id, u.name, u.email, u.created_at, u.avatar, u.share_presence, u.is_bot,"
-        " b.id AS bot_id, b.username AS bot_username"
+        f" b.id AS bot_id, b.username AS bot_username, {_PICTURE}"
         " FROM users u LEFT JOIN bots b ON b.user_id = u.id WHERE u.id = $1",
         ctx.user_id,
     )
     if row is None:
         raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
     return _me(row)
+
+
+# The picture claim of a user who comes from the app's tokens (chatd/identity.py).
+_PICTURE = "(SELECT picture FROM external_identities i WHERE i.user_id = $1) AS picture"
 
 
 def _me(row: Record) -> Me:
@@ -285,6 +296,7 @@ def _me(row: Record) -> Me:
         is_bot=row["is_bot"],
         bot_id=row["bot_id"],
         bot_username=row["bot_username"],
+        picture=row["picture"],
     )
 
 
@@ -295,11 +307,11 @@ JOIN chat_members other ON other.chat_id = mine.chat_id
 WHERE mine.user_id = $1
 """
 
-_UPDATE_ME = """
+_UPDATE_ME = f"""
 UPDATE users SET name = coalesce($2, name), avatar = CASE WHEN $3 THEN $4 ELSE avatar END,
                  share_presence = coalesce($5, share_presence)
 WHERE id = $1
-RETURNING id, name, email, created_at, avatar, share_presence, is_bot,
+RETURNING id, name, email, created_at, avatar, share_presence, is_bot, {_PICTURE},
           (SELECT id FROM bots WHERE user_id = users.id) AS bot_id,
           (SELECT username FROM bots WHERE user_id = users.id) AS bot_username,
           (SELECT (name, avatar) FROM users WHERE id = $1) IS DISTINCT FROM (name, avatar)
@@ -416,11 +428,12 @@ async def revoke_session(ctx: Context, action: RevokeSession) -> None:
 
 
 async def logout(ctx: Context, action: Logout) -> None:
+    if ctx.session_id is None:  # an external token (chatd/identity.py): the app signs out
+        raise ChatError(FORBIDDEN, "this token is the app's: sign out through the app")
     await ctx.node.pool.execute(
         "UPDATE sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
         ctx.session_id,
     )
-    assert ctx.session_id is not None  # authenticate refuses tokens without one
     await ctx.node.revoke(Revocation(ctx.user_id, (ctx.session_id,)))
 
 

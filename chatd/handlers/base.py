@@ -40,8 +40,9 @@ class Context:
     peer: str = "unknown"  # the client's address (per-address limits)
     session_id: uuid.UUID | None = None  # the login the access token belongs to
     user_agent: str = ""  # the User-Agent header (a login's device name when it gives none)
-    # What authenticated: "login" (an access token of a login), "bot" (a bot's token) or
-    # "pat" (a personal access token). handlers/__init__.py `authorize` decides with it.
+    # What authenticated: "login" (an access token of a login), "bot" (a bot's token),
+    # "pat" (a personal access token), "app" (an API key, handlers/app.py) or "external"
+    # (the app's own token, chatd/identity.py). handlers/__init__.py `authorize` decides with it.
     kind: str = "login"
     scopes: frozenset[str] = frozenset({"read", "write"})
 
@@ -61,6 +62,8 @@ async def authenticate(node: Node, token: str | None, peer: str, user_agent: str
         raise ChatError(UNAUTHORIZED, "missing bearer access token")
     if is_api_token(token):
         return await _authenticate_api_token(node, token, peer, user_agent)
+    if node.identity is not None and node.identity.claims(token):
+        return await _authenticate_external(node, token, peer, user_agent)
     try:
         user_id, session_id = read_token(node.settings.secret, token, ACCESS)
     except InvalidToken:
@@ -84,6 +87,15 @@ async def _authenticate_api_token(node: Node, token: str, peer: str, user_agent:
     return Context(
         node, grant.user_id, peer, grant.session_id, user_agent, grant.kind, grant.scopes
     )
+
+
+async def _authenticate_external(node: Node, token: str, peer: str, user_agent: str) -> Context:
+    """A JWT of the app's identity provider (chatd/identity.py): its user, created on
+    first sight. It has no session (session_id None): it ends at its `exp`, or when the
+    account is disabled or deleted."""
+    assert node.identity is not None
+    user_id = await node.identity.authenticate(token)
+    return Context(node, user_id, peer, None, user_agent, kind="external")
 
 
 def anonymous(node: Node, peer: str, user_agent: str = "") -> Context:

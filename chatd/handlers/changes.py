@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator
 import asyncpg
 import emoji as emoji_data
 
+from chatd import app_hooks
 from chatd.handlers.base import ROLE_RANK, Context, fetch_chat, lock_chat, role_of
 from chatd.handlers.files import claim_attachments
 from chatd.handlers.messages import (
     VISIBLE_MESSAGE,
+    ask_hook,
     no_such_message,
     retried,
     store_message,
@@ -31,6 +33,7 @@ from chatd.protocol import (
     MAX_TEXT_CHARS,
     NOT_FOUND,
     RATE_LIMITED,
+    REJECTED,
     Chat,
     ChatError,
     ChatUpdated,
@@ -111,8 +114,9 @@ async def counted_change(ctx: Context) -> AsyncIterator[None]:
         raise ChatError(RATE_LIMITED, "too many changes; slow down", retry_after=wait)
     try:
         yield
-    except ChatError:
-        await limiter.give_back(key)
+    except ChatError as exc:
+        if exc.code != REJECTED:  # a rejected text counts: the hook is not free to call
+            await limiter.give_back(key)
         raise
 
 
@@ -146,10 +150,47 @@ RETURNING {MESSAGE_COLUMNS}
 """
 
 
+# The before-send hook's view of an edit: the caller's own message, in a chat of theirs.
+_EDITED = """
+SELECT m.chat_id, c.type, m.text FROM messages m
+JOIN chats c ON c.id = m.chat_id
+JOIN chat_members cm ON cm.chat_id = m.chat_id AND cm.user_id = $1
+WHERE m.id = $2 AND m.sender_id = $1 AND NOT m.deleted AND m.forwarded_from IS NULL
+"""
+
+
 async def edit_message(ctx: Context, action: EditMessage) -> Message:
-    """Change your message's text; the same text again changes nothing."""
+    """Change your message's text; the same text again changes nothing. With the
+    before-send hook, the new text is the hook's to allow, reject or rewrite (asked before
+    the chat is locked: the lock is never held across an HTTP call)."""
     text = clean_text(action.text, "text", min_len=1, max_len=MAX_TEXT_CHARS)
-    async with counted_change(ctx), ctx.node.pool.acquire() as conn, conn.transaction():
+    async with counted_change(ctx):
+        if ctx.node.before_send is not None:
+            text = await _before_edit(ctx, action.message_id, text)
+        return await _edit(ctx, action, text)
+
+
+async def _before_edit(ctx: Context, message_id: int, text: str) -> str:
+    row = await ctx.node.pool.fetchrow(_EDITED, ctx.user_id, message_id)
+    if row is None or row["text"] == text:
+        return text  # refused (or a no-op) under the lock, for the reason that applies
+    payload = {
+        "chat_id": row["chat_id"],
+        "chat_type": row["type"],
+        "sender_uuid": str(ctx.user_id),
+        "text": text,
+        "client_msg_id": None,
+        "reply_to": None,
+        "mentions": [],
+        "attachments": [],
+        "forwarded": False,
+        "edit_of": message_id,
+    }
+    return await ask_hook(ctx, payload, text, min_len=1)
+
+
+async def _edit(ctx: Context, action: EditMessage, text: str) -> Message:
+    async with ctx.node.pool.acquire() as conn, conn.transaction():
         _, row = await _lock_message(conn, ctx, action.message_id)
         if row["sender_id"] != ctx.user_id:
             raise ChatError(FORBIDDEN, "only the sender may edit a message")
@@ -170,6 +211,7 @@ async def edit_message(ctx: Context, action: EditMessage) -> Message:
         message = message_from_row(
             await conn.fetchrow(_EDIT, action.message_id, text, bump["version"])
         )
+        await app_hooks.enqueue_message_updated(conn, message)
     await _announce(ctx, bump["member_ids"], message)
     return message
 
@@ -307,6 +349,7 @@ async def delete_message(ctx: Context, action: DeleteMessage) -> DeletedMessage:
             tombstone = message_from_row(
                 await conn.fetchrow(_ERASE, action.message_id, bump["version"], chat_id, row["seq"])
             )
+            await app_hooks.enqueue_message_updated(conn, tombstone)
             if chat["pinned_message_id"] == action.message_id:
                 await conn.execute(_UNPIN_DELETED, chat_id, action.message_id)
                 chat_after = await fetch_chat(conn, chat_id)  # one change: the same version
@@ -340,6 +383,7 @@ async def moderate_delete(node: Node, message_id: int) -> DeletedMessage:
         tombstone = message_from_row(
             await conn.fetchrow(_ERASE, message_id, bump["version"], chat_id, row["seq"])
         )
+        await app_hooks.enqueue_message_updated(conn, tombstone)
         if pinned == message_id:
             await conn.execute(_UNPIN_DELETED, chat_id, message_id)
             chat_after = await fetch_chat(conn, chat_id)
@@ -449,7 +493,9 @@ async def _reactions_changed(
 ) -> tuple[Message, list[uuid.UUID]]:
     bump = await conn.fetchrow(_BUMP_VERSION, chat_id)
     row = await conn.fetchrow(_REBUILD_REACTIONS, message_id, bump["version"])
-    return message_from_row(row), bump["member_ids"]
+    message = message_from_row(row)
+    await app_hooks.enqueue_message_updated(conn, message)
+    return message, bump["member_ids"]
 
 
 # --- forward_message ------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Sends are stored by the node's MessageWriter (chatd/writer.py), in batches.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncpg
 from msgspec import UNSET
 
@@ -17,6 +19,8 @@ from chatd.protocol import (
     MAX_TEXT_CHARS,
     NOT_FOUND,
     RATE_LIMITED,
+    REJECTED,
+    UNAVAILABLE,
     ChatError,
     Created,
     GetMessage,
@@ -108,13 +112,80 @@ async def store_message(
             return original
         raise ChatError(RATE_LIMITED, "too many messages; slow down", retry_after=wait)
     try:
+        if ctx.node.before_send is not None:
+            checked = await before_send(ctx, chat_id, text, client_msg_id, extras)
+            if isinstance(checked, Created):
+                await limit.give_back(key)
+                return checked  # a retry of a message the hook let through before
+            text = checked
         stored = await writer.store(ctx.user_id, chat_id, text, client_msg_id, extras)
+    except ChatError as exc:
+        if exc.code != REJECTED:  # a rejected message counts: the hook is not free to call
+            await limit.give_back(key)
+        raise
     except BaseException:
         await limit.give_back(key)  # refused or failed: the retry must not pay twice
         raise
     if not stored.created:
         await limit.give_back(key)  # a retry, answered with the message stored before
     return stored
+
+
+# --- the before-send hook (chatd/hooks.py) ------------------------------------------------
+
+_CHAT_TYPE_OF_MEMBER = """
+SELECT c.type FROM chats c JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = $2
+WHERE c.id = $1
+"""
+
+
+async def before_send(
+    ctx: Context, chat_id: int, text: str, client_msg_id: str | None, extras: Extras
+) -> str | Created[Message]:
+    """The text to store, as the hook allows or rewrites it; `rejected` with the hook's
+    reason; `unavailable` when it failed and the policy is fail-closed. A retry of a
+    stored message is answered with it, without asking the hook again.
+
+    Membership is checked first: the hook never hears of a chat the sender is not in (its
+    answer could otherwise tell them the chat exists).
+    """
+    assert ctx.node.before_send is not None
+    original = await retried(ctx, chat_id, client_msg_id) if client_msg_id else None
+    if original is not None:
+        return original
+    chat_type = await ctx.node.pool.fetchval(_CHAT_TYPE_OF_MEMBER, chat_id, ctx.user_id)
+    if chat_type is None:
+        raise no_such_chat()
+    payload = {
+        "chat_id": chat_id,
+        "chat_type": chat_type,
+        "sender_uuid": str(ctx.user_id),
+        "text": text,
+        "client_msg_id": client_msg_id,
+        "reply_to": extras.reply_to,
+        "mentions": [str(m) for m in extras.mentions],
+        "attachments": [a.id for a in extras.attachments],
+        "forwarded": extras.forwarded_from is not None,
+        "edit_of": None,
+    }
+    return await ask_hook(ctx, payload, text, min_len=0 if extras.attachments else 1)
+
+
+async def ask_hook(ctx: Context, payload: dict[str, object], text: str, *, min_len: int) -> str:
+    """The hook's verdict on a text about to be stored (a send or an edit): the text to
+    store, or `rejected`, or `unavailable` when it failed and the policy is fail-closed."""
+    assert ctx.node.before_send is not None
+    verdict = await ctx.node.before_send.check(payload)
+    if verdict.action == "reject":
+        raise ChatError(REJECTED, verdict.reason or "the message was rejected")
+    if verdict.action == "rewrite":
+        try:
+            return clean_text(verdict.text or "", "text", min_len=min_len, max_len=MAX_TEXT_CHARS)
+        except ChatError:
+            verdict = replace(verdict, action="failed")
+    if verdict.action == "failed" and not ctx.node.settings.before_send_fail_open:
+        raise ChatError(UNAVAILABLE, "the message could not be checked; retry")
+    return text
 
 
 # --- get_message --------------------------------------------------------------------------

@@ -117,9 +117,56 @@ function scheduleRefresh(retry = false) {
   state.refreshTimer = setTimeout(() => refreshTokens().catch(() => scheduleRefresh(true)), wait);
 }
 
+// --- embedded in an app's page -------------------------------------------------------------
+//
+// /chat?embed in an <iframe> of an app that signs its users in itself (docs/embedding.md):
+// the page has no login form; its tokens are the app's JWTs, asked of the parent page
+// with postMessage {type: "chatd:token-request"} and given back as {type: "chatd:token",
+// token}. Only the parent window is listened to, and which origins may be that parent is
+// the server's Content-Security-Policy frame-ancestors (CHATD_EMBED_ORIGINS).
+const EMBEDDED = new URLSearchParams(location.search).has("embed") && window.parent !== window;
+const EMBED_TIMEOUT_MS = 10000;
+let tokenWaiters = [];
+
+function parentOrigin() {
+  if (location.ancestorOrigins && location.ancestorOrigins.length) return location.ancestorOrigins[0];
+  try {
+    return new URL(document.referrer).origin;
+  } catch {
+    return "*"; // the request carries no secret
+  }
+}
+
+window.addEventListener("message", (event) => {
+  if (!EMBEDDED || event.source !== window.parent) return;
+  const data = event.data;
+  if (!data || data.type !== "chatd:token" || typeof data.token !== "string" || !data.token) return;
+  const waiters = tokenWaiters;
+  tokenWaiters = [];
+  for (const waiter of waiters) waiter(data.token);
+});
+
+function tokenFromParent() {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("the page gave no chat token")), EMBED_TIMEOUT_MS);
+    tokenWaiters.push((token) => {
+      clearTimeout(timer);
+      resolve(token);
+    });
+    window.parent.postMessage({ type: "chatd:token-request" }, parentOrigin());
+  });
+}
+
 let refreshing = null;
 // Refresh tokens work once: never run two refreshes at the same time.
 function refreshTokens() {
+  if (!refreshing && EMBEDDED) {
+    refreshing = tokenFromParent()
+      .then((token) => saveAuth({ access_token: token, refresh_token: null }))
+      .finally(() => {
+        refreshing = null;
+      });
+  }
   if (!refreshing) {
     const token = state.auth && state.auth.refresh_token;
     refreshing = (async () => {
@@ -2255,6 +2302,13 @@ let registering = false;
 function showAuth(message = "") {
   $("app-view").hidden = true;
   $("auth-view").hidden = false;
+  if (EMBEDDED) {
+    // No login here: the app signs in. Say why chat is not shown, and try again later.
+    $("auth-form").hidden = true;
+    $("embed-status").hidden = false;
+    $("embed-status").textContent = message || "Connecting to chat…";
+    return;
+  }
   $("auth-error").textContent = message;
   $("auth-email").focus();
 }
@@ -2427,11 +2481,27 @@ function init() {
     });
   }
 
-  if (loadAuth()) {
+  if (EMBEDDED) {
+    $("logout").hidden = true;
+    startEmbedded();
+  } else if (loadAuth()) {
     scheduleRefresh();
     start().catch(() => logout());
   } else {
     showAuth();
+  }
+}
+
+// Embedded: the first token from the page, then chat; asked again a few seconds later
+// when the page gives none or chatd refuses it.
+async function startEmbedded() {
+  showAuth();
+  try {
+    await refreshTokens();
+    await start();
+  } catch (err) {
+    logout(`Chat is not available: ${err.message}`);
+    setTimeout(startEmbedded, 5000);
   }
 }
 

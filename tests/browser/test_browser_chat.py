@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -39,17 +40,23 @@ window.WebSocket = class extends RealWebSocket {
 """
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[object]:
+@contextlib.contextmanager
+def launch_chromium() -> Iterator[sync_api.Browser]:
+    """The system Chromium, headless, with a fresh temporary profile (user-data dir)."""
     # `make test` runs these only where Chromium is; run by hand without it, fail clearly.
     assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (make browser-deps)"
-    # launch() starts Chromium with a fresh temporary profile (user-data dir) every time.
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             yield b
         finally:
             b.close()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    with launch_chromium() as b:
+        yield b
 
 
 def register(server: Server, name: str) -> str:
