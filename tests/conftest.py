@@ -102,6 +102,26 @@ def database_url() -> Iterator[str]:
             shutil.rmtree(pg_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def fresh_database(database_url: str, prefix: str = "chatd_own") -> Iterator[str]:
+    """A database of its own beside the session's, dropped after (for servers whose
+    delivery queue or notifier must not meet the other tests' servers and users)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(database_url, name)
+    finally:
+        _run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 def _with_database(url: str, name: str) -> str:
     """Point a postgresql:// URL (with or without a ?host= socket dir) at database `name`."""
     from urllib.parse import urlsplit, urlunsplit

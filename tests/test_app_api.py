@@ -24,13 +24,13 @@ from chatd.client import Api, ChatdError
 from tests.conftest import (
     Server,
     assert_no_tracebacks,
+    fresh_database,
     new_user,
     start_server,
     stop_server,
 )
 from tests.idp import IdentityProvider
 from tests.receiver import Receiver
-from tests.test_webhooks import fresh_database
 
 ALL_SCOPES = ["users", "chats", "messages", "history"]
 EVENTS = list(app_hooks.EVENTS)

