@@ -83,20 +83,10 @@ def database_url() -> Iterator[str]:
         embedded = get_server(pg_dir / "pgdata", cleanup_mode="stop")
         admin_url = embedded.get_uri()
 
-    name = f"chatd_test_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    _run(admin(f'CREATE DATABASE "{name}"'))
     try:
-        yield _with_database(admin_url, name)
+        with fresh_database(admin_url, "chatd_test") as url:
+            yield url
     finally:
-        _run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         if embedded is not None:
             embedded.cleanup()
             shutil.rmtree(pg_dir, ignore_errors=True)
@@ -104,8 +94,9 @@ def database_url() -> Iterator[str]:
 
 @contextlib.contextmanager
 def fresh_database(database_url: str, prefix: str = "chatd_own") -> Iterator[str]:
-    """A database of its own beside the session's, dropped after (for servers whose
-    delivery queue or notifier must not meet the other tests' servers and users)."""
+    """A new database on the cluster of `database_url`, dropped after: the session's, and
+    one of their own for servers whose delivery queue or notifier must not meet the other
+    tests' servers and users."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
 
     async def admin(sql: str) -> None:
