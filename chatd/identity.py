@@ -61,6 +61,7 @@ from chatd.protocol import (
     UserUpdated,
 )
 from chatd.revocations import SessionCache
+from chatd.store import contacts_of
 
 log = logging.getLogger("chatd.identity")
 
@@ -304,12 +305,6 @@ RETURNING u.id, u.name, u.avatar,
           (SELECT name FROM users WHERE id = u.id) IS DISTINCT FROM u.name AS renamed
 """
 
-_CONTACTS = """
-SELECT DISTINCT other.user_id FROM chat_members mine
-JOIN chat_members other ON other.chat_id = mine.chat_id
-WHERE mine.user_id = $1
-"""
-
 DEFAULT_NAME = "User"
 
 Publish = Callable[[Iterable[uuid.UUID], Event], Awaitable[None]]
@@ -431,7 +426,7 @@ class Identities:
     ) -> None:
         row = await conn.fetchrow(_APPLY, external.issuer, external.subject, *wanted)
         if row is not None and row["renamed"]:
-            contacts = [r["user_id"] for r in await conn.fetch(_CONTACTS, row["id"])]
+            contacts = await contacts_of(conn, row["id"])
             member = Member(
                 user_uuid=str(row["id"]),
                 name=row["name"],

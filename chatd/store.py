@@ -152,3 +152,16 @@ async def publish_read_receipts(bus: Bus, rows: Iterable[asyncpg.Record]) -> Non
             continue
         for message_id in row["ids"]:
             await publish(bus, sender, MessageRead(MessageReadData(message_id, chat_id)))
+
+
+# Everyone who shares a chat with $1, and $1: who hears of a new name or avatar.
+_CONTACTS = """
+SELECT DISTINCT other.user_id FROM chat_members mine
+JOIN chat_members other ON other.chat_id = mine.chat_id
+WHERE mine.user_id = $1
+"""
+
+
+async def contacts_of(conn: asyncpg.Connection, user_id: uuid.UUID) -> list[uuid.UUID]:
+    """The users who share a chat with `user_id`, and `user_id` when in any chat."""
+    return [r["user_id"] for r in await conn.fetch(_CONTACTS, user_id)]

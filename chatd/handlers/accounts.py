@@ -66,7 +66,7 @@ from chatd.protocol import (
 )
 from chatd.ratelimit import take_all
 from chatd.revocations import Revocation
-from chatd.store import MESSAGE_COLUMNS, message_from_row
+from chatd.store import MESSAGE_COLUMNS, contacts_of, message_from_row
 from chatd.text import InvalidEmail, email_key, normalize_email
 
 
@@ -300,13 +300,6 @@ def _me(row: Record) -> Me:
     )
 
 
-# Everyone who shares a chat with $1, and $1: who hears of a new name or avatar.
-_CONTACTS = """
-SELECT DISTINCT other.user_id FROM chat_members mine
-JOIN chat_members other ON other.chat_id = mine.chat_id
-WHERE mine.user_id = $1
-"""
-
 _UPDATE_ME = f"""
 UPDATE users SET name = coalesce($2, name), avatar = CASE WHEN $3 THEN $4 ELSE avatar END,
                  share_presence = coalesce($5, share_presence)
@@ -339,7 +332,7 @@ async def update_me(ctx: Context, action: UpdateMe) -> Me:
             raise ChatError(UNAUTHORIZED, "the token's user no longer exists")
         contacts = []
         if row["changed"]:
-            contacts = [r["user_id"] for r in await conn.fetch(_CONTACTS, ctx.user_id)]
+            contacts = await contacts_of(conn, ctx.user_id)
     if row["changed"]:
         await ctx.node.publish({ctx.user_id, *contacts}, UserUpdated(member_from_row(row)))
     if row["presence_changed"]:  # committed: tell the contacts what they may see now
