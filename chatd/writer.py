@@ -82,8 +82,11 @@ JOIN chats c ON c.id = m.chat_id
 
 # Runs with the chats locked, so it sees membership as it is now: a sender removed while
 # waiting for the lock matches no member row and stores nothing. Nor does a send in a
-# private chat where either member blocks the other. Messages of one chat get
-# the next seqs in the order they came; each sender's pointer moves to their newest.
+# private chat where either member blocks the other, nor a retry (its key is stored
+# already: the caller then reads its original, which only retries cost). Messages of one
+# chat get the next seqs in the order they came; each sender's pointer moves to their
+# newest. The retry check is a scalar subquery, so a unique-index probe per send whatever
+# the cached generic plan believes about the table (see _FIND_BY_CLIENT_IDS).
 _INSERT_MESSAGES = """
 WITH input AS (
     SELECT * FROM unnest(
@@ -98,12 +101,17 @@ WITH input AS (
     FROM input
     JOIN chat_members cm ON cm.chat_id = input.chat_id AND cm.user_id = input.sender_id
     JOIN chats c ON c.id = input.chat_id
-    WHERE c.type = 'group' OR NOT EXISTS (
+    WHERE (input.client_msg_id IS NULL OR (
+        SELECT true FROM messages retried
+        WHERE retried.sender_id = input.sender_id AND retried.client_msg_id = input.client_msg_id
+        LIMIT 1
+    ) IS NULL)
+    AND (c.type = 'group' OR NOT EXISTS (
         SELECT 1 FROM chat_members other
         JOIN blocks b ON (b.blocker_id = other.user_id AND b.blocked_id = input.sender_id)
                       OR (b.blocker_id = input.sender_id AND b.blocked_id = other.user_id)
         WHERE other.chat_id = input.chat_id AND other.user_id <> input.sender_id
-    )
+    ))
 ), bumped AS (
     UPDATE chats c
     SET last_seq = top.seq, version = top.version, activity = nextval('chat_activity_seq')
@@ -316,34 +324,30 @@ class MessageWriter:
         self._settle(unique, copies, persisted)
 
     async def _persist(self, sends: list[PendingSend]) -> Persisted:
-        """One transaction: lock the chats, find retries' originals, store the rest, and
-        move the all-read watermarks the new messages' senders were holding back."""
-        keys = [send.key for send in sends if send.key is not None]
+        """One transaction: lock the chats, store the sends, find retries' originals
+        (only when something was not stored), and move the all-read watermarks the new
+        messages' senders were holding back."""
         done = Persisted()
         async with self.pool.acquire() as conn, conn.transaction():
             chat_ids = sorted({send.chat_id for send in sends})
             locked = await conn.fetch(_LOCK_CHATS, chat_ids)
             watermarks = {r["id"]: r["read_seq"] for r in locked}
             with_bots = {r["id"]: (r["bots"], r["hooks"]) for r in locked if r["bots"]}
-            if keys:
-                found = await conn.fetch(
-                    _FIND_BY_CLIENT_IDS, [k[0] for k in keys], [k[1] for k in keys]
-                )
-                done.originals = {(r["sender_id"], r["client_msg_id"]): r for r in found}
-            new = [send for send in sends if send.key not in done.originals]
             rows = await conn.fetch(
                 _INSERT_MESSAGES,
-                [s.chat_id for s in new],
-                [s.user_id for s in new],
-                [s.text for s in new],
-                [s.client_msg_id for s in new],
-                [s.extras.reply_to for s in new],
-                [s.extras.mentions_literal() for s in new],
-                [_forwarded_json(s.extras.forwarded_from) for s in new],
-                [s.extras.attachments_json() for s in new],
+                [s.chat_id for s in sends],
+                [s.user_id for s in sends],
+                [s.text for s in sends],
+                [s.client_msg_id for s in sends],
+                [s.extras.reply_to for s in sends],
+                [s.extras.mentions_literal() for s in sends],
+                [_forwarded_json(s.extras.forwarded_from) for s in sends],
+                [s.extras.attachments_json() for s in sends],
             )
+            if len(rows) < len(sends):
+                await self._not_stored(conn, sends, rows, done)
             # Only senders who were holding a chat's watermark back can move it.
-            chat_of = {row["n"]: new[row["n"] - 1].chat_id for row in rows}
+            chat_of = {row["n"]: sends[row["n"] - 1].chat_id for row in rows}
             holders = {
                 chat_of[row["n"]]
                 for row in rows
@@ -351,23 +355,11 @@ class MessageWriter:
             }
             if holders:
                 done.newly_read = await advance_read_watermarks(conn, sorted(holders))
-            if len(rows) < len(new):
-                # Not stored: not a member (not_found), or a member of a private chat
-                # with a block between the two (forbidden). Only refusals cost this.
-                stored_n = {row["n"] for row in rows}
-                refused = [(n, s) for n, s in enumerate(new, 1) if n not in stored_n]
-                members = await conn.fetch(
-                    _MEMBERS_OF,
-                    [s.chat_id for _, s in refused],
-                    [s.user_id for _, s in refused],
-                )
-                member_n = {refused[r["n"] - 1][0] for r in members}
-                done.blocked = {id(new[n - 1]) for n in member_n}
 
             for row in done.newly_read:
                 watermarks[row["chat_id"]] = row["watermark"]
             for row in sorted(rows, key=lambda r: r["id"]):
-                send = new[row["n"] - 1]
+                send = sends[row["n"] - 1]
                 message = Message(
                     id=row["id"],
                     chat_id=send.chat_id,
@@ -397,6 +389,31 @@ class MessageWriter:
                     [(s.message.chat_id, s.message) for s in done.stored],
                 )
         return done
+
+    @staticmethod
+    async def _not_stored(
+        conn: asyncpg.Connection,
+        sends: list[PendingSend],
+        rows: list[asyncpg.Record],
+        done: Persisted,
+    ) -> None:
+        """Why some sends were not stored: a retry (its original is answered), not a
+        member (not_found), or a member of a private chat with a block between the two
+        (forbidden). Only these cost the queries."""
+        stored_n = {row["n"] for row in rows}
+        refused = [send for n, send in enumerate(sends, 1) if n not in stored_n]
+        keys = [send.key for send in refused if send.key is not None]
+        if keys:
+            found = await conn.fetch(
+                _FIND_BY_CLIENT_IDS, [k[0] for k in keys], [k[1] for k in keys]
+            )
+            done.originals = {(r["sender_id"], r["client_msg_id"]): r for r in found}
+            refused = [send for send in refused if send.key not in done.originals]
+        if refused:
+            members = await conn.fetch(
+                _MEMBERS_OF, [s.chat_id for s in refused], [s.user_id for s in refused]
+            )
+            done.blocked = {id(refused[r["n"] - 1]) for r in members}
 
     async def _to_bots(
         self,
