@@ -117,3 +117,49 @@ def test_cpu_per_message() -> None:
     assert cpu_ms_per_message(cpu, 2.0, 400) == 4.0
     assert cpu_ms_per_message({**cpu, "postgres_cpu_pct": None}, 2.0, 400) is None
     assert cpu_ms_per_message(cpu, 2.0, 0) is None
+
+
+def _step(rate: float, p50: float, p99: float, cpu: float, lost: int = 0) -> dict[str, Any]:
+    return {
+        "offered_rate": rate,
+        "messages_per_s": rate,
+        "deliveries_per_s": rate * 10,
+        "latency_ms": {"p50": p50, "p99": p99},
+        "cpu_ms_per_msg": cpu,
+        "server_cpu_pct": 60.0,
+        "client_cpu_pct": 15.0,
+        "lost": lost,
+        "duplicates": 0,
+        "unacked": 0,
+        "errors": {},
+        "closes": {},
+    }
+
+
+def test_targets_judge_the_500_and_1500_steps_and_the_generator() -> None:
+    from chatd.bench.report import evaluate_targets
+
+    steps = [_step(500, 3.0, 20.0, 0.5), _step(1500, 9.0, 40.0, 0.4), _step(3000, 50, 90, 0.2)]
+    fanout = {"setup": {"groups": 10, "members": 10}, "steps": steps, "best": steps[-1]}
+    targets = {t["id"]: t for t in evaluate_targets({"fanout": fanout})}
+    assert targets["fanout_messages_per_s"]["measured"] == 3000
+    assert targets["fanout_messages_per_s"]["pass"] is True
+    assert (targets["fanout_p50_at_500"]["measured"], targets["fanout_p50_at_500"]["pass"]) == (
+        3.0,
+        True,
+    )
+    assert targets["fanout_p99_at_500"]["pass"] is False  # 20 ms > 15 ms
+    assert targets["fanout_cpu_at_500"]["pass"] is True
+    assert targets["fanout_cpu_at_1500"]["pass"] is False  # 0.4 ms > 0.35 ms
+    assert targets["generator_share"]["measured"] == 0.25
+    assert targets["generator_share"]["pass"] is True
+
+    # A step that lost messages is shown but judges nothing; a missing step is not measured.
+    steps = [_step(500, 3.0, 9.0, 0.5, lost=3), _step(1000, 9.0, 40.0, 0.4)]
+    fanout = {"setup": {"groups": 10, "members": 10}, "steps": steps, "best": steps[-1]}
+    targets = {t["id"]: t for t in evaluate_targets({"fanout": fanout})}
+    assert targets["fanout_p99_at_500"]["measured"] == 9.0
+    assert targets["fanout_p99_at_500"]["pass"] is None
+    assert "lost" in targets["fanout_p99_at_500"]["note"]
+    assert targets["fanout_cpu_at_1500"]["pass"] is None
+    assert targets["fanout_cpu_at_1500"]["measured"] is None

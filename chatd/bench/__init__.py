@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 WORKLOADS = ("baseline", "fanout", "direct", "history", "idle", "search")
-DEFAULT_RATES = "250,500,1000,2000,4000,8000"
+DEFAULT_RATES = "500,1000,1500,2000,2500,3000,4000,6000,8000"
 
 
 def _rates(text: str) -> list[float]:
