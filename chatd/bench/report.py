@@ -330,7 +330,7 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     series = {
         k: v
         for k, v in report["workloads"].items()
-        if k in ("fanout", "direct", "baseline") and "error" not in v
+        if k in ("fanout", "direct", "biggroup", "baseline") and "error" not in v
     }
     if not series:
         return False
@@ -341,7 +341,7 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
-    styles = {"fanout": "-", "baseline": "--", "direct": ":"}
+    styles = {"fanout": "-", "baseline": "--", "direct": ":", "biggroup": "-."}
     colors = {"p50": "tab:green", "p95": "tab:orange", "p99": "tab:red"}
     for name, result in series.items():
         steps = [s for s in result["steps"] if s["latency_ms"]["p50"] is not None]
