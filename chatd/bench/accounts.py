@@ -79,8 +79,9 @@ async def _post(http: httpx.AsyncClient, path: str, body: dict[str, Any], token:
         await asyncio.sleep(0.2 * (attempt + 1))  # a transient server error: retry a little
     if response.status_code == 429:
         raise SetupError(
-            f"POST {path} -> 429 rate_limited: start the chatd to bench with "
-            "CHATD_REGISTER_RATE=off (see docs/performance.md), or use --reuse-users"
+            f"POST {path} -> 429 rate_limited: start the chatd to bench with its rate "
+            "limits off (CHATD_REGISTER_RATE=off, CHATD_ADD_MEMBERS_RATE=off: see "
+            "docs/performance.md), or use --reuse-users"
         )
     if response.is_error:
         raise SetupError(f"POST {path} -> {response.status_code} {response.text[:300]}")

@@ -146,8 +146,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 LIMITS_HINT = (
     "hint: chatd's rate limits or socket cap refused the bench. Start the server to bench "
     "with CHATD_REGISTER_RATE=off CHATD_MESSAGE_RATE=off CHATD_MAX_SOCKETS_PER_USER=off "
-    "(and, reusing users, CHATD_GROUPS_PER_DAY=off CHATD_CREATE_CHAT_RATE=off; "
-    "docs/performance.md)."
+    "CHATD_ADD_MEMBERS_RATE=off (and, reusing users, CHATD_GROUPS_PER_DAY=off "
+    "CHATD_CREATE_CHAT_RATE=off; docs/performance.md)."
 )
 
 

@@ -342,10 +342,13 @@ def run_stepped(ctx: Context, kind: str) -> dict[str, Any]:
 
 
 def big_group(ctx: Context, size: int, senders: int) -> list[SocketSpec]:
-    """biggroup: one group of `size` users, one socket each; the first `senders` send."""
+    """biggroup: one group of `size` users, one socket each; the first `senders` send.
+
+    Its own users, not fanout's: the messages they leave unread would weigh on fanout's
+    connects on a later run."""
     users = asyncio.run(
         accounts.make_users(
-            ctx.base_url, size, ctx.state, "member", ctx.args.reuse_users, ctx.progress
+            ctx.base_url, size, ctx.state, "big", ctx.args.reuse_users, ctx.progress
         )
     )
     chat_id = asyncio.run(
