@@ -121,8 +121,9 @@ MAX_GROUP_NAME_CHARS = 100
 MAX_USER_NAME_CHARS = 64
 MIN_PASSWORD_CHARS, MAX_PASSWORD_CHARS = 8, 128
 MAX_USERS_PER_CALL = 1000
-# Keeps a Chat (members included) small enough for one frame in every event that carries it.
-MAX_GROUP_MEMBERS = 1000
+# A Chat carries every member (about 100 bytes each), so a full group's is about 1 MB:
+# one frame, in every event that carries it. Filled MAX_USERS_PER_CALL at a time.
+MAX_GROUP_MEMBERS = 10_000
 MAX_PAGE_SIZE = 200
 MAX_BLOCKS = 1000  # users one user may block (the first frame carries them all)
 

@@ -30,7 +30,8 @@ buffer without bound. So what the transport holds for one socket is bounded:
 - While the write buffer is above its high-water mark (64 KiB), reading is paused: a
   peer that does not read cannot make the server produce anything more, and its own
   sends back up into its TCP window. The buffer then holds at most the high-water mark
-  plus the pongs of one read, or plus one frame of the app's (up to 768 KiB).
+  plus the pongs of one read, or plus one frame of the app's (up to 768 KiB, but for a
+  Chat of a full group: about 1 MB, 3.7 MiB with the longest names).
 - Writes that stay paused for `write_timeout` (CHATD_WRITE_TIMEOUT) mean a peer that takes
   no frame, pongs included: the socket is closed with 1013, like the app's own stalled
   writer (session.py) does for its frames, and aborted if it has not gone

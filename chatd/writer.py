@@ -154,7 +154,11 @@ WITH input AS (
     GROUP BY chat_id
 )
 SELECT accepted.n, accepted.sender_read_seq, accepted.version, stored.id, stored.seq,
-       stored.created_at, members.ids AS member_ids
+       stored.created_at,
+       -- Once per chat, not per message: a batch of a 10,000-member group's messages
+       -- would otherwise carry 10,000 ids in every row.
+       CASE WHEN stored.seq = min(stored.seq) OVER (PARTITION BY stored.chat_id)
+            THEN members.ids END AS member_ids
 FROM accepted
 JOIN stored ON stored.chat_id = accepted.chat_id AND stored.seq = accepted.seq
 JOIN members ON members.chat_id = accepted.chat_id
@@ -217,7 +221,8 @@ class PendingSend:
 class StoredSend:
     send: PendingSend
     message: Message
-    member_ids: list[uuid.UUID]  # the chat's members when it was stored
+    # The chat's members when it was stored: one list, shared by its messages in a batch.
+    member_ids: list[uuid.UUID]
     bot_events: list[BotEvent] = field(default_factory=list)  # commands to its bots
 
 
@@ -358,6 +363,11 @@ class MessageWriter:
 
             for row in done.newly_read:
                 watermarks[row["chat_id"]] = row["watermark"]
+            members_of = {
+                sends[row["n"] - 1].chat_id: row["member_ids"]
+                for row in rows
+                if row["member_ids"] is not None
+            }
             for row in sorted(rows, key=lambda r: r["id"]):
                 send = sends[row["n"] - 1]
                 message = Message(
@@ -378,7 +388,7 @@ class MessageWriter:
                     version=row["version"],
                     attachments=list(send.extras.attachments),
                 )
-                done.stored.append(StoredSend(send, message, row["member_ids"]))
+                done.stored.append(StoredSend(send, message, members_of[send.chat_id]))
             if with_bots:
                 await self._to_bots(conn, done.stored, with_bots)
             if self.app_hooks is not None and self.app_hooks.active:  # else: no cost at all

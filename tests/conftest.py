@@ -25,6 +25,7 @@ import asyncpg
 import httpx
 import pytest
 
+from chatd.auth import ACCESS, issue_token
 from chatd.client import Api
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,6 +331,38 @@ async def new_user(server: Server, name: str = "user") -> Api:
     await api.login(email, PASSWORD)
     api.email = email  # type: ignore[attr-defined]
     return api
+
+
+async def bulk_users(
+    database_url: str, server: Server, count: int, label: str = "bulk"
+) -> dict[str, str]:
+    """`count` users straight into the database (no argon2: they cannot log in with a
+    password), each with a session: user_uuid -> an access token minted for it, in the
+    order they were made."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """INSERT INTO users (name, email, password_hash)
+               SELECT $1 || n, $1 || '-' || $2 || '-' || n || '@example.com', '!'
+               FROM generate_series(1, $3) n RETURNING id""",
+            label,
+            uuid.uuid4().hex[:10],
+            count,
+        )
+        sessions = await conn.fetch(
+            "INSERT INTO sessions (id, user_id, device, ip)"
+            " SELECT gen_random_uuid(), u, $2, '127.0.0.1' FROM unnest($1::uuid[]) u"
+            " RETURNING id, user_id",
+            [r["id"] for r in rows],
+            label,
+        )
+    finally:
+        await conn.close()
+    session_of = {r["user_id"]: r["id"] for r in sessions}
+    return {
+        str(r["id"]): issue_token(server.secret, r["id"], ACCESS, 3600, session_of[r["id"]])
+        for r in rows
+    }
 
 
 UserFactory = Callable[..., Awaitable[Api]]

@@ -14,8 +14,11 @@ from typing import Any
 import pytest
 
 from chatd.bench import main as bench_main
+from chatd.bench.accounts import User, create_group
+from chatd.bench.stats import Progress
 from chatd.bench.workloads import cpu_ms_per_message
-from tests.conftest import Server
+from chatd.client import Api
+from tests.conftest import Server, bulk_users
 
 TINY = ["--rates", "40", "--max-rate", "0", "--step-seconds", "1", "--grace", "1"]
 
@@ -69,6 +72,25 @@ def test_baseline(tmp_path: Path) -> None:
     check_steps(baseline, sockets=6, room_size=3)
     assert baseline["setup"]["server"] == "bare broadcast"
     assert list((tmp_path / "results").glob("*-baseline.png"))
+
+
+def test_biggroup(server: Server, tmp_path: Path) -> None:
+    tiny = "--big-members 20 --big-senders 3 --big-rates 20 --step-seconds 1 --grace 1"
+    report = run_bench(tmp_path, "biggroup", "--url", server.base_url, *tiny.split())
+    big = report["workloads"]["biggroup"]
+    assert big["setup"] == {"members": 20, "senders": 3}
+    check_steps(big, sockets=20, room_size=20)
+    assert big["steps"][0]["cpu_ms_per_msg"] > 0
+    assert list((tmp_path / "results").glob("*-biggroup.png"))
+
+
+async def test_a_big_group_is_filled_a_call_at_a_time(server: Server, database_url: str) -> None:
+    tokens = await bulk_users(database_url, server, 25, "bench")
+    users = [User("", "", "", user, token) for user, token in tokens.items()]
+    chat_id = await create_group(server.base_url, users, "big", Progress(), per_call=10)
+    async with Api(server.base_url, users[0].token) as owner:
+        chat = await owner.chat(chat_id)
+    assert [m["user_uuid"] for m in chat["members"]] == list(tokens)
 
 
 @pytest.mark.parametrize("sockets", [20])

@@ -15,11 +15,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from chatd.client import Api, ChatdError, Socket
+from chatd.protocol import MAX_GROUP_MEMBERS, MAX_USERS_PER_CALL
+from tests.conftest import Server, bulk_users
 
 NO_SUCH_CHAT = 2**62  # a chat id that cannot exist in a test database
 ADMIN_EVENTS = ("member_added", "member_removed", "chat_updated", "chat_deleted")
@@ -910,28 +911,42 @@ async def quiet_all(sock: Socket, wait: float = 0.5) -> list[dict]:
     return sock.pending_events()
 
 
-async def test_a_group_has_at_most_1000_members(alice: Api, bob: Api, database_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        extra = await conn.fetch(
-            "INSERT INTO users (name, email, password_hash)"
-            " SELECT 'filler', 'filler-' || gen_random_uuid() || '@example.com', 'x'"
-            " FROM generate_series(1, 999) RETURNING id"
-        )
-    finally:
-        await conn.close()
-    ids = [str(row["id"]) for row in extra]
+async def test_a_group_holds_10000_members_and_no_more(
+    alice: Api, bob: Api, server: Server, database_url: str
+) -> None:
+    """Filled 1000 at a time to the cap; a message reaches the members online; the
+    10,001st is refused and changes nothing."""
+    tokens = await bulk_users(database_url, server, MAX_GROUP_MEMBERS - 1)
+    ids = list(tokens)
     async with sockets(alice) as (a,):
-        too_many = await socket_error(
-            a, "create_chat", type="group", name="big", user_ids=[bob.user_uuid, *ids]
+        chat = await a.request(
+            "create_chat", type="group", name="big", user_ids=ids[: MAX_USERS_PER_CALL - 1]
         )
-        assert too_many == "invalid"  # 1001 with Alice
+        for start in range(MAX_USERS_PER_CALL - 1, len(ids), MAX_USERS_PER_CALL):
+            chunk = ids[start : start + MAX_USERS_PER_CALL]
+            chat = await a.request("add_members", chat_id=chat["id"], user_ids=chunk)
+        assert [m["user_uuid"] for m in chat["members"]] == [alice.user_uuid, *ids]
+        assert roles(chat)[0] == (alice.user_uuid, "owner")
+        assert {role for _, role in roles(chat)[1:]} == {"member"}
 
-        chat = await make_group(a, bob)
-        assert await socket_error(a, "add_members", chat_id=chat["id"], user_ids=ids) == "invalid"
-        assert len((await alice.chat(chat["id"]))["members"]) == 2  # nobody was added
+        online = [ids[0], ids[len(ids) // 2], ids[-1]]
+        members = [await Socket.open(server.ws_url, tokens[user]) for user in online]
+        try:
+            # The 10,001st, alone or beside a member already in: refused, nobody added.
+            for extra in ([bob.user_uuid], [ids[0], bob.user_uuid]):
+                error = await socket_error(a, "add_members", chat_id=chat["id"], user_ids=extra)
+                assert error == "invalid"
+            assert (await alice.chat(chat["id"]))["members"] == chat["members"]
+            assert await rest_error(bob.chat(chat["id"])) == (404, "not_found")
 
-        full = await a.request("add_members", chat_id=chat["id"], user_ids=ids[:998])
-        assert len(full["members"]) == 1000
-        page = await alice.chats()
-        assert [c["id"] for c in page["chats"]] == [chat["id"]]
+            sent = await a.request("send_message", chat_id=chat["id"], text="to all")
+            for sock in members:  # no member_added came before it: the refusals told nobody
+                event = await sock.next_event()
+                assert event["action"] == "new_message"
+                assert event["data"]["id"] == sent["id"]
+            overview = await members[1].request("get_chat", chat_id=chat["id"])
+            assert overview["members"] == chat["members"]
+            assert overview["unread_count"] == 1
+        finally:
+            for sock in members:
+                await sock.close()

@@ -6,9 +6,16 @@ and test_shutdown.py check the same rules end to end through real sockets.
 
 from __future__ import annotations
 
-from chatd.hub import Outbound
+import uuid
+
+from chatd.hub import Outbound, outbound
 from chatd.outbox import OVERFLOW_REASON, Close, Outbox, State
-from chatd.protocol import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
+from chatd.protocol import (
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TRY_AGAIN_LATER,
+    ChatDeleted,
+    ChatDeletedData,
+)
 
 
 class Calls:
@@ -160,3 +167,15 @@ def test_wakeup_is_called_for_each_frame_and_for_a_close() -> None:
     assert calls.wakeups == before + 2
     box.close(1000, "bye")
     assert calls.wakeups == before + 3
+
+
+def test_an_event_is_encoded_once_and_every_outbox_writes_that_text() -> None:
+    """The hub encodes an event once (`outbound`); the sockets of a big group all write
+    that one str, not a copy each."""
+    event = outbound(ChatDeleted(ChatDeletedData(chat_id=7, by=str(uuid.uuid4()))))
+    boxes = [outbox()[0] for _ in range(3)]
+    for box in boxes:
+        box.release("snapshot")
+        box.enqueue(event)
+        assert box.next() == "snapshot"
+    assert all(box.next() is event.text for box in boxes)

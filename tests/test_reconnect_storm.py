@@ -9,19 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 import websockets
 
-from chatd.auth import ACCESS, issue_token
 from chatd.client import Socket
-from tests.conftest import SOAK, Server, start_server, stop_server
+from tests.conftest import SOAK, Server, bulk_users, start_server, stop_server
 
 USERS = 100 * SOAK
 SOCKETS_PER_USER = 10
@@ -45,32 +42,6 @@ class Sent:
     chat_id: int
     seq: int
     sender: str
-
-
-async def make_users(database_url: str, server: Server) -> dict[str, str]:
-    """USERS users straight into the database (no argon2), each with a session and an
-    access token minted for it."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        rows = await conn.fetch(
-            """INSERT INTO users (name, email, password_hash)
-               SELECT 'storm' || n, 'storm-' || $1 || '-' || n || '@example.com', '!'
-               FROM generate_series(1, $2) n RETURNING id""",
-            uuid.uuid4().hex[:10],
-            USERS,
-        )
-        sessions = await conn.fetch(
-            "INSERT INTO sessions (id, user_id, device, ip)"
-            " SELECT gen_random_uuid(), u, 'storm', '127.0.0.1' FROM unnest($1::uuid[]) u"
-            " RETURNING id, user_id",
-            [r["id"] for r in rows],
-        )
-    finally:
-        await conn.close()
-    return {
-        str(r["user_id"]): issue_token(server.secret, r["user_id"], ACCESS, 3600, r["id"])
-        for r in sessions
-    }
 
 
 def groups_of(users: list[str]) -> list[list[str]]:
@@ -149,7 +120,7 @@ async def connect(server: Server, token: str) -> tuple[websockets.ClientConnecti
 async def test_a_thousand_sockets_drop_and_come_back_with_their_unread(
     storm_server: Server, database_url: str
 ) -> None:
-    tokens = await make_users(database_url, storm_server)
+    tokens = await bulk_users(database_url, storm_server, USERS, "storm")
     sent = await fill_groups(storm_server, tokens)
     chats_of: dict[str, set[int]] = {user: set() for user in tokens}
     for group_index, members in enumerate(groups_of(list(tokens))):

@@ -2,7 +2,8 @@
 
 It is disconnected with 1013 once its bounded queue is full, the server's memory stays
 bounded (nothing is buffered for it without limit), and the other members keep getting
-every message with no added delay.
+every message with no added delay. In a 1,000-member group, the members who read get every
+message while one is stuck, and the one dropped catches up with sync.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.conftest import (
     SOAK,
     Server,
     assert_no_tracebacks,
+    bulk_users,
     new_user,
     start_server,
     stop_server,
@@ -172,4 +174,75 @@ async def test_a_client_that_stops_reading_is_dropped_and_costs_others_nothing(
     assert slow_p95 < 3 * calm_p95 + 0.5
 
     for sock in (*senders, fast):
+        await sock.close()
+
+
+BIG_GROUP = 1000
+ROUND = 25  # sends in flight at once
+
+
+async def test_a_stalled_member_of_a_big_group_holds_nobody_back_and_resumes_with_sync(
+    slow_server: Server, database_url: str
+) -> None:
+    """One member of a 1,000-member group stops reading: the members who read get every
+    message while it is stuck, it alone is dropped with 1013, and it catches up with sync."""
+    tokens = await bulk_users(database_url, slow_server, BIG_GROUP, "big")
+    ids = list(tokens)
+    owner = await Socket.open(slow_server.ws_url, tokens[ids[0]])
+    chat = await owner.request("create_chat", type="group", name="big", user_ids=ids[1:])
+    readers = [await Socket.open(slow_server.ws_url, tokens[user]) for user in ids[1:4]]
+    stalled = await stalled_socket(slow_server, tokens[ids[-1]])
+    overflows_before = await metric(slow_server, "chatd_queue_overflows_total")
+
+    async def send_round() -> list[int]:
+        acks = await asyncio.gather(
+            *(
+                owner.request("send_message", timeout=60, chat_id=chat["id"], text=TEXT)
+                for _ in range(ROUND)
+            )
+        )
+        return [ack["id"] for ack in acks]
+
+    # Send until the stalled member is dropped (its queue of QUEUE_SIZE overflows once the
+    # TCP buffers between are full), then once more.
+    sent: list[int] = []
+    for _ in range(100):
+        sent += await send_round()
+        if await metric(slow_server, "chatd_queue_overflows_total") > overflows_before:
+            break
+    else:
+        raise AssertionError("the stalled member was never dropped")
+    sent += await send_round()
+
+    # It has read nothing since its snapshot: every other member has every message.
+    for reader in readers:
+        got = [(await reader.next_event("new_message", timeout=60))["data"] for _ in sent]
+        assert sorted(m["id"] for m in got) == sorted(sent)
+        assert {m["chat_id"] for m in got} == {chat["id"]}
+    # Dropped alone: the readers' sockets are open and counted no overflow.
+    assert await metric(slow_server, "chatd_queue_overflows_total") == overflows_before + 1
+    for reader in readers:
+        assert (await reader.request("get_chat", chat_id=chat["id"]))["unread_count"] == len(sent)
+
+    stalled.transport.resume_reading()
+    with pytest.raises(websockets.ConnectionClosed):
+        async with asyncio.timeout(30):
+            while True:
+                await stalled.recv()
+    assert stalled.close_code == 1013
+    assert stalled.close_reason.startswith("send queue overflow")
+
+    # Back, it resumes with sync from the last seq it had (none: it read only the snapshot).
+    again = await Socket.open(slow_server.ws_url, tokens[ids[-1]])
+    synced: list[int] = []
+    seq = 0
+    while True:
+        answer = await again.request("sync", chats={str(chat["id"]): seq}, limit=500)
+        entry = answer["chats"][str(chat["id"])]
+        synced += [m["id"] for m in entry["messages"]]
+        seq = entry["messages"][-1]["seq"] if entry["messages"] else seq
+        if not entry["has_more"]:
+            break
+    assert synced == sorted(sent)
+    for sock in (owner, *readers, again):
         await sock.close()

@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from chatd.protocol import MAX_USERS_PER_CALL
+
 PASSWORD_BYTES = 12
 CONCURRENCY = 8  # the server hashes 4 at a time; a few more in flight keep it busy
 TOKEN_MAX_AGE = 10 * 60  # access tokens live 15 minutes by default: refresh well before
@@ -77,8 +79,9 @@ async def _post(http: httpx.AsyncClient, path: str, body: dict[str, Any], token:
         await asyncio.sleep(0.2 * (attempt + 1))  # a transient server error: retry a little
     if response.status_code == 429:
         raise SetupError(
-            f"POST {path} -> 429 rate_limited: start the chatd to bench with "
-            "CHATD_REGISTER_RATE=off (see docs/performance.md), or use --reuse-users"
+            f"POST {path} -> 429 rate_limited: start the chatd to bench with its rate "
+            "limits off (CHATD_REGISTER_RATE=off, CHATD_ADD_MEMBERS_RATE=off: see "
+            "docs/performance.md), or use --reuse-users"
         )
     if response.is_error:
         raise SetupError(f"POST {path} -> {response.status_code} {response.text[:300]}")
@@ -184,3 +187,24 @@ async def create_chats(
         return await _gather(
             [one(i, room) for i, room in enumerate(rooms)], progress, f"creating {kind} chats"
         )
+
+
+async def create_group(
+    base_url: str,
+    members: list[User],
+    name: str,
+    progress: Progress,
+    per_call: int = MAX_USERS_PER_CALL,
+) -> int:
+    """One group of every member, owned by the first: created with the first `per_call`
+    others, then filled `per_call` at a time (chatd takes no more than a thousand a call)."""
+    others = [u.uuid for u in members[1:]]
+    chunks = [others[i : i + per_call] for i in range(0, len(others), per_call)]
+    token = members[0].token
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        body = {"type": "group", "name": name, "user_ids": chunks[0] if chunks else []}
+        chat_id = int((await _post(http, "/chats", body, token))["id"])
+        for n, chunk in enumerate(chunks[1:], 2):
+            progress(f"filling the group: call {n}/{len(chunks)}")
+            await _post(http, f"/chats/{chat_id}/members", {"user_ids": chunk}, token)
+    return chat_id

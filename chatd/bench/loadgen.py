@@ -38,6 +38,7 @@ class SocketSpec:
     chat_id: int
     sender: int  # global sender number: sockets send in this order, interleaving rooms
     local_addr: str | None = None
+    sends: bool = True  # False: only receives (biggroup: most members only listen)
 
 
 @dataclass
@@ -216,7 +217,7 @@ class Worker:
         self.stats = stats = StepStats()
         for sock in self.sockets:
             sock.seen.clear()
-        senders = self.sockets
+        senders = [sock for sock in self.sockets if sock.spec.sends]
         if senders and rate > 0:
             my_rate = rate * len(senders) / self.spec.total_senders
             interval = 1e9 / my_rate

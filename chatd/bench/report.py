@@ -205,8 +205,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 LIMITS_HINT = (
     "hint: chatd's rate limits or socket cap refused the bench. Start the server to bench "
     "with CHATD_REGISTER_RATE=off CHATD_MESSAGE_RATE=off CHATD_MAX_SOCKETS_PER_USER=off "
-    "(and, reusing users, CHATD_GROUPS_PER_DAY=off CHATD_CREATE_CHAT_RATE=off; "
-    "docs/performance.md)."
+    "CHATD_ADD_MEMBERS_RATE=off (and, reusing users, CHATD_GROUPS_PER_DAY=off "
+    "CHATD_CREATE_CHAT_RATE=off; docs/performance.md)."
 )
 
 
@@ -389,7 +389,7 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     series = {
         k: v
         for k, v in report["workloads"].items()
-        if k in ("fanout", "direct", "baseline") and "error" not in v
+        if k in ("fanout", "direct", "biggroup", "baseline") and "error" not in v
     }
     if not series:
         return False
@@ -400,7 +400,7 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
-    styles = {"fanout": "-", "baseline": "--", "direct": ":"}
+    styles = {"fanout": "-", "baseline": "--", "direct": ":", "biggroup": "-."}
     colors = {"p50": "tab:green", "p95": "tab:orange", "p99": "tab:red"}
     for name, result in series.items():
         steps = [s for s in result["steps"] if s["latency_ms"]["p50"] is not None]

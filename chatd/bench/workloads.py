@@ -1,8 +1,8 @@
 """The coordinator: sets a workload up, drives the worker processes, measures each step.
 
-fanout, direct and baseline share one stepped runner: open-loop steps of rising offered
-rate, each followed by a drain, until a step loses or duplicates anything, or its p99
-passes --stop-p99-ms. idle opens many quiet sockets and weighs them in server RSS.
+fanout, direct, biggroup and baseline share one stepped runner: open-loop steps of rising
+offered rate, each followed by a drain, until a step loses or duplicates anything, or its
+p99 passes --stop-p99-ms. idle opens many quiet sockets and weighs them in server RSS.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Fleet:
                 mode,
                 run_id,
                 share,
-                total_senders=len(sockets),
+                total_senders=sum(1 for s in sockets if s.sends),
                 connect_concurrency=max(1, connect_concurrency // count),
             )
             parent, child = ctx.Pipe()
@@ -252,11 +252,17 @@ def wait_quiet(
 
 
 def run_stepped(ctx: Context, kind: str) -> dict[str, Any]:
-    """fanout, direct or baseline: set up rooms, then step the offered rate up."""
+    """fanout, direct, biggroup or baseline: set up rooms, then step the offered rate up."""
     args = ctx.args
     baseline_proc = None
     server_pid = ctx.server_pid
-    if kind == "baseline":
+    schedule = rate_schedule(args.rates, args.max_rate)
+    if kind == "biggroup":
+        schedule = list(args.big_rates)
+        size = args.big_members
+        mode, sockets = CHATD, big_group(ctx, size, args.big_senders)
+        setup: dict[str, Any] = {"members": size, "senders": min(args.big_senders, size)}
+    elif kind == "baseline":
         baseline_proc, base_ws, server_pid = start_baseline(ctx.progress)
         rooms_n, size = args.groups, args.members
         sockets = [
@@ -265,7 +271,7 @@ def run_stepped(ctx: Context, kind: str) -> dict[str, Any]:
             for j in range(size)
         ]
         mode = BASELINE
-        setup: dict[str, Any] = {"groups": rooms_n, "members": size, "server": "bare broadcast"}
+        setup = {"groups": rooms_n, "members": size, "server": "bare broadcast"}
     else:
         mode = CHATD
         if kind == "fanout":
@@ -313,7 +319,7 @@ def run_stepped(ctx: Context, kind: str) -> dict[str, Any]:
             server = procs.server_group(server_pid) if server_pid else None
             wait_quiet(server, ctx.postgres_group(), ctx.progress, kind)
             steps = []
-            for index, rate in enumerate(rate_schedule(args.rates, args.max_rate)):
+            for index, rate in enumerate(schedule):
                 step = run_step(ctx, fleet, kind, index, rate, size, server)
                 steps.append(step)
                 ctx.progress.done(step_line(kind, step))
@@ -333,6 +339,23 @@ def run_stepped(ctx: Context, kind: str) -> dict[str, Any]:
     }
     result["best"] = best_step(steps, FANOUT_P99_MS)
     return result
+
+
+def big_group(ctx: Context, size: int, senders: int) -> list[SocketSpec]:
+    """biggroup: one group of `size` users, one socket each; the first `senders` send.
+
+    Its own users, not fanout's: the messages they leave unread would weigh on fanout's
+    connects on a later run."""
+    users = asyncio.run(
+        accounts.make_users(
+            ctx.base_url, size, ctx.state, "big", ctx.args.reuse_users, ctx.progress
+        )
+    )
+    chat_id = asyncio.run(
+        accounts.create_group(ctx.base_url, users, f"bench big {ctx.run_id}", ctx.progress)
+    )
+    url = f"{ctx.ws_base}/connect"
+    return [SocketSpec(url, u.token, 0, chat_id, j, sends=j < senders) for j, u in enumerate(users)]
 
 
 def merge_counts(dicts: Any) -> dict[str, int]:
