@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.datastructures import Headers, QueryParams
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chatd import logs
@@ -46,7 +47,7 @@ from chatd.protocol import (
     retry_after_ms,
 )
 from chatd.rest import client_address
-from chatd.websocket_protocol import SERVER_SHUTDOWN, SHUTDOWN_DEADLINE
+from chatd.websocket_protocol import SERVER_SHUTDOWN, SHUTDOWN_DEADLINE, Flag
 
 log = logging.getLogger("chatd")
 
@@ -56,13 +57,17 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     settings = node.settings
     logs.conn_id.set(logs.new_id())  # this task serves one socket: its log lines carry the id
     await websocket.accept()
-    if not origin_allowed(websocket, settings.allowed_origins):
+    # Read from the handshake here, uncached (websocket.headers would keep a copy): once
+    # authenticated, the socket keeps none of it, see forget_handshake.
+    headers = Headers(scope=websocket.scope)
+    if not origin_allowed(headers, settings.allowed_origins):
         # Cross-site WebSocket hijacking: another site's page would ride on the user's
         # token (from its own ?token= guess or a leaked one) with the browser's help.
         await close_quietly(websocket, CLOSE_POLICY_VIOLATION, "origin not allowed")
         return
-    token = bearer_token(websocket.headers.get("authorization"))
-    token = token or websocket.query_params.get("token")
+    token = bearer_token(headers.get("authorization"))
+    token = token or QueryParams(websocket.scope["query_string"]).get("token")
+    del headers
     try:
         ctx = await authenticate(node, token, client_address(websocket))
     except ChatError as exc:
@@ -80,6 +85,8 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         await close_quietly(websocket, CLOSE_TRY_AGAIN_LATER, "database unavailable; retry")
         return
 
+    del token
+    forget_handshake(websocket)
     user_id = ctx.user_id
     logs.user_id.set(str(user_id))
     session = Session(
@@ -142,15 +149,21 @@ async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
         await websocket.close(code, reason)
 
 
-def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
+def forget_handshake(websocket: WebSocket) -> None:
+    """Drop the handshake's headers from the scope (the middleware and uvicorn share it):
+    a socket open for hours would keep them, a KiB or more each, for nothing."""
+    websocket.scope["headers"] = []
+
+
+def origin_allowed(headers: Headers, allowed: tuple[str, ...]) -> bool:
     """Non-browser clients send no Origin; browsers may come from chatd itself or the list."""
-    origin = websocket.headers.get("origin")
+    origin = headers.get("origin")
     if origin is None or "*" in allowed:
         return True
     origin = origin.rstrip("/")
     if origin in allowed:
         return True
-    host = websocket.headers.get("host", "")
+    host = headers.get("host", "")
     return origin.split("://", 1)[-1] == host  # same origin: the page chatd served
 
 
@@ -172,7 +185,7 @@ class Session:
         self.id = uuid.uuid4().hex  # names it to other processes (the per-user socket cap)
         self.write_timeout = write_timeout
         self.action_timeout = action_timeout  # past it, an action answers `unavailable`
-        self._wakeup = asyncio.Event()
+        self._wakeup = Flag()
         self.outbox = Outbox(queue_size, wakeup=self._wakeup.set, on_overflow=self._overflowed)
         # Loop time at which the frame being sent was handed to the socket (None: not
         # sending). The hub's watchdog drops a client whose socket takes none for too long.
