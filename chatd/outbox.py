@@ -49,6 +49,17 @@ def _nothing() -> None:
 
 
 class Outbox:
+    __slots__ = (
+        "_close",
+        "_close_when_flushed",
+        "_frames",
+        "_held",
+        "_on_overflow",
+        "_wakeup",
+        "capacity",
+        "state",
+    )
+
     def __init__(
         self,
         capacity: int,

@@ -176,6 +176,24 @@ class Session:
     """The asyncio shell around one socket's Outbox: it reads in the task that runs it, and
     writes in a writer task started whenever the outbox has something to write."""
 
+    __slots__ = (
+        "_context",
+        "_reader",
+        "_reader_stopped",
+        "_writer",
+        "_writer_interrupted",
+        "action_timeout",
+        "id",
+        "outbox",
+        "reading",
+        "sending_since",
+        "session_id",
+        "shutdown_deadline",
+        "user_id",
+        "websocket",
+        "write_timeout",
+    )
+
     def __init__(
         self,
         websocket: WebSocket,
