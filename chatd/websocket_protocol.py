@@ -49,7 +49,7 @@ closed.
 Memory per idle socket. With 10,000 sockets open, every object a socket keeps counts:
 once the socket is accepted, the handshake's request headers and response are dropped,
 and the receive queue and the writable flag are an `Inbox` and a `Flag` rather than
-asyncio's Queue and Event (an empty deque is about 700 bytes; a Queue holds three, an
+asyncio's Queue and Event (an empty deque is about 700 bytes: a Queue holds four, an
 Event one).
 """
 
