@@ -9,6 +9,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from chatd import asyncapi, metrics, openapi, rest, webapp
 from chatd.config import Settings
@@ -18,6 +20,26 @@ from chatd.logs import RequestIdMiddleware, setup_logging
 from chatd.node import Node
 from chatd.protocol import ChatError
 from chatd.session import connect_endpoint
+
+CONNECT_PATH = "/connect"
+
+
+class App(Starlette):
+    """Starlette, but a socket on /connect goes straight to its endpoint.
+
+    The middleware (starlette's, and chatd's, which is for HTTP) passes a socket through,
+    and the router finds the one route: all they add is the frames and closures of every
+    layer the endpoint runs under, kept for as long as the socket is open (about 5 KiB per
+    socket). The app's exception handlers answer HTTP requests (rest.py); the socket
+    handles its own errors (session.py)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("root_path", "") + CONNECT_PATH
+        if scope["type"] == "websocket" and scope["path"] == path:
+            scope["app"] = self
+            await connect_endpoint(WebSocket(scope, receive, send))
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, database_url: str) -> Starlette:
@@ -33,14 +55,14 @@ def create_app(settings: Settings, database_url: str) -> Starlette:
             await node.stop()
             metrics.process_exited()
 
-    return Starlette(
+    return App(
         routes=[
             *openapi.routes(rest.OPERATIONS),
             *openapi.docs_routes(rest.OPERATIONS, rest.TAGS),
             *asyncapi.asyncapi_routes(),
             *webapp.web_routes(),
             Route("/metrics", metrics.metrics, methods=["GET"]),
-            WebSocketRoute("/connect", connect_endpoint),
+            WebSocketRoute(CONNECT_PATH, connect_endpoint),  # App.__call__ takes it first
         ],
         exception_handlers={
             ChatError: rest.chat_error_handler,

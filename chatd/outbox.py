@@ -49,6 +49,17 @@ def _nothing() -> None:
 
 
 class Outbox:
+    __slots__ = (
+        "_close",
+        "_close_when_flushed",
+        "_frames",
+        "_held",
+        "_on_overflow",
+        "_wakeup",
+        "capacity",
+        "state",
+    )
+
     def __init__(
         self,
         capacity: int,
@@ -61,7 +72,8 @@ class Outbox:
         self._wakeup = wakeup
         self._on_overflow = on_overflow
         self.state = State.HOLDING
-        self._frames: deque[str] = deque()
+        # None while empty: an empty deque is ~700 bytes, and most sockets are idle.
+        self._frames: deque[str] | None = None
         self._held: list[Outbound] = []
         self._close: Close | None = None
         self._close_when_flushed: Close | None = None
@@ -84,10 +96,13 @@ class Outbox:
         """A frame to write after those queued; dropped once closing."""
         if self.state not in (State.HOLDING, State.OPEN):
             return
-        if len(self._frames) >= self.capacity:
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = deque()
+        if len(frames) >= self.capacity:
             self._overflow()
             return
-        self._frames.append(text)
+        frames.append(text)
         self._wakeup()
 
     def release(self, first: str, skip: Collection[int] = ()) -> None:
@@ -107,7 +122,7 @@ class Outbox:
         if self.state in (State.HOLDING, State.OPEN):
             self._close = Close(code, reason)
             self.state = State.CLOSING
-            self._frames.clear()
+            self._frames = None
             self._held = []
             self._wakeup()
 
@@ -125,7 +140,10 @@ class Outbox:
         if self.state is State.CLOSED:
             return None
         if self._frames:
-            return self._frames.popleft()
+            text = self._frames.popleft()
+            if not self._frames:
+                self._frames = None
+            return text
         if self._close_when_flushed is not None and self.state is State.OPEN:
             self._close = self._close_when_flushed
             self.state = State.CLOSED

@@ -1,21 +1,27 @@
 """One WebSocket connection on /connect, from authentication to close.
 
 A session reads frames and runs their handlers one at a time (so one socket's sends keep
-their order), and owns a writer task that writes what its Outbox (chatd/outbox.py, the
+their order), and starts a writer task that writes what its Outbox (chatd/outbox.py, the
 sans-I/O part) says to. Everything the socket receives, replies and events alike, goes
 through that outbox.
+
+Most sockets are idle most of the time, and each object one keeps is multiplied by the
+sockets a process holds. So the session reads in the task uvicorn runs it in (no reader
+task of its own), and its writer task lives only while the outbox has something to write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.datastructures import Headers, QueryParams
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chatd import logs
@@ -56,13 +62,17 @@ async def connect_endpoint(websocket: WebSocket) -> None:
     settings = node.settings
     logs.conn_id.set(logs.new_id())  # this task serves one socket: its log lines carry the id
     await websocket.accept()
-    if not origin_allowed(websocket, settings.allowed_origins):
+    # Read from the handshake here, uncached (websocket.headers would keep a copy): once
+    # authenticated, the socket keeps none of it, see forget_handshake.
+    headers = Headers(scope=websocket.scope)
+    if not origin_allowed(headers, settings.allowed_origins):
         # Cross-site WebSocket hijacking: another site's page would ride on the user's
         # token (from its own ?token= guess or a leaked one) with the browser's help.
         await close_quietly(websocket, CLOSE_POLICY_VIOLATION, "origin not allowed")
         return
-    token = bearer_token(websocket.headers.get("authorization"))
-    token = token or websocket.query_params.get("token")
+    token = bearer_token(headers.get("authorization"))
+    token = token or QueryParams(websocket.scope["query_string"]).get("token")
+    del headers
     try:
         ctx = await authenticate(node, token, client_address(websocket))
     except ChatError as exc:
@@ -80,6 +90,8 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         await close_quietly(websocket, CLOSE_TRY_AGAIN_LATER, "database unavailable; retry")
         return
 
+    del token
+    forget_handshake(websocket)
     user_id = ctx.user_id
     logs.user_id.set(str(user_id))
     session = Session(
@@ -142,20 +154,45 @@ async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
         await websocket.close(code, reason)
 
 
-def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
+def forget_handshake(websocket: WebSocket) -> None:
+    """Drop the handshake's headers from the scope (the middleware and uvicorn share it):
+    a socket open for hours would keep them, a KiB or more each, for nothing."""
+    websocket.scope["headers"] = []
+
+
+def origin_allowed(headers: Headers, allowed: tuple[str, ...]) -> bool:
     """Non-browser clients send no Origin; browsers may come from chatd itself or the list."""
-    origin = websocket.headers.get("origin")
+    origin = headers.get("origin")
     if origin is None or "*" in allowed:
         return True
     origin = origin.rstrip("/")
     if origin in allowed:
         return True
-    host = websocket.headers.get("host", "")
+    host = headers.get("host", "")
     return origin.split("://", 1)[-1] == host  # same origin: the page chatd served
 
 
 class Session:
-    """The asyncio shell around one socket's Outbox: a reader and a writer task."""
+    """The asyncio shell around one socket's Outbox: it reads in the task that runs it, and
+    writes in a writer task started whenever the outbox has something to write."""
+
+    __slots__ = (
+        "_context",
+        "_reader",
+        "_reader_stopped",
+        "_writer",
+        "_writer_interrupted",
+        "action_timeout",
+        "id",
+        "outbox",
+        "reading",
+        "sending_since",
+        "session_id",
+        "shutdown_deadline",
+        "user_id",
+        "websocket",
+        "write_timeout",
+    )
 
     def __init__(
         self,
@@ -172,13 +209,17 @@ class Session:
         self.id = uuid.uuid4().hex  # names it to other processes (the per-user socket cap)
         self.write_timeout = write_timeout
         self.action_timeout = action_timeout  # past it, an action answers `unavailable`
-        self._wakeup = asyncio.Event()
-        self.outbox = Outbox(queue_size, wakeup=self._wakeup.set, on_overflow=self._overflowed)
+        self.outbox = Outbox(queue_size, wakeup=self._start_writer, on_overflow=self._overflowed)
         # Loop time at which the frame being sent was handed to the socket (None: not
         # sending). The hub's watchdog drops a client whose socket takes none for too long.
         self.sending_since: float | None = None
+        # The task of run() once it runs (writers start from then on), the writer while
+        # one is writing or once one has ended the socket (sent the close, or failed).
+        self._reader: asyncio.Task[Any] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._writer_interrupted = False
+        self._reader_stopped = False  # the writer ended the socket: run() cancelled reading
+        self._context: contextvars.Context | None = None  # run()'s, for the writers
         self.reading = True  # may still start an action
         self.shutdown_deadline: float | None = None  # set when the server is shutting down
 
@@ -237,6 +278,24 @@ class Session:
             body.retry_after_ms = retry_after_ms(retry_after)
         self.outbox.push(encode_text(Error(request_id=request_id, error=body)))
 
+    def _start_writer(self) -> None:
+        """The outbox may have something new: start a writer, unless one is running (or has
+        ended the socket), or the session does not run yet."""
+        if self._writer is None and self._reader is not None:
+            # In the session's context (its log ids), not that of whoever pushed the frame.
+            loop = asyncio.get_running_loop()
+            self._writer = loop.create_task(self._write_loop(), context=self._context)
+            self._writer.add_done_callback(self._writer_stopped)
+
+    def _writer_stopped(self, writer: asyncio.Task[None]) -> None:
+        if writer is not self._writer:
+            return  # it went idle (another may be writing already)
+        # It sent the close, or the socket failed under it: stop reading, as the socket is
+        # done (an action in flight included).
+        if self.reading and self._reader is not None:
+            self._reader_stopped = True
+            self._reader.cancel()
+
     async def _write_loop(self) -> None:
         # No timer per frame (it cost ~10% of the server's CPU in a fan-out): the hub's
         # watchdog looks at sending_since once a second instead.
@@ -244,8 +303,8 @@ class Session:
         while True:
             step = self.outbox.next()
             if step is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                self._writer = None  # idle: the next frame starts another writer
+                return
             elif isinstance(step, Close):
                 await self.websocket.close(step.code, step.reason)
                 return
@@ -268,31 +327,45 @@ class Session:
         max_frame_bytes: int,
         drain: Callable[[float], Awaitable[None]],
     ) -> None:
-        """Serve the socket until either side closes it."""
-        reader = asyncio.create_task(self._read_loop(ctx, max_frame_bytes))
-        reader.add_done_callback(self._stopped_reading)
-        writer = self._writer = asyncio.create_task(self._write_loop())
+        """Serve the socket until either side closes it: read here until the client closes
+        (or the server shuts down), or until the writer ends the socket."""
+        reader = self._reader = asyncio.current_task()
+        assert reader is not None
+        self._context = contextvars.copy_context()
+        self._start_writer()  # what came before (the snapshot)
         try:
-            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await self._read_loop(ctx, max_frame_bytes)
+            except asyncio.CancelledError:
+                # Ours (the writer ended the socket) is taken back; any other goes on.
+                if not self._reader_stopped or reader.uncancel() > 0:
+                    raise
+            finally:
+                self.reading = False
+            if self._reader_stopped:
+                return
             deadline = self.shutdown_deadline
-            if reader.done() and deadline is not None:
+            if deadline is not None:
                 # Once no socket here can start an action and every send has fanned out
                 # (to this outbox too), send what is queued, then close. A socket still
                 # stuck at the deadline is aborted (chatd/websocket_protocol.py).
                 await drain(deadline)
                 self.outbox.close_when_flushed(CLOSE_SERVICE_RESTART, SERVER_SHUTDOWN)
                 left = deadline - asyncio.get_running_loop().time()
-                await asyncio.wait((writer,), timeout=max(0.0, left) + 1)
-            if reader.done() and self.close_reason is not None:
+                await self._wait_for_writer(max(0.0, left) + 1)
+            if self.close_reason is not None:
                 # We are closing the socket ourselves: let the writer send the close frame.
-                await asyncio.wait((writer,), timeout=5)
+                await self._wait_for_writer(5)
         finally:
-            for task in (reader, writer):
-                task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
+            self._reader = None  # no writer starts from here on
+            writer = self._writer
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
 
-    def _stopped_reading(self, reader: asyncio.Task[None]) -> None:
-        self.reading = False
+    async def _wait_for_writer(self, timeout: float) -> None:
+        if self._writer is not None:
+            await asyncio.wait((self._writer,), timeout=timeout)
 
     async def _read_loop(self, ctx: Context, max_frame_bytes: int) -> None:
         while True:

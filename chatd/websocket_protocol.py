@@ -46,12 +46,19 @@ A refused handshake. websockets answers a request it cannot parse (a request lin
 8 KiB: 414; header lines too long or too many: 431) by queueing the answer; uvicorn never
 wrote it and kept the connection open. Here the answer is written and the connection
 closed.
+
+Memory per idle socket. With 10,000 sockets open, every object a socket keeps counts:
+once the socket is accepted, the handshake's request headers and response are dropped,
+and the receive queue and the writable flag are an `Inbox` and a `Flag` rather than
+asyncio's Queue and Event (an empty deque is about 700 bytes: a Queue holds four, an
+Event one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 from uvicorn.config import Config
@@ -70,6 +77,73 @@ SERVER_SHUTDOWN = "server shutting down"
 SHUTDOWN_DEADLINE = "chatd.shutdown_deadline"
 
 
+class Flag:
+    """asyncio.Event's set, clear, is_set and wait, with no deque until someone waits."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
+class Inbox:
+    """What uvicorn's protocol uses of asyncio.Queue (put_nowait, get, empty), unbounded,
+    holding a deque only while something waits in it."""
+
+    __slots__ = ("_items", "_ready")
+
+    def __init__(self) -> None:
+        self._items: deque[Any] | None = None
+        self._ready = Flag()  # set while _items holds something
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> Any:
+        while not self._items:
+            await self._ready.wait()
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+            self._ready.clear()
+        return item
+
+
 def give_up_after(grace: float) -> float:
     """Seconds into a shutdown after which sockets stop waiting: ahead of uvicorn's cancel."""
     return grace - min(1.0, grace / 4)
@@ -78,6 +152,9 @@ def give_up_after(grace: float) -> float:
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+        self.writable.set()
         settings = settings_of(config)
         self.buffer_budget = settings.socket_buffer_bytes
         self.write_timeout = settings.write_timeout
@@ -146,6 +223,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             finally:
                 if not self.disconnected:
                     self.writable.clear()
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            # The handshake is done: its request and response are not read again (the app
+            # reads the scope). websockets' parser keeps the request: empty its headers.
+            self.request.headers.clear()
+            self.request = self.response = None  # type: ignore[assignment]
         if message["type"] == "websocket.close" and self.close_timer is not None:
             self.close_timer.cancel()
             self.close_timer = self.loop.call_later(self.close_timeout, self._abort)
