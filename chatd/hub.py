@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from chatd.metrics import EVENTS_DELIVERED, OPEN_SOCKETS, SOCKET_CAP_CLOSES
@@ -26,14 +26,16 @@ SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
 SESSION_REVOKED_REASON = "session revoked"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outbound:
-    """One event, encoded once; the same text goes to every recipient."""
+    """One event, encoded once; the same bytes go to every recipient."""
 
     text: str
     # Set for new_message events, so a socket still taking its unread snapshot can tell
     # which held events the snapshot already contains.
     message_id: int | None = None
+    # The WebSocket frame every socket writes: made by the first one (chatd/outbox.py).
+    frame: bytes | None = field(default=None, compare=False)
 
 
 def outbound(event: Event) -> Outbound:

@@ -1,7 +1,9 @@
 """One socket's outbox, without I/O: what to send next, and when to close.
 
 The hub's events and the socket's own replies go in; the socket's writer asks `next()`
-for what to write: a frame's text, a `Close`, or None (wait for `wakeup`). Nothing here
+for what to write: a whole WebSocket frame, a `Close`, or None (wait for `wakeup`). An
+event's frame is made once, by the first outbox that takes it, and the same bytes go to
+every recipient (`frame_of`). Nothing here
 awaits or touches a socket, so every rule is plain to test (tests/test_outbox.py);
 chatd/session.py is the asyncio shell around it, as websockets' connection is around
 its sans-I/O protocol.
@@ -25,6 +27,8 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from websockets.frames import Frame, Opcode
+
 from chatd.hub import Outbound
 from chatd.protocol import CLOSE_TRY_AGAIN_LATER
 
@@ -46,6 +50,19 @@ class Close:
 
 def _nothing() -> None:
     pass
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A whole text frame as a server sends it (unmasked, unfragmented, no extension)."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+def frame_of(event: Outbound) -> bytes:
+    """The event's frame: made for the first socket that takes it, shared by the rest."""
+    frame = event.frame
+    if frame is None:
+        frame = event.frame = text_frame(event.text.encode())
+    return frame
 
 
 class Outbox:
@@ -73,7 +90,7 @@ class Outbox:
         self._on_overflow = on_overflow
         self.state = State.HOLDING
         # None while empty: an empty deque is ~700 bytes, and most sockets are idle.
-        self._frames: deque[str] | None = None
+        self._frames: deque[bytes] | None = None
         self._held: list[Outbound] = []
         self._close: Close | None = None
         self._close_when_flushed: Close | None = None
@@ -90,9 +107,9 @@ class Outbox:
             if len(self._held) > self.capacity:
                 self._overflow()
         else:
-            self.push(event.text)
+            self.push(frame_of(event))
 
-    def push(self, text: str) -> None:
+    def push(self, frame: bytes) -> None:
         """A frame to write after those queued; dropped once closing."""
         if self.state not in (State.HOLDING, State.OPEN):
             return
@@ -102,10 +119,10 @@ class Outbox:
         if len(frames) >= self.capacity:
             self._overflow()
             return
-        frames.append(text)
+        frames.append(frame)
         self._wakeup()
 
-    def release(self, first: str, skip: Collection[int] = ()) -> None:
+    def release(self, first: bytes, skip: Collection[int] = ()) -> None:
         """End the hold: `first` (the snapshot) goes out, then the held events, but for
         new_message events of the messages in `skip` (the snapshot has them)."""
         if self.state is not State.HOLDING:
@@ -115,7 +132,7 @@ class Outbox:
         self.push(first)
         for event in held:
             if event.message_id is None or event.message_id not in skip:
-                self.push(event.text)
+                self.push(frame_of(event))
 
     def close(self, code: int, reason: str) -> None:
         """Close next: what is queued is dropped. The first close chosen wins."""
@@ -132,23 +149,41 @@ class Outbox:
             self._close_when_flushed = Close(code, reason)
             self._wakeup()
 
-    def next(self) -> str | Close | None:
+    def next(self) -> bytes | Close | None:
         """What the writer writes next: a frame, the close, or None (nothing yet)."""
         if self.state is State.CLOSING:
             self.state = State.CLOSED
             return self._close
         if self.state is State.CLOSED:
             return None
-        if self._frames:
-            text = self._frames.popleft()
-            if not self._frames:
-                self._frames = None
-            return text
+        frame = self.next_frame()
+        if frame is not None:
+            return frame
         if self._close_when_flushed is not None and self.state is State.OPEN:
             self._close = self._close_when_flushed
             self.state = State.CLOSED
             return self._close
         return None
+
+    def next_frame(self) -> bytes | None:
+        """The next frame, when a frame is what comes next (not a close, not nothing)."""
+        frames = self._frames
+        if not frames or self.state not in (State.HOLDING, State.OPEN):
+            return None
+        frame = frames.popleft()
+        if not frames:
+            self._frames = None
+        return frame
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to write now: no frame, and no close due."""
+        if self.state is State.CLOSING:
+            return False
+        if self.state is State.CLOSED:
+            return True
+        due = self._close_when_flushed is not None and self.state is State.OPEN
+        return not self._frames and not due
 
     def _overflow(self) -> None:
         self.close(CLOSE_TRY_AGAIN_LATER, OVERFLOW_REASON)

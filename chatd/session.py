@@ -33,7 +33,7 @@ from chatd.handlers.messages import unread_snapshot
 from chatd.hub import Outbound
 from chatd.metrics import ERRORS, QUEUE_OVERFLOWS
 from chatd.node import Node
-from chatd.outbox import Close, Outbox
+from chatd.outbox import Close, Outbox, text_frame
 from chatd.protocol import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_SERVICE_RESTART,
@@ -48,11 +48,11 @@ from chatd.protocol import (
     ErrorBody,
     UnreadMessages,
     decode_action,
-    encode_text,
+    encode,
     retry_after_ms,
 )
 from chatd.rest import client_address
-from chatd.websocket_protocol import SERVER_SHUTDOWN, SHUTDOWN_DEADLINE
+from chatd.websocket_protocol import SERVER_SHUTDOWN, SHUTDOWN_DEADLINE, SOCKET, WebSocketProtocol
 
 log = logging.getLogger("chatd")
 
@@ -189,6 +189,7 @@ class Session:
         "sending_since",
         "session_id",
         "shutdown_deadline",
+        "socket",
         "user_id",
         "websocket",
         "write_timeout",
@@ -204,6 +205,8 @@ class Session:
         action_timeout: float,
     ) -> None:
         self.websocket = websocket
+        # The connection itself, for frames made beforehand (the same bytes to every member).
+        self.socket: WebSocketProtocol = websocket.scope[SOCKET]
         self.user_id = user_id
         self.session_id = session_id  # revoking it closes this socket (Hub.revoke)
         self.id = uuid.uuid4().hex  # names it to other processes (the per-user socket cap)
@@ -259,7 +262,7 @@ class Session:
 
     def send_snapshot(self, snapshot: UnreadMessages) -> None:
         """Send the unread snapshot first, then the held events it does not contain."""
-        self.outbox.release(encode_text(snapshot), {m.id for m in snapshot.data})
+        self.outbox.release(text_frame(encode(snapshot)), {m.id for m in snapshot.data})
 
     async def close_now(self, code: int, reason: str) -> None:
         """Close before the session runs (its writer is not there to do it)."""
@@ -267,7 +270,7 @@ class Session:
         await close_quietly(self.websocket, code, reason)
 
     def reply(self, request_id: str | None, data: Any) -> None:
-        self.outbox.push(encode_text(Ack(request_id=request_id, data=data)))
+        self.outbox.push(text_frame(encode(Ack(request_id=request_id, data=data))))
 
     def reply_error(
         self, request_id: str | None, code: str, message: str, retry_after: float | None = None
@@ -276,16 +279,26 @@ class Session:
         body = ErrorBody(code, message)
         if retry_after is not None:
             body.retry_after_ms = retry_after_ms(retry_after)
-        self.outbox.push(encode_text(Error(request_id=request_id, error=body)))
+        self.outbox.push(text_frame(encode(Error(request_id=request_id, error=body))))
 
     def _start_writer(self) -> None:
-        """The outbox may have something new: start a writer, unless one is running (or has
-        ended the socket), or the session does not run yet."""
-        if self._writer is None and self._reader is not None:
+        """The outbox may have something new: write it now if the socket takes it without
+        waiting, else start a writer, unless one is running (or has ended the socket), or
+        the session does not run yet."""
+        if self._writer is None and self._reader is not None and not self._write_now():
             # In the session's context (its log ids), not that of whoever pushed the frame.
             loop = asyncio.get_running_loop()
             self._writer = loop.create_task(self._write_loop(), context=self._context)
             self._writer.add_done_callback(self._writer_stopped)
+
+    def _write_now(self) -> bool:
+        """Write the outbox's frames while the socket takes them without waiting; whether
+        that emptied it. The usual case by far: an event costs no task and no wakeup. A
+        close, and frames behind a full buffer, are the writer task's."""
+        socket, outbox = self.socket, self.outbox
+        while socket.can_write() and (frame := outbox.next_frame()) is not None:
+            socket.write_frame(frame)
+        return outbox.empty
 
     def _writer_stopped(self, writer: asyncio.Task[None]) -> None:
         if writer is not self._writer:
@@ -311,7 +324,7 @@ class Session:
             else:
                 self.sending_since = loop.time()
                 try:
-                    await self.websocket.send_text(step)
+                    await self.socket.send_frame(step)
                 except asyncio.CancelledError:
                     if not self._writer_interrupted:
                         raise

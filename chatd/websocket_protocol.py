@@ -64,6 +64,8 @@ from typing import Any
 from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+from websockets.protocol import State
 
 from chatd.http_protocol import peer, settings_of
 from chatd.protocol import CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
@@ -75,6 +77,8 @@ SERVER_SHUTDOWN = "server shutting down"
 # the loop time by which every session must be done. A key no client can send (a client's
 # own close reason could say "server shutting down").
 SHUTDOWN_DEADLINE = "chatd.shutdown_deadline"
+# The scope's key for the connection itself: the session writes its frames straight to it.
+SOCKET = "chatd.socket"
 
 
 class Flag:
@@ -206,6 +210,42 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.loop.call_at(deadline, self.transport.abort)
         notice = {"type": "websocket.disconnect", "code": CLOSE_SERVICE_RESTART}
         self.queue.put_nowait({**notice, "reason": SERVER_SHUTDOWN, SHUTDOWN_DEADLINE: deadline})
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if not self.handshake_complete:  # accepted by websockets: the app runs next
+            self.scope[SOCKET] = self  # type: ignore[literal-required]
+
+    # --- frames made beforehand (chatd/outbox.py), written without the ASGI send ---------
+    # An event to a group is framed once and the same bytes are written to every member's
+    # socket: no ASGI message, coroutine or framing per recipient. What uvicorn's send of
+    # a `websocket.send` does besides writing (refusing a closed socket, pausing reads
+    # while the buffer is full, the budget) is done here the same way.
+
+    def can_write(self) -> bool:
+        """Whether a frame can be written now without waiting: the connection is open and
+        the transport's buffer is under its high-water mark."""
+        return (
+            self.writable.is_set()
+            and not (self.failed or self.close_sent or self.disconnected)
+            and self.conn.state is State.OPEN
+            and not self.transport.is_closing()
+        )
+
+    def write_frame(self, frame: bytes) -> None:
+        """Write a whole frame; only when `can_write()`."""
+        self.transport.write(frame)
+        if self.writes_paused:
+            self._pause_reading()
+        self._check_budget()
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Write a whole frame once the buffer has room; ClientDisconnected when the
+        connection is closing or gone."""
+        await self.writable.wait()
+        if not self.can_write():
+            raise ClientDisconnected
+        self.write_frame(frame)
 
     async def send(self, message: Any) -> None:
         if self.failed and message["type"] in ("websocket.send", "websocket.close"):
