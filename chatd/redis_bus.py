@@ -111,6 +111,10 @@ class RedisBus:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Envelope).decode
         self._decode_revocation = msgspec.msgpack.Decoder(RevocationNote).decode
+        # The last event heard: an event reaches this process once per recipient user
+        # here, one after the other (the publisher pipelines them), so it is decoded and
+        # framed once for all of them.
+        self._heard: tuple[bytes, Envelope, Outbound] | None = None
         # publishing
         self._outbox: deque[tuple[list[bytes], bytes]] = deque()
         self._outbox_ready = asyncio.Event()
@@ -348,8 +352,14 @@ class RedisBus:
             self._on_revocation(reply[2])
             return
         if kind == b"message":
+            payload = reply[2]
             try:
-                envelope = self._decode(reply[2])
+                if self._heard is not None and self._heard[0] == payload:
+                    _, envelope, event = self._heard
+                else:
+                    envelope = self._decode(payload)
+                    event = Outbound(envelope.text, envelope.message_id)
+                    self._heard = (payload, envelope, event)
                 user_id = uuid.UUID(reply[1][len(CHANNEL_PREFIX) :].decode())
             except (msgspec.DecodeError, ValueError):
                 log.warning("ignoring a malformed message on Redis channel %r", reply[1])
@@ -359,7 +369,7 @@ class RedisBus:
             if envelope.close is not None:
                 self.hub.evict_by_id(user_id, envelope.close)
             else:
-                self.hub.deliver((user_id,), Outbound(envelope.text, envelope.message_id))
+                self.hub.deliver((user_id,), event)
             return
         if kind in (b"subscribe", b"unsubscribe"):
             name = reply[1]
