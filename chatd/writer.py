@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 import uuid
 from collections.abc import Callable
@@ -169,7 +170,15 @@ SELECT k.n FROM unnest($1::bigint[], $2::uuid[]) WITH ORDINALITY AS k(chat_id, u
 WHERE EXISTS (SELECT 1 FROM chat_members cm WHERE cm.chat_id = k.chat_id AND cm.user_id = k.user_id)
 """
 
+
+def _nothing() -> None:
+    pass
+
+
 MAX_BATCH = 256
+# Batches in flight: one being built (locking, inserting) and one committing. The next
+# batch starts when the one before reaches its commit, not as soon as a send arrives: it
+# would only wait for that commit's locks, and it takes every send queued meanwhile.
 MAX_BATCHES_IN_FLIGHT = 2
 # Failures that concern one send of a batch, not all of them: the batch is redone one by one.
 # (A foreign key: an attachment collected meanwhile, which the claim's grace makes unlikely.)
@@ -245,6 +254,7 @@ class MessageWriter:
         self.app_hooks: AppHooks | None = None  # app webhooks' message.new (the Node sets it)
         self._queue: list[PendingSend] = []
         self._running: set[asyncio.Task[None]] = set()
+        self._building: list[PendingSend] | None = None  # the batch not yet committing
         # Told the chats of each committed batch, in memory (the push notifier): no query.
         self.committed: Callable[[set[int]], None] | None = None
 
@@ -259,11 +269,22 @@ class MessageWriter:
         """Store a message; `created` is False for a retry answered with its original."""
         done = asyncio.get_running_loop().create_future()
         self._queue.append(PendingSend(user_id, chat_id, text, client_msg_id, extras, done))
-        if len(self._running) < MAX_BATCHES_IN_FLIGHT:
+        self._start_drain()
+        return await done
+
+    def _start_drain(self) -> None:
+        """Start a batch now, unless one is being built (it, or the next, will take the
+        queue) or enough are in flight. An idle writer stores a send at once."""
+        if self._queue and self._building is None and len(self._running) < MAX_BATCHES_IN_FLIGHT:
             # A fresh context: the batch serves many sockets, not the one that started it.
             task = asyncio.create_task(self._drain(), context=contextvars.Context())
             self._running.add(task)
-        return await done
+
+    def _built(self, batch: list[PendingSend]) -> None:
+        """`batch` reached its commit (or failed): the next may start building."""
+        if self._building is batch:
+            self._building = None
+            self._start_drain()
 
     @property
     def busy(self) -> bool:
@@ -286,10 +307,11 @@ class MessageWriter:
 
     async def _drain(self) -> None:
         try:
-            while self._queue:
+            while self._queue and self._building is None:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                self._building = batch
                 try:
-                    await self._store_batch(batch)
+                    await self._store_batch(batch, functools.partial(self._built, batch))
                 except _RETRY_ONE_BY_ONE:
                     # A client_msg_id committed meanwhile by another process (or a deadlock
                     # with one): redo one by one, so only the send concerned is affected.
@@ -299,6 +321,7 @@ class MessageWriter:
                     for send in batch:
                         _settle(send, exception=exc)
                 finally:
+                    self._built(batch)
                     requeued = {id(send) for send in self._queue}
                     for send in batch:  # never leave a sender waiting
                         if id(send) not in requeued:
@@ -318,20 +341,25 @@ class MessageWriter:
         except Exception as exc:
             _settle(send, exception=exc)
 
-    async def _store_batch(self, batch: list[PendingSend]) -> None:
+    async def _store_batch(
+        self, batch: list[PendingSend], committing: Callable[[], None] = _nothing
+    ) -> None:
         started = time.perf_counter()
         unique, copies = partition(batch)
-        persisted = await self._persist(unique)
+        persisted = await self._persist(unique, committing)
         MESSAGES_PERSISTED.inc(len(persisted.stored))
         SEND_BATCH_SIZE.observe(len(batch))
         SEND_SECONDS.observe(time.perf_counter() - started)
         await self._announce(persisted)
         self._settle(unique, copies, persisted)
 
-    async def _persist(self, sends: list[PendingSend]) -> Persisted:
+    async def _persist(
+        self, sends: list[PendingSend], committing: Callable[[], None] = _nothing
+    ) -> Persisted:
         """One transaction: lock the chats, store the sends, find retries' originals
         (only when something was not stored), and move the all-read watermarks the new
-        messages' senders were holding back."""
+        messages' senders were holding back. `committing` is called just before the
+        commit."""
         done = Persisted()
         async with self.pool.acquire() as conn, conn.transaction():
             chat_ids = sorted({send.chat_id for send in sends})
@@ -398,6 +426,7 @@ class MessageWriter:
                     "message.new",
                     [(s.message.chat_id, s.message) for s in done.stored],
                 )
+            committing()
         return done
 
     @staticmethod
