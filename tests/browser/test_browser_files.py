@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import uuid
 from base64 import b64encode
 from pathlib import Path
@@ -283,10 +284,17 @@ def square(color: tuple[int, int, int]) -> bytes:
 
 
 def shown_colour(page, img) -> list[int]:
-    page.wait_for_function(
-        "(img) => img.complete && img.naturalWidth > 0", arg=img.element_handle()
-    )
-    return page.evaluate(PIXEL, [img.element_handle(), 20, 20])
+    """A pixel of the picture `img` (a locator) once it shows. The element is looked up
+    again each time: the client may render it anew while its thumbnail loads (the event
+    and the answer of a change both render), and only the element in the page gets the
+    picture, so a handle taken early can wait for ever."""
+    deadline = time.monotonic() + 30
+    while True:
+        handle = img.element_handle()
+        if handle.evaluate("(i) => i.isConnected && i.complete && i.naturalWidth > 0"):
+            return page.evaluate(PIXEL, [handle, 20, 20])
+        assert time.monotonic() < deadline, "the picture never showed"
+        page.wait_for_timeout(50)
 
 
 def test_avatars_and_group_photos(browser, server: Server) -> None:
