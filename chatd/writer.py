@@ -145,21 +145,41 @@ WITH input AS (
     JOIN chat_members member
       ON member.chat_id = accepted.chat_id AND member.user_id = mentioned.id
     WHERE accepted.mentions IS NOT NULL
+), senders AS (
+    SELECT chat_id, sender_id, max(seq) AS seq, min(sender_read_seq) AS old_read_seq
+    FROM accepted GROUP BY 1, 2
 ), read_own AS (
-    UPDATE chat_members cm SET read_seq = mine.seq
-    FROM (SELECT chat_id, sender_id, max(seq) AS seq FROM accepted GROUP BY 1, 2) mine
-    WHERE cm.chat_id = mine.chat_id AND cm.user_id = mine.sender_id
+    UPDATE chat_members cm SET read_seq = senders.seq
+    FROM senders
+    WHERE cm.chat_id = senders.chat_id AND cm.user_id = senders.sender_id
+), holding AS (
+    -- Chats whose all-read watermark a sender of the batch was holding back.
+    SELECT s.chat_id, c.read_seq AS watermark, min(s.seq) AS lowest_sender,
+           array_agg(s.sender_id) AS sender_ids
+    FROM senders s JOIN chats c ON c.id = s.chat_id
+    GROUP BY s.chat_id, c.read_seq
+    HAVING bool_or(s.old_read_seq <= c.read_seq)
+), moving AS (
+    -- Those whose watermark moves: every other member has read past it too (read_own's
+    -- update is not visible here, hence the senders' new pointers apart). Most batches
+    -- move none, and then the watermark statement is not run at all.
+    SELECT h.chat_id FROM holding h
+    WHERE least(h.lowest_sender, (
+        SELECT min(other.read_seq) FROM chat_members other
+        WHERE other.chat_id = h.chat_id AND other.user_id <> ALL(h.sender_ids)
+    )) > h.watermark
 ), members AS (
     SELECT chat_id, array_agg(user_id) AS ids FROM chat_members
     WHERE chat_id IN (SELECT chat_id FROM accepted)
     GROUP BY chat_id
 )
-SELECT accepted.n, accepted.sender_read_seq, accepted.version, stored.id, stored.seq,
+SELECT accepted.n, accepted.version, stored.id, stored.seq,
        stored.created_at,
        -- Once per chat, not per message: a batch of a 10,000-member group's messages
        -- would otherwise carry 10,000 ids in every row.
        CASE WHEN stored.seq = min(stored.seq) OVER (PARTITION BY stored.chat_id)
-            THEN members.ids END AS member_ids
+            THEN members.ids END AS member_ids,
+       accepted.chat_id IN (SELECT chat_id FROM moving) AS watermark_moves
 FROM accepted
 JOIN stored ON stored.chat_id = accepted.chat_id AND stored.seq = accepted.seq
 JOIN members ON members.chat_id = accepted.chat_id
@@ -379,15 +399,9 @@ class MessageWriter:
             )
             if len(rows) < len(sends):
                 await self._not_stored(conn, sends, rows, done)
-            # Only senders who were holding a chat's watermark back can move it.
-            chat_of = {row["n"]: sends[row["n"] - 1].chat_id for row in rows}
-            holders = {
-                chat_of[row["n"]]
-                for row in rows
-                if row["sender_read_seq"] <= watermarks[chat_of[row["n"]]]
-            }
-            if holders:
-                done.newly_read = await advance_read_watermarks(conn, sorted(holders))
+            moving = {sends[row["n"] - 1].chat_id for row in rows if row["watermark_moves"]}
+            if moving:
+                done.newly_read = await advance_read_watermarks(conn, sorted(moving))
 
             for row in done.newly_read:
                 watermarks[row["chat_id"]] = row["watermark"]

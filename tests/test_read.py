@@ -105,6 +105,33 @@ async def test_sending_moves_the_senders_own_pointer(alice: Api, bob: Api) -> No
         assert b2.unread["data"] == []
 
 
+async def test_answers_move_the_watermark_only_once_every_member_has_answered(
+    alice: Api, bob: Api, carol: Api
+) -> None:
+    a, b, c = await alice.connect(), await bob.connect(), await carol.connect()
+    try:
+        chat = await a.request(
+            "create_chat", type="group", name="q", user_ids=[bob.user_uuid, carol.user_uuid]
+        )
+        question = await a.request("send_message", chat_id=chat["id"], text="who is in?")
+        await b.request("send_message", chat_id=chat["id"], text="me")
+        assert await quiet(a, "message_read") == []  # Carol has not read the question yet
+        # Carol and Bob answer at once, in one batch or in two: Carol's answer is what
+        # makes the question read by all. Bob's first answer stays unread by Alice.
+        await asyncio.gather(
+            c.request("send_message", chat_id=chat["id"], text="me too"),
+            b.request("send_message", chat_id=chat["id"], text="and again"),
+        )
+        assert (await a.next_event("message_read"))["data"]["message_id"] == question["id"]
+        assert await quiet(a, "message_read") == []
+        assert await quiet(b, "message_read", wait=0) == []
+        statuses = [m["read_status"] for m in (await alice.history(chat["id"]))["messages"]]
+        assert statuses == ["read", "unread", "unread", "unread"]
+    finally:
+        for s in (a, b, c):
+            await s.close()
+
+
 async def test_receipts_are_exact_under_concurrent_readers(make_user) -> None:
     users = [await make_user(f"R{i}") for i in range(6)]
     sockets = [await u.connect() for u in users]
