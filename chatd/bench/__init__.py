@@ -260,8 +260,8 @@ def main(argv: list[str]) -> int:
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "url": base_url,
-        "commit": procs.chatd_commit(),
-        "machine": procs.machine_info(),
+        "commit": procs.chatd_commit(server_pid),
+        "machine": procs.machine_info(server_pid),
         "server": procs.process_info(server_pid) if server_pid else None,
         "config": {
             k: (str(v) if isinstance(v, Path) else v)

@@ -138,7 +138,7 @@ def process_info(pid: int) -> dict[str, Any]:
     return info
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(server_pid: int | None = None) -> dict[str, Any]:
     cpu_model = platform.processor() or "?"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -153,13 +153,14 @@ def machine_info() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "python": sys.version.split()[0],
         "hostname": platform.node(),
-        "postgresql": postgres_version(),
+        "postgresql": postgres_version(server_pid),
     }
 
 
-def postgres_version() -> str | None:
-    """The version of a running PostgreSQL server binary, if one is visible."""
-    for proc in postgres_group().processes():
+def postgres_version(server_pid: int | None = None) -> str | None:
+    """The version of the PostgreSQL the server uses (its postmaster's binary), else of
+    any PostgreSQL running here: a machine may run several, of different versions."""
+    for proc in postgres_group(server_pid).processes():
         with contextlib.suppress(psutil.Error, OSError, subprocess.SubprocessError):
             exe = proc.exe()
             out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=5)
@@ -171,13 +172,20 @@ def postgres_version() -> str | None:
     return None
 
 
-def chatd_commit() -> str | None:
-    """The git commit of the chatd source the bench runs from (with -dirty if it is changed).
+def chatd_commit(server_pid: int | None = None) -> str | None:
+    """The git commit of the chatd source the server runs (with -dirty if it is changed).
 
-    A source tree that is no git checkout (a `git archive` export, say) can name its commit
-    in $CHATD_COMMIT.
+    That is the server's working directory when it holds a chatd source tree (`chatd
+    serve` started in a checkout), else the tree the bench itself runs from. A source
+    tree that is no git checkout (a `git archive` export, say) can name its commit in
+    $CHATD_COMMIT.
     """
     root = Path(__file__).resolve().parents[2]
+    if server_pid is not None:
+        with contextlib.suppress(psutil.Error, OSError):
+            cwd = Path(psutil.Process(server_pid).cwd())
+            if (cwd / "chatd" / "__init__.py").exists():
+                root = cwd
     if not (root / ".git").exists():
         return os.environ.get("CHATD_COMMIT")
     with contextlib.suppress(OSError, subprocess.SubprocessError):
