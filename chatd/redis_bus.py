@@ -33,14 +33,16 @@ chatd's design before this one) cost R PUBLISHes, each built in Python by the pu
 the recipients heard the whole event k times. The shared channel wins while N is small
 next to R, or the work per event is small: a few to a few dozen processes. The ids are
 16 bytes a recipient, 160 KB an event for a 10,000-member group (routing by user sent
-the event's text once per recipient instead); at Redis's default `client-output-buffer-
-limit pubsub 32mb 8mb 60` a process that stops reading is cut off (and closes its
-sockets with 1012) after about 200 such events. Shard when the cluster outgrows it:
-many processes each holding a small share of the users (each one decoding every event
-of the cluster for little), or Redis's one core busy writing each event N times. Then
-publish to the processes that hold recipients (a channel per process, found through a
-directory such as the presence hashes, which name each user's processes), or shard by
-chat on Redis Cluster (SPUBLISH), at the price of keeping that directory right.
+the event's text once per recipient instead). That is accepted: a memory copy and a
+lookup per id. But Redis cuts off a subscriber that falls behind by its pubsub output
+buffer limit (by default 32 MB, or 8 MB for a minute): about 200 such events, after
+which that process closes its sockets with 1012 (docs/operations.md says how to raise
+it). Shard when the cluster outgrows all this: many processes each holding a small share
+of the users (each one decoding every event of the cluster for little), or Redis's one
+core busy writing each event N times. Then publish to the processes that hold recipients
+(a channel per process, found through a directory such as the presence hashes, which
+name each user's processes), or shard by chat on Redis Cluster (SPUBLISH), at the price
+of keeping that directory right.
 
 Processes of the per-user design and of this one do not hear each other (other channels,
 other envelopes): upgrade a cluster across that change by stopping every process and
