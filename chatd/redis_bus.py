@@ -1,28 +1,52 @@
-"""Delivery across processes and nodes through Redis pub/sub, routed by user.
+"""Delivery across processes and nodes through Redis pub/sub: one PUBLISH per event.
 
-Each user has a channel, `chatd:user:<uuid>`. A process subscribes to the channels of the
-users that have a socket on it, so an event costs one PUBLISH per recipient user and
-reaches only the processes that hold their sockets: traffic does not grow with the
-number of nodes.
-
-An event is delivered to this process's own sockets at once, and published for the
-others; a process ignores its own publications when they come back. Publishing is
-batched: every event queued while a pipeline is in flight goes out in the next one.
+Every process subscribes to one shared channel, `chatd:events`. An event is delivered to
+this process's own sockets at once and published once on that channel, whatever the
+number of its recipients: the envelope carries their ids, 16 bytes each in one bytes
+field. Every process decodes each event once and hands it, framed once, to the
+recipients it holds sockets for; it ignores its own publications when they come back.
+Publishing is batched: every event queued while a pipeline is in flight goes out in the
+next one.
 
 Pub/sub is fire-and-forget: what a process misses while its subscription is down is
 gone. So when the subscription breaks, the process closes its sockets with 1012
-(service restart): clients reconnect and `sync`, and nothing is silently lost.
+(service restart): clients reconnect and `sync`, and nothing is silently lost. A new
+socket's `watch` returns only once the subscription is confirmed: one opening while it
+is being re-established waits for it (or gives up after its timeout).
 
 The per-user socket cap holds across processes too: each user's open sockets are a
 sorted set in Redis (`chatd:sockets:<uuid>`, oldest first). A socket that works is added
-and, in the same script, the oldest past the cap are taken out; those of other
-processes are told to close through the user's channel (their process is subscribed to
-it, as it holds a socket of that user). A process that died leaves its entries behind:
-they are the oldest, so they are the first to go.
+and, in the same script, the oldest past the cap are taken out; the processes holding
+them are told to close them by a note on the events channel (the user as its one
+recipient, and the socket's id). A process that died leaves its entries behind: they
+are the oldest, so they are the first to go.
 
 Revoked sessions go to every process on one channel, `chatd:revocations`: any process
 may have remembered a session as live (chatd/revocations.py). While that subscription
 is down, processes remember no session and ask the database on each check.
+
+How it scales. With N processes and an event for R users, Redis parses one PUBLISH and
+writes N copies, and each process decodes the event once and looks up R ids (a dict
+lookup each), also when none of them is its own. Routing by user (a channel per user,
+chatd's design before this one) cost R PUBLISHes, each built in Python by the publisher
+(a 10,000-member group at 20 messages/s: 200,000 PUBLISH/s), and a process holding k of
+the recipients heard the whole event k times. The shared channel wins while N is small
+next to R, or the work per event is small: a few to a few dozen processes. The ids are
+16 bytes a recipient, 160 KB an event for a 10,000-member group (routing by user sent
+the event's text once per recipient instead). That is accepted: a memory copy and a
+lookup per id. But Redis cuts off a subscriber that falls behind by its pubsub output
+buffer limit (by default 32 MB, or 8 MB for a minute): about 200 such events, after
+which that process closes its sockets with 1012 (docs/operations.md says how to raise
+it). Shard when the cluster outgrows all this: many processes each holding a small share
+of the users (each one decoding every event of the cluster for little), or Redis's one
+core busy writing each event N times. Then publish to the processes that hold recipients
+(a channel per process, found through a directory such as the presence hashes, which
+name each user's processes), or shard by chat on Redis Cluster (SPUBLISH), at the price
+of keeping that directory right.
+
+Processes of the per-user design and of this one do not hear each other (other channels,
+other envelopes): upgrade a cluster across that change by stopping every process and
+then starting the new ones (docs/operations.md, Upgrading).
 """
 
 from __future__ import annotations
@@ -45,7 +69,7 @@ from chatd.revocations import Revocation
 
 log = logging.getLogger("chatd")
 
-CHANNEL_PREFIX = b"chatd:user:"
+EVENTS = b"chatd:events"
 REVOCATIONS = b"chatd:revocations"
 SOCKETS_PREFIX = "chatd:sockets:"
 # A user's socket set expires when none of their sockets opened for this long, so the
@@ -56,18 +80,20 @@ MAX_QUEUED_PUBLICATIONS = 100_000
 # A pub/sub connection only ever reads: PING it so a silently dropped one is noticed.
 PING_EVERY_SECONDS = 10
 READ_TIMEOUT_SECONDS = 3 * PING_EVERY_SECONDS
+ID_SIZE = 16  # bytes of a user id in Envelope.recipients
 
 
 class Envelope(msgspec.Struct, array_like=True, omit_defaults=True):
-    """What travels on a user's channel: the event as its recipients' sockets get it.
+    """What travels on the events channel: an event and who gets it.
 
-    Or, with `close` set, a socket of the user to close (past the cap); omitted when
-    unset, so events keep the three-field form older chatd processes read.
+    Or, with `close` set, a socket to close (past its user's cap): `recipients` is then
+    that one user, and `text` empty.
     """
 
     origin: str  # the publishing process, which has delivered it locally already
+    recipients: bytes  # the users' ids, 16 bytes each (UUID.bytes), concatenated
     text: str
-    message_id: int | None
+    message_id: int | None = None
     close: str | None = None  # Session.id
 
 
@@ -93,8 +119,9 @@ class RevocationNote(msgspec.Struct, array_like=True):
     session_ids: list[str] | None
 
 
-def channel(user_id: uuid.UUID) -> bytes:
-    return CHANNEL_PREFIX + str(user_id).encode()
+def pack(user_ids: Iterable[uuid.UUID]) -> bytes:
+    """Envelope.recipients for these users."""
+    return b"".join([u.bytes for u in user_ids])
 
 
 class RedisBus:
@@ -111,20 +138,22 @@ class RedisBus:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Envelope).decode
         self._decode_revocation = msgspec.msgpack.Decoder(RevocationNote).decode
-        # The last event heard: an event reaches this process once per recipient user
-        # here, one after the other (the publisher pipelines them), so it is decoded and
-        # framed once for all of them.
-        self._heard: tuple[bytes, Envelope, Outbound] | None = None
-        # publishing
-        self._outbox: deque[tuple[list[bytes], bytes]] = deque()
+        # publishing: (channel, payload), one per event or note
+        self._outbox: deque[tuple[bytes, bytes]] = deque()
         self._outbox_ready = asyncio.Event()
         self._outbox_empty = asyncio.Event()
         self._outbox_empty.set()
         self._dropping = False  # log a full outbox once, not per event
         # subscribing
-        self._watchers: dict[uuid.UUID, int] = {}  # user → sockets here
-        self._ready: dict[bytes, asyncio.Future[None]] = {}  # channel → subscription confirmed
-        self._unconfirmed: dict[bytes, int] = {}  # channel → (un)subscribe replies to come
+        # The users with a socket here, by UUID.bytes (an event names its recipients so),
+        # and how many sockets each: between watch and unwatch. A superset of the hub's
+        # users, as a session adds its socket to the hub right before watch and removes
+        # it before unwatch.
+        self._local: dict[bytes, uuid.UUID] = {}
+        self._watchers: dict[bytes, int] = {}
+        # channel → its subscription confirmed on the current connection (start() makes
+        # them; a lost subscription replaces the ones that were).
+        self._ready: dict[bytes, asyncio.Future[None]] = {}
         self._conn: redis.Connection | None = None
         self._connected = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,14 +162,16 @@ class RedisBus:
 
     async def start(self, timeout: float = 10) -> None:
         self.hub.revocations_lost("redis")  # until the revocations channel is confirmed
-        self._ready[REVOCATIONS] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._ready = {EVENTS: loop.create_future(), REVOCATIONS: loop.create_future()}
         self._tasks = [
             asyncio.create_task(self._subscribe_loop()),
             asyncio.create_task(self._publish_loop()),
         ]
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
-            await asyncio.wait_for(asyncio.shield(self._ready[REVOCATIONS]), timeout)
+            for ready in self._ready.values():
+                await asyncio.wait_for(asyncio.shield(ready), timeout)
         except TimeoutError:
             await self.close()
             raise RuntimeError(f"cannot reach Redis at {redact(self.url)}") from None
@@ -171,14 +202,16 @@ class RedisBus:
     async def publish(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:
         user_ids = list(user_ids)
         self.hub.deliver(user_ids, event)
+        if not user_ids:
+            return
         if len(self._outbox) >= MAX_QUEUED_PUBLICATIONS:
             if not self._dropping:
                 log.error("Redis publish queue full: dropping events for other processes")
                 self._dropping = True
             return
         self._dropping = False
-        payload = self._encode(Envelope(self.origin, event.text, event.message_id))
-        self._queue([channel(u) for u in user_ids], payload)
+        envelope = Envelope(self.origin, pack(user_ids), event.text, event.message_id)
+        self._queue(EVENTS, self._encode(envelope))
 
     async def revoke(self, revocation: Revocation) -> None:
         self.hub.revoke(revocation)
@@ -190,10 +223,10 @@ class RedisBus:
         )
         # Never dropped for a full outbox, unlike events: a missed revocation would leave
         # a revoked token working on another process.
-        self._queue([REVOCATIONS], self._encode(note))
+        self._queue(REVOCATIONS, self._encode(note))
 
-    def _queue(self, channels: list[bytes], payload: bytes) -> None:
-        self._outbox.append((channels, payload))
+    def _queue(self, channel: bytes, payload: bytes) -> None:
+        self._outbox.append((channel, payload))
         self._outbox_empty.clear()
         self._outbox_ready.set()
 
@@ -222,8 +255,8 @@ class RedisBus:
                 if origin == self.origin:
                     self.hub.evict_by_id(socket.user_id, socket_id)
                 else:  # a process that is gone leaves entries nobody answers: harmless
-                    close = Envelope(self.origin, "", None, close=socket_id)
-                    self._queue([channel(socket.user_id)], self._encode(close))
+                    close = Envelope(self.origin, socket.user_id.bytes, "", close=socket_id)
+                    self._queue(EVENTS, self._encode(close))
         self.hub.enforce_cap(socket.user_id)  # this process's share, whatever Redis said
 
     async def release(self, socket: Subscriber) -> None:
@@ -249,9 +282,8 @@ class RedisBus:
             while self._outbox:
                 batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), 1000))]
                 pipe = self._publisher.pipeline(transaction=False)
-                for channels, payload in batch:
-                    for name in channels:
-                        pipe.publish(name, payload)
+                for channel, payload in batch:
+                    pipe.publish(channel, payload)
                 try:
                     await pipe.execute()
                     backoff = 0.1
@@ -270,33 +302,29 @@ class RedisBus:
     # --- subscribing -------------------------------------------------------------------------
 
     async def watch(self, user_id: uuid.UUID, timeout: float = 10) -> None:
-        self._watchers[user_id] = self._watchers.get(user_id, 0) + 1
-        name = channel(user_id)
-        ready = self._ready.get(name)
-        if ready is None:
-            ready = self._ready[name] = asyncio.get_running_loop().create_future()
-            if self._connected.is_set():
-                await self._send("SUBSCRIBE", name)
-            # else: the reconnect subscribes every watched channel
-        await asyncio.wait_for(asyncio.shield(ready), timeout)
+        """From return on, events for `user_id` published by other processes reach the hub.
+
+        The user counts as local at once; the wait is for the events channel's
+        subscription, which a socket opening while it is down (being re-established)
+        must not take as working: it could miss events silently. Raises TimeoutError
+        when the subscription is not confirmed within `timeout`.
+        """
+        key = user_id.bytes
+        self._local[key] = user_id
+        self._watchers[key] = self._watchers.get(key, 0) + 1
+        # The future of the current connection: a loss noticed later replaces it, but
+        # also closes this socket (it is in the hub already), so waiting on this one is
+        # right.
+        await asyncio.wait_for(asyncio.shield(self._ready[EVENTS]), timeout)
 
     async def unwatch(self, user_id: uuid.UUID) -> None:
-        left = self._watchers.get(user_id, 0) - 1
+        key = user_id.bytes
+        left = self._watchers.get(key, 0) - 1
         if left > 0:
-            self._watchers[user_id] = left
+            self._watchers[key] = left
             return
-        self._watchers.pop(user_id, None)
-        name = channel(user_id)
-        self._ready.pop(name, None)
-        if self._connected.is_set():
-            with contextlib.suppress(RedisError, OSError):
-                await self._send("UNSUBSCRIBE", name)
-
-    async def _send(self, command: str, *names: bytes) -> None:
-        assert self._conn is not None
-        for name in names:
-            self._unconfirmed[name] = self._unconfirmed.get(name, 0) + 1
-        await self._conn.send_command(command, *names)
+        self._watchers.pop(key, None)
+        self._local.pop(key, None)
 
     async def _subscribe_loop(self) -> None:
         backoff = 0.1
@@ -305,10 +333,8 @@ class RedisBus:
             try:
                 self._conn = self._pool.make_connection()
                 await self._conn.connect()
-                self._unconfirmed.clear()
-                self._connected.set()  # from here on, watch() subscribes by itself
-                if self._ready:
-                    await self._send("SUBSCRIBE", *self._ready)
+                self._connected.set()
+                await self._conn.send_command("SUBSCRIBE", EVENTS, REVOCATIONS)
                 pinger = asyncio.create_task(self._ping_loop(self._conn))
                 backoff = 0.1
                 while True:
@@ -321,17 +347,18 @@ class RedisBus:
                 self._connected.clear()
                 with contextlib.suppress(Exception):
                     await self._conn.disconnect()
+                # Each channel must be confirmed again before it counts; sockets that
+                # wait (watch) for the one in progress go on waiting for the next.
+                loop = asyncio.get_running_loop()
+                for name, ready in self._ready.items():
+                    if ready.done():
+                        self._ready[name] = loop.create_future()
                 if was_connected:
                     log.warning(
                         "Redis subscription lost (%r): closing this process's sockets so "
                         "their clients reconnect and sync",
                         exc,
                     )
-                    # Every watched channel must be confirmed again before it counts.
-                    loop = asyncio.get_running_loop()
-                    for name, ready in self._ready.items():
-                        if ready.done():
-                            self._ready[name] = loop.create_future()
                     self.hub.close_all(CLOSE_SERVICE_RESTART, "event stream interrupted")
                     self.hub.revocations_lost("redis")
                     REDIS_SUBSCRIPTION_LOST.inc()
@@ -348,43 +375,46 @@ class RedisBus:
 
     def _on_reply(self, reply: list) -> None:
         kind = reply[0]
-        if kind == b"message" and reply[1] == REVOCATIONS:
-            self._on_revocation(reply[2])
-            return
         if kind == b"message":
-            payload = reply[2]
-            try:
-                if self._heard is not None and self._heard[0] == payload:
-                    _, envelope, event = self._heard
-                else:
-                    envelope = self._decode(payload)
-                    event = Outbound(envelope.text, envelope.message_id)
-                    self._heard = (payload, envelope, event)
-                user_id = uuid.UUID(reply[1][len(CHANNEL_PREFIX) :].decode())
-            except (msgspec.DecodeError, ValueError):
-                log.warning("ignoring a malformed message on Redis channel %r", reply[1])
-                return
-            if envelope.origin == self.origin:
-                return
-            if envelope.close is not None:
-                self.hub.evict_by_id(user_id, envelope.close)
-            else:
-                self.hub.deliver((user_id,), event)
-            return
-        if kind in (b"subscribe", b"unsubscribe"):
-            name = reply[1]
-            left = self._unconfirmed.get(name, 1) - 1
-            ready = self._ready.get(name)
-            if left > 0:
-                self._unconfirmed[name] = left
-                return
-            self._unconfirmed.pop(name, None)
-            # Only the reply to the latest command tells the channel's current state.
-            if kind == b"subscribe" and ready is not None and not ready.done():
+            if reply[1] == EVENTS:
+                self._on_event(reply[2])
+            elif reply[1] == REVOCATIONS:
+                self._on_revocation(reply[2])
+        elif kind == b"subscribe":
+            ready = self._ready.get(reply[1])
+            if ready is not None and not ready.done():
                 ready.set_result(None)
-                if name == REVOCATIONS:
+                if reply[1] == REVOCATIONS:
                     self.hub.revocations_heard("redis")
         # b"pong": the connection is alive; nothing else to do
+
+    def _on_event(self, payload: bytes) -> None:
+        """An event (or a close note) from any process, this one's included: decoded once,
+        and framed once for all the recipients here."""
+        try:
+            envelope = self._decode(payload)
+        except msgspec.DecodeError:
+            log.warning("ignoring a malformed message on Redis channel %r", EVENTS)
+            return
+        ids = envelope.recipients
+        if len(ids) % ID_SIZE:
+            log.warning("ignoring a malformed message on Redis channel %r", EVENTS)
+            return
+        if envelope.origin == self.origin:
+            return
+        local = self._local
+        if envelope.close is not None:
+            user_id = local.get(ids[:ID_SIZE])
+            if user_id is not None:
+                self.hub.evict_by_id(user_id, envelope.close)
+            return
+        here = [
+            user_id
+            for i in range(0, len(ids), ID_SIZE)
+            if (user_id := local.get(ids[i : i + ID_SIZE])) is not None
+        ]
+        if here:
+            self.hub.deliver(here, Outbound(envelope.text, envelope.message_id))
 
     def _on_revocation(self, payload: bytes) -> None:
         try:

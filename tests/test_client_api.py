@@ -4,6 +4,7 @@ public API, and typed events (with the fallback for frames this client does not 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -33,7 +34,7 @@ from chatd.protocol import (
     TypingEvent,
     UnreadMessages,
 )
-from chatd.redis_bus import CHANNEL_PREFIX, Envelope
+from chatd.redis_bus import EVENTS, Envelope
 from tests.conftest import PASSWORD, Server, start_server, stop_server
 
 # --- Api: one HTTP client --------------------------------------------------------------
@@ -233,11 +234,11 @@ def redis_node(
 async def publish_frame(redis_url: str, user_uuid: str, frame: Any) -> None:
     """Deliver `frame` (encoded as JSON unless it is a str) to every socket of a user."""
     text = frame if isinstance(frame, str) else msgspec.json.encode(frame).decode()
-    envelope = Envelope(origin="a-newer-node", text=text, message_id=None)
+    recipients = uuid.UUID(user_uuid).bytes
+    envelope = Envelope(origin="a-newer-node", recipients=recipients, text=text)
     client = redis.Redis.from_url(redis_url)
     try:
-        channel = CHANNEL_PREFIX + user_uuid.encode()
-        await client.publish(channel, msgspec.msgpack.encode(envelope))
+        await client.publish(EVENTS, msgspec.msgpack.encode(envelope))
     finally:
         await client.aclose()
 

@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 import redis.asyncio as redis
 
 from chatd.client import Api, ChatdError, Socket
 from chatd.hub import SOCKET_CAP_REASON
+from chatd.redis_bus import EVENTS, Envelope
 from tests.conftest import (
     PASSWORD,
     ROOT,
@@ -142,6 +144,70 @@ async def test_a_user_on_both_nodes_gets_every_event_once_per_socket(
             await sock.close()
 
 
+async def test_a_group_message_is_one_publication_that_each_member_socket_gets_once(
+    nodes: tuple[Server, Server],
+    redis_url: str,
+    alice: Api,
+    bob: Api,
+    carol: Api,
+    make_user: UserFactory,
+) -> None:
+    node_a, node_b = nodes
+    dave, erin = await make_user("Dave"), await make_user("Erin")  # Dave stays offline
+    alice_a = await on(node_a, alice)
+    bob_b, carol_b, erin_b = await on(node_b, bob), await on(node_b, carol), await on(node_b, erin)
+    members = [alice, bob, carol, dave]
+    listener = redis.Redis.from_url(redis_url)
+    heard = listener.pubsub()
+    await heard.psubscribe("chatd:*")  # every chatd channel, a per-user one included
+    assert (await heard.get_message(timeout=5))["type"] == "psubscribe"
+    socks = [
+        await alice_a.connect(),
+        await bob_b.connect(),
+        await bob_b.connect(),
+        await carol_b.connect(),
+        await erin_b.connect(),  # not a member: on node B, which hears every event
+    ]
+    try:
+        a, *on_b, e = socks
+        chat = await a.request(
+            "create_chat",
+            type="group",
+            name="g",
+            user_ids=[m.user_uuid for m in members[1:]],
+        )
+        for sock in on_b:
+            await sock.next_event("chat_created")
+        sent = await a.request("send_message", chat_id=chat["id"], text="to all")
+        for sock in [a, *on_b]:
+            got = [e["data"] for e in await quiet(sock) if e["action"] == "new_message"]
+            assert got == [sent]
+        assert [e for e in await quiet(e, 0) if e["action"] == "new_message"] == []
+
+        publications = []
+        while (message := await heard.get_message(timeout=0.3)) is not None:
+            publications.append(message)
+        assert not [m for m in publications if m["channel"].startswith(b"chatd:user:")]
+        of_sent = [
+            envelope
+            for m in publications
+            if m["channel"] == EVENTS
+            and (envelope := msgspec.msgpack.decode(m["data"], type=Envelope)).message_id
+            == sent["id"]
+        ]
+        assert len(of_sent) == 1  # one PUBLISH, for four recipients on two nodes
+        ids = of_sent[0].recipients
+        recipients = {uuid.UUID(bytes=ids[i : i + 16]) for i in range(0, len(ids), 16)}
+        assert recipients == {uuid.UUID(m.user_uuid) for m in members}
+    finally:
+        for sock in socks:
+            await sock.close()
+        await heard.aclose()
+        await listener.aclose()
+        for api in (alice_a, bob_b, carol_b, erin_b):
+            await api.aclose()
+
+
 async def test_workers_share_events_through_redis(
     database_url: str, redis_url: str, tmp_path: Path, alice: Api, bob: Api
 ) -> None:
@@ -249,6 +315,53 @@ async def test_a_lost_redis_subscription_closes_sockets_so_clients_resync(
             await a.close()
 
 
+async def test_a_socket_opening_while_the_subscription_is_down_waits_for_it(
+    database_url: str, tmp_path: Path, alice: Api, bob: Api
+) -> None:
+    """A socket starts only once its process hears events again: one that started while
+    Redis is away would miss, silently, what other nodes publish until it is back."""
+    port = free_port()
+    own_redis = await asyncio.to_thread(start_redis, port)
+    nodes: list[Server] = []
+    try:
+        env = {"CHATD_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+        for _ in range(2):
+            nodes.append(await asyncio.to_thread(start_server, database_url, tmp_path, **env))
+        node_a, node_b = nodes
+        alice_a, bob_b = await on(node_a, alice), await on(node_b, bob)
+        chat = await alice_a.call(
+            "POST", "/chats", json={"type": "private", "user_ids": [bob.user_uuid]}
+        )
+        own_redis.kill()
+        own_redis.wait(timeout=10)
+        async with httpx.AsyncClient(base_url=node_b.base_url) as http:
+            for _ in range(200):  # until node B has noticed
+                if (await http.get("/readyz")).status_code == 503:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("node B did not notice that Redis is gone")
+
+        opening = asyncio.create_task(bob_b.connect(timeout=30))
+        await asyncio.sleep(0.5)
+        assert not opening.done()  # no snapshot yet: the socket waits for the subscription
+        own_redis = await asyncio.to_thread(start_redis, port)
+        async with await opening as b:
+            sent = await alice_a.call(
+                "POST", f"/chats/{chat['id']}/messages", json={"text": "after the outage"}
+            )
+            assert (await b.next_event("new_message"))["data"] == sent
+        for api in (alice_a, bob_b):
+            await api.aclose()
+    finally:
+        for node in nodes:
+            await asyncio.to_thread(stop_server, node)
+        own_redis.kill()
+        own_redis.wait(timeout=10)
+    for node in nodes:
+        assert "Traceback" not in node.log(), node.log()
+
+
 async def test_a_session_revoked_on_one_node_is_refused_and_closed_on_the_other(
     nodes: tuple[Server, Server], alice: Api
 ) -> None:
@@ -313,14 +426,24 @@ async def test_a_malformed_redis_message_is_ignored(
     async with await alice_a.connect() as a, await bob_b.connect() as b:
         chat = await a.request("create_chat", type="private", user_ids=[bob.user_uuid])
         await b.next_event("chat_created")
+        bob_id = uuid.UUID(bob.user_uuid).bytes
         client = redis.Redis.from_url(redis_url)
-        try:  # garbage on Bob's channel: someone else's publisher, or an older chatd
-            await client.publish(f"chatd:user:{bob.user_uuid}", b"\xff not an envelope")
+        try:  # someone else's publisher, or a chatd of another version
+            await client.publish(EVENTS, b"\xff not an envelope")
+            await client.publish(EVENTS, msgspec.msgpack.encode(["x", "not ids", 1]))
+            torn = Envelope("x", bob_id + b"\x00", '{"action": "torn", "data": {}}')
+            await client.publish(EVENTS, msgspec.msgpack.encode(torn))
         finally:
             await client.aclose()
         message = await a.request("send_message", chat_id=chat["id"], text="still here")
-        assert (await b.next_event("new_message"))["data"] == message
+        events = [await b.next_event()]
+        while events[-1]["action"] != "new_message":
+            events.append(await b.next_event())
+        assert events[-1]["data"] == message
+        assert "torn" not in [e["action"] for e in events]
         assert b.ws.close_code is None
+    assert "ignoring a malformed message on Redis" in node_b.log()
+    assert "Traceback" not in node_b.log()
 
 
 async def test_a_node_with_redis_is_ready(nodes: tuple[Server, Server]) -> None:
