@@ -8,12 +8,16 @@ in the benchmark's own report, not here.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from chatd.bench import main as bench_main
+from chatd.bench import procs
 from chatd.bench.accounts import User, create_group
 from chatd.bench.stats import Progress
 from chatd.bench.workloads import cpu_ms_per_message
@@ -185,3 +189,30 @@ def test_targets_judge_the_500_and_1500_steps_and_the_generator() -> None:
     assert "lost" in targets["fanout_p99_at_500"]["note"]
     assert targets["fanout_cpu_at_1500"]["pass"] is None
     assert targets["fanout_cpu_at_1500"]["measured"] is None
+
+
+def test_the_server_of_several_workers_is_the_process_above_them(tmp_path: Path) -> None:
+    # A parent and its child both hold one listening socket, as `chatd serve --workers N`
+    # and its workers do: the bench measures the parent (and so every child), whichever
+    # of the two the system names as the listener.
+    script = tmp_path / "listen.py"
+    script.write_text(
+        "import os, socket, sys, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        port = int(parent.stdout.readline())
+        child = psutil.Process(parent.pid).children()[0]
+        assert procs.listening_pid(port) == parent.pid
+        assert procs._topmost_listener(child.pid, port) == parent.pid
+    finally:
+        for proc in psutil.Process(parent.pid).children():
+            proc.kill()
+        parent.kill()
+        parent.wait()

@@ -19,13 +19,29 @@ import psutil
 
 
 def listening_pid(port: int) -> int | None:
-    """The pid of the process listening on TCP `port` (any local address), if visible."""
+    """The pid of the process listening on TCP `port` (any local address), if visible.
+
+    With `--workers N` the master and its workers all hold the listening socket, and the
+    system names any one of them: this climbs to the topmost that listens, so the
+    server's CPU and RSS (the process and its children) are every worker's.
+    """
     with contextlib.suppress(psutil.AccessDenied):
         for conn in psutil.net_connections(kind="tcp"):
             if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
                 if conn.pid:
-                    return conn.pid
+                    return _topmost_listener(conn.pid, port)
     return None
+
+
+def _topmost_listener(pid: int, port: int) -> int:
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process(pid).parent()
+        while parent is not None and any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+            for c in parent.net_connections(kind="tcp")
+        ):
+            pid, parent = parent.pid, parent.parent()
+    return pid
 
 
 def _is_postgres(proc: psutil.Process) -> bool:
