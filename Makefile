@@ -27,9 +27,13 @@ run: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/chatd migrate
 
+# Test files run in TEST_WORKERS processes, each with its own server, PostgreSQL and
+# Redis (a file's tests stay together, in order, in one of them).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check chatd tests examples
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 	@$(MAKE) --no-print-directory browser-test
 
 # The load-shaped fault tests, SOAK times bigger (5,000 sockets in the storm, ...); not in CI.
