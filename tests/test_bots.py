@@ -30,7 +30,9 @@ async def group_with(owner: Api, *members: str) -> dict[str, Any]:
 
 
 async def test_a_bot_is_made_with_a_token_that_works_on_rest_and_the_socket(alice: Api) -> None:
-    made, bot = await make_bot(alice)
+    # A name of its own: the user list below shows one page of those with the name.
+    name = f"Dice{uuid.uuid4().hex[:8]}"
+    made, bot = await make_bot(alice, name)
     token = made["token"]["token"]
     assert token.startswith("chatd_bot_") and len(token) > 40
     assert made["bot"]["owner_uuid"] == alice.user_uuid
@@ -51,7 +53,7 @@ async def test_a_bot_is_made_with_a_token_that_works_on_rest_and_the_socket(alic
         assert event["data"]["text"] == "hi bot"
         reply = await sock.request("send_message", chat_id=chat["id"], text="hi human")
         assert reply["sender_uuid"] == bot.user_uuid
-    users = await alice.call("GET", "/users_list", params={"q": "Dice"})
+    users = await alice.call("GET", "/users_list", params={"q": name})
     assert any(u["user_uuid"] == bot.user_uuid and u["is_bot"] for u in users["users"])
 
 
