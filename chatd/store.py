@@ -95,8 +95,8 @@ RECEIPTS_ONE_BY_ONE = 100
 # one index probe per chat on chat_members_read_idx, whatever the group size. One row
 # per (chat, sender) of the messages that just became read by all.
 # One chat per execution: with a scalar id, PostgreSQL settles on a generic plan once
-# (prepared by asyncpg), while for an array of ids it replans every call (a generic plan
-# must assume ~10 ids), which cost four times the statement's execution.
+# (prepared by asyncpg), while for an array of ids it replanned every call (a generic
+# plan must assume ~10 ids), which made each call about four times dearer.
 _ADVANCE_WATERMARK = """
 WITH target AS (
     SELECT c.id AS chat_id, c.read_seq AS old_seq,

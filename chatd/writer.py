@@ -161,8 +161,8 @@ WITH input AS (
     HAVING bool_or(s.old_read_seq <= c.read_seq)
 ), moving AS (
     -- Those whose watermark moves: every other member has read past it too (read_own's
-    -- update is not visible here, hence the senders' new pointers apart). Most batches
-    -- move none, and then the watermark statement is not run at all.
+    -- update is not visible here, hence the senders' new pointers apart). A batch that
+    -- moves none does not run the watermark statement at all.
     SELECT h.chat_id FROM holding h
     WHERE least(h.lowest_sender, (
         SELECT min(other.read_seq) FROM chat_members other
