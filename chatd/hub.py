@@ -10,8 +10,9 @@ nodes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +25,8 @@ SOCKET_CAP_REASON = "too many sockets for this user: closed the oldest"
 # The socket's session was revoked (logout, DELETE /me/sessions/{id}, a password change,
 # an account disabled or deleted): closed with 1008.
 SESSION_REVOKED_REASON = "session revoked"
+
+log = logging.getLogger("chatd")
 
 
 @dataclass(slots=True)
@@ -76,6 +79,32 @@ class Subscriber(Protocol):
         """The watchdog's tick (loop time): drop the client if its writer is stuck."""
 
 
+class WriteStep:
+    """Sockets with frames to write, written once the event-loop step that queued them
+    has run. A socket that gets several frames in one step (a batch's messages, their
+    read receipt, the sender's ack) then costs one write system call, not one a frame.
+    It adds no wait: the writes run before the loop next waits for I/O."""
+
+    __slots__ = ("_due",)
+
+    def __init__(self) -> None:
+        self._due: list[Callable[[], None]] = []
+
+    def add(self, write: Callable[[], None]) -> None:
+        """Call `write` at the end of this step (the caller adds each socket once a step)."""
+        if not self._due:
+            asyncio.get_running_loop().call_soon(self._write)
+        self._due.append(write)
+
+    def _write(self) -> None:
+        due, self._due = self._due, []
+        for write in due:
+            try:
+                write()
+            except Exception:  # one socket's failure must not leave the others unwritten
+                log.exception("writing to a socket failed")
+
+
 class Hub:
     def __init__(
         self, max_sockets_per_user: int | None = None, sessions: SessionCache | None = None
@@ -84,6 +113,7 @@ class Hub:
         self._sockets: dict[uuid.UUID, dict[Subscriber, None]] = {}
         self.max_sockets_per_user = max_sockets_per_user
         self.sessions = sessions  # the process's cache of live sessions, told of revocations
+        self.writes = WriteStep()  # the sockets' writes, one per socket and loop step
 
     def revoke(self, revocation: Revocation) -> None:
         """Sessions were revoked (here or on another process): close their sockets here

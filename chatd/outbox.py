@@ -167,13 +167,24 @@ class Outbox:
 
     def next_frame(self) -> bytes | None:
         """The next frame, when a frame is what comes next (not a close, not nothing)."""
+        frames = self.take_frames(0)
+        return frames[0] if frames else None
+
+    def take_frames(self, max_bytes: int) -> list[bytes]:
+        """The frames that come next, as many as fit in `max_bytes` but at least one; none
+        when a frame is not what comes next (a close, or nothing)."""
         frames = self._frames
         if not frames or self.state not in (State.HOLDING, State.OPEN):
-            return None
+            return []
         frame = frames.popleft()
+        taken, size = [frame], len(frame)
+        while frames and size + len(frames[0]) <= max_bytes:
+            frame = frames.popleft()
+            taken.append(frame)
+            size += len(frame)
         if not frames:
             self._frames = None
-        return frame
+        return taken
 
     @property
     def empty(self) -> bool:

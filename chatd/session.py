@@ -30,7 +30,7 @@ from chatd.db import is_unavailable
 from chatd.handlers import dispatch
 from chatd.handlers.base import Context, authenticate
 from chatd.handlers.messages import unread_snapshot
-from chatd.hub import Outbound
+from chatd.hub import Outbound, WriteStep
 from chatd.metrics import ERRORS, QUEUE_OVERFLOWS
 from chatd.node import Node
 from chatd.outbox import Close, Outbox, text_frame
@@ -55,6 +55,10 @@ from chatd.rest import client_address
 from chatd.websocket_protocol import SERVER_SHUTDOWN, SHUTDOWN_DEADLINE, SOCKET, WebSocketProtocol
 
 log = logging.getLogger("chatd")
+
+# Frames handed to the socket in one system call, at most (but always a whole frame): the
+# buffer's high-water mark is checked between such writes.
+WRITE_BYTES = 64 * 1024
 
 
 async def connect_endpoint(websocket: WebSocket) -> None:
@@ -100,6 +104,7 @@ async def connect_endpoint(websocket: WebSocket) -> None:
         ctx.session_id,
         settings.send_queue_size,
         settings.write_timeout,
+        node.hub.writes,
         # Each statement is bounded by db_timeout, but not the wait for a pooled connection
         # behind others that hang: bound the whole action, a few statements' worth.
         action_timeout=3 * settings.db_timeout,
@@ -180,8 +185,10 @@ class Session:
         "_context",
         "_reader",
         "_reader_stopped",
+        "_write_due",
         "_writer",
         "_writer_interrupted",
+        "_writes",
         "action_timeout",
         "id",
         "outbox",
@@ -202,6 +209,7 @@ class Session:
         session_id: uuid.UUID | None,
         queue_size: int,
         write_timeout: float,
+        writes: WriteStep,
         action_timeout: float,
     ) -> None:
         self.websocket = websocket
@@ -213,6 +221,8 @@ class Session:
         self.write_timeout = write_timeout
         self.action_timeout = action_timeout  # past it, an action answers `unavailable`
         self.outbox = Outbox(queue_size, wakeup=self._start_writer, on_overflow=self._overflowed)
+        self._writes = writes
+        self._write_due = False  # in _writes: the outbox is written at the end of this step
         # Loop time at which the frame being sent was handed to the socket (None: not
         # sending). The hub's watchdog drops a client whose socket takes none for too long.
         self.sending_since: float | None = None
@@ -282,9 +292,17 @@ class Session:
         self.outbox.push(text_frame(encode(Error(request_id=request_id, error=body))))
 
     def _start_writer(self) -> None:
-        """The outbox may have something new: write it now if the socket takes it without
-        waiting, else start a writer, unless one is running (or has ended the socket), or
-        the session does not run yet."""
+        """The outbox may have something new: write it at the end of this loop step, with
+        whatever else comes for the socket meanwhile, unless a writer task is running (or
+        has ended the socket), or the session does not run yet."""
+        if self._writer is None and self._reader is not None and not self._write_due:
+            self._write_due = True
+            self._writes.add(self._write_step)
+
+    def _write_step(self) -> None:
+        """Write the outbox now if the socket takes it without waiting, else start a
+        writer task (unless one is running already)."""
+        self._write_due = False
         if self._writer is None and self._reader is not None and not self._write_now():
             # In the session's context (its log ids), not that of whoever pushed the frame.
             loop = asyncio.get_running_loop()
@@ -292,12 +310,13 @@ class Session:
             self._writer.add_done_callback(self._writer_stopped)
 
     def _write_now(self) -> bool:
-        """Write the outbox's frames while the socket takes them without waiting; whether
-        that emptied it. The usual case by far: an event costs no task and no wakeup. A
-        close, and frames behind a full buffer, are the writer task's."""
+        """Write the outbox's frames while the socket takes them without waiting, many in
+        one system call; whether that emptied it. The usual case by far: an event costs no
+        task and no wakeup. A close, and frames behind a full buffer, are the writer
+        task's."""
         socket, outbox = self.socket, self.outbox
-        while socket.can_write() and (frame := outbox.next_frame()) is not None:
-            socket.write_frame(frame)
+        while socket.can_write() and (frames := outbox.take_frames(WRITE_BYTES)):
+            socket.write_frames(frames)
         return outbox.empty
 
     def _writer_stopped(self, writer: asyncio.Task[None]) -> None:
@@ -377,6 +396,8 @@ class Session:
                 await asyncio.gather(writer, return_exceptions=True)
 
     async def _wait_for_writer(self, timeout: float) -> None:
+        if self._write_due:
+            self._write_step()  # now, not at the end of the step: it may start the writer
         if self._writer is not None:
             await asyncio.wait((self._writer,), timeout=timeout)
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from uvicorn.config import Config
@@ -232,9 +233,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             and not self.transport.is_closing()
         )
 
-    def write_frame(self, frame: bytes) -> None:
-        """Write a whole frame; only when `can_write()`."""
-        self.transport.write(frame)
+    def write_frames(self, frames: Sequence[bytes]) -> None:
+        """Write whole frames, in one system call; only when `can_write()`."""
+        self.transport.writelines(frames)
         if self.writes_paused:
             self._pause_reading()
         self._check_budget()
@@ -245,7 +246,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         await self.writable.wait()
         if not self.can_write():
             raise ClientDisconnected
-        self.write_frame(frame)
+        self.write_frames((frame,))
 
     async def send(self, message: Any) -> None:
         if self.failed and message["type"] in ("websocket.send", "websocket.close"):

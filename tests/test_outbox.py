@@ -214,3 +214,18 @@ def test_next_frame_and_empty_tell_the_socket_what_it_may_write_at_once() -> Non
     box.release(frame("snapshot"))
     box.close(1008, "too many sockets")
     assert box.next_frame() is None and not box.empty
+
+
+def test_take_frames_hands_over_whole_frames_up_to_a_byte_budget() -> None:
+    box, _ = outbox(capacity=8)
+    assert box.take_frames(1000) == []
+    frames = [frame("a" * 10), frame("b" * 10), frame("c" * 10)]
+    for f in frames:
+        box.push(f)
+    size = len(frames[0])
+    assert box.take_frames(2 * size) == frames[:2]  # what fits, in order
+    assert box.take_frames(0) == frames[2:]  # at least one, whatever the budget
+    assert box.empty and box.take_frames(1000) == []
+    box.push(frame("late"))
+    box.close(CLOSE_TRY_AGAIN_LATER, "too slow")
+    assert box.take_frames(1000) == []  # a close comes next: the writer task's
