@@ -216,3 +216,37 @@ def test_the_server_of_several_workers_is_the_process_above_them(tmp_path: Path)
             proc.kill()
         parent.kill()
         parent.wait()
+
+
+def test_cpu_of_a_child_that_ends_during_a_step_counts_from_the_step_on(tmp_path: Path) -> None:
+    # A PostgreSQL backend (asyncpg replaces a pooled connection after 50,000 queries) or
+    # a worker may end mid-step: its CPU since the step began counts, its CPU before not.
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "def burn(seconds):\n"
+        "    end = time.process_time() + seconds\n"
+        "    while time.process_time() < end: pass\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    burn(0.3); print('ready', flush=True)\n"
+        "    sys.stdin.readline(); burn(0.3); os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print('reaped', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdin is not None and parent.stdout is not None
+        assert parent.stdout.readline().strip() == "ready"
+        group = procs.server_group(parent.pid)
+        group.start()
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().strip() == "reaped"
+        assert 0.25 <= group.cpu_seconds() <= 0.5
+    finally:
+        parent.kill()
+        parent.wait()

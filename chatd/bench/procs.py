@@ -51,12 +51,20 @@ def _is_postgres(proc: psutil.Process) -> bool:
 
 
 class ProcGroup:
-    """A set of processes measured together (CPU and RSS summed)."""
+    """A set of processes measured together (CPU and RSS summed).
 
-    def __init__(self, label: str, finder: Any) -> None:
+    With a `parent` (the postmaster, uvicorn's master), the CPU of its children that exit
+    during a measurement counts too: the parent's reaped-children times hold it once the
+    process is gone. asyncpg replaces a pooled connection after 50,000 queries, so under
+    load a PostgreSQL backend ends every few minutes, and without this its whole step's
+    work went uncounted."""
+
+    def __init__(self, label: str, finder: Any, parent: psutil.Process | None = None) -> None:
         self.label = label
         self._finder = finder  # () -> list[psutil.Process]
+        self._parent = parent
         self._start: dict[int, float] = {}
+        self._start_reaped = 0.0
 
     def processes(self) -> list[psutil.Process]:
         return self._finder()
@@ -69,13 +77,30 @@ class ProcGroup:
                 times[proc.pid] = cpu.user + cpu.system
         return times
 
+    def _reaped(self) -> float:
+        """CPU seconds of the parent's children that have ended (and been waited for)."""
+        if self._parent is None:
+            return 0.0
+        with contextlib.suppress(psutil.Error):
+            cpu = self._parent.cpu_times()
+            return cpu.children_user + cpu.children_system
+        return self._start_reaped
+
     def start(self) -> None:
+        self._start_reaped = self._reaped()
         self._start = self._cpu()
 
     def cpu_seconds(self) -> float:
-        """CPU seconds used since start(); processes that appeared since count in full."""
+        """CPU seconds used since start(); processes that appeared since count in full, and
+        those of the parent's children that ended since count up to their end."""
         now = self._cpu()
-        return sum(max(0.0, t - self._start.get(pid, 0.0)) for pid, t in now.items())
+        running = sum(max(0.0, t - self._start.get(pid, 0.0)) for pid, t in now.items())
+        if self._parent is None:
+            return running
+        # An ended child's whole life is in the reaped total; its part before start() is not
+        # this measurement's.
+        before = sum(t for pid, t in self._start.items() if pid not in now)
+        return running + max(0.0, self._reaped() - self._start_reaped - before)
 
     def rss(self) -> int:
         total = 0
@@ -95,7 +120,7 @@ def server_group(pid: int) -> ProcGroup:
             procs += [p for p in root.children(recursive=True) if not _is_postgres(p)]
         return procs
 
-    return ProcGroup("server", find)
+    return ProcGroup("server", find, parent=root)
 
 
 def postgres_group(server_pid: int | None = None) -> ProcGroup:
@@ -112,7 +137,7 @@ def postgres_group(server_pid: int | None = None) -> ProcGroup:
                 return [postmaster, *postmaster.children()]
         return [p for p in psutil.process_iter(["name"]) if _is_postgres(p)]
 
-    return ProcGroup("postgres", find)
+    return ProcGroup("postgres", find, parent=postmaster)
 
 
 def postmaster_of(server_pid: int) -> psutil.Process | None:
