@@ -8,11 +8,13 @@ CHATD_MESSAGE_BURST (the burst of CHATD_MESSAGE_RATE).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,13 +425,29 @@ def _stored_secret(data_dir: Path) -> str:
     Tokens then survive restarts without the user configuring anything; production
     deployments should set CHATD_SECRET so every instance signs with the same key.
     """
-    path = data_dir / "secret"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret)
-    log.warning("CHATD_SECRET is not set: generated one and stored it in %s", path)
-    return secret
+    secret, created = stored_once(data_dir / "secret", lambda: secrets.token_urlsafe(48).encode())
+    if created:
+        log.warning("CHATD_SECRET is not set: generated one and stored it in %s", data_dir)
+    return secret.decode().strip()
+
+
+def stored_once(path: Path, make: Callable[[], bytes]) -> tuple[bytes, bool]:
+    """The file's content, writing what `make` returns (mode 0600) if there is no file
+    yet; and whether this call wrote it. Processes starting together (`--workers N` on a fresh
+    data folder) all get the content of the one that wrote first, never a partial file:
+    it is written to a file of its own, then linked into place, which fails if taken."""
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_bytes(), False
+    content = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, draft = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            return path.read_bytes(), False
+        return content, True
+    finally:
+        os.unlink(draft)

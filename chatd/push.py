@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from chatd import signing
+from chatd.config import stored_once
 from chatd.deliveries import Attempt, Delivery, DeliveryQueue, Outcome, enqueue_many
 from chatd.presence import PresenceTracker
 from chatd.store import UNREAD_COUNT
@@ -128,18 +129,18 @@ def stored_vapid(data_dir: Path, configured: str | None, subject: str) -> Vapid:
     if configured:
         return Vapid.from_text(configured, subject)
     path = data_dir / "vapid_private_key.pem"
-    if path.exists():
-        return Vapid.from_text(path.read_text(), subject)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    log.warning("CHATD_VAPID_PRIVATE_KEY is not set: generated one and stored it in %s", path)
-    return Vapid(key, subject)
+
+    def new_key() -> bytes:
+        return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    pem, created = stored_once(path, new_key)
+    if created:
+        log.warning("CHATD_VAPID_PRIVATE_KEY is not set: generated one and stored it in %s", path)
+    return Vapid.from_text(pem.decode(), subject)
 
 
 def encrypt(payload: bytes, p256dh: str, auth: str) -> bytes:
