@@ -55,11 +55,27 @@ from chatd.store import (
     publish_read_receipts,
 )
 
+
 # Also reads how many bots (and bots with a webhook) each chat has: a chat without any
 # costs the batch nothing more (chatd/integrations.py).
-_LOCK_CHATS = """
-SELECT id, read_seq, bots, hooks FROM chats WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
-"""
+# One parameter per chat, their number rounded up to a power of two (the last id
+# repeated): a handful of prepared statements, each planned once. With an array of ids
+# PostgreSQL replanned nearly every call, as a generic plan must assume ~10 ids and so
+# always looked dearer than a custom one (planning cost as much as running it).
+@functools.lru_cache
+def _lock_chats(params: int) -> str:
+    ids = ", ".join(f"${n}::bigint" for n in range(1, params + 1))
+    return f"SELECT id, read_seq, bots, hooks FROM chats WHERE id IN ({ids}) ORDER BY id FOR UPDATE"
+
+
+async def _lock(conn: asyncpg.Connection, chat_ids: list[int]) -> list[asyncpg.Record]:
+    """Lock the chats in id order (so concurrent batches cannot deadlock)."""
+    if not chat_ids:
+        return []
+    params = 1 << (len(chat_ids) - 1).bit_length()
+    padded = chat_ids + chat_ids[-1:] * (params - len(chat_ids))
+    return await conn.fetch(_lock_chats(params), *padded)
+
 
 # A retry's original, and whether its sender is still a member of the original's chat
 # (read in the same statement: the duplicate path costs no extra query). In a batch this
@@ -383,7 +399,7 @@ class MessageWriter:
         done = Persisted()
         async with self.pool.acquire() as conn, conn.transaction():
             chat_ids = sorted({send.chat_id for send in sends})
-            locked = await conn.fetch(_LOCK_CHATS, chat_ids)
+            locked = await _lock(conn, chat_ids)
             watermarks = {r["id"]: r["read_seq"] for r in locked}
             with_bots = {r["id"]: (r["bots"], r["hooks"]) for r in locked if r["bots"]}
             rows = await conn.fetch(

@@ -83,3 +83,22 @@ async def test_sends_keep_coming_after_batches_finish(writer: MessageWriter, ali
         assert message.seq == n + 1
     # And ChatdError stays the client's name for a refusal (used by the socket tests).
     assert issubclass(ChatdError, Exception)
+
+
+async def test_one_batch_over_several_chats_stores_each_in_its_order(
+    writer: MessageWriter, alice: Api, database_url: str
+) -> None:
+    # Three chats in one batch: the lock statement takes one parameter per chat, their
+    # number rounded up to four (the last chat repeated), and locks each once.
+    chats = [await group_of(alice) for _ in range(3)]
+    me = uuid.UUID(alice.user_uuid)
+    sends = [
+        writer.store(me, chat_id, f"{chat_id}-{n}", None) for n in range(2) for chat_id in chats
+    ]
+    stored = await asyncio.wait_for(asyncio.gather(*sends), 10)
+    by_chat: dict[int, list[tuple[int, str]]] = {}
+    for message, new in stored:
+        assert new
+        by_chat.setdefault(message.chat_id, []).append((message.seq, message.text))
+    assert by_chat == {c: [(1, f"{c}-0"), (2, f"{c}-1")] for c in chats}
+    assert [await count(database_url, c) for c in chats] == [2, 2, 2]
