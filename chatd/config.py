@@ -433,9 +433,11 @@ def _stored_secret(data_dir: Path) -> str:
 
 def stored_once(path: Path, make: Callable[[], bytes]) -> tuple[bytes, bool]:
     """The file's content, writing what `make` returns (mode 0600) if there is no file
-    yet; and whether this call wrote it. Processes starting together (`--workers N` on a fresh
-    data folder) all get the content of the one that wrote first, never a partial file:
-    it is written to a file of its own, then linked into place, which fails if taken."""
+    yet; and whether this call wrote it. Processes starting together (`--workers N` on a
+    fresh data folder) all get the content of the one that wrote first, never a partial
+    file: it is written to a file of its own, then linked into place, which fails if
+    taken. (Where the file system has no hard links, it is created in place, exclusively:
+    a process starting at that very moment may then read it before it is whole.)"""
     with contextlib.suppress(FileNotFoundError):
         return path.read_bytes(), False
     content = make()
@@ -448,6 +450,18 @@ def stored_once(path: Path, make: Callable[[], bytes]) -> tuple[bytes, bool]:
             os.link(draft, path)
         except FileExistsError:
             return path.read_bytes(), False
+        except OSError:  # a file system without hard links: create it in place instead
+            return _create_in_place(path, content)
         return content, True
     finally:
         os.unlink(draft)
+
+
+def _create_in_place(path: Path, content: bytes) -> tuple[bytes, bool]:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes(), False
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
+    return content, True

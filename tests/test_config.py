@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from chatd.config import stored_once
 from tests.conftest import ROOT, S3Service, free_port, start_server, stop_server
@@ -106,3 +107,17 @@ def test_several_workers_start_on_a_fresh_data_folder(
         assert (tmp_path / "data" / "vapid_private_key.pem").is_file()
     finally:
         stop_server(server)
+
+
+def test_without_hard_links_the_key_is_created_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(source: object, target: object) -> None:
+        raise PermissionError("hard links are not supported here")  # e.g. some FUSE mounts
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "key"
+    assert stored_once(path, lambda: b"first") == (b"first", True)
+    assert stored_once(path, lambda: b"second") == (b"first", False)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["key"]
