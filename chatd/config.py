@@ -425,9 +425,10 @@ def _stored_secret(data_dir: Path) -> str:
     Tokens then survive restarts without the user configuring anything; production
     deployments should set CHATD_SECRET so every instance signs with the same key.
     """
-    secret, created = stored_once(data_dir / "secret", lambda: secrets.token_urlsafe(48).encode())
+    path = data_dir / "secret"
+    secret, created = stored_once(path, lambda: secrets.token_urlsafe(48).encode())
     if created:
-        log.warning("CHATD_SECRET is not set: generated one and stored it in %s", data_dir)
+        log.warning("CHATD_SECRET is not set: generated one and stored it in %s", path)
     return secret.decode().strip()
 
 
