@@ -97,7 +97,7 @@ RECEIPTS_ONE_BY_ONE = 100
 # One chat per execution: with a scalar id, PostgreSQL settles on a generic plan once
 # (prepared by asyncpg), while for an array of ids it replanned every call (a generic
 # plan must assume ~10 ids), which made each call about four times dearer.
-_ADVANCE_WATERMARK = """
+ADVANCE_WATERMARK = """
 WITH target AS (
     SELECT c.id AS chat_id, c.read_seq AS old_seq,
            (SELECT min(read_seq) FROM chat_members WHERE chat_id = c.id) AS new_seq
@@ -140,7 +140,7 @@ async def advance_read_watermarks(
     `watermark`. The caller must hold the chats' locks, so each message is reported once.
     """
     # One round trip for all the chats (asyncpg pipelines the executions).
-    return await conn.fetchmany(_ADVANCE_WATERMARK, [(c, RECEIPTS_ONE_BY_ONE) for c in chat_ids])
+    return await conn.fetchmany(ADVANCE_WATERMARK, [(c, RECEIPTS_ONE_BY_ONE) for c in chat_ids])
 
 
 async def publish_read_receipts(bus: Bus, rows: Iterable[asyncpg.Record]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -49,11 +50,15 @@ from chatd.protocol import (
     no_such_chat,
 )
 from chatd.store import (
+    ADVANCE_WATERMARK,
     MESSAGE_COLUMNS,
+    RECEIPTS_ONE_BY_ONE,
     advance_read_watermarks,
     message_from_row,
     publish_read_receipts,
 )
+
+log = logging.getLogger("chatd.writer")
 
 
 # Also reads how many bots (and bots with a webhook) each chat has: a chat without any
@@ -65,7 +70,7 @@ from chatd.store import (
 @functools.lru_cache
 def _lock_chats(params: int) -> str:
     ids = ", ".join(f"${n}::bigint" for n in range(1, params + 1))
-    return f"SELECT id, read_seq, bots, hooks FROM chats WHERE id IN ({ids}) ORDER BY id FOR UPDATE"
+    return f"SELECT id, bots, hooks FROM chats WHERE id IN ({ids}) ORDER BY id FOR UPDATE"
 
 
 async def _lock(conn: asyncpg.Connection, chat_ids: list[int]) -> list[asyncpg.Record]:
@@ -201,6 +206,89 @@ JOIN stored ON stored.chat_id = accepted.chat_id AND stored.seq = accepted.seq
 JOIN members ON members.chat_id = accepted.chat_id
 """
 
+# --- a batch in one round trip -------------------------------------------------------------
+#
+# In a transaction of its own a batch costs five round trips (BEGIN, lock, insert,
+# watermark, COMMIT) however few sends it holds, and below ~1,000 msg/s it holds one or
+# two. chatd_store_batch makes it one: called outside any transaction, it is committed as
+# its answer comes back. A plain statement could not: its snapshot is taken before it
+# locks the chats, while the insert must see membership as it is once they are locked
+# (a member removed while the batch waited must not be stored). A VOLATILE function's
+# statements each take a new snapshot, so inside it the insert sees what it sees in the
+# transaction. It runs the same statements (the two wrappers hold them verbatim) and
+# moves the watermark of every chat of the batch: where it cannot move that costs one
+# index probe, less than deciding which chats to try.
+#
+# A chat with bots or webhooks needs the writer's Python inside the transaction (which
+# bot gets what commits with the message): there the function stores nothing and answers
+# one 'bots' row, and the batch is stored the transactional way.
+#
+# The functions live in pg_temp, defined on each connection when first needed: the SQL
+# stays beside the code that calls it, and processes of two versions sharing a database
+# during an upgrade cannot call each other's. PL/pgSQL keeps each statement's plan for
+# the connection's life, as asyncpg's prepared statements do.
+_DEFINE_FUNCTIONS = f"""
+CREATE FUNCTION pg_temp.chatd_insert_messages(
+    bigint[], uuid[], text[], text[], bigint[], text[], text[], text[]
+) RETURNS TABLE (
+    n bigint, version bigint, id bigint, seq bigint, created_at timestamptz,
+    member_ids uuid[], watermark_moves boolean
+) LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY {_INSERT_MESSAGES};
+END
+$fn$;
+
+CREATE FUNCTION pg_temp.chatd_advance_watermark(bigint, integer) RETURNS TABLE (
+    chat_id bigint, sender_id uuid, n bigint, last_id bigint, ids bigint[], watermark bigint,
+    sender_is_member boolean
+) LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY {ADVANCE_WATERMARK};
+END
+$fn$;
+
+CREATE FUNCTION pg_temp.chatd_store_batch(
+    bigint[], uuid[], text[], text[], bigint[], text[], text[], text[], integer
+) RETURNS TABLE (
+    kind text,  -- 'message', 'receipt', or 'bots' (nothing was stored)
+    n bigint,  -- a message: its send's number in the batch; a receipt: how many became read
+    version bigint, id bigint, seq bigint, created_at timestamptz, member_ids uuid[],
+    chat_id bigint, sender_id uuid, last_id bigint, ids bigint[], watermark bigint,
+    sender_is_member boolean
+) LANGUAGE plpgsql AS $fn$
+DECLARE
+    chat_ids bigint[] := ARRAY(SELECT DISTINCT unnest($1) ORDER BY 1);
+    chat bigint;
+    extras integer;
+BEGIN
+    FOREACH chat IN ARRAY chat_ids LOOP  -- in id order: concurrent batches cannot deadlock
+        SELECT c.bots + c.hooks INTO extras FROM chats c WHERE c.id = chat FOR UPDATE;
+        IF extras > 0 THEN
+            kind := 'bots';
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT 'message', i.n, i.version, i.id, i.seq, i.created_at, i.member_ids,
+        NULL::bigint, NULL::uuid, NULL::bigint, NULL::bigint[], NULL::bigint, NULL::boolean
+    FROM pg_temp.chatd_insert_messages($1, $2, $3, $4, $5, $6, $7, $8) i;
+    FOREACH chat IN ARRAY chat_ids LOOP
+        RETURN QUERY SELECT 'receipt', r.n, NULL::bigint, NULL::bigint, NULL::bigint,
+            NULL::timestamptz, NULL::uuid[], r.chat_id, r.sender_id, r.last_id, r.ids,
+            r.watermark, r.sender_is_member
+        FROM pg_temp.chatd_advance_watermark(chat, $9) r;
+    END LOOP;
+END
+$fn$;
+"""
+
+_STORE_BATCH = (
+    "SELECT * FROM pg_temp.chatd_store_batch($1, $2, $3, $4, $5, $6, $7, $8, $9::integer)"
+)
+
 _MEMBERS_OF = """
 SELECT k.n FROM unnest($1::bigint[], $2::uuid[]) WITH ORDINALITY AS k(chat_id, user_id, n)
 WHERE EXISTS (SELECT 1 FROM chat_members cm WHERE cm.chat_id = k.chat_id AND cm.user_id = k.user_id)
@@ -291,6 +379,7 @@ class MessageWriter:
         self._queue: list[PendingSend] = []
         self._running: set[asyncio.Task[None]] = set()
         self._building: list[PendingSend] | None = None  # the batch not yet committing
+        self._at_once = True  # batches in one round trip (False: no temporary functions)
         # Told the chats of each committed batch, in memory (the push notifier): no query.
         self.committed: Callable[[set[int]], None] | None = None
 
@@ -392,61 +481,69 @@ class MessageWriter:
     async def _persist(
         self, sends: list[PendingSend], committing: Callable[[], None] = _nothing
     ) -> Persisted:
+        """Store the sends: in one round trip where it can (chatd_store_batch), else in a
+        transaction of its own. `committing` is called once the batch has its seqs (the
+        next batch may start then)."""
+        async with self.pool.acquire() as conn:
+            rows = None
+            if self._at_once and not (self.app_hooks is not None and self.app_hooks.active):
+                rows = await self._store_at_once(conn, sends)
+            if rows is None:
+                return await self._persist_in_transaction(conn, sends, committing)
+            committing()
+            messages = [row for row in rows if row["kind"] == "message"]
+            done = Persisted(newly_read=[row for row in rows if row["kind"] == "receipt"])
+            if len(messages) < len(sends):
+                # Committed already: this only finds retries' originals and why the rest
+                # were refused, which no change made since can turn into a stored message.
+                await self._not_stored(conn, sends, messages, done)
+            _add_stored(done, sends, messages)
+            return done
+
+    async def _store_at_once(
+        self, conn: asyncpg.Connection, sends: list[PendingSend]
+    ) -> list[asyncpg.Record] | None:
+        """chatd_store_batch's rows, committed; None when nothing was stored because the
+        batch needs a transaction (a chat with bots), or the function cannot be defined."""
+        args = (*_batch_columns(sends), RECEIPTS_ONE_BY_ONE)
+        try:
+            rows = await conn.fetch(_STORE_BATCH, *args)
+        except (asyncpg.UndefinedFunctionError, asyncpg.InvalidSchemaNameError):
+            # This connection's first batch (no pg_temp schema yet, or not the functions).
+            try:
+                await conn.execute(_DEFINE_FUNCTIONS)
+            except asyncpg.InsufficientPrivilegeError:
+                log.warning(
+                    "chatd's role may not create temporary functions on this database "
+                    "(GRANT TEMPORARY): each send batch takes five round trips, not one"
+                )
+                self._at_once = False
+                return None
+            rows = await conn.fetch(_STORE_BATCH, *args)
+        return None if rows and rows[0]["kind"] == "bots" else rows
+
+    async def _persist_in_transaction(
+        self,
+        conn: asyncpg.Connection,
+        sends: list[PendingSend],
+        committing: Callable[[], None],
+    ) -> Persisted:
         """One transaction: lock the chats, store the sends, find retries' originals
-        (only when something was not stored), and move the all-read watermarks the new
-        messages' senders were holding back. `committing` is called just before the
-        commit."""
+        (only when something was not stored), move the all-read watermarks the new
+        messages' senders were holding back, and queue what bots and app hooks get.
+        `committing` is called just before the commit."""
         done = Persisted()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with conn.transaction():
             chat_ids = sorted({send.chat_id for send in sends})
             locked = await _lock(conn, chat_ids)
-            watermarks = {r["id"]: r["read_seq"] for r in locked}
             with_bots = {r["id"]: (r["bots"], r["hooks"]) for r in locked if r["bots"]}
-            rows = await conn.fetch(
-                _INSERT_MESSAGES,
-                [s.chat_id for s in sends],
-                [s.user_id for s in sends],
-                [s.text for s in sends],
-                [s.client_msg_id for s in sends],
-                [s.extras.reply_to for s in sends],
-                [s.extras.mentions_literal() for s in sends],
-                [_forwarded_json(s.extras.forwarded_from) for s in sends],
-                [s.extras.attachments_json() for s in sends],
-            )
+            rows = await conn.fetch(_INSERT_MESSAGES, *_batch_columns(sends))
             if len(rows) < len(sends):
                 await self._not_stored(conn, sends, rows, done)
             moving = {sends[row["n"] - 1].chat_id for row in rows if row["watermark_moves"]}
             if moving:
                 done.newly_read = await advance_read_watermarks(conn, sorted(moving))
-
-            for row in done.newly_read:
-                watermarks[row["chat_id"]] = row["watermark"]
-            members_of = {
-                sends[row["n"] - 1].chat_id: row["member_ids"]
-                for row in rows
-                if row["member_ids"] is not None
-            }
-            for row in sorted(rows, key=lambda r: r["id"]):
-                send = sends[row["n"] - 1]
-                message = Message(
-                    id=row["id"],
-                    chat_id=send.chat_id,
-                    seq=row["seq"],
-                    sender_uuid=str(send.user_id),
-                    text=send.text,
-                    timestamp=row["created_at"],
-                    read_status="read" if row["seq"] <= watermarks[send.chat_id] else "unread",
-                    client_msg_id=send.client_msg_id,
-                    edited_at=None,
-                    deleted=False,
-                    reply_to=send.extras.reply_to,
-                    mentions=[str(user_id) for user_id in send.extras.mentions],
-                    forwarded_from=send.extras.forwarded_from,
-                    reactions=[],
-                    version=row["version"],
-                    attachments=list(send.extras.attachments),
-                )
-                done.stored.append(StoredSend(send, message, members_of[send.chat_id]))
+            _add_stored(done, sends, rows)
             if with_bots:
                 await self._to_bots(conn, done.stored, with_bots)
             if self.app_hooks is not None and self.app_hooks.active:  # else: no cost at all
@@ -571,6 +668,55 @@ def partition(batch: list[PendingSend]) -> tuple[list[PendingSend], list[Pending
         else:
             copies.append(send)
     return unique, copies
+
+
+def _batch_columns(sends: list[PendingSend]) -> tuple[list[object], ...]:
+    """The sends as the insert statement's eight arrays ($1..$8)."""
+    return (
+        [s.chat_id for s in sends],
+        [s.user_id for s in sends],
+        [s.text for s in sends],
+        [s.client_msg_id for s in sends],
+        [s.extras.reply_to for s in sends],
+        [s.extras.mentions_literal() for s in sends],
+        [_forwarded_json(s.extras.forwarded_from) for s in sends],
+        [s.extras.attachments_json() for s in sends],
+    )
+
+
+def _add_stored(done: Persisted, sends: list[PendingSend], rows: list[asyncpg.Record]) -> None:
+    """The stored messages (the insert's `rows`), in commit order, into `done.stored`.
+
+    A new message is read when this batch's receipts moved its chat's watermark over it
+    (its seq is above every watermark the chat had before).
+    """
+    watermarks = {row["chat_id"]: row["watermark"] for row in done.newly_read}
+    members_of = {
+        sends[row["n"] - 1].chat_id: row["member_ids"]
+        for row in rows
+        if row["member_ids"] is not None
+    }
+    for row in sorted(rows, key=lambda r: r["id"]):
+        send = sends[row["n"] - 1]
+        message = Message(
+            id=row["id"],
+            chat_id=send.chat_id,
+            seq=row["seq"],
+            sender_uuid=str(send.user_id),
+            text=send.text,
+            timestamp=row["created_at"],
+            read_status="read" if row["seq"] <= watermarks.get(send.chat_id, 0) else "unread",
+            client_msg_id=send.client_msg_id,
+            edited_at=None,
+            deleted=False,
+            reply_to=send.extras.reply_to,
+            mentions=[str(user_id) for user_id in send.extras.mentions],
+            forwarded_from=send.extras.forwarded_from,
+            reactions=[],
+            version=row["version"],
+            attachments=list(send.extras.attachments),
+        )
+        done.stored.append(StoredSend(send, message, members_of[send.chat_id]))
 
 
 def _forwarded_json(forwarded: ForwardedFrom | None) -> str | None:

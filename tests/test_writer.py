@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from chatd import writer as writer_module
 from chatd.client import Api, ChatdError
-from chatd.db import create_pool
+from chatd.db import create_pool, migrate
 from chatd.hub import Hub, LocalBus
 from chatd.protocol import ChatError
 from chatd.writer import MessageWriter
+from tests.conftest import _with_database
 
 
 @pytest.fixture
@@ -85,12 +87,25 @@ async def test_sends_keep_coming_after_batches_finish(writer: MessageWriter, ali
     assert issubclass(ChatdError, Exception)
 
 
+async def mark_as_having_bots(database_url: str, *chat_ids: int) -> None:
+    """Make the writer store these chats' batches in a transaction of several statements,
+    as it does for chats with bots (no bot is there: no text of the tests concerns one)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE chats SET bots = 1 WHERE id = ANY($1)", list(chat_ids))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("path", ["one round trip", "transaction"])
 async def test_one_batch_over_several_chats_stores_each_in_its_order(
-    writer: MessageWriter, alice: Api, database_url: str
+    writer: MessageWriter, alice: Api, database_url: str, path: str
 ) -> None:
-    # Three chats in one batch: the lock statement takes one parameter per chat, their
-    # number rounded up to four (the last chat repeated), and locks each once.
+    # Three chats in one batch: each is locked once, in id order. (In a transaction the
+    # lock statement takes one parameter per chat, their number rounded up to four.)
     chats = [await group_of(alice) for _ in range(3)]
+    if path == "transaction":
+        await mark_as_having_bots(database_url, *chats)
     me = uuid.UUID(alice.user_uuid)
     sends = [
         writer.store(me, chat_id, f"{chat_id}-{n}", None) for n in range(2) for chat_id in chats
@@ -102,3 +117,125 @@ async def test_one_batch_over_several_chats_stores_each_in_its_order(
         by_chat.setdefault(message.chat_id, []).append((message.seq, message.text))
     assert by_chat == {c: [(1, f"{c}-0"), (2, f"{c}-1")] for c in chats}
     assert [await count(database_url, c) for c in chats] == [2, 2, 2]
+
+
+@pytest.fixture
+async def statements(database_url: str) -> AsyncIterator[tuple[MessageWriter, list[str]]]:
+    """A writer on one connection, and every statement it sends."""
+    sent: list[str] = []
+
+    async def log_queries(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda logged: sent.append(logged.query))
+
+    async def keep_session(conn: asyncpg.Connection) -> None:
+        pass  # as chatd's pool: no reset query on release
+
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=1, init=log_queries, reset=keep_session
+    )
+    try:
+        yield MessageWriter(pool, LocalBus(Hub())), sent
+    finally:
+        await pool.close()
+
+
+async def test_a_batch_is_one_statement_committed_before_its_sender_hears(
+    statements: tuple[MessageWriter, list[str]], alice: Api, database_url: str
+) -> None:
+    writer, sent = statements
+    chat_id = await group_of(alice)
+    me = uuid.UUID(alice.user_uuid)
+    await writer.store(me, chat_id, "first", None)  # defines the connection's functions
+    assert any("CREATE FUNCTION pg_temp.chatd_store_batch" in q for q in sent)
+    sent.clear()
+    message, new = await writer.store(me, chat_id, "second", "k-1")
+    assert sent == [writer_module._STORE_BATCH]  # no BEGIN, no COMMIT: one round trip
+    assert (message.seq, new) == (2, True)
+    assert await count(database_url, chat_id) == 2  # committed: another connection sees it
+    sent.clear()
+    retry, new = await writer.store(me, chat_id, "second", "k-1")
+    assert (retry.id, new) == (message.id, False)
+    assert sent[0] == writer_module._STORE_BATCH and "BEGIN;" not in sent
+    assert await count(database_url, chat_id) == 2
+
+
+async def test_a_chat_with_bots_is_stored_in_a_transaction_and_only_once(
+    statements: tuple[MessageWriter, list[str]], alice: Api, database_url: str
+) -> None:
+    writer, sent = statements
+    me = uuid.UUID(alice.user_uuid)
+    await writer.store(me, await group_of(alice), "first", None)  # defines the functions
+    chat_id = await group_of(alice)
+    await mark_as_having_bots(database_url, chat_id)
+    sent.clear()
+    message, new = await writer.store(me, chat_id, "hi", None)
+    assert (message.seq, new) == (1, True)
+    # The function saw the bots, stored nothing and said so; then the transaction did.
+    calls = [q for q in sent if q == writer_module._STORE_BATCH]
+    assert len(calls) == 1 and sent.index("BEGIN;") > sent.index(calls[0])
+    assert await count(database_url, chat_id) == 1
+
+
+async def test_a_message_is_read_once_every_member_has_read_it(
+    writer: MessageWriter, alice: Api, bob: Api
+) -> None:
+    me = uuid.UUID(alice.user_uuid)
+    alone = await group_of(alice)  # the sender is everyone: read as soon as stored
+    message, _ = await writer.store(me, alone, "note to self", None)
+    assert message.read_status == "read"
+    shared = await group_of(alice, bob)
+    message, _ = await writer.store(me, shared, "hello", None)
+    assert message.read_status == "unread"
+
+
+async def test_without_temporary_functions_batches_still_store(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role that may not create temporary objects gets the transaction of several
+    round trips for every batch, with one warning, and loses nothing."""
+    suffix = uuid.uuid4().hex[:10]
+    name, role = f"chatd_notemp_{suffix}", f"chatd_notemp_{suffix}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    own_url = _with_database(database_url, name)
+    try:
+        await asyncio.to_thread(migrate, own_url)
+        owner = await asyncpg.connect(own_url)
+        try:
+            await owner.execute(
+                f"""
+                REVOKE TEMPORARY ON DATABASE "{name}" FROM PUBLIC;
+                CREATE ROLE "{role}" LOGIN;
+                GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}";
+                GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}";
+                """
+            )
+            me = await owner.fetchval(
+                "INSERT INTO users (name, email, password_hash) VALUES ('a', 'a@x', 'x')"
+                " RETURNING id"
+            )
+            chat_id = await owner.fetchval(
+                "INSERT INTO chats (type, name) VALUES ('group', 'g') RETURNING id"
+            )
+            await owner.execute(
+                "INSERT INTO chat_members (chat_id, user_id, role) VALUES ($1, $2, 'owner')",
+                chat_id,
+                me,
+            )
+        finally:
+            await owner.close()
+        pool = await asyncpg.create_pool(own_url, user=role, min_size=1, max_size=1)
+        try:
+            writer = MessageWriter(pool, LocalBus(Hub()))
+            for n in range(1, 4):
+                message, new = await writer.store(me, chat_id, f"m{n}", f"k-{n}")
+                assert (message.seq, new) == (n, True)
+            warnings = [r for r in caplog.records if "GRANT TEMPORARY" in r.getMessage()]
+            assert len(warnings) == 1
+        finally:
+            await pool.close()
+        assert await count(own_url, chat_id) == 3
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
