@@ -221,14 +221,15 @@ JOIN members ON members.chat_id = accepted.chat_id
 #
 # A chat with bots or webhooks needs the writer's Python inside the transaction (which
 # bot gets what commits with the message): there the function stores nothing and answers
-# one 'bots' row, and the batch is stored the transactional way.
+# one 'bots' row, and the batch is stored the transactional way. Why sends were refused
+# is read after the commit, only when some were (see _persist).
 #
 # The functions live in pg_temp, defined on each connection when first needed: the SQL
 # stays beside the code that calls it, and processes of two versions sharing a database
 # during an upgrade cannot call each other's. PL/pgSQL keeps each statement's plan for
 # the connection's life, as asyncpg's prepared statements do.
 _DEFINE_FUNCTIONS = f"""
-CREATE FUNCTION pg_temp.chatd_insert_messages(
+CREATE OR REPLACE FUNCTION pg_temp.chatd_insert_messages(
     bigint[], uuid[], text[], text[], bigint[], text[], text[], text[]
 ) RETURNS TABLE (
     n bigint, version bigint, id bigint, seq bigint, created_at timestamptz,
@@ -240,7 +241,7 @@ BEGIN
 END
 $fn$;
 
-CREATE FUNCTION pg_temp.chatd_advance_watermark(bigint, integer) RETURNS TABLE (
+CREATE OR REPLACE FUNCTION pg_temp.chatd_advance_watermark(bigint, integer) RETURNS TABLE (
     chat_id bigint, sender_id uuid, n bigint, last_id bigint, ids bigint[], watermark bigint,
     sender_is_member boolean
 ) LANGUAGE plpgsql AS $fn$
@@ -250,7 +251,7 @@ BEGIN
 END
 $fn$;
 
-CREATE FUNCTION pg_temp.chatd_store_batch(
+CREATE OR REPLACE FUNCTION pg_temp.chatd_store_batch(
     bigint[], uuid[], text[], text[], bigint[], text[], text[], text[], integer
 ) RETURNS TABLE (
     kind text,  -- 'message', 'receipt', or 'bots' (nothing was stored)
@@ -264,9 +265,18 @@ DECLARE
     chat bigint;
     extras integer;
 BEGIN
+    -- First without locks, so that such a batch commits nothing (a row lock taken would
+    -- make the commit wait for a WAL flush); then again as each chat is locked.
+    FOREACH chat IN ARRAY chat_ids LOOP
+        IF EXISTS (SELECT FROM chats c WHERE c.id = chat AND c.bots + c.hooks > 0) THEN
+            kind := 'bots';
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END LOOP;
     FOREACH chat IN ARRAY chat_ids LOOP  -- in id order: concurrent batches cannot deadlock
         SELECT c.bots + c.hooks INTO extras FROM chats c WHERE c.id = chat FOR UPDATE;
-        IF extras > 0 THEN
+        IF extras > 0 THEN  -- a bot joined meanwhile
             kind := 'bots';
             RETURN NEXT;
             RETURN;
@@ -285,6 +295,15 @@ END
 $fn$;
 """
 
+# No pg_temp schema on the connection yet, or not the functions.
+_UNDEFINED = (asyncpg.UndefinedFunctionError, asyncpg.InvalidSchemaNameError)
+# No TEMPORARY privilege; no PL/pgSQL; a server that has no temporary functions.
+_CANNOT_DEFINE = (
+    asyncpg.InsufficientPrivilegeError,
+    asyncpg.UndefinedObjectError,
+    asyncpg.FeatureNotSupportedError,
+)
+
 _STORE_BATCH = (
     "SELECT * FROM pg_temp.chatd_store_batch($1, $2, $3, $4, $5, $6, $7, $8, $9::integer)"
 )
@@ -300,9 +319,10 @@ def _nothing() -> None:
 
 
 MAX_BATCH = 256
-# Batches in flight: one being built (locking, inserting) and one committing. The next
-# batch starts when the one before reaches its commit, not as soon as a send arrives: it
-# would only wait for that commit's locks, and it takes every send queued meanwhile.
+# Batches in flight: one in the database and one being announced (in a transaction: one
+# being built and one committing). The next batch starts once the one before has its
+# seqs (its answer is back, or it reaches its commit), not as soon as a send arrives: so
+# no send overtakes one queued before it, and the next takes every send queued meanwhile.
 MAX_BATCHES_IN_FLIGHT = 2
 # Failures that concern one send of a batch, not all of them: the batch is redone one by one.
 # (A foreign key: an attachment collected meanwhile, which the claim's grace makes unlikely.)
@@ -367,6 +387,9 @@ class Persisted:
     stored: list[StoredSend] = field(default_factory=list)  # in commit (id) order
     newly_read: list[asyncpg.Record] = field(default_factory=list)  # read receipts to send
     blocked: set[int] = field(default_factory=set)  # id() of the sends a block refused
+    # Why the sends not stored were refused could not be read (after a one-round-trip
+    # batch's commit): they get this error, the stored ones their answers all the same.
+    unexplained: BaseException | None = None
 
 
 class MessageWriter:
@@ -490,14 +513,19 @@ class MessageWriter:
                 rows = await self._store_at_once(conn, sends)
             if rows is None:
                 return await self._persist_in_transaction(conn, sends, committing)
-            committing()
             messages = [row for row in rows if row["kind"] == "message"]
             done = Persisted(newly_read=[row for row in rows if row["kind"] == "receipt"])
-            if len(messages) < len(sends):
-                # Committed already: this only finds retries' originals and why the rest
-                # were refused, which no change made since can turn into a stored message.
-                await self._not_stored(conn, sends, messages, done)
             _add_stored(done, sends, messages)
+            if len(messages) < len(sends):
+                # After the commit, so without the locks: a membership change in between
+                # can change which refusal a send gets (not_found or forbidden), never
+                # whether it was stored. Retries' originals are committed, found as ever.
+                try:
+                    await self._not_stored(conn, sends, messages, done)
+                except Exception as exc:  # the stored messages are still announced
+                    done.unexplained = exc
+            # Only now: the batch's messages are announced before the next batch's.
+            committing()
             return done
 
     async def _store_at_once(
@@ -508,18 +536,23 @@ class MessageWriter:
         args = (*_batch_columns(sends), RECEIPTS_ONE_BY_ONE)
         try:
             rows = await conn.fetch(_STORE_BATCH, *args)
-        except (asyncpg.UndefinedFunctionError, asyncpg.InvalidSchemaNameError):
-            # This connection's first batch (no pg_temp schema yet, or not the functions).
+        except _UNDEFINED:  # this connection's first batch
             try:
                 await conn.execute(_DEFINE_FUNCTIONS)
-            except asyncpg.InsufficientPrivilegeError:
+                rows = await conn.fetch(_STORE_BATCH, *args)
+            except _CANNOT_DEFINE as exc:
                 log.warning(
-                    "chatd's role may not create temporary functions on this database "
-                    "(GRANT TEMPORARY): each send batch takes five round trips, not one"
+                    "the send batch's function cannot be defined (%s; chatd's role needs "
+                    "TEMPORARY on the database): each send batch takes five round trips, "
+                    "not one",
+                    exc,
                 )
                 self._at_once = False
                 return None
-            rows = await conn.fetch(_STORE_BATCH, *args)
+            except _UNDEFINED:
+                # Defined on another server connection than the call reached: a proxy
+                # pooling transactions. Each of its connections gets them on a first batch.
+                return None
         return None if rows and rows[0]["kind"] == "bots" else rows
 
     async def _persist_in_transaction(
@@ -630,6 +663,8 @@ class MessageWriter:
                 _settle(send, result=Created(messages[id(send)]))
             elif id(send) in persisted.blocked:
                 _settle(send, exception=_blocked())
+            elif persisted.unexplained is not None:
+                _settle(send, exception=persisted.unexplained)
             else:
                 _settle(send, exception=no_such_chat())
         stored_by_key = {

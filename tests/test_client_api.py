@@ -136,9 +136,11 @@ async def test_a_request_in_flight_when_the_socket_drops_raises_connection_lost(
     alice: Api,
 ) -> None:
     sock = await alice.connect()
+    sock.ws.transport.pause_reading()  # the reply stays in the kernel until the drop
     asking = asyncio.create_task(sock.request("list_chats"))
     for _ in range(3):
-        await asyncio.sleep(0)  # the request goes out; the reply cannot have been read yet
+        await asyncio.sleep(0)  # the request goes out
+    assert not asking.done()
     sock.ws.transport.abort()
     with pytest.raises(ConnectionLost):
         await asking
