@@ -215,9 +215,8 @@ JOIN members ON members.chat_id = accepted.chat_id
 # locks the chats, while the insert must see membership as it is once they are locked
 # (a member removed while the batch waited must not be stored). A VOLATILE function's
 # statements each take a new snapshot, so inside it the insert sees what it sees in the
-# transaction. It runs the same statements (the two wrappers hold them verbatim) and
-# moves the watermark of every chat of the batch: where it cannot move that costs one
-# index probe, less than deciding which chats to try.
+# transaction. It runs the same statements (the two wrappers hold them verbatim), the
+# watermark's only for the chats where the insert found it moves, as the transaction does.
 #
 # A chat with bots or webhooks needs the writer's Python inside the transaction (which
 # bot gets what commits with the message): there the function stores nothing and answers
@@ -264,6 +263,8 @@ DECLARE
     chat_ids bigint[] := ARRAY(SELECT DISTINCT unnest($1) ORDER BY 1);
     chat bigint;
     extras integer;
+    stored record;
+    moving bigint[] := ARRAY[]::bigint[];  -- chats whose all-read watermark moves
 BEGIN
     -- First without locks, so that such a batch commits nothing (a row lock taken would
     -- make the commit wait for a WAL flush); then again as each chat is locked.
@@ -282,10 +283,17 @@ BEGIN
             RETURN;
         END IF;
     END LOOP;
-    RETURN QUERY SELECT 'message', i.n, i.version, i.id, i.seq, i.created_at, i.member_ids,
-        NULL::bigint, NULL::uuid, NULL::bigint, NULL::bigint[], NULL::bigint, NULL::boolean
-    FROM pg_temp.chatd_insert_messages($1, $2, $3, $4, $5, $6, $7, $8) i;
-    FOREACH chat IN ARRAY chat_ids LOOP
+    kind := 'message';
+    FOR stored IN SELECT * FROM pg_temp.chatd_insert_messages($1, $2, $3, $4, $5, $6, $7, $8)
+    LOOP
+        n := stored.n; version := stored.version; id := stored.id; seq := stored.seq;
+        created_at := stored.created_at; member_ids := stored.member_ids;
+        RETURN NEXT;
+        IF stored.watermark_moves AND NOT $1[stored.n] = ANY(moving) THEN
+            moving := moving || $1[stored.n];
+        END IF;
+    END LOOP;
+    FOREACH chat IN ARRAY ARRAY(SELECT unnest(moving) ORDER BY 1) LOOP
         RETURN QUERY SELECT 'receipt', r.n, NULL::bigint, NULL::bigint, NULL::bigint,
             NULL::timestamptz, NULL::uuid[], r.chat_id, r.sender_id, r.last_id, r.ids,
             r.watermark, r.sender_is_member
