@@ -10,19 +10,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psutil
 import pytest
 
+from chatd.bench import batchcost, procs
 from chatd.bench import main as bench_main
-from chatd.bench import procs
 from chatd.bench.accounts import User, create_group
 from chatd.bench.stats import Progress
 from chatd.bench.workloads import cpu_ms_per_message
 from chatd.client import Api
-from tests.conftest import Server, bulk_users
+from tests.conftest import Server, _with_database, bulk_users
 
 TINY = ["--rates", "40", "--max-rate", "0", "--step-seconds", "1", "--grace", "1"]
 
@@ -95,6 +97,28 @@ async def test_a_big_group_is_filled_a_call_at_a_time(server: Server, database_u
     async with Api(server.base_url, users[0].token) as owner:
         chat = await owner.chat(chat_id)
     assert [m["user_uuid"] for m in chat["members"]] == list(tokens)
+
+
+async def test_batchcost_stores_each_way_and_reads_the_backends_cpu(database_url: str) -> None:
+    name = f"chatd_batchcost_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(database_url, name)
+    try:
+        lines = await batchcost.measure(url, batches=5, rounds=1)
+        assert [line.split(":")[0] for line in lines] == [
+            "round 1, one round trip",
+            "round 1,    transaction",
+        ]
+        conn = await asyncpg.connect(url)
+        try:
+            stored = await conn.fetchval("SELECT count(*) FROM messages")
+        finally:
+            await conn.close()
+        assert stored == 2 * (5 + 1)  # each way: a warm-up and five batches
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 @pytest.mark.parametrize("sockets", [20])
