@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from chatd.bench.accounts import User, create_group
 from chatd.bench.stats import Progress
 from chatd.bench.workloads import cpu_ms_per_message
 from chatd.client import Api
-from tests.conftest import Server, _with_database, bulk_users
+from tests.conftest import Server, bulk_users, scratch_database
 
 TINY = ["--rates", "40", "--max-rate", "0", "--step-seconds", "1", "--grace", "1"]
 
@@ -100,11 +99,7 @@ async def test_a_big_group_is_filled_a_call_at_a_time(server: Server, database_u
 
 
 async def test_batchcost_stores_each_way_and_reads_the_backends_cpu(database_url: str) -> None:
-    name = f"chatd_batchcost_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(database_url, name)
-    try:
+    async with scratch_database(database_url, "chatd_batchcost") as url:
         lines = await batchcost.measure(url, batches=5, rounds=1)
         assert [line.split(":")[0] for line in lines] == [
             "round 1, one round trip",
@@ -116,9 +111,6 @@ async def test_batchcost_stores_each_way_and_reads_the_backends_cpu(database_url
         finally:
             await conn.close()
         assert stored == 2 * (5 + 1)  # each way: a warm-up and five batches
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.mark.parametrize("sockets", [20])

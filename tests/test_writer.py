@@ -18,7 +18,7 @@ from chatd.db import create_pool, migrate
 from chatd.hub import Hub, LocalBus
 from chatd.protocol import ChatError
 from chatd.writer import MessageWriter
-from tests.conftest import _with_database
+from tests.conftest import scratch_database
 
 
 @pytest.fixture
@@ -193,49 +193,52 @@ async def test_without_temporary_functions_batches_still_store(
 ) -> None:
     """A role that may not create temporary objects gets the transaction of several
     round trips for every batch, with one warning, and loses nothing."""
-    suffix = uuid.uuid4().hex[:10]
-    name, role = f"chatd_notemp_{suffix}", f"chatd_notemp_{suffix}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    own_url = _with_database(database_url, name)
+    role = f"chatd_notemp_{uuid.uuid4().hex[:10]}"
     try:
-        await asyncio.to_thread(migrate, own_url)
-        owner = await asyncpg.connect(own_url)
+        async with scratch_database(database_url, "chatd_notemp") as own_url:
+            await asyncio.to_thread(migrate, own_url)
+            owner = await asyncpg.connect(own_url)
+            try:
+                name = await owner.fetchval("SELECT current_database()")
+                await owner.execute(
+                    f"""
+                    REVOKE TEMPORARY ON DATABASE "{name}" FROM PUBLIC;
+                    CREATE ROLE "{role}" LOGIN;
+                    GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public
+                        TO "{role}";
+                    GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}";
+                    """
+                )
+                me = await owner.fetchval(
+                    "INSERT INTO users (name, email, password_hash) VALUES ('a', 'a@x', 'x')"
+                    " RETURNING id"
+                )
+                chat_id = await owner.fetchval(
+                    "INSERT INTO chats (type, name) VALUES ('group', 'g') RETURNING id"
+                )
+                await owner.execute(
+                    "INSERT INTO chat_members (chat_id, user_id, role) VALUES ($1, $2, 'owner')",
+                    chat_id,
+                    me,
+                )
+            finally:
+                await owner.close()
+            pool = await asyncpg.create_pool(own_url, user=role, min_size=1, max_size=1)
+            try:
+                writer = MessageWriter(pool, LocalBus(Hub()))
+                for n in range(1, 4):
+                    message, new = await writer.store(me, chat_id, f"m{n}", f"k-{n}")
+                    assert (message.seq, new) == (n, True)
+                warnings = [
+                    r for r in caplog.records if "TEMPORARY on the database" in r.getMessage()
+                ]
+                assert len(warnings) == 1  # once, not per batch
+            finally:
+                await pool.close()
+            assert await count(own_url, chat_id) == 3
+    finally:  # after the database, which holds the role's grants
+        admin = await asyncpg.connect(database_url)
         try:
-            await owner.execute(
-                f"""
-                REVOKE TEMPORARY ON DATABASE "{name}" FROM PUBLIC;
-                CREATE ROLE "{role}" LOGIN;
-                GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}";
-                GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}";
-                """
-            )
-            me = await owner.fetchval(
-                "INSERT INTO users (name, email, password_hash) VALUES ('a', 'a@x', 'x')"
-                " RETURNING id"
-            )
-            chat_id = await owner.fetchval(
-                "INSERT INTO chats (type, name) VALUES ('group', 'g') RETURNING id"
-            )
-            await owner.execute(
-                "INSERT INTO chat_members (chat_id, user_id, role) VALUES ($1, $2, 'owner')",
-                chat_id,
-                me,
-            )
+            await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         finally:
-            await owner.close()
-        pool = await asyncpg.create_pool(own_url, user=role, min_size=1, max_size=1)
-        try:
-            writer = MessageWriter(pool, LocalBus(Hub()))
-            for n in range(1, 4):
-                message, new = await writer.store(me, chat_id, f"m{n}", f"k-{n}")
-                assert (message.seq, new) == (n, True)
-            warnings = [r for r in caplog.records if "TEMPORARY on the database" in r.getMessage()]
-            assert len(warnings) == 1  # once, not per batch
-        finally:
-            await pool.close()
-        assert await count(own_url, chat_id) == 3
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
-        await admin.close()
+            await admin.close()
