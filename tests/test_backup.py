@@ -16,7 +16,7 @@ import pytest
 
 from chatd.backup import pg_tool
 from chatd.client import Api
-from tests.conftest import PASSWORD, Server, _with_database, start_server, stop_server
+from tests.conftest import PASSWORD, Server, scratch_database, start_server, stop_server
 from tests.test_config import chatd
 
 COUNTS = "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM chats), " \
@@ -38,14 +38,8 @@ def server(database_url: str, workdir: Path) -> Iterator[Server]:
 
 @pytest.fixture
 async def new_database(database_url: str) -> AsyncIterator[str]:
-    name = f"chatd_restore_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(_with_database(database_url, "postgres"))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(database_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(database_url, "chatd_restore") as url:
+        yield url
 
 
 async def test_a_backup_restores_into_an_empty_database_and_serves(
@@ -73,11 +67,7 @@ async def test_a_backup_restores_into_an_empty_database_and_serves(
     sha = upload["sha256"]
     assert {"chatd-backup.json", "database.dump", f"files/{sha[:2]}/{sha[2:4]}/{sha}"} <= set(names)
 
-    copy_name = f"chatd_restore_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(_with_database(database_url, "postgres"))
-    await admin.execute(f'CREATE DATABASE "{copy_name}"')
-    copy_url = _with_database(database_url, copy_name)
-    try:
+    async with scratch_database(database_url, "chatd_restore") as copy_url:
         # Into another data folder: the one the copy's server below uses.
         result = chatd(["restore", str(dump)], tmp_path / "data", CHATD_DATABASE_URL=copy_url)
         assert result.returncode == 0, result.stderr
@@ -109,9 +99,6 @@ async def test_a_backup_restores_into_an_empty_database_and_serves(
             await bob_again.aclose()
         finally:
             stop_server(copy_server)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{copy_name}" WITH (FORCE)')
-        await admin.close()
 
 
 def test_restore_needs_a_backup_file(database_url: str, tmp_path: Path) -> None:

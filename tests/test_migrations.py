@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 
 from chatd.db import migrate
-from tests.conftest import _with_database
+from tests.conftest import scratch_database
 
 # Users whose uuid order is not their creation order, so "smallest uuid" cannot pass.
 ANN = uuid.UUID("00000000-0000-4000-8000-000000000003")
@@ -19,11 +19,7 @@ CAT = uuid.UUID("00000000-0000-4000-8000-000000000002")
 async def test_0002_gives_v1_groups_their_creator_as_owner_and_keeps_join_order(
     database_url: str,
 ) -> None:
-    name = f"chatd_migration_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(database_url, name)
-    try:
+    async with scratch_database(database_url, "chatd_migration") as url:
         await asyncio.to_thread(migrate, url, "0001_initial")
         conn = await asyncpg.connect(url)
         try:
@@ -59,9 +55,6 @@ async def test_0002_gives_v1_groups_their_creator_as_owner_and_keeps_join_order(
             )
         finally:
             await conn.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 DAN = uuid.UUID("00000000-0000-4000-8000-000000000004")
@@ -116,10 +109,6 @@ async def _v1_data(conn: asyncpg.Connection) -> None:
 
 
 async def test_0003_gives_stored_emails_their_normal_form(database_url: str) -> None:
-    name = f"chatd_migration_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(database_url, name)
     # Oldest first: as the old check stored them (trimmed, lower-cased) -> as 0003 leaves them.
     rows = [
         ("ann@example.com", "ann@example.com"),
@@ -136,7 +125,7 @@ async def test_0003_gives_stored_emails_their_normal_form(database_url: str) -> 
         ("hal@xn--bcher-kva.de", "hal@xn--bcher-kva.de"),
         ("hal@\uff42ücher.de", "hal@\uff42ücher.de"),  # fullwidth b
     ]
-    try:
+    async with scratch_database(database_url, "chatd_migration") as url:
         await asyncio.to_thread(migrate, url, "0002_chat_model")
         conn = await asyncpg.connect(url)
         try:
@@ -158,17 +147,10 @@ async def test_0003_gives_stored_emails_their_normal_form(database_url: str) -> 
             )
         finally:
             await conn.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_0010_indexes_old_messages_and_notifies_nobody_of_them(database_url: str) -> None:
-    name = f"chatd_migration_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(database_url, name)
-    try:
+    async with scratch_database(database_url, "chatd_migration") as url:
         await asyncio.to_thread(migrate, url, "0008_deliveries")
         conn = await asyncpg.connect(url)
         try:
@@ -213,6 +195,3 @@ async def test_0010_indexes_old_messages_and_notifies_nobody_of_them(database_ur
             assert {(r["share_presence"], r["last_seen_at"]) for r in shares} == {(True, None)}
         finally:
             await conn.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
