@@ -268,13 +268,11 @@ DECLARE
 BEGIN
     -- First without locks, so that such a batch commits nothing (a row lock taken would
     -- make the commit wait for a WAL flush); then again as each chat is locked.
-    FOREACH chat IN ARRAY chat_ids LOOP
-        IF EXISTS (SELECT FROM chats c WHERE c.id = chat AND c.bots + c.hooks > 0) THEN
-            kind := 'bots';
-            RETURN NEXT;
-            RETURN;
-        END IF;
-    END LOOP;
+    IF EXISTS (SELECT FROM chats c WHERE c.id = ANY(chat_ids) AND c.bots + c.hooks > 0) THEN
+        kind := 'bots';
+        RETURN NEXT;
+        RETURN;
+    END IF;
     FOREACH chat IN ARRAY chat_ids LOOP  -- in id order: concurrent batches cannot deadlock
         SELECT c.bots + c.hooks INTO extras FROM chats c WHERE c.id = chat FOR UPDATE;
         IF extras > 0 THEN  -- a bot joined meanwhile
