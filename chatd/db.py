@@ -76,7 +76,11 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
 MAYBE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     *DATABASE_UNAVAILABLE,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
+# What a background loop's query may fail with and the loop live on (it tries again
+# later): an error PostgreSQL reports, or the database going away.
+QUERY_FAILED: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *MAYBE_UNAVAILABLE)
 
 
 def is_unavailable(exc: BaseException) -> bool:

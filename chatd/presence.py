@@ -41,6 +41,7 @@ import asyncpg
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from chatd.db import QUERY_FAILED
 from chatd.hub import Bus, publish
 from chatd.metrics import PRESENCE_EVENTS
 from chatd.protocol import Presence, PresenceEvent
@@ -258,7 +259,7 @@ class PresenceTracker:
     async def _went_offline(self, user_id: uuid.UUID, at: datetime) -> None:
         try:
             await self.pool.execute(_LAST_SEEN, user_id, at)
-        except (asyncpg.PostgresError, OSError) as exc:
+        except QUERY_FAILED as exc:
             log.warning("presence: cannot store last_seen (%r)", exc)
         self._tell_soon(user_id)
 
@@ -334,7 +335,7 @@ class PresenceTracker:
             contacts = [
                 r["user_id"] for r in await self.pool.fetch(_CONTACTS, user_id, self.group_limit)
             ]
-        except (asyncpg.PostgresError, OSError) as exc:
+        except QUERY_FAILED as exc:
             log.warning("presence: cannot tell %s's contacts (%r)", user_id, exc)
             return
         if contacts:

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from chatd import signing
 from chatd.config import stored_once
+from chatd.db import QUERY_FAILED
 from chatd.deliveries import Attempt, Delivery, DeliveryQueue, Outcome, enqueue_many
 from chatd.presence import PresenceTracker
 from chatd.store import UNREAD_COUNT
@@ -301,7 +302,7 @@ class PushNotifier:
             chats, self._chats = self._chats, set()
             try:
                 await self.look(list(chats))
-            except (asyncpg.PostgresError, OSError) as exc:
+            except QUERY_FAILED as exc:
                 log.warning("push: cannot look for members to notify (%r); the sweep will", exc)
 
     async def _sweep(self) -> None:
@@ -314,7 +315,7 @@ class PushNotifier:
             try:
                 await self.sweep(window)
                 window = 2 * SWEEP_SECONDS
-            except (asyncpg.PostgresError, OSError) as exc:
+            except QUERY_FAILED as exc:
                 log.warning("push: sweep failed (%r)", exc)
             await asyncio.sleep(SWEEP_SECONDS)
 
