@@ -104,13 +104,14 @@ async def test_batchcost_stores_each_way_and_reads_the_backends_cpu(database_url
         assert [line.split(":")[0] for line in lines] == [
             "round 1, one round trip",
             "round 1,    transaction",
+            "round 1,          floor",
         ]
         conn = await asyncpg.connect(url)
         try:
             stored = await conn.fetchval("SELECT count(*) FROM messages")
         finally:
             await conn.close()
-        assert stored == 2 * (5 + 1)  # each way: a warm-up and five batches
+        assert stored == 3 * (5 + 1)  # each way: a warm-up and five batches
 
 
 @pytest.mark.parametrize("sockets", [20])

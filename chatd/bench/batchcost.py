@@ -5,9 +5,13 @@
 Migrates the database it is given (use a scratch one: it adds ten users, a group and the
 messages), then stores one send a batch through MessageWriter, `--batches` of them each
 way and `--rounds` times over, alternating: in one round trip (chatd_store_batch) and in
-a transaction of its own (the writer's fallback, the only way before the function). All
-of it goes over one pooled connection, whose backend's user and system CPU are read from
-/proc: PostgreSQL must run on this machine. Nothing else should load it meanwhile.
+a transaction of its own (the writer's fallback, the only way before the function); and,
+as a floor, the same number of bare autocommitted one-row INSERTs into messages (in a
+chat of their own): what any durable send costs PostgreSQL at least, whatever the
+server, before membership, seq, pointers or receipts. All of it goes over one pooled
+connection, whose backend's user and system CPU are read from /proc: PostgreSQL must run
+on this machine. Nothing else should load it meanwhile. Compare the ways within a run:
+they alternate, so they share the machine's noise.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from chatd.writer import MessageWriter
 
 GROUP_SIZE = 10
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# The floor: one row with its indexes and search column, one commit (one WAL flush).
+_BARE_INSERT = (
+    "INSERT INTO messages (chat_id, seq, sender_id, text, version) VALUES ($1, $2, $3, $4, $2)"
+)
+WAYS = ("one round trip", "transaction", "floor")
 
 
 def backend_cpu(pid: int) -> tuple[float, float]:
@@ -65,22 +76,47 @@ async def measure(url: str, batches: int, rounds: int) -> list[str]:
     sender, chat_id = await seed_group(url)
     pool = await create_pool(url, 1)
     writer = MessageWriter(pool, LocalBus(Hub()))
+    floor_chat, floor_seq = 0, 0
+
+    async def store(way: str, text: str) -> None:
+        nonlocal floor_seq
+        if way == "floor":
+            floor_seq += 1
+            async with pool.acquire() as conn:
+                await conn.execute(_BARE_INSERT, floor_chat, floor_seq, sender, text)
+        else:
+            writer._at_once = way == "one round trip"  # the writer's fallback switch, by hand
+            await writer.store(sender, chat_id, text, None)
+
+    async def backend_pid() -> int:
+        async with pool.acquire() as conn:
+            return await conn.fetchval("SELECT pg_backend_pid()")
+
     lines = []
     try:
+        async with pool.acquire() as conn:
+            floor_chat = await conn.fetchval(
+                "INSERT INTO chats (type, name) VALUES ('group', 'batchcost floor') RETURNING id"
+            )
         for round_ in range(1, rounds + 1):
-            for at_once in (True, False):
-                writer._at_once = at_once  # the writer's fallback switch, thrown by hand
-                await writer.store(sender, chat_id, "warm up", None)
-                # Asked each time: the pool replaces its connection after 50,000 queries.
-                async with pool.acquire() as conn:
-                    pid = await conn.fetchval("SELECT pg_backend_pid()")
-                user0, system0 = backend_cpu(pid)
-                start = time.perf_counter()
-                for n in range(batches):
-                    await writer.store(sender, chat_id, f"message {n}", None)
-                wall = time.perf_counter() - start
-                user1, system1 = backend_cpu(pid)
-                way = "one round trip" if at_once else "transaction"
+            for way in WAYS:
+                await store(way, "warm up")
+                while True:
+                    pid = await backend_pid()
+                    user0, system0 = backend_cpu(pid)
+                    start = time.perf_counter()
+                    for n in range(batches):
+                        await store(way, f"message {n}")
+                    wall = time.perf_counter() - start
+                    try:
+                        user1, system1 = backend_cpu(pid)
+                    except FileNotFoundError:
+                        pass
+                    else:
+                        if await backend_pid() == pid:
+                            break
+                    # The pool replaced its connection meanwhile (it does after 50,000
+                    # queries): measure this way again.
                 lines.append(
                     f"round {round_}, {way:>14}: PostgreSQL CPU "
                     f"{1000 * (user1 - user0 + system1 - system0) / batches:.3f} ms a batch "
