@@ -215,9 +215,9 @@ JOIN members ON members.chat_id = accepted.chat_id
 # locks the chats, while the insert must see membership as it is once they are locked
 # (a member removed while the batch waited must not be stored). A VOLATILE function's
 # statements each take a new snapshot, so inside it the insert sees what it sees in the
-# transaction. It runs the same statements verbatim: the insert inline (a wrapper function
-# of its own cost a tenth more of PostgreSQL's time a batch), the watermark's in a wrapper
-# and only for the chats where the insert found it moves, as the transaction does.
+# transaction. It runs the same statements verbatim: the insert inline, the watermark's
+# in a wrapper and only for the chats where the insert found it moves, as the
+# transaction does.
 #
 # A chat with bots or webhooks needs the writer's Python inside the transaction (which
 # bot gets what commits with the message): there the function stores nothing and answers
