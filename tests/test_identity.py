@@ -311,6 +311,9 @@ async def test_local_accounts_off(app_server: Server, idp: IdentityProvider) -> 
             with pytest.raises(ChatdError) as refused:
                 await api.call("POST", path, json=body)
             assert (refused.value.status, refused.value.code) == (403, "forbidden")
+    # So the web client's own page offers no password form (tests/browser: what it shows).
+    async with httpx.AsyncClient(base_url=app_server.base_url, timeout=30) as http:
+        assert '<html data-local-accounts="false" ' in (await http.get("/chat")).text
     # The app's token has no chatd session to sign out: the app signs its users out.
     async with Api(app_server.base_url, idp.token(subject())) as api:
         with pytest.raises(ChatdError) as refused:

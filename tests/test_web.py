@@ -54,6 +54,12 @@ async def test_assets_are_local_and_served(http: httpx.AsyncClient, server) -> N
             assert asset.headers["content-type"].split(";")[0].strip() in types, ref
 
 
+async def test_page_says_local_accounts_are_on(http: httpx.AsyncClient) -> None:
+    """The script offers log-in and sign-up only then (off: tests/test_identity.py)."""
+    res, _ = await _page(http)
+    assert '<html data-local-accounts="true" lang="en">' in res.text
+
+
 async def test_trailing_slash_redirects_to_page(http: httpx.AsyncClient) -> None:
     res = await http.get("/chat/", follow_redirects=True)
     assert res.status_code == 200

@@ -2299,6 +2299,10 @@ async function createChat(event) {
 
 let registering = false;
 
+// CHATD_LOCAL_ACCOUNTS=false (the server marks the page): no password login or sign-up
+// here; users come from an app's sign-in, which shows this page with ?embed.
+const LOCAL_ACCOUNTS = document.documentElement.dataset.localAccounts !== "false";
+
 function showAuth(message = "") {
   $("app-view").hidden = true;
   $("auth-view").hidden = false;
@@ -2307,6 +2311,14 @@ function showAuth(message = "") {
     $("auth-form").hidden = true;
     $("embed-status").hidden = false;
     $("embed-status").textContent = message || "Connecting to chat…";
+    return;
+  }
+  if (!LOCAL_ACCOUNTS) {
+    $("auth-form").hidden = true;
+    $("embed-status").hidden = false;
+    $("embed-status").textContent =
+      (message ? `${message} ` : "") +
+      "This chat server has no accounts of its own: sign in to the app that offers it, and open the chat there.";
     return;
   }
   $("auth-error").textContent = message;

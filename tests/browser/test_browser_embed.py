@@ -108,6 +108,17 @@ def test_app_users_talk_in_the_embedded_client(browser, shop) -> None:  # type: 
     bob_page.context.close()
 
 
+def test_the_page_alone_sends_users_to_the_app(browser, shop) -> None:  # type: ignore[no-untyped-def]
+    """Without local accounts, /chat opened by itself offers no login form that cannot work."""
+    _, server = shop
+    page = browser.new_context().new_page()
+    page.goto(f"{server.base_url}/chat")
+    expect(page.locator("#embed-status")).to_contain_text("no accounts of its own")
+    expect(page.locator("#auth-form")).to_be_hidden()
+    expect(page.locator("#app-view")).to_be_hidden()
+    page.context.close()
+
+
 def test_other_sites_cannot_frame_the_client(browser, shop, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A page of an origin chatd does not name gets no chat in its frame."""
     _, server = shop
