@@ -774,49 +774,60 @@ function previewText(m) {
   return `${m.sender_uuid === state.me.user_uuid ? "You: " : ""}${messageSummary(m)}`;
 }
 
+// Each chat's list entry lives as long as the chat, and a render only changes what is
+// inside it: the list renders on every message and presence change, and a click whose
+// button was replaced between its mousedown and mouseup is lost (the button's insides
+// take no pointer events, style.css, so the button itself is what gets pressed).
+const chatItems = new Map(); // chat id -> its <li>
+
+function chatItem(chatId) {
+  let li = chatItems.get(chatId);
+  if (!li) {
+    const button = el("button", "chat-item");
+    button.type = "button";
+    button.dataset.chatId = chatId;
+    button.addEventListener("click", () => openChat(chatId));
+    li = el("li");
+    li.append(button);
+    chatItems.set(chatId, li);
+  }
+  return li;
+}
+
 function renderChatList() {
   const list = $("chat-list");
   const chats = [...state.chats.values()].sort((a, b) => b.active - a.active || b.id - a.id);
-  list.replaceChildren(
-    ...chats.map((chat) => {
-      const li = el("li");
-      const button = el("button", "chat-item");
-      button.type = "button";
-      button.dataset.chatId = chat.id;
-      if (chat.id === state.current) button.setAttribute("aria-current", "true");
-      const top = el("span", "chat-item-top");
-      top.append(chatAvatar(chat), el("span", "chat-name", chatTitle(chat)));
-      const seen = partnerPresence(chat);
-      if (seen && seen.status === "online") {
-        const dot = el("span", "presence-dot");
-        dot.title = "online";
-        dot.setAttribute("aria-label", "online");
-        top.append(dot);
-      }
-      if (isMuted(chat)) {
-        const mark = el("span", "muted-mark", "🔕");
-        mark.title = "muted";
-        top.append(mark);
-      }
-      const { count, mentions } = unread(chat);
-      if (mentions > 0) {
-        const at = el("span", "badge mention-badge", "@");
-        at.title = `${mentions} unread ${mentions === 1 ? "mention" : "mentions"}`;
-        at.setAttribute("aria-label", at.title);
-        top.append(at);
-      }
-      if (count > 0) {
-        const badge = el("span", "badge", count > 99 ? "99+" : count);
-        badge.setAttribute("aria-label", `${count} unread`);
-        top.append(badge);
-      }
-      const last = chat.last_message;
-      button.append(top, el("span", "chat-preview", last ? previewText(last) : "No messages yet"));
-      button.addEventListener("click", () => openChat(chat.id));
-      li.append(button);
-      return li;
-    }),
-  );
+  for (const id of chatItems.keys()) if (!state.chats.has(id)) chatItems.delete(id);
+  const items = chats.map((chat) => {
+    const li = chatItem(chat.id);
+    const button = li.firstChild;
+    if (chat.id === state.current) button.setAttribute("aria-current", "true");
+    else button.removeAttribute("aria-current");
+    const top = el("span", "chat-item-top");
+    top.append(chatAvatar(chat), el("span", "chat-name", chatTitle(chat)));
+    const notes = []; // what the marks mean: the button's tooltip (its insides have none)
+    const mark = (className, text, label) => {
+      const span = el("span", className, text);
+      span.setAttribute("aria-label", label);
+      top.append(span);
+      notes.push(label);
+    };
+    const seen = partnerPresence(chat);
+    if (seen && seen.status === "online") mark("presence-dot", "", "online");
+    if (isMuted(chat)) mark("muted-mark", "🔕", "muted");
+    const { count, mentions } = unread(chat);
+    if (mentions > 0) {
+      mark("badge mention-badge", "@", `${mentions} unread ${mentions === 1 ? "mention" : "mentions"}`);
+    }
+    if (count > 0) mark("badge", count > 99 ? "99+" : count, `${count} unread`);
+    button.title = notes.join(", ");
+    const last = chat.last_message;
+    button.replaceChildren(top, el("span", "chat-preview", last ? previewText(last) : "No messages yet"));
+    return li;
+  });
+  // Moved only when the order changed: taking the pressed button out loses its click too.
+  const shown = list.children;
+  if (shown.length !== items.length || items.some((li, i) => shown[i] !== li)) list.replaceChildren(...items);
   $("no-chats").hidden = chats.length > 0;
   updateTitle();
 }

@@ -252,6 +252,32 @@ def test_tokens_are_refreshed_before_they_expire(
         stop_server(server)
 
 
+def test_a_click_on_a_chat_survives_the_list_rendering_under_it(browser, server: Server) -> None:
+    """The list renders on every message: a chat pressed while one arrives still opens."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    log_in(page, server, register(server, "Presser"))
+    bob_api = logged_in_client(server, register(server, "Bob"))
+    chat = bob_api.post(
+        "/chats", json={"type": "private", "user_ids": [page_user_uuid(page)]}
+    ).json()
+    bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "first"})
+    item = page.locator(".chat-item", has_text="Bob")
+    expect(item).to_contain_text("first")
+    box = item.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + 20, box["y"] + box["height"] / 2)  # on the chat's name
+    page.mouse.down()
+    bob_api.post(f"/chats/{chat['id']}/messages", json={"text": "second"})
+    expect(item).to_contain_text("second")  # rendered again while the button is down
+    page.mouse.up()
+    expect(page.locator("#chat-title")).to_have_text("Bob")
+    expect(page.locator("#messages .message .text")).to_have_text(["first", "second"])
+    assert errors == []
+    bob_api.close()
+
+
 def test_log_out_ends_the_session_on_the_server(browser, server: Server) -> None:
     email = register(server, "Leaver")
     page = browser.new_page()
