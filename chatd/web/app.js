@@ -2317,19 +2317,14 @@ const LOCAL_ACCOUNTS = document.documentElement.dataset.localAccounts !== "false
 function showAuth(message = "") {
   $("app-view").hidden = true;
   $("auth-view").hidden = false;
-  if (EMBEDDED) {
-    // No login here: the app signs in. Say why chat is not shown, and try again later.
+  if (EMBEDDED || !LOCAL_ACCOUNTS) {
+    // No login here: an app signs in. Say why chat is not shown (embedded: the app will
+    // hand over a token; alone: where to go instead).
     $("auth-form").hidden = true;
     $("embed-status").hidden = false;
-    $("embed-status").textContent = message || "Connecting to chat…";
-    return;
-  }
-  if (!LOCAL_ACCOUNTS) {
-    $("auth-form").hidden = true;
-    $("embed-status").hidden = false;
-    $("embed-status").textContent =
-      (message ? `${message} ` : "") +
-      "This chat server has no accounts of its own: sign in to the app that offers it, and open the chat there.";
+    $("embed-status").textContent = EMBEDDED
+      ? message || "Connecting to chat…"
+      : `${message ? `${message} ` : ""}This chat server has no accounts of its own: sign in to the app that offers it, and open the chat there.`;
     return;
   }
   $("auth-error").textContent = message;
