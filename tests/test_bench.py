@@ -80,7 +80,7 @@ def test_baseline(tmp_path: Path) -> None:
 
 
 def test_biggroup(server: Server, tmp_path: Path) -> None:
-    tiny = "--big-members 20 --big-senders 3 --big-rates 20 --step-seconds 1 --grace 1"
+    tiny = "--big-members 20 --big-senders 3 --big-rates 20 --step-seconds 2 --grace 1"
     report = run_bench(tmp_path, "biggroup", "--url", server.base_url, *tiny.split())
     big = report["workloads"]["biggroup"]
     assert big["setup"] == {"members": 20, "senders": 3}

@@ -377,8 +377,8 @@ def run_step(
 ) -> dict[str, Any]:
     args = ctx.args
     duration, grace = args.step_seconds, args.grace
-    start_ns = time.time_ns() + 300_000_000
-    fleet.send("step", (rate, start_ns, duration, grace))
+    # Found before the start is set: finding the processes can take longer than the lead
+    # on a busy machine, and the meter would then start after the sends it should count.
     meter = CpuMeter(
         {
             "server": server,
@@ -386,6 +386,8 @@ def run_step(
             "client": procs.pids_group("client", fleet.pids()),
         }
     )
+    start_ns = time.time_ns() + 300_000_000
+    fleet.send("step", (rate, start_ns, duration, grace))
     time.sleep(max(0.0, (start_ns - time.time_ns()) / 1e9))
     meter.start()
     started = time.monotonic()
