@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import psutil
 import pytest
+from prometheus_client import REGISTRY
 
 from chatd.bench import batchcost, procs
 from chatd.bench import main as bench_main
@@ -109,9 +110,39 @@ async def test_batchcost_stores_each_way_and_reads_the_backends_cpu(database_url
         conn = await asyncpg.connect(url)
         try:
             stored = await conn.fetchval("SELECT count(*) FROM messages")
+            watermark = await conn.fetchval("SELECT read_seq FROM chats WHERE name = 'batchcost'")
         finally:
             await conn.close()
         assert stored == 3 * (5 + 1)  # each way: a warm-up and five batches
+        assert watermark == 0  # one sender: the others never read
+
+
+async def test_batchcost_batches_of_several_sends_by_members_in_turn(database_url: str) -> None:
+    def batches_and_sends() -> tuple[float, float]:
+        return (
+            REGISTRY.get_sample_value("chatd_send_batch_size_count") or 0,
+            REGISTRY.get_sample_value("chatd_send_batch_size_sum") or 0,
+        )
+
+    async with scratch_database(database_url, "chatd_batchcost_turns") as url:
+        before = batches_and_sends()
+        await batchcost.measure(url, batches=5, rounds=1, sends=4, senders=10)
+        after = batches_and_sends()
+        # Two of the ways go through the writer: each a warm-up and five batches of four.
+        assert (after[0] - before[0], after[1] - before[1]) == (2 * 6, 2 * 6 * 4)
+        conn = await asyncpg.connect(url)
+        try:
+            stored = await conn.fetchval("SELECT count(*) FROM messages")
+            group = await conn.fetchrow(
+                "SELECT last_seq, read_seq FROM chats WHERE name = 'batchcost'"
+            )
+            senders = await conn.fetchval("SELECT count(DISTINCT sender_id) FROM messages")
+        finally:
+            await conn.close()
+        assert stored == 3 * (5 + 1) * 4
+        assert senders == 10
+        # Ten senders in turn have all read up to the tenth-newest: the watermark moved.
+        assert group["read_seq"] == group["last_seq"] - 9
 
 
 @pytest.mark.parametrize("sockets", [20])

@@ -3,21 +3,27 @@
     python -m chatd.bench.batchcost postgresql://postgres@127.0.0.1/scratch --batches 3000
 
 Migrates the database it is given (use a scratch one: it adds ten users, a group and the
-messages), then stores one send a batch through MessageWriter, `--batches` of them each
-way and `--rounds` times over, alternating: in one round trip (chatd_store_batch) and in
-a transaction of its own (the writer's fallback, the only way before the function); and,
-as a floor, the same number of bare autocommitted one-row INSERTs into messages (in a
-chat of their own): what any durable send costs PostgreSQL at least, whatever the
-server, before membership, seq, pointers or receipts. All of it goes over one pooled
-connection, whose backend's user and system CPU are read from /proc: PostgreSQL must run
-on this machine. Nothing else should load it meanwhile. Compare the ways within a run:
-they alternate, so they share the machine's noise.
+messages), then stores batches of `--sends` sends (default one) through MessageWriter,
+`--batches` of them each way and `--rounds` times over, alternating: in one round trip
+(chatd_store_batch) and in a transaction of its own (the writer's fallback, the only way
+before the function); and, as a floor, the same number of bare autocommitted INSERTs of
+`--sends` rows into messages (in a chat of their own): what any durable send costs
+PostgreSQL at least, whatever the server, before membership, seq, pointers or receipts.
+
+By default one member sends everything, so no all-read watermark ever moves. With
+`--senders 10` the group's members take turns, as in `chatd bench fanout`: then nearly
+every send moves its chat's watermark, and the batch reports read receipts too.
+
+All of it goes over one pooled connection, whose backend's user and system CPU are read
+from /proc: PostgreSQL must run on this machine. Nothing else should load it meanwhile.
+Compare the ways within a run: they alternate, so they share the machine's noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import time
 import uuid
@@ -32,10 +38,11 @@ GROUP_SIZE = 10
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-# The floor: one row with its indexes and search column, one commit (one WAL flush).
-_BARE_INSERT = (
-    "INSERT INTO messages (chat_id, seq, sender_id, text, version) VALUES ($1, $2, $3, $4, $2)"
-)
+# The floor: the rows with their indexes and search column, one commit (one WAL flush).
+_BARE_INSERT = """
+INSERT INTO messages (chat_id, seq, sender_id, text, version)
+SELECT $1, seq, $3, text, seq FROM unnest($2::bigint[], $4::text[]) AS t(seq, text)
+"""
 WAYS = ("one round trip", "transaction", "floor")
 
 
@@ -46,8 +53,8 @@ def backend_cpu(pid: int) -> tuple[float, float]:
     return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
 
 
-async def seed_group(url: str) -> tuple[uuid.UUID, int]:
-    """A group of GROUP_SIZE new users; returns its owner (the sender) and its id."""
+async def seed_group(url: str) -> tuple[list[uuid.UUID], int]:
+    """A group of GROUP_SIZE new users; returns them (its owner first) and its id."""
     conn = await asyncpg.connect(url)
     try:
         users = [
@@ -65,15 +72,19 @@ async def seed_group(url: str) -> tuple[uuid.UUID, int]:
             "INSERT INTO chat_members (chat_id, user_id, role) VALUES ($1, $2, $3)",
             [(chat_id, user, "owner" if n == 0 else "member") for n, user in enumerate(users)],
         )
-        return users[0], chat_id
+        return users, chat_id
     finally:
         await conn.close()
 
 
-async def measure(url: str, batches: int, rounds: int) -> list[str]:
-    """One line a round and way: PostgreSQL CPU (user + system) and wall time a batch."""
+async def measure(
+    url: str, batches: int, rounds: int, sends: int = 1, senders: int = 1
+) -> list[str]:
+    """One line a round and way: PostgreSQL CPU (user + system) and wall time a batch of
+    `sends` sends, taken in turn by the group's first `senders` members."""
     await asyncio.to_thread(migrate, url)
-    sender, chat_id = await seed_group(url)
+    members, chat_id = await seed_group(url)
+    senders_in_turn = itertools.cycle(members[:senders])
     pool = await create_pool(url, 1)
     writer = MessageWriter(pool, LocalBus(Hub()))
     floor_chat, floor_seq = 0, 0
@@ -81,12 +92,16 @@ async def measure(url: str, batches: int, rounds: int) -> list[str]:
     async def store(way: str, text: str) -> None:
         nonlocal floor_seq
         if way == "floor":
-            floor_seq += 1
+            seqs = list(range(floor_seq + 1, floor_seq + sends + 1))
+            floor_seq += sends
             async with pool.acquire() as conn:
-                await conn.execute(_BARE_INSERT, floor_chat, floor_seq, sender, text)
+                await conn.execute(_BARE_INSERT, floor_chat, seqs, members[0], [text] * sends)
         else:
             writer._at_once = way == "one round trip"  # the writer's fallback switch, by hand
-            await writer.store(sender, chat_id, text, None)
+            # Queued before the writer's drain first runs: one batch of them all.
+            await asyncio.gather(
+                *(writer.store(next(senders_in_turn), chat_id, text, None) for _ in range(sends))
+            )
 
     async def backend_pid() -> int:
         async with pool.acquire() as conn:
@@ -117,9 +132,11 @@ async def measure(url: str, batches: int, rounds: int) -> list[str]:
                             break
                     # The pool replaced its connection meanwhile (it does after 50,000
                     # queries): measure this way again.
+                cpu = user1 - user0 + system1 - system0
                 lines.append(
                     f"round {round_}, {way:>14}: PostgreSQL CPU "
-                    f"{1000 * (user1 - user0 + system1 - system0) / batches:.3f} ms a batch "
+                    f"{1000 * cpu / batches:.3f} ms a batch, "
+                    f"{1000 * cpu / (batches * sends):.3f} a send "
                     f"(system {1000 * (system1 - system0) / batches:.3f}), "
                     f"wall {1000 * wall / batches:.3f} ms"
                 )
@@ -137,8 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("database_url", help="a scratch database (it is migrated and written)")
     parser.add_argument("--batches", type=int, default=3000, help="batches each way a round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sends", type=int, default=1, help="sends a batch")
+    parser.add_argument(
+        "--senders",
+        type=int,
+        default=1,
+        choices=range(1, GROUP_SIZE + 1),
+        metavar=f"1..{GROUP_SIZE}",
+        help="members taking turns to send",
+    )
     args = parser.parse_args(argv)
-    for line in asyncio.run(measure(args.database_url, args.batches, args.rounds)):
+    lines = measure(args.database_url, args.batches, args.rounds, args.sends, args.senders)
+    for line in asyncio.run(lines):
         print(line)
     return 0
 
