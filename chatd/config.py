@@ -24,6 +24,7 @@ log = logging.getLogger("chatd")
 
 DEFAULT_DATA_DIR = ".chatd"
 MIN_SECRET_CHARS = 32
+MAX_SEND_LINGER_MS = 1000  # a send waits at most this long for others to share its commit
 _WEAK_SECRETS = {"secret", "changeme", "change-me", "password", "chatd", "development", "test"}
 
 
@@ -95,6 +96,13 @@ def _int(env: Env, name: str, default: int) -> int:
 def _non_negative(env: Env, name: str, default: int) -> int:
     raw = (env.get(name) or "").strip()
     return 0 if raw == "0" else _int(env, name, default)
+
+
+def _send_linger(env: Env, name: str, default: int) -> int:
+    value = _non_negative(env, name, default)
+    if value > MAX_SEND_LINGER_MS:
+        raise SystemExit(f"{name} must be at most {MAX_SEND_LINGER_MS} (ms), got {value}")
+    return value
 
 
 def _str(env: Env, name: str, default: str) -> str:
@@ -224,6 +232,10 @@ class Settings:
     db_pool_size: int = setting("CHATD_DB_POOL_SIZE", 20)
     # Seconds a database connect or statement may take before it fails as `unavailable`.
     db_timeout: int = setting("CHATD_DB_TIMEOUT", 10)
+    # Milliseconds between the starts of two send batches, at least (0: none). Sends that
+    # come sooner wait and share one commit: less CPU per message under load, for up to
+    # this much more latency (docs/performance.md). A send after a quiet spell never waits.
+    send_linger_ms: int = setting("CHATD_SEND_LINGER_MS", 0, _send_linger)
     log_level: str = setting("CHATD_LOG_LEVEL", "info", _log_level)
     log_format: str = setting("CHATD_LOG_FORMAT", "json", _log_format)  # or "console": logs.py
     # SIGTERM: seconds to finish the sends in flight and close every socket before exiting.

@@ -61,7 +61,7 @@ class Node:
         self.bus: Bus = (
             RedisBus(self.hub, settings.redis_url) if settings.redis_url else LocalBus(self.hub)
         )
-        self.writer = MessageWriter(self.pool, self.bus)
+        self.writer = MessageWriter(self.pool, self.bus, settings.send_linger_ms / 1000)
         store = open_blob_store(settings.data_dir, settings.files_url, settings.s3_endpoint_url)
         self.files = Files(store, settings.data_dir / "files" / "tmp")
         self.collector = FileCollector(
@@ -188,6 +188,7 @@ class Node:
         """
         loop = asyncio.get_running_loop()
         if self._drained is None:
+            self.writer.stop_lingering()  # a held send would only delay the shutdown
             self._drained = asyncio.ensure_future(self._poll_drained(deadline))
         await asyncio.wait((self._drained,), timeout=max(0.0, deadline - loop.time()))
 

@@ -7,6 +7,11 @@ their ack, and every member their new_message, only after that commit. Chats are
 in id order, so per-chat seq stays gapless and in commit order, and concurrent batches
 (other processes) cannot deadlock.
 
+By default a batch starts as soon as the writer can take one: an idle writer stores a
+send at once, and a busy one batches what queued meanwhile. With a linger
+(CHATD_SEND_LINGER_MS), batches also start at most once per linger: under load each
+holds more sends, for less CPU per message and up to the linger's more latency.
+
 A batch goes through four steps: partition (one send per retry key), persist (the
 transaction), announce (new_message and read receipts, in commit order) and settle (each
 sender's answer).
@@ -392,9 +397,16 @@ class Persisted:
 class MessageWriter:
     """Stores messages in batches (group commit) and fans each one out after its commit."""
 
-    def __init__(self, pool: asyncpg.Pool, bus: Bus) -> None:
+    def __init__(self, pool: asyncpg.Pool, bus: Bus, linger: float = 0.0) -> None:
+        """`linger`: seconds that must pass between the starts of two batches
+        (CHATD_SEND_LINGER_MS). Sends that come sooner wait for the rest of it, and so
+        share one commit: less CPU per message under load, up to `linger` more latency.
+        A send after a quiet `linger` is stored at once; so is a full batch."""
         self.pool = pool
         self.bus = bus
+        self.linger = linger
+        self._last_start = float("-inf")  # loop time
+        self._hold: asyncio.TimerHandle | None = None  # starts the held sends' batch
         self.app_hooks: AppHooks | None = None  # app webhooks' message.new (the Node sets it)
         self._queue: list[PendingSend] = []
         self._running: set[asyncio.Task[None]] = set()
@@ -419,11 +431,34 @@ class MessageWriter:
 
     def _start_drain(self) -> None:
         """Start a batch now, unless one is being built (it, or the next, will take the
-        queue) or enough are in flight. An idle writer stores a send at once."""
-        if self._queue and self._building is None and len(self._running) < MAX_BATCHES_IN_FLIGHT:
+        queue) or enough are in flight, or the linger holds it. An idle writer stores a
+        send at once."""
+        if (
+            self._queue
+            and self._building is None
+            and len(self._running) < MAX_BATCHES_IN_FLIGHT
+            and not self._held()
+        ):
             # A fresh context: the batch serves many sockets, not the one that started it.
             task = asyncio.create_task(self._drain(), context=contextvars.Context())
             self._running.add(task)
+
+    def _held(self) -> bool:
+        """Whether the queue waits out the linger (less than `linger` since the last
+        batch started, and not a full batch yet); if so, a timer starts it on time."""
+        if self.linger <= 0 or len(self._queue) >= MAX_BATCH:
+            return False
+        loop = asyncio.get_running_loop()
+        left = self._last_start + self.linger - loop.time()
+        if left <= 0:
+            return False
+        if self._hold is None:
+            self._hold = loop.call_later(left, self._release)
+        return True
+
+    def _release(self) -> None:
+        self._hold = None
+        self._start_drain()
 
     def _built(self, batch: list[PendingSend]) -> None:
         """`batch` reached its commit (or failed): the next may start building."""
@@ -433,10 +468,18 @@ class MessageWriter:
 
     @property
     def busy(self) -> bool:
-        return bool(self._running)
+        return bool(self._running or self._queue)
+
+    def stop_lingering(self) -> None:
+        """Shutdown: from now on store every send at once, those held first."""
+        self.linger = 0.0
+        if self._hold is not None:
+            self._hold.cancel()
+            self._release()
 
     async def wait_idle(self, timeout: float) -> None:
         """Let the batches in flight finish (shutdown): their acks and events go out."""
+        self.stop_lingering()
         if self._running:
             await asyncio.wait(list(self._running), timeout=timeout)
 
@@ -452,7 +495,8 @@ class MessageWriter:
 
     async def _drain(self) -> None:
         try:
-            while self._queue and self._building is None:
+            while self._queue and self._building is None and not self._held():
+                self._last_start = asyncio.get_running_loop().time()
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 self._building = batch
                 try:

@@ -72,11 +72,17 @@ def assert_no_tracebacks(server: Server) -> None:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("linger_ms", ["0", "100"])  # 100: most sends wait for their batch
 async def test_sigterm_finishes_sends_in_flight_then_closes_with_1012(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, linger_ms: str
 ) -> None:
     grace = 10
-    server = start_server(database_url, tmp_path, CHATD_SHUTDOWN_GRACE=str(grace))
+    server = start_server(
+        database_url,
+        tmp_path,
+        CHATD_SHUTDOWN_GRACE=str(grace),
+        CHATD_SEND_LINGER_MS=linger_ms,
+    )
     try:
         alice, bob, carol = [await new_user(server, n) for n in ("Alice", "Bob", "Carol")]
         sockets = [await api.connect() for api in (alice, alice, bob, carol)]

@@ -14,6 +14,7 @@ import pytest
 
 from chatd import writer as writer_module
 from chatd.client import Api, ChatdError
+from chatd.config import Settings
 from chatd.db import create_pool, migrate
 from chatd.hub import Hub, LocalBus
 from chatd.protocol import ChatError
@@ -157,6 +158,55 @@ async def test_a_batch_is_one_statement_committed_before_its_sender_hears(
     assert (retry.id, new) == (message.id, False)
     assert sent[0] == writer_module._STORE_BATCH and "BEGIN;" not in sent
     assert await count(database_url, chat_id) == 2
+
+
+async def test_a_lingering_writer_stores_a_lone_send_at_once_and_holds_the_next(
+    statements: tuple[MessageWriter, list[str]], alice: Api, database_url: str
+) -> None:
+    writer, sent = statements
+    writer.linger = 60.0  # CHATD_SEND_LINGER_MS allows at most 1 s; here, far past any wait
+    chat_id = await group_of(alice)
+    me = uuid.UUID(alice.user_uuid)
+    first, _ = await asyncio.wait_for(writer.store(me, chat_id, "1", None), 10)  # not held
+    assert first.seq == 1
+    sent.clear()
+    held = []
+    for n in range(2, 7):  # one by one: without the linger, each a batch of its own
+        held.append(asyncio.create_task(writer.store(me, chat_id, f"{n}", None)))
+        await asyncio.sleep(0.02)
+    assert not any(task.done() for task in held) and sent == []
+    assert writer.busy  # what shutdown waits on
+    writer.stop_lingering()  # as shutdown does: the held sends go now, together
+    stored = await asyncio.wait_for(asyncio.gather(*held), 10)
+    assert [(m.seq, m.text) for m, _ in stored] == [(n, f"{n}") for n in range(2, 7)]
+    assert sent == [writer_module._STORE_BATCH]
+    assert await count(database_url, chat_id) == 6
+
+
+async def test_held_sends_are_stored_when_the_linger_is_over(
+    statements: tuple[MessageWriter, list[str]], alice: Api
+) -> None:
+    writer, sent = statements
+    writer.linger = 1.0
+    chat_id = await group_of(alice)
+    me = uuid.UUID(alice.user_uuid)
+    await writer.store(me, chat_id, "1", None)
+    sent.clear()
+    second = asyncio.create_task(writer.store(me, chat_id, "2", None))
+    await asyncio.sleep(0.01)
+    third = asyncio.create_task(writer.store(me, chat_id, "3", None))
+    stored = await asyncio.wait_for(asyncio.gather(second, third), 10)
+    assert [m.seq for m, _ in stored] == [2, 3]
+    assert sent == [writer_module._STORE_BATCH]  # one batch for both
+
+
+def test_the_linger_setting_is_off_by_default_and_bounded() -> None:
+    env = {"CHATD_SECRET": "s" * 40}
+    assert Settings.from_env(env).send_linger_ms == 0
+    assert Settings.from_env({**env, "CHATD_SEND_LINGER_MS": "5"}).send_linger_ms == 5
+    for bad in ("-1", "1001", "5ms"):
+        with pytest.raises(SystemExit, match="CHATD_SEND_LINGER_MS"):
+            Settings.from_env({**env, "CHATD_SEND_LINGER_MS": bad})
 
 
 async def test_a_chat_with_bots_is_stored_in_a_transaction_and_only_once(
