@@ -117,7 +117,9 @@ async def test_batchcost_stores_each_way_and_reads_the_backends_cpu(database_url
         assert watermark == 0  # one sender: the others never read
 
 
-async def test_batchcost_batches_of_several_sends_by_members_in_turn(database_url: str) -> None:
+async def test_batchcost_batches_of_several_sends_to_chats_and_by_members_in_turn(
+    database_url: str,
+) -> None:
     def batches_and_sends() -> tuple[float, float]:
         return (
             REGISTRY.get_sample_value("chatd_send_batch_size_count") or 0,
@@ -126,14 +128,14 @@ async def test_batchcost_batches_of_several_sends_by_members_in_turn(database_ur
 
     async with scratch_database(database_url, "chatd_batchcost_turns") as url:
         before = batches_and_sends()
-        await batchcost.measure(url, batches=5, rounds=1, sends=4, senders=10)
+        await batchcost.measure(url, batches=5, rounds=1, sends=4, senders=10, chats=2)
         after = batches_and_sends()
         # Two of the ways go through the writer: each a warm-up and five batches of four.
         assert (after[0] - before[0], after[1] - before[1]) == (2 * 6, 2 * 6 * 4)
         conn = await asyncpg.connect(url)
         try:
             stored = await conn.fetchval("SELECT count(*) FROM messages")
-            group = await conn.fetchrow(
+            groups = await conn.fetch(
                 "SELECT last_seq, read_seq FROM chats WHERE name = 'batchcost'"
             )
             senders = await conn.fetchval("SELECT count(DISTINCT sender_id) FROM messages")
@@ -141,8 +143,10 @@ async def test_batchcost_batches_of_several_sends_by_members_in_turn(database_ur
             await conn.close()
         assert stored == 3 * (5 + 1) * 4
         assert senders == 10
-        # Ten senders in turn have all read up to the tenth-newest: the watermark moved.
-        assert group["read_seq"] == group["last_seq"] - 9
+        # Each chat's ten senders in turn have all read up to its tenth-newest message:
+        # the watermarks moved, in both chats, which shared the writer's batches.
+        assert [g["last_seq"] for g in groups] == [2 * 6 * 4 // 2] * 2
+        assert [g["read_seq"] for g in groups] == [g["last_seq"] - 9 for g in groups]
 
 
 @pytest.mark.parametrize("sockets", [20])

@@ -12,7 +12,9 @@ PostgreSQL at least, whatever the server, before membership, seq, pointers or re
 
 By default one member sends everything, so no all-read watermark ever moves. With
 `--senders 10` the group's members take turns, as in `chatd bench fanout`: then nearly
-every send moves its chat's watermark, and the batch reports read receipts too.
+every send moves its chat's watermark, and the batch reports read receipts too. With
+`--chats 10` the sends go to ten groups in turn (of the same members), so a batch
+spans several chats, as the fanout's batches do.
 
 All of it goes over one pooled connection, whose backend's user and system CPU are read
 from /proc: PostgreSQL must run on this machine. Nothing else should load it meanwhile.
@@ -53,8 +55,9 @@ def backend_cpu(pid: int) -> tuple[float, float]:
     return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
 
 
-async def seed_group(url: str) -> tuple[list[uuid.UUID], int]:
-    """A group of GROUP_SIZE new users; returns them (its owner first) and its id."""
+async def seed_groups(url: str, chats: int) -> tuple[list[uuid.UUID], list[int]]:
+    """`chats` groups of the same GROUP_SIZE new users; returns the users (the groups'
+    owner first) and the groups' ids."""
     conn = await asyncpg.connect(url)
     try:
         users = [
@@ -65,26 +68,33 @@ async def seed_group(url: str) -> tuple[list[uuid.UUID], int]:
             )
             for n in range(GROUP_SIZE)
         ]
-        chat_id = await conn.fetchval(
-            "INSERT INTO chats (type, name) VALUES ('group', 'batchcost') RETURNING id"
-        )
-        await conn.executemany(
-            "INSERT INTO chat_members (chat_id, user_id, role) VALUES ($1, $2, $3)",
-            [(chat_id, user, "owner" if n == 0 else "member") for n, user in enumerate(users)],
-        )
-        return users, chat_id
+        chat_ids = []
+        for _ in range(chats):
+            chat_id = await conn.fetchval(
+                "INSERT INTO chats (type, name) VALUES ('group', 'batchcost') RETURNING id"
+            )
+            await conn.executemany(
+                "INSERT INTO chat_members (chat_id, user_id, role) VALUES ($1, $2, $3)",
+                [(chat_id, user, "owner" if n == 0 else "member") for n, user in enumerate(users)],
+            )
+            chat_ids.append(chat_id)
+        return users, chat_ids
     finally:
         await conn.close()
 
 
 async def measure(
-    url: str, batches: int, rounds: int, sends: int = 1, senders: int = 1
+    url: str, batches: int, rounds: int, sends: int = 1, senders: int = 1, chats: int = 1
 ) -> list[str]:
     """One line a round and way: PostgreSQL CPU (user + system) and wall time a batch of
-    `sends` sends, taken in turn by the group's first `senders` members."""
+    `sends` sends, to `chats` groups in turn, in each taken in turn by its first
+    `senders` members."""
     await asyncio.to_thread(migrate, url)
-    members, chat_id = await seed_group(url)
-    senders_in_turn = itertools.cycle(members[:senders])
+    members, chat_ids = await seed_groups(url, chats)
+    # Send n goes to chat n mod chats, from the chat's next sender in turn.
+    turns = itertools.cycle(
+        [(chat_id, sender) for sender in members[:senders] for chat_id in chat_ids]
+    )
     pool = await create_pool(url, 1)
     writer = MessageWriter(pool, LocalBus(Hub()))
     floor_chat, floor_seq = 0, 0
@@ -99,8 +109,9 @@ async def measure(
         else:
             writer._at_once = way == "one round trip"  # the writer's fallback switch, by hand
             # Queued before the writer's drain first runs: one batch of them all.
+            batch = [next(turns) for _ in range(sends)]
             await asyncio.gather(
-                *(writer.store(next(senders_in_turn), chat_id, text, None) for _ in range(sends))
+                *(writer.store(sender, chat_id, text, None) for chat_id, sender in batch)
             )
 
     async def backend_pid() -> int:
@@ -163,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar=f"1..{GROUP_SIZE}",
         help="members taking turns to send",
     )
+    parser.add_argument("--chats", type=int, default=1, help="groups taking turns")
     args = parser.parse_args(argv)
-    lines = measure(args.database_url, args.batches, args.rounds, args.sends, args.senders)
+    lines = measure(
+        args.database_url, args.batches, args.rounds, args.sends, args.senders, args.chats
+    )
     for line in asyncio.run(lines):
         print(line)
     return 0
