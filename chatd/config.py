@@ -24,7 +24,7 @@ log = logging.getLogger("chatd")
 
 DEFAULT_DATA_DIR = ".chatd"
 MIN_SECRET_CHARS = 32
-MAX_SEND_LINGER_MS = 1000  # a send waits at most this long for others to share its commit
+MAX_SEND_LINGER_MS = 1000  # the longest a send is held back for others to share its commit
 _WEAK_SECRETS = {"secret", "changeme", "change-me", "password", "chatd", "development", "test"}
 
 

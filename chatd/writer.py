@@ -452,8 +452,8 @@ class MessageWriter:
         left = self._last_start + self.linger - loop.time()
         if left <= 0:
             return False
-        if self._hold is None:
-            self._hold = loop.call_later(left, self._release)
+        if self._hold is None:  # in a fresh context, as a drain task (not a socket's)
+            self._hold = loop.call_later(left, self._release, context=contextvars.Context())
         return True
 
     def _release(self) -> None:
@@ -478,10 +478,15 @@ class MessageWriter:
             self._release()
 
     async def wait_idle(self, timeout: float) -> None:
-        """Let the batches in flight finish (shutdown): their acks and events go out."""
+        """Let the batches in flight, and those queued behind them, finish (shutdown):
+        their acks and events go out."""
         self.stop_lingering()
-        if self._running:
-            await asyncio.wait(list(self._running), timeout=timeout)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._running:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait(list(self._running), timeout=left)
 
     async def original(
         self, user_id: uuid.UUID, chat_id: int, client_msg_id: str | None
@@ -497,6 +502,9 @@ class MessageWriter:
         try:
             while self._queue and self._building is None and not self._held():
                 self._last_start = asyncio.get_running_loop().time()
+                if self._hold is not None:  # a full batch goes before its linger is over
+                    self._hold.cancel()
+                    self._hold = None
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 self._building = batch
                 try:
