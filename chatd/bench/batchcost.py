@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--chats", type=int, default=1, help="groups taking turns")
     args = parser.parse_args(argv)
+    if min(args.batches, args.rounds, args.sends, args.chats) < 1:
+        parser.error("--batches, --rounds, --sends and --chats must be at least 1")
     lines = measure(
         args.database_url, args.batches, args.rounds, args.sends, args.senders, args.chats
     )
