@@ -63,6 +63,8 @@ def test_fanout_and_direct_against_chatd(server: Server, tmp_path: Path) -> None
     assert fanout["steps"][0]["server_rss_mib"] > 0
     # Server and PostgreSQL CPU per message, the figure A/B comparisons go by.
     assert fanout["steps"][0]["cpu_ms_per_msg"] > 0
+    # Messages per group commit in the step, from the server's /metrics.
+    assert fanout["steps"][0]["sends_per_batch"] >= 1
     targets = {t["id"]: t for t in report["targets"]}
     # Measured on 2x3, not the targets' 10x10: shown, but neither passed nor failed.
     assert targets["fanout_messages_per_s"]["pass"] is None
@@ -77,6 +79,7 @@ def test_baseline(tmp_path: Path) -> None:
     baseline = report["workloads"]["baseline"]
     check_steps(baseline, sockets=6, room_size=3)
     assert baseline["setup"]["server"] == "bare broadcast"
+    assert baseline["steps"][0]["sends_per_batch"] is None  # it commits nothing
     assert list((tmp_path / "results").glob("*-baseline.png"))
 
 

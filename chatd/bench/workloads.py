@@ -366,6 +366,31 @@ def merge_counts(dicts: Any) -> dict[str, int]:
     return total
 
 
+def send_batches(base_url: str) -> tuple[float, float] | None:
+    """The server's group commits so far and the sends they held, from its /metrics
+    (`chatd_send_batch_size`); None when it has none (the baseline server)."""
+    try:
+        response = httpx.get(base_url + "/metrics", timeout=5)
+    except httpx.HTTPError:
+        return None
+    totals: dict[str, float] = {}
+    for line in response.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("chatd_send_batch_size_count", "chatd_send_batch_size_sum"):
+            totals[name] = float(value)
+    if response.is_error or len(totals) < 2:
+        return None
+    return totals["chatd_send_batch_size_count"], totals["chatd_send_batch_size_sum"]
+
+
+def sends_per_batch(
+    before: tuple[float, float] | None, after: tuple[float, float] | None
+) -> float | None:
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return round((after[1] - before[1]) / (after[0] - before[0]), 2)
+
+
 def run_step(
     ctx: Context,
     fleet: Fleet,
@@ -388,17 +413,20 @@ def run_step(
     )
     start_ns = time.time_ns() + 300_000_000
     fleet.send("step", (rate, start_ns, duration, grace))
+    batches_before = send_batches(ctx.base_url)
     time.sleep(max(0.0, (start_ns - time.time_ns()) / 1e9))
     meter.start()
     started = time.monotonic()
     cpu: dict[str, float | None] = {}
+    batches_after: tuple[float, float] | None = None
     rss_peak = 0
 
     def tick() -> None:
-        nonlocal cpu, rss_peak
+        nonlocal cpu, rss_peak, batches_after
         elapsed = time.monotonic() - started
         if not cpu and elapsed >= duration:
             cpu = meter.read()  # the sending window only, not the drain
+            batches_after = send_batches(ctx.base_url)
         if server is not None:
             rss_peak = max(rss_peak, server.rss())
         phase = "sending" if elapsed < duration else "draining"
@@ -411,7 +439,10 @@ def run_step(
     stats = merge(fleet.gather("step", tick=tick, timeout=duration + grace + 120))
     if not cpu:
         cpu = meter.read()
-    return step_result(stats, rate, duration, room_size, cpu, rss_peak, args.stop_p99_ms)
+        batches_after = send_batches(ctx.base_url)
+    result = step_result(stats, rate, duration, room_size, cpu, rss_peak, args.stop_p99_ms)
+    result["sends_per_batch"] = sends_per_batch(batches_before, batches_after)
+    return result
 
 
 def step_result(
