@@ -544,6 +544,10 @@ def decode_action(raw: str | bytes) -> ClientAction:
         raise _explain(raw, exc) from None
     except RecursionError:  # msgspec recurses per level, even through unknown fields
         raise _tagged(ChatError(BAD_REQUEST, TOO_DEEP), None) from None
+    # JSON strings hold NUL only as the escape \u0000 (a raw one is malformed): without
+    # the escape in the frame, no string can have one, and the walk is skipped.
+    if (b"\\u0000" if isinstance(raw, bytes) else "\\u0000") not in raw:
+        return action
     try:
         refuse_nul(action)
     except ChatError as exc:

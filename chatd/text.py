@@ -50,6 +50,8 @@ _VISIBLE_FORMAT = frozenset(  # Prepended_Concatenation_Mark, Unicode 15.1
 
 def is_invisible(char: str) -> bool:
     """Whether one character renders as nothing or as blank space (see above)."""
+    if "!" <= char <= "~":  # printable ASCII: most text's first character, decided at once
+        return False
     if char.isspace() or char in _RENDERED_BLANK:
         return True
     if unicodedata.category(char) in _BLANK_CATEGORIES:
