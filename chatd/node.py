@@ -159,6 +159,7 @@ class Node:
         if self.before_send is not None:
             await self.before_send.close()
         await self.writer.wait_idle(timeout=5)
+        await self.writer.close()
         await self.tokens.stop()
         await self.bus.close()
         await self.limits.close()

@@ -25,9 +25,11 @@ from tests.conftest import scratch_database
 @pytest.fixture
 async def writer(database_url: str) -> AsyncIterator[MessageWriter]:
     pool = await create_pool(database_url, 4)
+    writer = MessageWriter(pool, LocalBus(Hub()))
     try:
-        yield MessageWriter(pool, LocalBus(Hub()))
+        yield writer
     finally:
+        await writer.close()
         await pool.close()
 
 
@@ -86,6 +88,58 @@ async def test_sends_keep_coming_after_batches_finish(writer: MessageWriter, ali
         assert message.seq == n + 1
     # And ChatdError stays the client's name for a refusal (used by the socket tests).
     assert issubclass(ChatdError, Exception)
+
+
+async def backends_storing_batches(database_url: str) -> list[int]:
+    """The PostgreSQL backends whose last statement was a send batch."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query = $1",
+            writer_module._STORE_BATCH,
+        )
+        return [row["pid"] for row in rows]
+    finally:
+        await conn.close()
+
+
+async def test_the_writer_keeps_its_connection_and_replaces_it_once_closed(
+    writer: MessageWriter, alice: Api, database_url: str
+) -> None:
+    chat_id = await group_of(alice)
+    me = uuid.UUID(alice.user_uuid)
+    pool = writer.pool
+    for n in range(1, 4):
+        await writer.store(me, chat_id, f"m{n}", None)
+    # One backend stored all three batches, and it stays out of the pool between them.
+    [backend] = await backends_storing_batches(database_url)
+    assert pool.get_size() - pool.get_idle_size() == 1
+
+    admin = await asyncpg.connect(database_url)
+    try:  # the database drops it, as a restart would (and waits until it is gone)
+        assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", backend)
+    finally:
+        await admin.close()
+    await asyncio.sleep(0.1)  # the connection's end reaches the client
+    message, new = await asyncio.wait_for(writer.store(me, chat_id, "after", None), 10)
+    assert (message.seq, new) == (4, True)
+    assert backend not in await backends_storing_batches(database_url)
+
+    await writer.close()  # before the pool closes, which waits for every connection
+    assert pool.get_idle_size() == pool.get_size()
+
+
+async def test_a_writer_keeps_no_connection_from_a_pool_too_small_to_spare_one(
+    database_url: str, alice: Api
+) -> None:
+    pool = await create_pool(database_url, writer_module.MAX_BATCHES_IN_FLIGHT)
+    try:
+        writer = MessageWriter(pool, LocalBus(Hub()))
+        chat_id = await group_of(alice)
+        await writer.store(uuid.UUID(alice.user_uuid), chat_id, "hi", None)
+        assert pool.get_idle_size() == pool.get_size()
+    finally:
+        await pool.close()
 
 
 async def mark_as_having_bots(database_url: str, *chat_ids: int) -> None:

@@ -152,6 +152,7 @@ async def measure(
                     f"wall {1000 * wall / batches:.3f} ms"
                 )
     finally:
+        await writer.close()
         await pool.close()
     return lines
 
