@@ -110,6 +110,7 @@ async def test_batchcost_stores_each_way_and_reads_the_backends_cpu(database_url
             "round 1,    transaction",
             "round 1,          floor",
         ]
+        assert all("chatd CPU" in line for line in lines)
         conn = await asyncpg.connect(url)
         try:
             stored = await conn.fetchval("SELECT count(*) FROM messages")

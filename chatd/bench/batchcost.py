@@ -18,7 +18,10 @@ spans several chats, as the fanout's batches do.
 
 All of it goes over one pooled connection, whose backend's user and system CPU are read
 from /proc: PostgreSQL must run on this machine. Nothing else should load it meanwhile.
-Compare the ways within a run: they alternate, so they share the machine's noise.
+Each line also gives chatd's own CPU a batch: this process's, the writer's Python and
+asyncpg's work on the server's event loop (uvloop), sleeps and wakeups included; for the
+floor, a bare `execute` through the pool. Compare the ways within a run: they
+alternate, so they share the machine's noise.
 """
 
 from __future__ import annotations
@@ -130,10 +133,11 @@ async def measure(
                 while True:
                     pid = await backend_pid()
                     user0, system0 = backend_cpu(pid)
-                    start = time.perf_counter()
+                    start, chatd_start = time.perf_counter(), time.process_time()
                     for n in range(batches):
                         await store(way, f"message {n}")
                     wall = time.perf_counter() - start
+                    chatd_cpu = time.process_time() - chatd_start
                     try:
                         user1, system1 = backend_cpu(pid)
                     except FileNotFoundError:
@@ -148,7 +152,8 @@ async def measure(
                     f"round {round_}, {way:>14}: PostgreSQL CPU "
                     f"{1000 * cpu / batches:.3f} ms a batch, "
                     f"{1000 * cpu / (batches * sends):.3f} a send "
-                    f"(system {1000 * (system1 - system0) / batches:.3f}), "
+                    f"(system {1000 * (system1 - system0) / batches:.3f}); "
+                    f"chatd CPU {1000 * chatd_cpu / batches:.3f} ms a batch; "
                     f"wall {1000 * wall / batches:.3f} ms"
                 )
     finally:
@@ -182,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = measure(
         args.database_url, args.batches, args.rounds, args.sends, args.senders, args.chats
     )
-    for line in asyncio.run(lines):
+    try:  # the server's loop (uvicorn picks uvloop where it is installed)
+        from uvloop import run
+    except ImportError:  # pragma: no cover - no uvloop on this platform
+        run = asyncio.run
+    for line in run(lines):
         print(line)
     return 0
 
