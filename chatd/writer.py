@@ -516,14 +516,14 @@ class MessageWriter:
         """A connection for one batch: the one the last batch kept, else the pool's.
 
         Handing a connection back to asyncpg's pool costs a task and a timer, and the
-        loop steps they take: ~0.1 ms of CPU a batch on a 2-core guest, a fifth of the
-        writer's own (docs/performance.md). So a batch that ends well keeps its
-        connection for the next. One that fails hands it back, and a kept connection
+        loop steps they take: ~0.1 ms of CPU a batch on a 2-core guest
+        (docs/performance.md). So a batch that ends well keeps its connection for the
+        next. One that fails hands it back, and a kept connection
         found closed (the database restarted) is handed back unused: the pool replaces
         either, as it would have anyway.
         """
         conn, self._kept = self._kept, None
-        if conn is not None and _closed(conn):
+        if conn is not None and _unusable(conn):
             await self.pool.release(conn)  # nothing to do when the pool took it back itself
             conn = None
         if conn is None:
@@ -533,7 +533,7 @@ class MessageWriter:
         except BaseException:
             await self.pool.release(conn)
             raise
-        if self._keeps and self._kept is None and not _closed(conn):
+        if self._keeps and self._kept is None and not _unusable(conn):
             self._kept = conn
         else:
             await self.pool.release(conn)
@@ -774,9 +774,9 @@ class MessageWriter:
                 _settle(copy, exception=_reused_elsewhere())
 
 
-def _closed(conn: asyncpg.Connection) -> bool:
-    """Whether a pooled connection is no use to a batch: closed (asyncpg's pool then takes
-    it back by itself), or in a transaction it did not end."""
+def _unusable(conn: asyncpg.Connection) -> bool:
+    """Whether a pooled connection is no use to the next batch: closed (asyncpg's pool
+    then takes it back by itself), or left in a transaction."""
     try:
         return conn.is_closed() or conn.is_in_transaction()
     except asyncpg.InterfaceError:  # taken back by the pool already

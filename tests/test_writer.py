@@ -38,12 +38,18 @@ async def group_of(owner: Api, *members: Api) -> int:
     return (await owner.call("POST", "/chats", json=body))["id"]
 
 
-async def count(database_url: str, chat_id: int) -> int:
+async def fetch(database_url: str, query: str, *args: object) -> list[asyncpg.Record]:
+    """`query`'s rows, on a connection of its own."""
     conn = await asyncpg.connect(database_url)
     try:
-        return await conn.fetchval("SELECT count(*) FROM messages WHERE chat_id = $1", chat_id)
+        return await conn.fetch(query, *args)
     finally:
         await conn.close()
+
+
+async def count(database_url: str, chat_id: int) -> int:
+    rows = await fetch(database_url, "SELECT count(*) FROM messages WHERE chat_id = $1", chat_id)
+    return rows[0][0]
 
 
 async def test_a_retry_next_to_its_cancelled_original_still_gets_the_message(
@@ -90,43 +96,50 @@ async def test_sends_keep_coming_after_batches_finish(writer: MessageWriter, ali
     assert issubclass(ChatdError, Exception)
 
 
-async def backends_storing_batches(database_url: str) -> list[int]:
-    """The PostgreSQL backends whose last statement was a send batch."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        rows = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query = $1",
-            writer_module._STORE_BATCH,
-        )
-        return [row["pid"] for row in rows]
-    finally:
-        await conn.close()
+async def backends_storing_batches(database_url: str, application: str) -> list[int]:
+    """The backends of `application` whose last statement was a send batch."""
+    query = """
+    SELECT pid FROM pg_stat_activity
+    WHERE datname = current_database() AND application_name = $1 AND query = $2"""
+    rows = await fetch(database_url, query, application, writer_module._STORE_BATCH)
+    return [row["pid"] for row in rows]
 
 
 async def test_the_writer_keeps_its_connection_and_replaces_it_once_closed(
-    writer: MessageWriter, alice: Api, database_url: str
+    alice: Api, database_url: str
 ) -> None:
-    chat_id = await group_of(alice)
-    me = uuid.UUID(alice.user_uuid)
-    pool = writer.pool
-    for n in range(1, 4):
-        await writer.store(me, chat_id, f"m{n}", None)
-    # One backend stored all three batches, and it stays out of the pool between them.
-    [backend] = await backends_storing_batches(database_url)
-    assert pool.get_size() - pool.get_idle_size() == 1
+    # Its own name: other tests' servers store batches in the same database.
+    application = f"chatd_writer_{uuid.uuid4().hex[:8]}"
+    joiner = "&" if "?" in database_url else "?"
+    pool = await create_pool(f"{database_url}{joiner}application_name={application}", 4)
+    writer = MessageWriter(pool, LocalBus(Hub()))
+    try:
+        chat_id = await group_of(alice)
+        me = uuid.UUID(alice.user_uuid)
+        for n in range(1, 4):
+            await writer.store(me, chat_id, f"m{n}", None)
+        # One backend stored all three batches, and it stays out of the pool between them.
+        [backend] = await backends_storing_batches(database_url, application)
+        assert pool.get_size() - pool.get_idle_size() == 1
 
-    admin = await asyncpg.connect(database_url)
-    try:  # the database drops it, as a restart would (and waits until it is gone)
-        assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", backend)
+        admin = await asyncpg.connect(database_url)
+        try:  # the database drops it, as a restart would (and waits until it is gone)
+            assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", backend)
+        finally:
+            await admin.close()
+        for _ in range(200):  # until the client has seen it go: the pool then counts it out
+            if pool.get_size() == pool.get_idle_size():
+                break
+            await asyncio.sleep(0.05)
+        message, new = await asyncio.wait_for(writer.store(me, chat_id, "after", None), 10)
+        assert (message.seq, new) == (4, True)
+        assert await backends_storing_batches(database_url, application) not in ([], [backend])
+
+        await writer.close()  # before the pool closes, which waits for every connection
+        assert pool.get_idle_size() == pool.get_size()
     finally:
-        await admin.close()
-    await asyncio.sleep(0.1)  # the connection's end reaches the client
-    message, new = await asyncio.wait_for(writer.store(me, chat_id, "after", None), 10)
-    assert (message.seq, new) == (4, True)
-    assert backend not in await backends_storing_batches(database_url)
-
-    await writer.close()  # before the pool closes, which waits for every connection
-    assert pool.get_idle_size() == pool.get_size()
+        await writer.close()
+        await pool.close()
 
 
 async def test_a_writer_keeps_no_connection_from_a_pool_too_small_to_spare_one(
