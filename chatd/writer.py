@@ -518,9 +518,9 @@ class MessageWriter:
         Handing a connection back to asyncpg's pool costs a task and a timer, and the
         loop steps they take: ~0.1 ms of CPU a batch on a 2-core guest
         (docs/performance.md). So a batch that ends well keeps its connection for the
-        next. One that fails hands it back, and a kept connection
-        found closed (the database restarted) is handed back unused: the pool replaces
-        either, as it would have anyway.
+        next. One that fails hands it back, and a kept connection found closed (the
+        database restarted) is handed back unused: the pool replaces either, as it
+        would have anyway.
         """
         conn, self._kept = self._kept, None
         if conn is not None and _unusable(conn):
