@@ -155,8 +155,14 @@ async def test_the_webhook_bot_answers_without_a_socket(
         chat = await group_with(alice, bot.user_uuid)
         rolled = await reply_to(alice, chat["id"], bot.user_uuid, "/roll", log)
         assert re.fullmatch(r"🎲 [1-6]", rolled), rolled
-        deliveries = await alice.call("GET", f"/bots/{made['bot']['id']}/deliveries")
-        assert {d["state"] for d in deliveries["deliveries"]} == {"delivered"}
+        # The reply is posted before its delivery is recorded delivered: wait for the record.
+        for _ in range(200):
+            deliveries = await alice.call("GET", f"/bots/{made['bot']['id']}/deliveries")
+            states = {d["state"] for d in deliveries["deliveries"]}
+            if "pending" not in states:
+                break
+            await asyncio.sleep(0.05)
+        assert states == {"delivered"}
         # An unsigned request is refused by the bot.
         import httpx
 
