@@ -94,15 +94,13 @@ RECEIPTS_ONE_BY_ONE = 100
 # "read by everyone but the sender" is simply seq <= min(read_seq) over all members:
 # one index probe per chat on chat_members_read_idx, whatever the group size. One row
 # per (chat, sender) of the messages that just became read by all.
-# One chat per execution: with a scalar id, PostgreSQL settles on a generic plan once
-# (prepared by asyncpg), while for an array of ids it replanned every call (a generic
-# plan must assume ~10 ids), which made each call about four times dearer.
-ADVANCE_WATERMARK = """
+# `{chats}` picks the chats: one, or an array of them.
+_ADVANCE_WATERMARK = """
 WITH target AS (
     SELECT c.id AS chat_id, c.read_seq AS old_seq,
            (SELECT min(read_seq) FROM chat_members WHERE chat_id = c.id) AS new_seq
     FROM chats c
-    WHERE c.id = $1::bigint
+    WHERE {chats}
 ), moved AS (
     UPDATE chats c SET read_seq = target.new_seq
     FROM target
@@ -128,6 +126,13 @@ SELECT r.chat_id, r.sender_id, r.n, r.last_id, r.ids, r.new_seq AS watermark,
        ) AS sender_is_member
 FROM newly_read r
 """
+# One chat per execution: with a scalar id, PostgreSQL settles on a generic plan once
+# (prepared by asyncpg), while for an array of ids it replanned every call (a generic
+# plan must assume ~10 ids), which made each call about four times dearer.
+ADVANCE_WATERMARK = _ADVANCE_WATERMARK.format(chats="c.id = $1::bigint")
+# Every chat of an array: only for a caller that forces the generic plan (the writer's
+# chatd_store_batch), where one execution for a batch's chats beats one a chat.
+ADVANCE_WATERMARKS = _ADVANCE_WATERMARK.format(chats="c.id = ANY($1::bigint[])")
 
 
 async def advance_read_watermarks(

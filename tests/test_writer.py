@@ -6,8 +6,10 @@ These drive the writer directly, so the order in which sends join a batch is kno
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -16,7 +18,7 @@ from chatd import writer as writer_module
 from chatd.client import Api, ChatdError
 from chatd.config import Settings
 from chatd.db import create_pool, migrate
-from chatd.hub import Hub, LocalBus
+from chatd.hub import Hub, LocalBus, Outbound
 from chatd.protocol import ChatError
 from chatd.writer import MessageWriter
 from tests.conftest import scratch_database
@@ -185,6 +187,51 @@ async def test_one_batch_over_several_chats_stores_each_in_its_order(
         by_chat.setdefault(message.chat_id, []).append((message.seq, message.text))
     assert by_chat == {c: [(1, f"{c}-0"), (2, f"{c}-1")] for c in chats}
     assert [await count(database_url, c) for c in chats] == [2, 2, 2]
+
+
+class RecordingBus(LocalBus):
+    """The LocalBus, keeping every event it was given with its recipients."""
+
+    def __init__(self) -> None:
+        super().__init__(Hub())
+        self.events: list[tuple[list[uuid.UUID], dict[str, Any]]] = []
+
+    async def publish(self, user_ids: Iterable[uuid.UUID], event: Outbound) -> None:
+        self.events.append((list(user_ids), json.loads(event.text)))
+
+
+@pytest.mark.parametrize("path", ["one round trip", "transaction"])
+async def test_one_batch_moves_the_watermark_of_each_of_its_chats(
+    alice: Api, bob: Api, database_url: str, path: str
+) -> None:
+    # Bob's message in each chat is read by all once Alice, who had not read it, sends
+    # there: one batch of her sends moves every chat's watermark, and Bob hears of each.
+    chats = [await group_of(alice, bob) for _ in range(3)]
+    if path == "transaction":
+        await mark_as_having_bots(database_url, *chats)
+    pool = await create_pool(database_url, 4)
+    bus = RecordingBus()
+    writer = MessageWriter(pool, bus)
+    try:
+        me, him = uuid.UUID(alice.user_uuid), uuid.UUID(bob.user_uuid)
+        his = [(await writer.store(him, c, "unread", None)).value for c in chats]
+        bus.events.clear()
+        sends = [writer.store(me, c, "read it", None) for c in chats]
+        stored = await asyncio.wait_for(asyncio.gather(*sends), 10)
+        assert all(message.read_status == "unread" for message, _ in stored)
+    finally:
+        await writer.close()
+        await pool.close()
+    receipts = sorted(
+        (event["data"]["chat_id"], event["data"]["message_id"], recipients)
+        for recipients, event in bus.events
+        if event["action"] == "message_read"
+    )
+    assert receipts == [(m.chat_id, m.id, [him]) for m in his]
+    watermarks = await fetch(
+        database_url, "SELECT read_seq FROM chats WHERE id = ANY($1) ORDER BY id", chats
+    )
+    assert [r["read_seq"] for r in watermarks] == [1, 1, 1]
 
 
 @pytest.fixture
