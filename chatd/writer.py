@@ -329,15 +329,11 @@ def _nothing() -> None:
 
 
 MAX_BATCH = 256
-# Batches being built: in the database and without their seqs yet. A second one starts
-# only with sends of chats the first does not hold, so that PostgreSQL stores two at
-# once under load (one batch at a time left its backend idle through every commit and
-# round trip: docs/performance.md). A send of a chat being built waits for that batch's
-# seqs (its answer is back, or it reaches its commit): no send overtakes one queued
-# before it in its chat, and the next batch takes every send queued meanwhile.
-MAX_BUILDING = 2
-# Batches in flight: those being built, and one more being announced.
-MAX_BATCHES_IN_FLIGHT = MAX_BUILDING + 1
+# Batches in flight: one in the database and one being announced (in a transaction: one
+# being built and one committing). The next batch starts once the one before has its
+# seqs (its answer is back, or it reaches its commit), not as soon as a send arrives: so
+# no send overtakes one queued before it, and the next takes every send queued meanwhile.
+MAX_BATCHES_IN_FLIGHT = 2
 # Failures that concern one send of a batch, not all of them: the batch is redone one by one.
 # (A foreign key: an attachment collected meanwhile, which the claim's grace makes unlikely.)
 _RETRY_ONE_BY_ONE = (
@@ -422,7 +418,7 @@ class MessageWriter:
         self.app_hooks: AppHooks | None = None  # app webhooks' message.new (the Node sets it)
         self._queue: list[PendingSend] = []
         self._running: set[asyncio.Task[None]] = set()
-        self._building: list[list[PendingSend]] = []  # batches not yet committing
+        self._building: list[PendingSend] | None = None  # the batch not yet committing
         self._at_once = True  # batches in one round trip (False: no temporary functions)
         # The connection the last batch left for the next (see _connection); only where
         # the pool can spare one beyond the batches in flight.
@@ -451,7 +447,7 @@ class MessageWriter:
         send at once."""
         if (
             self._queue
-            and self._may_build()
+            and self._building is None
             and len(self._running) < MAX_BATCHES_IN_FLIGHT
             and not self._held()
         ):
@@ -478,40 +474,9 @@ class MessageWriter:
 
     def _built(self, batch: list[PendingSend]) -> None:
         """`batch` reached its commit (or failed): the next may start building."""
-        if batch in self._building:
-            self._building.remove(batch)
+        if self._building is batch:
+            self._building = None
             self._start_drain()
-
-    def _may_build(self) -> bool:
-        """Whether another batch may start now: none is being built, or fewer than
-        MAX_BUILDING are and the queue holds a send of a chat none of them holds. With a
-        linger, one at a time (the linger spaces batches' starts)."""
-        if not self._building:
-            return True
-        if len(self._building) >= MAX_BUILDING or self.linger > 0:
-            return False
-        held = self._held_chats()
-        return any(send.chat_id not in held for send in self._queue)
-
-    def _held_chats(self) -> set[int]:
-        return {send.chat_id for batch in self._building for send in batch}
-
-    def _take(self) -> list[PendingSend]:
-        """The next batch: the queue's first MAX_BATCH sends of chats no batch being built
-        holds, in queue order; the rest stay queued, in order."""
-        if not self._building:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            return batch
-        held = self._held_chats()
-        batch: list[PendingSend] = []
-        left: list[PendingSend] = []
-        for send in self._queue:
-            if send.chat_id in held or len(batch) == MAX_BATCH:
-                left.append(send)
-            else:
-                batch.append(send)
-        self._queue = left
-        return batch
 
     @property
     def busy(self) -> bool:
@@ -582,13 +547,13 @@ class MessageWriter:
 
     async def _drain(self) -> None:
         try:
-            while self._queue and self._may_build() and not self._held():
+            while self._queue and self._building is None and not self._held():
                 self._last_start = asyncio.get_running_loop().time()
                 if self._hold is not None:  # a full batch goes before its linger is over
                     self._hold.cancel()
                     self._hold = None
-                batch = self._take()
-                self._building.append(batch)
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                self._building = batch
                 try:
                     await self._store_batch(batch, functools.partial(self._built, batch))
                 except _RETRY_ONE_BY_ONE:

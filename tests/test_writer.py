@@ -189,32 +189,6 @@ async def test_one_batch_over_several_chats_stores_each_in_its_order(
     assert [await count(database_url, c) for c in chats] == [2, 2, 2]
 
 
-async def test_a_batch_waiting_on_one_chat_does_not_hold_up_another_chat(
-    writer: MessageWriter, alice: Api, database_url: str
-) -> None:
-    # Another transaction holds chat A's row, so A's batch waits in PostgreSQL. A send to
-    # chat B goes in a second batch meanwhile; A's next send waits for A's first.
-    chat_a, chat_b = await group_of(alice), await group_of(alice)
-    me = uuid.UUID(alice.user_uuid)
-    blocker = await asyncpg.connect(database_url)
-    try:
-        locked = blocker.transaction()
-        await locked.start()
-        await blocker.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", chat_a)
-        first_a = asyncio.ensure_future(writer.store(me, chat_a, "a1", None))
-        await asyncio.sleep(0.2)  # its batch is waiting for the lock
-        b, _ = await asyncio.wait_for(writer.store(me, chat_b, "b1", None), 10)
-        second_a = asyncio.ensure_future(writer.store(me, chat_a, "a2", None))
-        await asyncio.sleep(0.2)
-        assert not first_a.done() and not second_a.done()
-        await locked.rollback()
-        stored = await asyncio.wait_for(asyncio.gather(first_a, second_a), 10)
-    finally:
-        await blocker.close()
-    assert (b.chat_id, b.seq) == (chat_b, 1)
-    assert [(m.text, m.seq) for m, _ in stored] == [("a1", 1), ("a2", 2)]
-
-
 class RecordingBus(LocalBus):
     """The LocalBus, keeping every event it was given with its recipients."""
 
