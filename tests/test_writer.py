@@ -406,3 +406,37 @@ async def test_without_temporary_functions_batches_still_store(
             await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         finally:
             await admin.close()
+
+
+async def test_retry_lookups_probe_the_key_even_when_planned_on_an_empty_table(
+    database_url: str,
+) -> None:
+    """A connection plans the writer's statements once, often while `messages` is still
+    empty (a new deployment); the plan stays until PostgreSQL analyzes the table. The
+    lookups of a retry must then still probe the (sender_id, client_msg_id) key, not walk
+    every message of the sender (the sender's own index, partial on NOT deleted for that
+    reason, cannot serve them)."""
+    async with scratch_database(database_url, "chatd_plans") as own_url:
+        await asyncio.to_thread(migrate, own_url)
+        conn = await asyncpg.connect(own_url)
+        try:
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            for name, query in (
+                ("batch", writer_module._INSERT_MESSAGES),
+                ("lookup", writer_module._FIND_BY_CLIENT_IDS),
+            ):
+                await conn.execute(f"PREPARE {name} AS {query}")
+            sender = "{" + str(uuid.uuid4()) + "}"
+            nulls = ", ".join(["'{NULL}'"] * 4)
+            plans = [
+                "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE {statement}"))
+                for statement in (
+                    f"batch('{{1}}', '{sender}', '{{t}}', '{{k}}', {nulls})",
+                    f"lookup('{sender}', '{{k}}')",
+                )
+            ]
+        finally:
+            await conn.close()
+    for plan in plans:
+        assert "messages_sender_id_client_msg_id_key" in plan, plan
+        assert "messages_sender_idx" not in plan, plan
