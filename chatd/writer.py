@@ -9,8 +9,9 @@ in id order, so per-chat seq stays gapless and in commit order, and concurrent b
 
 By default a batch starts as soon as the writer can take one: an idle writer stores a
 send at once, and a busy one batches what queued meanwhile. With a linger
-(CHATD_SEND_LINGER_MS), batches also start at most once per linger: under load each
-holds more sends, for less CPU per message and up to the linger's more latency.
+(CHATD_SEND_LINGER_MS), once a batch holds several sends (the writer is under load),
+batches also start at most once per linger: each holds more sends, for less CPU per
+message and up to the linger's more latency. A light load is stored at once.
 
 A batch goes through four steps: partition (one send per retry key), persist (the
 transaction), announce (new_message and read receipts, in commit order) and settle (each
@@ -329,6 +330,11 @@ def _nothing() -> None:
 
 
 MAX_BATCH = 256
+# The linger holds sends back only after a batch of at least this many: the writer is
+# under load. A lingering writer's batches hold rate x linger sends, so at rates where
+# that is fewer (below 800 msg/s with 5 ms) the linger switches itself off again, and a
+# steady light load is stored at once: its latency is the unlingered writer's.
+LINGER_FROM = 4
 # Batches in flight: one in the database and one being announced (in a transaction: one
 # being built and one committing). The next batch starts once the one before has its
 # seqs (its answer is back, or it reaches its commit), not as soon as a send arrives: so
@@ -409,11 +415,13 @@ class MessageWriter:
         """`linger`: seconds that must pass between the starts of two batches
         (CHATD_SEND_LINGER_MS). Sends that come sooner wait for the rest of it, and so
         share one commit: less CPU per message under load, up to `linger` more latency.
-        A send after a quiet `linger` is stored at once; so is a full batch."""
+        Only after a batch of LINGER_FROM sends or more: a light load is stored at once,
+        and so is a send after a quiet `linger`, and a full batch."""
         self.pool = pool
         self.bus = bus
         self.linger = linger
         self._last_start = float("-inf")  # loop time
+        self._last_size = 0  # sends in the last batch started
         self._hold: asyncio.TimerHandle | None = None  # starts the held sends' batch
         self.app_hooks: AppHooks | None = None  # app webhooks' message.new (the Node sets it)
         self._queue: list[PendingSend] = []
@@ -458,7 +466,7 @@ class MessageWriter:
     def _held(self) -> bool:
         """Whether the queue waits out the linger (less than `linger` since the last
         batch started, and not a full batch yet); if so, a timer starts it on time."""
-        if self.linger <= 0 or len(self._queue) >= MAX_BATCH:
+        if self.linger <= 0 or len(self._queue) >= MAX_BATCH or self._last_size < LINGER_FROM:
             return False
         loop = asyncio.get_running_loop()
         left = self._last_start + self.linger - loop.time()
@@ -554,6 +562,7 @@ class MessageWriter:
                     self._hold = None
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 self._building = batch
+                self._last_size = len(batch)
                 try:
                     await self._store_batch(batch, functools.partial(self._built, batch))
                 except _RETRY_ONE_BY_ONE:

@@ -274,44 +274,59 @@ async def test_a_batch_is_one_statement_committed_before_its_sender_hears(
     assert await count(database_url, chat_id) == 2
 
 
-async def test_a_lingering_writer_stores_a_lone_send_at_once_and_holds_the_next(
+async def burst(writer: MessageWriter, me: uuid.UUID, chat_id: int, texts: list[str]) -> None:
+    """Store `texts` as one batch: queued together before the writer takes any."""
+    await asyncio.wait_for(
+        asyncio.gather(*(writer.store(me, chat_id, text, None) for text in texts)), 10
+    )
+
+
+async def test_a_lingering_writer_holds_sends_only_after_a_batch_of_several(
     statements: tuple[MessageWriter, list[str]], alice: Api, database_url: str
 ) -> None:
     writer, sent = statements
     writer.linger = 60.0  # CHATD_SEND_LINGER_MS allows at most 1 s; here, far past any wait
     chat_id = await group_of(alice)
     me = uuid.UUID(alice.user_uuid)
-    first, _ = await asyncio.wait_for(writer.store(me, chat_id, "1", None), 10)  # not held
-    assert first.seq == 1
+    for n in range(1, 4):  # a light load: each send stored at once, in a batch of its own
+        message, _ = await asyncio.wait_for(writer.store(me, chat_id, f"{n}", None), 10)
+        assert message.seq == n
+    several = [f"{n}" for n in range(4, 4 + writer_module.LINGER_FROM)]
+    await burst(writer, me, chat_id, several)  # not held either: the last batch held one
     sent.clear()
     held = []
-    for n in range(2, 7):  # one by one: without the linger, each a batch of its own
+    for n in range(8, 13):  # one by one: without the linger, each a batch of its own
         held.append(asyncio.create_task(writer.store(me, chat_id, f"{n}", None)))
         await asyncio.sleep(0.02)
     assert not any(task.done() for task in held) and sent == []
     assert writer.busy  # what shutdown waits on
     writer.stop_lingering()  # as shutdown does: the held sends go now, together
     stored = await asyncio.wait_for(asyncio.gather(*held), 10)
-    assert [(m.seq, m.text) for m, _ in stored] == [(n, f"{n}") for n in range(2, 7)]
+    assert [(m.seq, m.text) for m, _ in stored] == [(n, f"{n}") for n in range(8, 13)]
     assert sent == [writer_module._STORE_BATCH]
-    assert await count(database_url, chat_id) == 6
+    assert await count(database_url, chat_id) == 12
 
 
-async def test_held_sends_are_stored_when_the_linger_is_over(
+async def test_held_sends_are_stored_when_the_linger_is_over_and_then_it_lets_go(
     statements: tuple[MessageWriter, list[str]], alice: Api
 ) -> None:
     writer, sent = statements
-    writer.linger = 1.0
+    writer.linger = 0.5
     chat_id = await group_of(alice)
     me = uuid.UUID(alice.user_uuid)
-    await writer.store(me, chat_id, "1", None)
+    await burst(writer, me, chat_id, [f"{n}" for n in range(writer_module.LINGER_FROM)])
     sent.clear()
-    second = asyncio.create_task(writer.store(me, chat_id, "2", None))
+    second = asyncio.create_task(writer.store(me, chat_id, "a", None))
     await asyncio.sleep(0.01)
-    third = asyncio.create_task(writer.store(me, chat_id, "3", None))
+    third = asyncio.create_task(writer.store(me, chat_id, "b", None))
     stored = await asyncio.wait_for(asyncio.gather(second, third), 10)
-    assert [m.seq for m, _ in stored] == [2, 3]
-    assert sent == [writer_module._STORE_BATCH]  # one batch for both
+    assert [m.text for m, _ in stored] == ["a", "b"]
+    assert sent == [writer_module._STORE_BATCH]  # one batch for both, once the linger was over
+    # That batch held fewer than LINGER_FROM sends: the load is light again, and the next
+    # send is stored at once, however long the linger.
+    writer.linger = 60.0
+    message, _ = await asyncio.wait_for(writer.store(me, chat_id, "c", None), 10)
+    assert message.text == "c"
 
 
 def test_the_linger_setting_is_off_by_default_and_bounded() -> None:
