@@ -232,10 +232,11 @@ class Settings:
     db_pool_size: int = setting("CHATD_DB_POOL_SIZE", 20)
     # Seconds a database connect or statement may take before it fails as `unavailable`.
     db_timeout: int = setting("CHATD_DB_TIMEOUT", 10)
-    # Milliseconds between the starts of two send batches, at least (0: none). Sends that
-    # come sooner wait and share one commit: less CPU per message under load, for up to
-    # this much more latency (docs/performance.md). A send after a quiet spell never waits.
-    send_linger_ms: int = setting("CHATD_SEND_LINGER_MS", 0, _send_linger)
+    # Milliseconds between the starts of two send batches, at least, once the writer is
+    # under load (0: none). Sends that come sooner wait and share one commit: less CPU per
+    # message under load, for up to this much more latency (docs/performance.md). A light
+    # load, and a send after a quiet spell, never wait.
+    send_linger_ms: int = setting("CHATD_SEND_LINGER_MS", 5, _send_linger)
     log_level: str = setting("CHATD_LOG_LEVEL", "info", _log_level)
     log_format: str = setting("CHATD_LOG_FORMAT", "json", _log_format)  # or "console": logs.py
     # SIGTERM: seconds to finish the sends in flight and close every socket before exiting.

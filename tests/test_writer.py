@@ -329,10 +329,10 @@ async def test_held_sends_are_stored_when_the_linger_is_over_and_then_it_lets_go
     assert message.text == "c"
 
 
-def test_the_linger_setting_is_off_by_default_and_bounded() -> None:
+def test_the_linger_setting_is_5_ms_by_default_and_bounded() -> None:
     env = {"CHATD_SECRET": "s" * 40}
-    assert Settings.from_env(env).send_linger_ms == 0
-    assert Settings.from_env({**env, "CHATD_SEND_LINGER_MS": "5"}).send_linger_ms == 5
+    assert Settings.from_env(env).send_linger_ms == 5
+    assert Settings.from_env({**env, "CHATD_SEND_LINGER_MS": "0"}).send_linger_ms == 0
     for bad in ("-1", "1001", "5ms"):
         with pytest.raises(SystemExit, match="CHATD_SEND_LINGER_MS"):
             Settings.from_env({**env, "CHATD_SEND_LINGER_MS": bad})
