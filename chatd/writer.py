@@ -229,7 +229,7 @@ JOIN members ON members.chat_id = accepted.chat_id
 # Its statements are planned generic, once, whatever their parameters: so the chats
 # are locked, and their watermarks moved, by one statement each for all of a batch's
 # chats. A batch spans many chats under load (every chat of the fan-out's ten), and one
-# statement a chat cost ~0.1 ms of PostgreSQL's CPU each (docs/performance.md). Left to
+# statement a chat cost ~0.06 ms of PostgreSQL's CPU each (docs/performance.md). Left to
 # choose, PostgreSQL would replan them on every call: for an array a generic plan
 # assumes ~10 elements, so it always looks dearer than a custom one.
 #
@@ -464,8 +464,9 @@ class MessageWriter:
             self._running.add(task)
 
     def _held(self) -> bool:
-        """Whether the queue waits out the linger (less than `linger` since the last
-        batch started, and not a full batch yet); if so, a timer starts it on time."""
+        """Whether the queue waits out the linger (the last batch held LINGER_FROM sends
+        or more and started less than `linger` ago, and this is not a full batch yet);
+        if so, a timer starts it on time."""
         if self.linger <= 0 or len(self._queue) >= MAX_BATCH or self._last_size < LINGER_FROM:
             return False
         loop = asyncio.get_running_loop()
