@@ -264,21 +264,20 @@ CREATE OR REPLACE FUNCTION pg_temp.chatd_store_batch(
 ) LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
 #variable_conflict use_column
 DECLARE
-    chat_ids bigint[] := ARRAY(SELECT DISTINCT unnest($1));
     extras integer;
     r record;
     moving_chats bigint[] := ARRAY[]::bigint[];  -- chats whose all-read watermark moves
 BEGIN
     -- First without locks, so that such a batch commits nothing (a row lock taken would
     -- make the commit wait for a WAL flush); then again once the chats are locked.
-    IF EXISTS (SELECT FROM chats c WHERE c.id = ANY(chat_ids) AND c.bots + c.hooks > 0) THEN
+    IF EXISTS (SELECT FROM chats c WHERE c.id = ANY($1) AND c.bots + c.hooks > 0) THEN
         kind := 'bots';
         RETURN NEXT;
         RETURN;
     END IF;
     -- Locked in id order (the sort is below the locking): concurrent batches cannot deadlock.
     SELECT sum(l.bots + l.hooks) INTO extras FROM (
-        SELECT c.bots, c.hooks FROM chats c WHERE c.id = ANY(chat_ids) ORDER BY c.id FOR UPDATE
+        SELECT c.bots, c.hooks FROM chats c WHERE c.id = ANY($1) ORDER BY c.id FOR UPDATE
     ) l;
     IF extras > 0 THEN  -- a bot joined meanwhile
         kind := 'bots';
